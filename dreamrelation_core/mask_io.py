@@ -1,0 +1,161 @@
+"""Per-video subject masks on disk, in the two layouts the dataset accepts.
+
+Reference layout (ali-vilab/DreamRelation): a folder `<name>/` beside the video with one
+`frame{i}.png` per frame, 8-bit RGB at the video's resolution, black background, subject 1 in
+(102, 221, 225) and subject 2 in (179, 62, 234). Frames are sorted by their number, not as
+strings (frame10 after frame9). A PNG holds one colour per pixel: where the subjects overlap,
+subject 1's colour is written, so overlaps are lost in this layout.
+
+Compact layout (ours): one `<name>.masks.npz` holding two boolean arrays `subject1` and
+`subject2` of shape [F, H, W]; exact, overlaps kept. Loaded with `allow_pickle=False`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+SUBJECT_COLOURS: tuple[tuple[int, int, int], tuple[int, int, int]] = ((102, 221, 225), (179, 62, 234))
+COMPACT_SUFFIX = ".masks.npz"
+_FRAME_RE = re.compile(r"^frame(\d+)\.png$", re.IGNORECASE)
+
+
+class MaskFormatError(ValueError):
+    """A mask file or folder that does not hold two subjects' masks as documented."""
+
+
+def _check_stacks(m1: np.ndarray, m2: np.ndarray, where: str) -> None:
+    if m1.ndim != 3 or m1.shape != m2.shape:
+        raise MaskFormatError(
+            f"{where}: expected two mask stacks of the same shape [F, H, W], got {m1.shape} and {m2.shape}"
+        )
+
+
+def frame_files(folder: str | os.PathLike) -> list[Path]:
+    """`frame{i}.png` files of a reference mask folder, sorted by i as a number."""
+    folder = Path(folder)
+    found = []
+    for p in folder.iterdir():
+        m = _FRAME_RE.match(p.name)
+        if m:
+            found.append((int(m.group(1)), p))
+    if not found:
+        raise MaskFormatError(f"{folder}: no frame{{i}}.png mask files in this folder")
+    found.sort(key=lambda t: t[0])
+    return [p for _, p in found]
+
+
+def decode_colour_mask(rgb: np.ndarray, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """[H, W, 3] uint8 colour-coded mask -> (subject1, subject2) boolean [H, W]."""
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise MaskFormatError(f"{where}: expected an RGB image, got array of shape {rgb.shape}")
+    m1 = np.all(rgb == SUBJECT_COLOURS[0], axis=-1)
+    m2 = np.all(rgb == SUBJECT_COLOURS[1], axis=-1)
+    bg = np.all(rgb == 0, axis=-1)
+    other = ~(m1 | m2 | bg)
+    if other.any():
+        colours = np.unique(rgb[other].reshape(-1, 3), axis=0)
+        shown = ", ".join(str(tuple(int(v) for v in c)) for c in colours[:8])
+        more = f" and {len(colours) - 8} more" if len(colours) > 8 else ""
+        raise MaskFormatError(
+            f"{where}: {int(other.sum())} pixels have colours other than black and the two subject "
+            f"colours {SUBJECT_COLOURS[0]} / {SUBJECT_COLOURS[1]}: found {shown}{more}"
+        )
+    return m1, m2
+
+
+def load_reference_masks(folder: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Reference layout folder -> (subject1, subject2) boolean [F, H, W]."""
+    files = frame_files(folder)
+    s1, s2 = [], []
+    size = None
+    for f in files:
+        with Image.open(f) as im:
+            rgb = np.asarray(im.convert("RGB"))
+        if size is None:
+            size = rgb.shape[:2]
+        elif rgb.shape[:2] != size:
+            raise MaskFormatError(f"{f}: mask is {rgb.shape[1]}x{rgb.shape[0]}, earlier frames are {size[1]}x{size[0]}")
+        a, b = decode_colour_mask(rgb, str(f))
+        s1.append(a)
+        s2.append(b)
+    return np.stack(s1), np.stack(s2)
+
+
+def save_reference_masks(folder: str | os.PathLike, subject1: np.ndarray, subject2: np.ndarray) -> Path:
+    """Write `frame{i}.png` (i from 0) into `folder`; overlaps get subject 1's colour."""
+    subject1, subject2 = np.asarray(subject1, bool), np.asarray(subject2, bool)
+    _check_stacks(subject1, subject2, str(folder))
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("frame*.png"):
+        if _FRAME_RE.match(old.name):
+            old.unlink()
+    for i in range(subject1.shape[0]):
+        rgb = np.zeros(subject1.shape[1:] + (3,), np.uint8)
+        rgb[subject2[i]] = SUBJECT_COLOURS[1]
+        rgb[subject1[i]] = SUBJECT_COLOURS[0]
+        Image.fromarray(rgb).save(folder / f"frame{i}.png")
+    return folder
+
+
+def load_compact_masks(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """`<name>.masks.npz` -> (subject1, subject2) boolean [F, H, W]."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in ("subject1", "subject2") if k not in z.files]
+            if missing:
+                raise MaskFormatError(f"{path}: missing array(s) {missing}; found {z.files}")
+            m1, m2 = z["subject1"], z["subject2"]
+    except MaskFormatError:
+        raise
+    except Exception as e:  # zip/npy corruption, pickled objects
+        raise MaskFormatError(f"{path}: not a readable mask file ({type(e).__name__}: {e})") from e
+    _check_stacks(m1, m2, str(path))
+    return m1.astype(bool), m2.astype(bool)
+
+
+def save_compact_masks(path: str | os.PathLike, subject1: np.ndarray, subject2: np.ndarray) -> Path:
+    """Write `<name>.masks.npz` atomically (temp file, then rename)."""
+    subject1, subject2 = np.asarray(subject1, bool), np.asarray(subject2, bool)
+    _check_stacks(subject1, subject2, str(path))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez_compressed(f, subject1=subject1, subject2=subject2)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def find_masks(video: str | os.PathLike) -> Path | None:
+    """Masks belonging to a video file or frame folder: compact file first, then reference folder."""
+    video = Path(video)
+    stem = video.name if video.is_dir() else video.stem
+    compact = video.parent / f"{stem}{COMPACT_SUFFIX}"
+    if compact.is_file():
+        return compact
+    if video.is_dir():
+        # A frame-folder video keeps its reference masks in `<name>/masks/`.
+        ref = video / "masks"
+    else:
+        ref = video.parent / stem
+    if ref.is_dir() and any(_FRAME_RE.match(p.name) for p in ref.iterdir()):
+        return ref
+    return None
+
+
+def load_masks(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Either layout -> (subject1, subject2) boolean [F, H, W]."""
+    path = Path(path)
+    return load_reference_masks(path) if path.is_dir() else load_compact_masks(path)
