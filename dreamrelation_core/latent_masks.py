@@ -1,0 +1,112 @@
+"""Per-frame subject masks -> masks on Mochi's latent grid, and the frame-count rule.
+
+Mochi's VAE compresses 8x in space and 6x in time with a causal first frame: frame 0 becomes
+latent frame 0 on its own, then every group of 6 frames becomes one latent frame. A clip must
+therefore have F = 6k + 1 frames. We require k >= 1 (F >= 7): a relation is a motion, a single
+latent frame has none, and the relational contrastive loss needs at least two latent frames.
+
+Latent mask of one subject (SPEC "Hybrid mask training"):
+- each frame's mask is brought to the latent grid (H/8 x W/8) *per frame*, as the reference does:
+  nearest-neighbour resize, then every positive source pixel re-marks the latent cell at its
+  scaled position (floor(y * h / H), floor(x * w / W)). A subject one pixel wide therefore
+  always keeps at least one latent cell; when H and W are multiples of 8 the result equals an
+  8x8 "any" pooling.
+- latent frame 0 <- frame 0's cell mask; latent frame t >= 1 <- mean of the cell masks of frames
+  1 + 6(t-1) ... 6t. Values are fractions of frames in [0, 1] (e.g. 0.5 where the subject
+  covered a cell in 3 of the 6 frames). Doing the re-marking per frame before averaging (rather
+  than averaging first) keeps these fractions exact counts of frames.
+Relation mask = mask1 + mask2 (2 where the subjects overlap), as the reference adds them.
+
+A source pixel is "positive" when its value is > 0.5 (bool masks, or float masks in [0, 1]).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+TEMPORAL_COMPRESSION = 6
+SPATIAL_COMPRESSION = 8
+MIN_FRAMES = 1 + TEMPORAL_COMPRESSION  # 7: at least two latent frames
+
+
+def nearest_valid_frame_counts(num_frames: int) -> tuple[int, int]:
+    """The two valid clip lengths (6k + 1, k >= 1) closest to `num_frames`, smaller first."""
+    if num_frames <= MIN_FRAMES:
+        return MIN_FRAMES, MIN_FRAMES + TEMPORAL_COMPRESSION
+    below = 1 + ((num_frames - 1) // TEMPORAL_COMPRESSION) * TEMPORAL_COMPRESSION
+    if below == num_frames:  # already valid: its neighbours below and above
+        return below - TEMPORAL_COMPRESSION if below > MIN_FRAMES else below, below + TEMPORAL_COMPRESSION
+    return below, below + TEMPORAL_COMPRESSION
+
+
+def check_frame_count(num_frames: int) -> None:
+    """Raise ValueError unless num_frames = 6k + 1 with k >= 1 (7, 13, 19, 25, ..., 61, ..., 85)."""
+    if not isinstance(num_frames, (int, np.integer)) or isinstance(num_frames, bool):
+        raise ValueError(f"frame count must be an integer, got {num_frames!r}")
+    if num_frames >= MIN_FRAMES and (num_frames - 1) % TEMPORAL_COMPRESSION == 0:
+        return
+    lo, hi = nearest_valid_frame_counts(int(num_frames))
+    raise ValueError(
+        f"{num_frames} frames: Mochi needs 6k + 1 frames with k >= 1 (7, 13, ..., 61, ..., 85); "
+        f"the nearest valid lengths are {lo} and {hi}"
+    )
+
+
+def latent_frame_count(num_frames: int) -> int:
+    """Latent frames of a clip of `num_frames` frames: 1 + (F - 1) // 6 (after check_frame_count)."""
+    check_frame_count(num_frames)
+    return 1 + (num_frames - 1) // TEMPORAL_COMPRESSION
+
+
+def _row_groups(n_src: int, n_dst: int) -> np.ndarray:
+    """Start index of each destination cell's source rows, for floor(y * n_dst / n_src)."""
+    owner = (np.arange(n_src) * n_dst) // n_src  # [n_src] destination cell of each source row
+    # n_dst <= n_src, so every cell owns at least one source row: starts are strictly increasing.
+    return np.searchsorted(owner, np.arange(n_dst), side="left")
+
+
+def frame_cells(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """[F, H, W] bool -> [F, h, w] bool on the latent grid: nearest resize OR re-marked pixels."""
+    f, H, W = mask.shape
+    h, w = grid
+    # Re-marking: a cell is set when any source pixel maps into it (any-pooling over its rows/cols).
+    rows = np.logical_or.reduceat(mask, _row_groups(H, h), axis=1)  # [F, h, W]
+    cells = np.logical_or.reduceat(rows, _row_groups(W, w), axis=2)  # [F, h, w]
+    # Nearest-neighbour samples source pixel floor(i * H / h); with H not a multiple of h that
+    # pixel can sit in the previous cell's rows, so it is OR-ed in explicitly as the reference does.
+    ys = (np.arange(h) * H) // h
+    xs = (np.arange(w) * W) // w
+    return cells | mask[:, ys][:, :, xs]
+
+
+def _as_bool_stack(mask: torch.Tensor | np.ndarray) -> np.ndarray:
+    if isinstance(mask, torch.Tensor):
+        mask = mask.detach().cpu()
+        mask = mask.numpy() if mask.dtype == torch.bool else mask.float().numpy()
+    mask = np.asarray(mask)
+    if mask.ndim != 3:
+        raise ValueError(f"expected per-frame masks of shape [F, H, W], got shape {tuple(mask.shape)}")
+    return mask if mask.dtype == bool else mask > 0.5
+
+
+def latent_mask(mask: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """[F, H, W] bool/float per-frame mask -> [T_lat, H // 8, W // 8] float32 in [0, 1]."""
+    m = _as_bool_stack(mask)
+    f, H, W = m.shape
+    check_frame_count(f)
+    if H % SPATIAL_COMPRESSION or W % SPATIAL_COMPRESSION:
+        raise ValueError(
+            f"mask frames are {H}x{W} (HxW); the VAE grid needs both multiples of {SPATIAL_COMPRESSION}"
+        )
+    cells = frame_cells(m, (H // SPATIAL_COMPRESSION, W // SPATIAL_COMPRESSION)).astype(np.float32)
+    first = cells[:1]  # [1, h, w]: the causal first frame stands alone
+    rest = cells[1:].reshape(-1, TEMPORAL_COMPRESSION, *cells.shape[1:]).mean(axis=1)  # [T-1, h, w]
+    return torch.from_numpy(np.concatenate([first, rest], axis=0))
+
+
+def relation_mask(mask1: torch.Tensor, mask2: torch.Tensor) -> torch.Tensor:
+    """Relation mask of two latent masks: their sum (2 where both subjects are present)."""
+    if mask1.shape != mask2.shape:
+        raise ValueError(f"latent masks differ in shape: {tuple(mask1.shape)} vs {tuple(mask2.shape)}")
+    return mask1 + mask2
