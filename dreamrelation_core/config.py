@@ -1,0 +1,113 @@
+"""Training configuration: one dataclass, SPEC defaults, YAML in and out."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class TrainConfig:
+    """Every option of a relation-LoRA training run. Defaults are the reference recipe's."""
+
+    # data and output
+    cache_dir: str = ""  # prepared dataset (see `prepare`); empty: use the in-memory clips given to the trainer
+    output_dir: str = "runs/relation"
+    # base model: a diffusers folder, a single Mochi .safetensors (then transformer_config is a local
+    # diffusers config folder), or "tiny" for the built-in random test model
+    transformer: str = "tiny"
+    transformer_config: str = ""
+    # Relation LoRA triplet
+    rank: int = 16
+    alpha: float = 16.0
+    dropout: float = 0.0
+    # hybrid mask training
+    mask_weight: float = 50.0
+    # relational contrastive loss
+    rcl_weight: float = 0.01
+    rcl_temperature: float = 0.07
+    positive_bank_size: int = 10
+    negative_bank_size: int = 64
+    positives_per_anchor: int = 4
+    negatives: int = 10
+    # optimisation
+    num_steps: int = 3000
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.01
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    warmup_steps: int = 200
+    grad_clip: float = 0.0  # 0: no clipping (reference)
+    batch_size: int = 1
+    caption_dropout: float = 0.1
+    gradient_checkpointing: bool = False
+    mixed_precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; or "bf16" / "no"
+    device: str = "auto"  # auto: cuda if available
+    seed: int = 0
+    # checkpoints and exports
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 3  # 0 keeps all
+    save_dtype: str = "bf16"  # dtype of exported LoRA files: bf16 or fp32
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.adam_betas = tuple(self.adam_betas)  # YAML gives lists
+        self.validate()
+
+    def validate(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ValueError(f"config: {msg}")
+
+        need(self.rank >= 1, f"rank must be >= 1, got {self.rank}")
+        need(self.alpha > 0, f"alpha must be > 0, got {self.alpha}")
+        need(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
+        need(self.num_steps >= 1, f"num_steps must be >= 1, got {self.num_steps}")
+        need(0 <= self.warmup_steps, f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        need(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
+        need(0 <= self.caption_dropout <= 1, f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
+        need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        need(self.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
+        need(self.mixed_precision in ("auto", "bf16", "no"), f"mixed_precision must be auto, bf16 or no, got {self.mixed_precision!r}")
+        need(self.save_dtype in ("bf16", "fp32"), f"save_dtype must be bf16 or fp32, got {self.save_dtype!r}")
+        need(self.positives_per_anchor >= 1, f"positives_per_anchor must be >= 1, got {self.positives_per_anchor}")
+        need(self.rcl_temperature > 0, f"rcl_temperature must be > 0, got {self.rcl_temperature}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["adam_betas"] = list(self.adam_betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown option(s) {unknown}; known options: {sorted(known)}")
+        return cls(**data)
+
+    def save_yaml(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load_yaml(cls, path: str | os.PathLike) -> "TrainConfig":
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: config file not found") from None
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: not valid YAML ({e})") from e
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of options, got {type(data).__name__}")
+        return cls.from_dict(data, source=str(path))

@@ -1,0 +1,364 @@
+"""LoRA files: our triplet, our relation-only export, and the reference implementation's checkpoints.
+
+We write safetensors only. Our files hold peft-named keys of the diffusers model
+(`transformer_blocks.{i}.attn1.{module}.lora_{A,B}.{adapter}.weight`) and string metadata:
+
+| key | value |
+|---|---|
+| `format` | `dreamrelation.triplet` (all four adapters) or `dreamrelation.relation` (relation + ffn) |
+| `format_version` | `1` |
+| `base_model` | `mochi-1-preview` |
+| `adapters`, `rank`, `alpha` | JSON: adapter list, {adapter: rank}, {adapter: alpha} |
+| `targets` | JSON: {adapter: [module paths]} |
+| `num_blocks`, `step` | integers as text |
+| `config` | JSON of the training config (may be `{}`) |
+
+Reading never runs code: safetensors, or `torch.load(weights_only=True)` for the reference `.pt`.
+Every error names the file and the offending key and shape; a failed write leaves no file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .lora_set import ADAPTER_MODULES, ADAPTERS, INFERENCE_ADAPTERS, LoraSet, module_path, parse_module_path
+
+FORMAT_TRIPLET = "dreamrelation.triplet"
+FORMAT_RELATION = "dreamrelation.relation"
+FORMAT_REFERENCE = "reference"
+BASE_MODEL = "mochi-1-preview"
+FORMAT_VERSION = "1"
+
+_OUR_KEY_RE = re.compile(r"^(?P<path>transformer_blocks\.\d+\.attn1\.[a-z_]+(?:\.0)?)\.lora_(?P<ab>[AB])\.(?P<adapter>\w+)\.weight$")
+# Reference (ali-vilab/DreamRelation) keys, e.g. blocks.3.attn.to_q_x.lora_A.relation / blocks.3.attn.proj_x.lora_B
+_REF_KEY_RE = re.compile(
+    r"^(?:model\.|module\.)?blocks\.(?P<block>\d+)\.attn\.(?P<mod>to_[qkv]_[xy]|proj_[xy])\.lora_(?P<ab>[AB])(?:\.(?!weight$)(?P<adapter>\w+))?(?:\.weight)?$"
+)
+_REF_MODULES = {
+    "to_q_x": "to_q", "to_k_x": "to_k", "to_v_x": "to_v",
+    "to_q_y": "add_q_proj", "to_k_y": "add_k_proj", "to_v_y": "add_v_proj",
+    "proj_x": "to_out.0", "proj_y": "to_add_out",
+}
+
+
+class LoraFormatError(ValueError):
+    """A LoRA file that cannot be read as what it claims to be; names the file and the key."""
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+
+def _atomic_save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def lora_state_dict(lora: LoraSet, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    sd = {}
+    for adapter, mods in lora.weights.items():
+        for path, (a, b) in mods.items():
+            sd[f"{path}.lora_A.{adapter}.weight"] = a.detach().to("cpu", dtype).contiguous()
+            sd[f"{path}.lora_B.{adapter}.weight"] = b.detach().to("cpu", dtype).contiguous()
+    return sd
+
+
+def _metadata(lora: LoraSet, fmt: str, step: int, config: dict | None) -> dict[str, str]:
+    adapters = lora.adapters
+    return {
+        "format": fmt,
+        "format_version": FORMAT_VERSION,
+        "base_model": BASE_MODEL,
+        "adapters": json.dumps(adapters),
+        "rank": json.dumps({a: lora.rank[a] for a in adapters}),
+        "alpha": json.dumps({a: lora.alpha[a] for a in adapters}),
+        "targets": json.dumps({a: sorted(lora.weights[a]) for a in adapters}),
+        "num_blocks": str(lora.num_blocks()),
+        "step": str(int(step)),
+        "config": json.dumps(config or {}, default=str),
+    }
+
+
+def save_triplet(
+    path: str | os.PathLike, lora: LoraSet, *, step: int = 0, config: dict | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """All four adapters + metadata, written atomically."""
+    missing = [a for a in ADAPTERS if a not in lora.adapters]
+    if missing:
+        raise LoraFormatError(f"{path}: a triplet file needs all four adapters; missing {missing}")
+    return _atomic_save_safetensors(Path(path), lora_state_dict(lora, dtype), _metadata(lora, FORMAT_TRIPLET, step, config))
+
+
+def save_relation_only(
+    path: str | os.PathLike, lora: LoraSet, *, step: int = 0, config: dict | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Relation + ffn adapters only: the subject LoRAs (appearance) are dropped."""
+    rel = lora.only(INFERENCE_ADAPTERS)
+    if "relation" not in rel.adapters:
+        raise LoraFormatError(f"{path}: nothing to export, the LoRA has no 'relation' adapter")
+    return _atomic_save_safetensors(Path(path), lora_state_dict(rel, dtype), _metadata(rel, FORMAT_RELATION, step, config))
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            sd = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # truncated header, bad offsets, not safetensors at all
+        raise LoraFormatError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from e
+    return sd, meta
+
+
+def _read_torch(path: Path) -> Any:
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # includes pickles that reference code: weights_only refuses them
+        raise LoraFormatError(
+            f"{path}: cannot be read as plain tensors with weights_only=True ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); only tensor checkpoints are accepted, code is never run"
+        ) from e
+
+
+def _json_meta(path: Path, meta: dict[str, str], key: str) -> Any:
+    try:
+        return json.loads(meta[key])
+    except KeyError:
+        raise LoraFormatError(f"{path}: metadata key {key!r} missing") from None
+    except json.JSONDecodeError as e:
+        raise LoraFormatError(f"{path}: metadata {key!r} is not valid JSON ({e})") from e
+
+
+def load_lora_file(path: str | os.PathLike) -> LoraSet:
+    """Read any LoRA file we accept into a LoraSet; metadata["format"] says which kind it was.
+
+    Kinds: our triplet / relation-only safetensors, the reference `.lora.pt` (or its safetensors
+    with a JSON `kwargs` entry), and genmo/ComfyUI-key Mochi LoRAs (`blocks.N.attn.qkv_x...`).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise LoraFormatError(f"{path}: no such file")
+    if path.suffix in (".pt", ".pth", ".ckpt", ".bin"):
+        return import_reference(path)
+    sd, meta = _read_safetensors(path)
+    fmt = meta.get("format", "")
+    if fmt in (FORMAT_TRIPLET, FORMAT_RELATION):
+        return _parse_ours(path, sd, meta)
+    if "kwargs" in meta or any(_REF_KEY_RE.match(k) for k in sd):
+        return _parse_reference(path, sd, _json_meta(path, meta, "kwargs") if "kwargs" in meta else None)
+    from . import comfy_keys
+
+    if comfy_keys.is_genmo_lora(sd.keys()):
+        return comfy_keys.genmo_to_lora_set(sd, source=str(path))
+    first = next(iter(sd), None)
+    raise LoraFormatError(
+        f"{path}: not a DreamRelation / Mochi LoRA file (metadata format={fmt or 'none'}; first key "
+        f"{first!r}{' ' + str(tuple(sd[first].shape)) if first else ''}); expected keys like "
+        f"'transformer_blocks.0.attn1.to_q.lora_A.relation.weight'"
+    )
+
+
+def _parse_ours(path: Path, sd: dict[str, torch.Tensor], meta: dict[str, str]) -> LoraSet:
+    if meta.get("base_model") != BASE_MODEL:
+        raise LoraFormatError(f"{path}: made for base model {meta.get('base_model')!r}, expected {BASE_MODEL!r}")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise LoraFormatError(f"{path}: format_version {meta.get('format_version')!r}, this version reads {FORMAT_VERSION!r}")
+    ranks = _json_meta(path, meta, "rank")
+    alphas = _json_meta(path, meta, "alpha")
+    lora = LoraSet(metadata={**meta})
+    pending: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for key, t in sd.items():
+        m = _OUR_KEY_RE.match(key)
+        if m is None:
+            raise LoraFormatError(f"{path}: unexpected key {key!r} {tuple(t.shape)}")
+        p, ab, adapter = m.group("path"), m.group("ab"), m.group("adapter")
+        try:
+            _, sub = parse_module_path(p)
+        except ValueError:
+            raise LoraFormatError(f"{path}: key {key!r} is not on a Mochi joint-attention module") from None
+        if adapter not in ADAPTERS:
+            raise LoraFormatError(f"{path}: key {key!r} names unknown adapter {adapter!r}; expected one of {ADAPTERS}")
+        if sub not in ADAPTER_MODULES[adapter]:
+            raise LoraFormatError(f"{path}: key {key!r}: adapter {adapter!r} does not belong on {sub!r}")
+        pending.setdefault((adapter, p), {})[ab] = t
+    for (adapter, p), pair in pending.items():
+        _add_pair(path, lora, adapter, p, pair, f"{p}.lora_{{}}.{adapter}.weight")
+    for adapter in lora.weights:
+        if adapter not in ranks or adapter not in alphas:
+            raise LoraFormatError(f"{path}: metadata gives no rank/alpha for adapter {adapter!r}")
+        _set_scale(path, lora, adapter, int(ranks[adapter]), float(alphas[adapter]))
+    _check_consistent(path, lora)
+    lora.metadata["format"] = meta["format"]
+    return lora
+
+
+def _add_pair(path: Path, lora: LoraSet, adapter: str, p: str, pair: dict[str, torch.Tensor], key_fmt: str) -> None:
+    for ab in ("A", "B"):
+        if ab not in pair:
+            raise LoraFormatError(f"{path}: key {key_fmt.format(ab)!r} missing (its lora_{'B' if ab == 'A' else 'A'} is present)")
+    a, b = pair["A"], pair["B"]
+    if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+        raise LoraFormatError(
+            f"{path}: {key_fmt.format('A')!r} {tuple(a.shape)} and {key_fmt.format('B')!r} {tuple(b.shape)} "
+            f"are not a LoRA pair (expected A [r, in], B [out, r])"
+        )
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        raise LoraFormatError(f"{path}: {key_fmt.format('A/B')!r} holds non-finite values")
+    lora.weights.setdefault(adapter, {})[p] = (a.float(), b.float())
+
+
+def _set_scale(path: Path, lora: LoraSet, adapter: str, rank: int, alpha: float) -> None:
+    for p, (a, _) in lora.weights[adapter].items():
+        if a.shape[0] != rank:
+            raise LoraFormatError(
+                f"{path}: adapter {adapter!r} on {p}: lora_A has rank {a.shape[0]} {tuple(a.shape)}, the file states rank {rank}"
+            )
+    lora.rank[adapter] = rank
+    lora.alpha[adapter] = alpha
+    lora.scales[adapter] = alpha / rank
+
+
+def _check_consistent(path: Path, lora: LoraSet) -> None:
+    """Same widths everywhere (one base model), and every block present for every adapter."""
+    dims: dict[str, tuple[int, int, str]] = {}  # sub-module kind -> (in, out, where first seen)
+    n = lora.num_blocks()
+    for adapter, mods in lora.weights.items():
+        blocks = set()
+        for p, (a, b) in mods.items():
+            block, sub = parse_module_path(p)
+            blocks.add(block)
+            io = (a.shape[1], b.shape[0])
+            if sub in dims and dims[sub][:2] != io:
+                raise LoraFormatError(
+                    f"{path}: {p} ({adapter}) maps {io[0]} -> {io[1]} features but {dims[sub][2]} maps "
+                    f"{dims[sub][0]} -> {dims[sub][1]}: weights of different base models"
+                )
+            dims.setdefault(sub, (*io, p))
+        missing = sorted(set(range(n)) - blocks)
+        if missing:
+            raise LoraFormatError(f"{path}: adapter {adapter!r} has no weights in block(s) {missing} of {n}")
+    vis = {dims[s][0] for s in ("to_q", "to_k", "to_v", "to_out.0") if s in dims}
+    if len(vis) > 1:
+        raise LoraFormatError(f"{path}: visual projections disagree on the model width: {sorted(vis)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# reference checkpoints
+
+
+def import_reference(path: str | os.PathLike) -> LoraSet:
+    """Read a reference `model_<step>.lora.pt` (or its safetensors) into a LoraSet.
+
+    Rank and alpha come from the file's kwargs (`qkv_proj_lora_rank/alpha`,
+    `out_proj_lora_rank/alpha`), never assumed. metadata["report"] states what was applied and
+    what was dropped (unknown adapter names; the last block's unused text-query LoRA).
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        sd, meta = _read_safetensors(path)
+        kwargs = _json_meta(path, meta, "kwargs")
+        return _parse_reference(path, sd, kwargs)
+    obj = _read_torch(path)
+    if not isinstance(obj, dict) or "state_dict" not in obj:
+        got = sorted(obj)[:5] if isinstance(obj, dict) else type(obj).__name__
+        raise LoraFormatError(f"{path}: expected a dict with 'state_dict' and 'kwargs' (reference checkpoint), got {got}")
+    kwargs = obj.get("kwargs")
+    if not isinstance(kwargs, dict):
+        raise LoraFormatError(f"{path}: no 'kwargs' dict: rank and alpha are unknown, nothing is assumed")
+    sd = obj["state_dict"]
+    bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise LoraFormatError(f"{path}: state_dict entry {bad[0]!r} is {type(sd[bad[0]]).__name__}, not a tensor")
+    return _parse_reference(path, sd, kwargs)
+
+
+def _ref_int(path: Path, kwargs: dict, key: str) -> float:
+    if key not in kwargs or kwargs[key] is None:
+        raise LoraFormatError(f"{path}: kwargs has no {key!r}: rank and alpha are read from the file, never assumed")
+    return kwargs[key]
+
+
+def _parse_reference(path: Path, sd: dict[str, torch.Tensor], kwargs: dict | None) -> LoraSet:
+    if kwargs is None:
+        raise LoraFormatError(f"{path}: reference-style keys but no 'kwargs' metadata: rank and alpha unknown")
+    qkv_rank, qkv_alpha = int(_ref_int(path, kwargs, "qkv_proj_lora_rank")), float(_ref_int(path, kwargs, "qkv_proj_lora_alpha"))
+    has_proj = any(".proj_" in k for k in sd)
+    out_rank = int(_ref_int(path, kwargs, "out_proj_lora_rank")) if has_proj else 0
+    out_alpha = float(_ref_int(path, kwargs, "out_proj_lora_alpha")) if has_proj else 0.0
+    lora = LoraSet(metadata={"format": FORMAT_REFERENCE, "source": str(path), "kwargs": json.dumps(kwargs, default=str)})
+    pending: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    keynames: dict[tuple[str, str], str] = {}
+    dropped: list[str] = []
+    for key, t in sd.items():
+        m = _REF_KEY_RE.match(key)
+        if m is None:
+            raise LoraFormatError(f"{path}: unexpected key {key!r} {tuple(t.shape)} in a reference checkpoint")
+        block, mod, ab, name = int(m.group("block")), m.group("mod"), m.group("ab"), m.group("adapter")
+        sub = _REF_MODULES[mod]
+        adapter = "ffn" if mod.startswith("proj_") else name
+        if adapter is None:
+            raise LoraFormatError(f"{path}: key {key!r} has no adapter name")
+        if adapter not in ADAPTERS or sub not in ADAPTER_MODULES[adapter]:
+            dropped.append(key)
+            continue
+        p = module_path(block, sub)
+        pending.setdefault((adapter, p), {})[ab] = t
+        keynames[(adapter, p)] = key.replace(f"lora_{ab}", "lora_{}")
+    for (adapter, p), pair in pending.items():
+        _add_pair(path, lora, adapter, p, pair, keynames[(adapter, p)])
+    if not lora.weights:
+        raise LoraFormatError(f"{path}: no LoRA weights of a known adapter; dropped keys: {dropped[:6]}")
+    # The last block's text queries are discarded by the model: its LoRA does nothing, drop it.
+    n = lora.num_blocks()
+    last_q = module_path(n - 1, "add_q_proj")
+    if last_q in lora.weights.get("relation", {}):
+        del lora.weights["relation"][last_q]
+        dropped.append(f"blocks.{n - 1}.attn.to_q_y (unused: last block's text queries are discarded)")
+    for adapter in lora.weights:
+        r, al = (out_rank, out_alpha) if adapter == "ffn" else (qkv_rank, qkv_alpha)
+        _set_scale(path, lora, adapter, r, al)
+    _check_consistent(path, lora)
+    applied = {a: len(m) for a, m in lora.weights.items()}
+    lora.metadata["report"] = json.dumps({"applied": applied, "dropped": dropped})
+    return lora
+
+
+def describe(lora: LoraSet) -> str:
+    """One human-readable paragraph: adapters, modules, blocks, rank, scale; and any import report."""
+    lines = [f"format: {lora.metadata.get('format', '?')}, blocks: {lora.num_blocks()}"]
+    for a in lora.adapters:
+        lines.append(
+            f"  {a}: {len(lora.weights[a])} modules, rank {lora.rank.get(a)}, alpha {lora.alpha.get(a)}, "
+            f"scale {lora.scales.get(a, 0):.4g}"
+        )
+    if "report" in lora.metadata:
+        rep = json.loads(lora.metadata["report"])
+        if rep.get("dropped"):
+            lines.append(f"  dropped {len(rep['dropped'])} key(s): " + ", ".join(rep["dropped"][:6]) + (" ..." if len(rep["dropped"]) > 6 else ""))
+    return "\n".join(lines)
