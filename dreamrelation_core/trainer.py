@@ -1,0 +1,376 @@
+"""Relation LoRA triplet training: hybrid mask training + relational contrastive loss, resumable.
+
+One step (SPEC): draw a branch (relation / subject1 / subject2) from the seeded generator,
+activate its adapters (the others contribute nothing, get no gradient and are skipped by AdamW),
+draw a clip, sigma and noise, predict u = z - eps, and minimise
+    L = MSE + mask_weight * MSE_masked + rcl_weight * RCL.
+All randomness of a step comes from one `torch.Generator` (plus torch's global RNG for LoRA
+dropout); both are checkpointed, so a resumed run repeats an uninterrupted one step for step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol, Sequence
+
+import torch
+
+from . import formats, triplet
+from .config import TrainConfig
+from .contrastive import RCLSettings, RelationalContrastiveLoss
+from .flow import diffusers_timestep, masked_flow_loss, noisy
+
+log = logging.getLogger("dreamrelation")
+
+CHECKPOINT_DIR = "checkpoints"
+CONFIG_FILE = "config.yaml"
+TRIPLET_FILE = "relation_triplet.safetensors"
+RELATION_FILE = "relation_only.safetensors"
+
+
+class Clip(Protocol):
+    """What the trainer needs of a prepared clip (see dataset.PreparedClip)."""
+
+    y_feat: torch.Tensor  # [L, D]
+    y_mask: torch.Tensor  # [L] bool
+    mask1: torch.Tensor  # [T, h, w]
+    mask2: torch.Tensor  # [T, h, w]
+
+    def sample_latents(self, generator: torch.Generator) -> torch.Tensor: ...  # [12, T, h, w]
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss, bad data); the last good checkpoint is kept."""
+
+
+@dataclass
+class StepInfo:
+    """Reported after every step; designed for a GUI progress display."""
+
+    step: int  # steps completed
+    num_steps: int
+    branch: str
+    losses: dict[str, float]  # total, mse, masked, rcl (nan where not computed)
+    lr: float
+    step_time: float  # seconds, this step
+    eta: float  # seconds to go, from the mean step time so far
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    status: str  # "finished" or "cancelled"
+    checkpoint: Path | None
+    triplet_path: Path | None
+    relation_path: Path | None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# model
+
+
+def load_transformer(config: TrainConfig, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """The frozen base model, from local files only (or the tiny random test model)."""
+    from diffusers import MochiTransformer3DModel
+
+    src = config.transformer
+    if src == "tiny":
+        from .tiny import tiny_transformer
+
+        model = tiny_transformer(seed=config.seed, **config.extra.get("tiny", {}))
+        return model if dtype == torch.float32 else model.to(dtype)
+    path = Path(src)
+    if path.is_dir():
+        return MochiTransformer3DModel.from_pretrained(str(path), local_files_only=True, torch_dtype=dtype)
+    if path.is_file():
+        if not config.transformer_config or not Path(config.transformer_config).is_dir():
+            raise FileNotFoundError(
+                f"{path}: a single-file Mochi model needs `transformer_config`, a local folder with the "
+                f"diffusers transformer config.json (got {config.transformer_config!r}); nothing is downloaded"
+            )
+        return MochiTransformer3DModel.from_single_file(
+            str(path), config=config.transformer_config, local_files_only=True, torch_dtype=dtype
+        )
+    raise FileNotFoundError(f"transformer {src!r}: no such file or folder (expected a diffusers folder or a .safetensors)")
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up from 0 over `warmup` steps, then cosine to 0 at `total`."""
+    if step < warmup:
+        return step / max(1, warmup)
+    span = max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / span)))
+
+
+def branch_mask(clips: Sequence[Clip], branch: str) -> torch.Tensor:
+    """[B, T, h, w]: relation -> M1 + M2 (2 where they overlap); subject k -> Mk."""
+    if branch == "relation":
+        return torch.stack([c.mask1.float() + c.mask2.float() for c in clips])
+    attr = "mask1" if branch == "subject1" else "mask2"
+    return torch.stack([getattr(c, attr).float() for c in clips])
+
+
+# ---------------------------------------------------------------------------------------------
+# trainer
+
+
+class Trainer:
+    """Builds model, adapters, optimizer and banks from a TrainConfig; `train()` runs to num_steps."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        clips: Sequence[Clip] | None = None,
+        model: torch.nn.Module | None = None,
+        run_dir: str | os.PathLike | None = None,
+    ):
+        self.config = config
+        self.run_dir = Path(run_dir or config.output_dir)
+        self.device = torch.device(
+            ("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device
+        )
+        self.autocast = self.device.type == "cuda" and config.mixed_precision != "no"
+        self.clips = list(clips) if clips is not None else self._load_clips()
+        if not self.clips:
+            raise TrainingError("no training clips: prepare a dataset first (python -m dreamrelation_core prepare)")
+        self._check_clips()
+        torch.manual_seed(config.seed)
+        base_dtype = torch.bfloat16 if self.autocast else torch.float32
+        self.model = (model if model is not None else load_transformer(config, base_dtype)).to(self.device)
+        triplet.add_triplet(self.model, config.rank, config.alpha, config.dropout)
+        for _, p in triplet.lora_parameters(self.model):
+            p.data = p.data.float()  # fp32 master weights whatever the base dtype
+        if config.gradient_checkpointing:
+            self.model.enable_gradient_checkpointing()
+        self.model.train()
+        params = [p for _, p in triplet.lora_parameters(self.model)]
+        self.optimizer = torch.optim.AdamW(
+            params, lr=config.learning_rate, betas=config.adam_betas, eps=config.adam_eps,
+            weight_decay=config.weight_decay,
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, config.warmup_steps, config.num_steps)
+        )
+        self.rcl = RelationalContrastiveLoss(
+            RCLSettings(
+                positive_bank_size=config.positive_bank_size, negative_bank_size=config.negative_bank_size,
+                positives_per_anchor=config.positives_per_anchor, negatives=config.negatives,
+                temperature=config.rcl_temperature,
+            )
+        )
+        self.rng = torch.Generator().manual_seed(config.seed)
+        self.step = 0
+        self.history: list[dict[str, Any]] = []
+
+    # -- data ----------------------------------------------------------------------------------
+    def _load_clips(self) -> list[Clip]:
+        if not self.config.cache_dir:
+            raise TrainingError("config.cache_dir is empty and no clips were given")
+        from .dataset import load_prepared
+
+        return list(load_prepared(self.config.cache_dir))
+
+    def _check_clips(self) -> None:
+        first = self.clips[0]
+        for c in self.clips:
+            name = getattr(c, "name", "?")
+            t = c.mask1.shape
+            if c.mask2.shape != t:
+                raise TrainingError(f"clip {name}: subject masks differ in shape: {tuple(t)} vs {tuple(c.mask2.shape)}")
+            if self.config.batch_size > 1 and (t != first.mask1.shape or c.y_feat.shape != first.y_feat.shape):
+                raise TrainingError(
+                    f"clip {name}: shape {tuple(t)} differs from {tuple(first.mask1.shape)}; batch_size > 1 needs clips of one size"
+                )
+
+    # -- one step ------------------------------------------------------------------------------
+    def _draw_batch(self) -> list[Clip]:
+        idx = torch.randint(len(self.clips), (self.config.batch_size,), generator=self.rng)
+        return [self.clips[int(i)] for i in idx]
+
+    def train_step(self) -> tuple[str, dict[str, float]]:
+        cfg, rng, dev = self.config, self.rng, self.device
+        branch = triplet.BRANCHES[int(torch.randint(len(triplet.BRANCHES), (1,), generator=rng))]
+        triplet.activate_branch(self.model, branch)
+        batch = self._draw_batch()
+        z = torch.stack([c.sample_latents(rng) for c in batch])  # [B, 12, T, h, w]
+        y = torch.stack([c.y_feat.float() for c in batch])  # [B, L, D]
+        ym = torch.stack([c.y_mask.bool() for c in batch])  # [B, L]
+        drop = torch.rand(len(batch), generator=rng) < cfg.caption_dropout
+        y[drop] = 0.0
+        ym[drop] = False
+        eps = torch.randn(z.shape, generator=rng)
+        sigma = torch.rand(len(batch), generator=rng)
+        x, u = noisy(z, eps, sigma)
+        mask = branch_mask(batch, branch).to(dev)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.autocast):
+            pred = self.model(
+                hidden_states=x.to(dev), encoder_hidden_states=y.to(dev), timestep=diffusers_timestep(sigma).to(dev),
+                encoder_attention_mask=ym.to(dev), return_dict=False,
+            )[0]
+        rec, mse, masked = masked_flow_loss(pred, u.to(dev), mask, cfg.mask_weight)
+        rcl = self.rcl.loss(pred, rng) if cfg.rcl_weight > 0 else None
+        total = rec + cfg.rcl_weight * rcl if rcl is not None else rec
+        terms = {"total": total, "mse": mse, "masked": masked, "rcl": rcl}
+        for name, v in terms.items():
+            if v is not None and not torch.isfinite(v):
+                raise TrainingError(
+                    f"step {self.step + 1}: loss term {name!r} is {v.item()} (branch {branch}); training stopped, "
+                    f"the last good checkpoint in {self.run_dir / CHECKPOINT_DIR} is kept"
+                )
+        total.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for _, p in triplet.lora_parameters(self.model) if p.grad is not None], cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)  # None grads: inactive adapters stay untouched
+        if cfg.rcl_weight > 0:
+            self.rcl.update(pred)
+        self.step += 1
+        return branch, {k: (float(v.detach()) if v is not None else float("nan")) for k, v in terms.items()}
+
+    # -- loop ----------------------------------------------------------------------------------
+    def train(
+        self,
+        progress: Callable[[StepInfo], None] | None = None,
+        should_cancel: Callable[[], bool] | None = None,
+        max_steps: int | None = None,
+    ) -> TrainResult:
+        """Run until num_steps (or `max_steps` more steps, or until `should_cancel()` is true).
+
+        A checkpoint is written every `checkpoint_every` steps and when the run stops.
+        """
+        cfg = self.config
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save_yaml(self.run_dir / CONFIG_FILE)
+        stop_at = cfg.num_steps if max_steps is None else min(cfg.num_steps, self.step + max_steps)
+        start, t_start, status, ckpt = self.step, time.perf_counter(), "finished", None
+        while self.step < stop_at:
+            if should_cancel is not None and should_cancel():
+                status = "cancelled"
+                break
+            t0 = time.perf_counter()
+            lr = self.optimizer.param_groups[0]["lr"]
+            branch, losses = self.train_step()
+            dt = time.perf_counter() - t0
+            self.history.append({"step": self.step, "branch": branch, "lr": lr, **losses})
+            if progress is not None:
+                mean = (time.perf_counter() - t_start) / (self.step - start)
+                progress(StepInfo(self.step, cfg.num_steps, branch, losses, lr, dt, mean * (stop_at - self.step)))
+            if self.step % cfg.checkpoint_every == 0:
+                ckpt = self.save_checkpoint()
+        if self.step < cfg.num_steps and status == "finished":
+            status = "stopped"
+        if ckpt is None or int(ckpt.stem.split("_")[-1]) != self.step:
+            ckpt = self.save_checkpoint()
+        triplet_path, relation_path = self.export()
+        return TrainResult(self.run_dir, self.step, status, ckpt, triplet_path, relation_path, list(self.history))
+
+    # -- files ---------------------------------------------------------------------------------
+    def export(self) -> tuple[Path, Path]:
+        """Write the triplet and the relation-only LoRA of the current weights into run_dir."""
+        lora = triplet.to_lora_set(self.model)
+        dtype = torch.bfloat16 if self.config.save_dtype == "bf16" else torch.float32
+        cfg = self.config.to_dict()
+        t = formats.save_triplet(self.run_dir / TRIPLET_FILE, lora, step=self.step, config=cfg, dtype=dtype)
+        r = formats.save_relation_only(self.run_dir / RELATION_FILE, lora, step=self.step, config=cfg, dtype=dtype)
+        return t, r
+
+    def state_dict(self) -> dict[str, Any]:
+        lora = {n: p.detach().cpu().clone() for n, p in triplet.lora_parameters(self.model)}
+        rng = {"generator": self.rng.get_state(), "torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {
+            "format": "dreamrelation.checkpoint", "version": 1, "step": self.step, "config": self.config.to_dict(),
+            "lora": lora, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "rng": rng, "rcl": self.rcl.state_dict(), "history": self.history,
+        }
+
+    def load_state_dict(self, state: dict[str, Any], source: str = "checkpoint") -> None:
+        params = dict(triplet.lora_parameters(self.model))
+        missing = sorted(set(params) - set(state["lora"]))
+        extra = sorted(set(state["lora"]) - set(params))
+        if missing or extra:
+            raise TrainingError(f"{source}: LoRA weights do not fit the model (missing {missing[:3]}, unexpected {extra[:3]})")
+        with torch.no_grad():
+            for n, p in params.items():
+                t = state["lora"][n]
+                if t.shape != p.shape:
+                    raise TrainingError(f"{source}: {n} has shape {tuple(t.shape)}, the model expects {tuple(p.shape)}")
+                p.copy_(t)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.rng.set_state(state["rng"]["generator"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self.rcl.load_state_dict(state["rcl"])
+        self.history = list(state["history"])
+        self.step = int(state["step"])
+
+    def save_checkpoint(self) -> Path:
+        """`run_dir/checkpoints/checkpoint_<step>.pt`, atomically; older ones beyond keep_checkpoints pruned."""
+        d = self.run_dir / CHECKPOINT_DIR
+        d.mkdir(parents=True, exist_ok=True)
+        path = d / f"checkpoint_{self.step:06d}.pt"
+        tmp = d / f".{path.name}.tmp"
+        try:
+            torch.save(self.state_dict(), tmp)
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        keep = self.config.keep_checkpoints
+        if keep > 0:
+            for old in list_checkpoints(self.run_dir)[:-keep]:
+                old.unlink()
+        return path
+
+    @classmethod
+    def resume(
+        cls, run_dir: str | os.PathLike, clips: Sequence[Clip] | None = None, model: torch.nn.Module | None = None,
+        checkpoint: str | os.PathLike | None = None,
+    ) -> "Trainer":
+        """Rebuild a run from its folder and load its last (or the given) checkpoint."""
+        run_dir = Path(run_dir)
+        ckpt = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir)
+        state = load_checkpoint(ckpt)
+        config = TrainConfig.from_dict(state["config"], source=str(ckpt))
+        trainer = cls(config, clips=clips, model=model, run_dir=run_dir)
+        trainer.load_state_dict(state, source=str(ckpt))
+        log.info("resumed %s at step %d", run_dir, trainer.step)
+        return trainer
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    d = Path(run_dir) / CHECKPOINT_DIR
+    if not d.is_dir():
+        return []
+    return sorted(d.glob("checkpoint_*.pt"), key=lambda p: int(p.stem.split("_")[-1]))
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path:
+    found = list_checkpoints(run_dir)
+    if not found:
+        raise FileNotFoundError(f"{Path(run_dir) / CHECKPOINT_DIR}: no checkpoint_<step>.pt to resume from")
+    return found[-1]
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        raise TrainingError(f"{path}: not a readable training checkpoint ({type(e).__name__}: {e})") from e
+    if not isinstance(state, dict) or state.get("format") != "dreamrelation.checkpoint":
+        raise TrainingError(f"{path}: not a DreamRelation training checkpoint")
+    return state
