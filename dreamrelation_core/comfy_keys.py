@@ -1,0 +1,365 @@
+"""Our LoRAs <-> ComfyUI / genmo Mochi weight keys (no ComfyUI import).
+
+ComfyUI's Mochi (genmo's `AsymmDiTJoint`) fuses the attention input projections of block i into
+one weight per stream: `blocks.i.attn.qkv_x.weight` [3d, d] (visual) and `…qkv_y.weight` [3d, d_y]
+(text), rows q 0:d, k d:2d, v 2d:3d. Output projections are `proj_x` / `proj_y`.
+
+A relation LoRA puts separate (A_q, B_q) and (A_k, B_k) on Q and K. Both map exactly onto the
+fused weight as ONE LoRA of rank r_q + r_k:
+
+    A = [A_q; A_k]                       [r_q + r_k, in]
+    B = [[s·B_q, 0], [0, s·B_k], [0, 0]] [3d, r_q + r_k]   (rows q, k, v; scale s folded into B)
+
+so  B @ A = [s·B_q A_q; s·B_k A_k; 0]: the Q delta lands on rows 0:d, the K delta on d:2d and V
+is untouched. This is a plain LoRA that stock ComfyUI (`LoraLoaderModelOnly`) reads in genmo key
+names (`blocks.i.attn.qkv_x.lora_A.weight` / `.lora_B.weight` / `.alpha`; `.alpha` = rank, so
+ComfyUI's alpha / rank factor is 1 and the scale lives in B). FFN LoRAs go on `proj_x` /
+`proj_y` as they are. Subject LoRAs (V) never reach the model: only INFERENCE_ADAPTERS are mapped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+from typing import Iterable, Mapping, NamedTuple
+
+import torch
+
+from .lora_set import INFERENCE_ADAPTERS, LoraSet, module_path, parse_module_path
+
+FORMAT_COMFY = "dreamrelation.comfy"  # metadata of our export (a plain genmo-key LoRA)
+FORMAT_GENMO = "genmo"  # LoraSet metadata["format"] of a genmo-key LoRA read back
+
+# diffusers sub-module -> (genmo module, slot in the fused weight: 0 q, 1 k, 2 v; None = unfused)
+GENMO_MODULE: dict[str, tuple[str, int | None]] = {
+    "to_q": ("qkv_x", 0),
+    "to_k": ("qkv_x", 1),
+    "to_v": ("qkv_x", 2),
+    "add_q_proj": ("qkv_y", 0),
+    "add_k_proj": ("qkv_y", 1),
+    "add_v_proj": ("qkv_y", 2),
+    "to_out.0": ("proj_x", None),
+    "to_add_out": ("proj_y", None),
+}
+# genmo module -> diffusers sub-modules by slot (unfused: one entry)
+DIFFUSERS_SUBS: dict[str, tuple[str, ...]] = {
+    "qkv_x": ("to_q", "to_k", "to_v"),
+    "qkv_y": ("add_q_proj", "add_k_proj", "add_v_proj"),
+    "proj_x": ("to_out.0",),
+    "proj_y": ("to_add_out",),
+}
+# Adapter a genmo LoRA's rows go to when read back. V rows have no inference adapter: a shared
+# V delta is neither subject's appearance, so it is reported and dropped, never guessed.
+SUB_ADAPTER = {"to_q": "relation", "to_k": "relation", "add_q_proj": "relation", "add_k_proj": "relation",
+               "to_out.0": "ffn", "to_add_out": "ffn"}
+
+# Accepted genmo/ComfyUI LoRA key spellings (what ComfyUI's own loader accepts for Mochi).
+_GENMO_KEY_RE = re.compile(
+    r"^(?:model\.)?(?:diffusion_model\.)?blocks\.(?P<block>\d+)\.attn\.(?P<mod>qkv_x|qkv_y|proj_x|proj_y)"
+    r"\.(?P<kind>lora_A\.weight|lora_B\.weight|lora_A|lora_B|lora_down\.weight|lora_up\.weight|alpha)$"
+)
+_KOHYA_KEY_RE = re.compile(
+    r"^lora_unet_blocks_(?P<block>\d+)_attn_(?P<mod>qkv_x|qkv_y|proj_x|proj_y)"
+    r"\.(?P<kind>lora_down\.weight|lora_up\.weight|alpha)$"
+)
+_DOWN = {"lora_A.weight", "lora_A", "lora_down.weight"}
+_UP = {"lora_B.weight", "lora_B", "lora_up.weight"}
+
+
+def _error(msg: str) -> Exception:
+    # formats imports this module lazily; importing formats here lazily too avoids a cycle.
+    from .formats import LoraFormatError
+
+    return LoraFormatError(msg)
+
+
+def genmo_name(block: int, module: str) -> str:
+    """`blocks.3.attn.qkv_x`: the LoRA key stem ComfyUI maps to `diffusion_model.blocks.3.attn.qkv_x.weight`."""
+    return f"blocks.{block}.attn.{module}"
+
+
+class FusedLora(NamedTuple):
+    """One plain LoRA on a genmo weight: delta = up @ down (scale already folded into `up`)."""
+
+    down: torch.Tensor  # A [R, in]
+    up: torch.Tensor  # B [out, R]
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+    def delta(self) -> torch.Tensor:
+        return self.up.float() @ self.down.float()
+
+
+# ---------------------------------------------------------------------------------------------
+# LoraSet -> genmo keys
+
+
+def _inference_modules(lora: LoraSet, adapters: Iterable[str]) -> dict[tuple[int, str], list[tuple[str, str]]]:
+    """(block, genmo module) -> [(adapter, diffusers sub)] for the adapters kept."""
+    out: dict[tuple[int, str], list[tuple[str, str]]] = {}
+    for adapter in adapters:
+        for path in lora.weights.get(adapter, {}):
+            block, sub = parse_module_path(path)
+            out.setdefault((block, GENMO_MODULE[sub][0]), []).append((adapter, sub))
+    return out
+
+
+def _check_pair(source: str, adapter: str, path: str, a: torch.Tensor, b: torch.Tensor) -> None:
+    if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+        raise _error(
+            f"{source}: {path} ({adapter}): A {tuple(a.shape)} and B {tuple(b.shape)} are not a LoRA pair "
+            f"(expected A [r, in], B [out, r])"
+        )
+
+
+def _fuse_one(lora: LoraSet, block: int, module: str, entries: list[tuple[str, str]], source: str) -> FusedLora:
+    """Stack the per-sub-module LoRAs of one genmo weight into one LoRA (see module docstring)."""
+    pairs = []
+    for adapter, sub in sorted(entries, key=lambda e: DIFFUSERS_SUBS[module].index(e[1])):
+        path = module_path(block, sub)
+        a, b = lora.weights[adapter][path]
+        _check_pair(source, adapter, path, a, b)
+        pairs.append((GENMO_MODULE[sub][1], path, adapter, a.float(), lora.scales.get(adapter, 1.0) * b.float()))
+    ins = {p[3].shape[1] for p in pairs}
+    outs = {p[4].shape[0] for p in pairs}
+    if len(ins) != 1 or len(outs) != 1:
+        shapes = ", ".join(f"{p[1]} A {tuple(p[3].shape)} B {tuple(p[4].shape)}" for p in pairs)
+        raise _error(f"{source}: LoRAs fused into {genmo_name(block, module)} disagree in width: {shapes}")
+    d = outs.pop()
+    slot = pairs[0][0]
+    if slot is None:  # unfused output projection: one LoRA, as it is
+        return FusedLora(pairs[0][3].contiguous(), pairs[0][4].contiguous())
+    down = torch.cat([p[3] for p in pairs], dim=0)
+    up = torch.zeros(3 * d, down.shape[0])
+    col = 0
+    for slot, _, _, a, b in pairs:
+        up[slot * d:(slot + 1) * d, col:col + a.shape[0]] = b  # block-diagonal: its own rows only
+        col += a.shape[0]
+    return FusedLora(down.contiguous(), up)
+
+
+def fused_loras(
+    lora: LoraSet, adapters: Iterable[str] = INFERENCE_ADAPTERS, source: str = "LoRA"
+) -> dict[str, FusedLora]:
+    """genmo key stem (`blocks.i.attn.qkv_x`) -> FusedLora for the given adapters (default:
+    relation + ffn; subject LoRAs are never mapped unless asked for explicitly)."""
+    adapters = [a for a in adapters if a in lora.weights]
+    out = {}
+    for (block, module), entries in sorted(_inference_modules(lora, adapters).items()):
+        out[genmo_name(block, module)] = _fuse_one(lora, block, module, entries, source)
+    return out
+
+
+def comfy_state_dict(
+    lora: LoraSet, *, adapters: Iterable[str] = INFERENCE_ADAPTERS, dtype: torch.dtype = torch.float32,
+    source: str = "LoRA",
+) -> dict[str, torch.Tensor]:
+    """Genmo-key LoRA state dict (`blocks.i.attn.qkv_x.lora_A.weight` / `.lora_B.weight` /
+    `.alpha`) that ComfyUI's stock LoRA loader applies to its Mochi."""
+    sd = {}
+    for stem, f in fused_loras(lora, adapters, source).items():
+        sd[f"{stem}.lora_A.weight"] = f.down.to(dtype).contiguous()
+        sd[f"{stem}.lora_B.weight"] = f.up.to(dtype).contiguous()
+        # alpha = rank: ComfyUI multiplies by alpha / rank = 1; the scale is already in B.
+        sd[f"{stem}.alpha"] = torch.tensor(float(f.rank))
+    if not sd:
+        raise _error(f"{source}: no {' / '.join(adapters)} LoRA weights to export (adapters present: {lora.adapters})")
+    return sd
+
+
+def dense_deltas(
+    lora: LoraSet, adapters: Iterable[str] = INFERENCE_ADAPTERS
+) -> dict[str, list[tuple[int, torch.Tensor]]]:
+    """Row-offset form: genmo weight key (`blocks.i.attn.qkv_x.weight`) -> list of
+    (first row, dense delta) per sub-module. For checks and for tools that patch rows directly."""
+    out: dict[str, list[tuple[int, torch.Tensor]]] = {}
+    for adapter in adapters:
+        for path in lora.weights.get(adapter, {}):
+            block, sub = parse_module_path(path)
+            module, slot = GENMO_MODULE[sub]
+            delta = lora.delta(adapter, path)
+            row = 0 if slot is None else slot * delta.shape[0]
+            out.setdefault(f"{genmo_name(block, module)}.weight", []).append((row, delta))
+    return out
+
+
+def check_against_model(
+    fused: Mapping[str, FusedLora], weight_shapes: Mapping[str, tuple[int, ...]], source: str, model_name: str = "model"
+) -> None:
+    """Raise a LoraFormatError naming the file, key and shapes if a fused LoRA does not fit.
+
+    `weight_shapes`: genmo weight key (`blocks.i.attn.qkv_x.weight`, no `diffusion_model.` prefix)
+    -> shape, as the target model holds them.
+    """
+    for stem, f in fused.items():
+        key = f"{stem}.weight"
+        shape = weight_shapes.get(key)
+        if shape is None:
+            blocks = sum(1 for k in weight_shapes if k.endswith(".attn.qkv_x.weight"))
+            raise _error(
+                f"{source}: key {stem} targets {key}, which {model_name} does not have "
+                f"({model_name} has {blocks} Mochi blocks)"
+            )
+        want = (int(f.up.shape[0]), int(f.down.shape[1]))
+        if tuple(shape) != want:
+            raise _error(
+                f"{source}: key {stem}: LoRA delta is {list(want)} (lora_B {tuple(f.up.shape)} @ lora_A "
+                f"{tuple(f.down.shape)}) but {model_name}'s {key} is {list(shape)}: the LoRA was made for a "
+                f"different base model"
+            )
+
+
+def save_comfy_lora(
+    path: str | Path, lora: LoraSet, *, dtype: torch.dtype = torch.float32, source: str | None = None
+) -> Path:
+    """Write relation + ffn of `lora` as a stock genmo-key Mochi LoRA (safetensors, atomic: a
+    failure leaves no file)."""
+    from .formats import _atomic_save_safetensors
+
+    source = source or lora.metadata.get("source", "LoRA")
+    sd = comfy_state_dict(lora, dtype=dtype, source=source)
+    kept = [a for a in INFERENCE_ADAPTERS if a in lora.weights]
+    meta = {
+        "format": FORMAT_COMFY,
+        "base_model": "mochi-1-preview",
+        "adapters": json.dumps(kept),
+        "dropped_adapters": json.dumps([a for a in lora.adapters if a not in kept]),
+        "num_blocks": str(lora.num_blocks()),
+        "source": Path(str(source)).name,
+    }
+    return _atomic_save_safetensors(Path(path), sd, meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# genmo keys -> LoraSet
+
+
+def _match(key: str) -> re.Match | None:
+    return _GENMO_KEY_RE.match(key) or _KOHYA_KEY_RE.match(key)
+
+
+def is_genmo_lora(keys: Iterable[str]) -> bool:
+    """True when every key is a genmo/ComfyUI Mochi attention LoRA key (any accepted spelling)."""
+    keys = list(keys)
+    return bool(keys) and all(_match(k) for k in keys)
+
+
+def _group_genmo(state_dict: Mapping[str, torch.Tensor], source: str) -> dict[tuple[int, str], dict[str, torch.Tensor]]:
+    groups: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for key, t in state_dict.items():
+        m = _match(key)
+        if m is None:
+            raise _error(f"{source}: key {key!r} {tuple(t.shape)} is not a Mochi attention LoRA key "
+                         f"(expected e.g. 'blocks.0.attn.qkv_x.lora_A.weight')")
+        kind = m.group("kind")
+        role = "down" if kind in _DOWN else "up" if kind in _UP else "alpha"
+        g = groups.setdefault((int(m.group("block")), m.group("mod")), {})
+        if role in g:
+            raise _error(f"{source}: key {key!r} duplicates the {role} weight of {genmo_name(int(m.group('block')), m.group('mod'))}")
+        g[role] = t
+    return groups
+
+
+def _split_rows(source: str, stem: str, module: str, g: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """One genmo LoRA -> [(diffusers sub, A, B·scale)] per row slot."""
+    if "down" not in g or "up" not in g:
+        missing = "lora_A (down)" if "down" not in g else "lora_B (up)"
+        raise _error(f"{source}: {stem} has no {missing} weight")
+    down, up = g["down"].float(), g["up"].float()
+    if down.ndim != 2 or up.ndim != 2 or down.shape[0] != up.shape[1]:
+        raise _error(f"{source}: {stem}: lora_A {tuple(down.shape)} and lora_B {tuple(up.shape)} are not a LoRA pair "
+                     f"(expected A [r, in], B [out, r])")
+    if not (torch.isfinite(down).all() and torch.isfinite(up).all()):
+        raise _error(f"{source}: {stem} holds non-finite values")
+    scale = float(g["alpha"].float().item()) / down.shape[0] if "alpha" in g else 1.0
+    subs = DIFFUSERS_SUBS[module]
+    if up.shape[0] % len(subs):
+        raise _error(f"{source}: {stem}: lora_B {tuple(up.shape)} has {up.shape[0]} rows, not divisible into q, k, v")
+    d = up.shape[0] // len(subs)
+    return [(sub, down, scale * up[i * d:(i + 1) * d]) for i, sub in enumerate(subs)]
+
+
+def _compact(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop rank columns that contribute nothing (B column zero): our block-diagonal export
+    of a rank-r pair comes back as rank r, exactly."""
+    keep = b.abs().sum(dim=0) != 0
+    return a[keep].contiguous(), b[:, keep].contiguous()
+
+
+def _pad_rank(a: torch.Tensor, b: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # Zero rows of A / columns of B change nothing and give every module of an adapter one rank.
+    extra = r - a.shape[0]
+    if extra == 0:
+        return a, b
+    return torch.cat([a, a.new_zeros(extra, a.shape[1])]), torch.cat([b, b.new_zeros(b.shape[0], extra)], dim=1)
+
+
+def genmo_to_lora_set(state_dict: Mapping[str, torch.Tensor], source: str) -> LoraSet:
+    """A genmo/ComfyUI-key Mochi LoRA -> LoraSet (relation on Q/K rows, ffn on proj_x / proj_y).
+
+    Scales (alpha / rank) are folded into B, so every adapter gets scale 1. Rows of a fused LoRA
+    that are zero are left out; V rows that are not zero have no place in the triplet (a shared V
+    change is neither subject) and are dropped and listed in metadata["report"].
+    """
+    lora = LoraSet(metadata={"format": FORMAT_GENMO, "source": str(source)})
+    dropped: list[str] = []
+    for (block, module), g in sorted(_group_genmo(state_dict, source).items()):
+        stem = genmo_name(block, module)
+        for sub, a, b in _split_rows(source, stem, module, g):
+            a, b = _compact(a, b)
+            if a.shape[0] == 0:
+                continue  # no delta on these rows
+            adapter = SUB_ADAPTER.get(sub)
+            if adapter is None:
+                dropped.append(f"{stem} {sub} rows (V: not part of a relation LoRA)")
+                continue
+            lora.weights.setdefault(adapter, {})[module_path(block, sub)] = (a, b)
+    for adapter, mods in lora.weights.items():
+        r = max(a.shape[0] for a, _ in mods.values())
+        for p, (a, b) in mods.items():
+            mods[p] = _pad_rank(a, b, r)
+        lora.rank[adapter], lora.alpha[adapter], lora.scales[adapter] = r, float(r), 1.0
+    if not lora.weights:
+        raise _error(f"{source}: no Q, K or output-projection LoRA weights found ({len(state_dict)} keys)")
+    applied = {a: len(m) for a, m in lora.weights.items()}
+    lora.metadata["report"] = json.dumps({"applied": applied, "dropped": dropped})
+    return lora
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI: python -m dreamrelation_core export-comfy IN OUT
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def export_comfy(src: str | Path, dst: str | Path, dtype: str = "fp32") -> Path:
+    """Read any LoRA file we accept and write its relation + ffn part as a stock Mochi LoRA."""
+    from .formats import load_lora_file
+
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype {dtype!r}: expected one of {sorted(_DTYPES)}")
+    lora = load_lora_file(src)
+    return save_comfy_lora(dst, lora, dtype=_DTYPES[dtype], source=str(src))
+
+
+def _run_cli(args: argparse.Namespace) -> int:
+    out = export_comfy(args.input, args.output, args.dtype)
+    print(f"wrote {out} (relation + ffn as a genmo-key Mochi LoRA; load it with ComfyUI's LoraLoaderModelOnly)")
+    return 0
+
+
+def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "export-comfy",
+        help="write a relation LoRA as a standard Mochi LoRA for ComfyUI's stock LoRA loaders",
+        description="Read our triplet / relation-only file or a reference checkpoint and write its "
+        "relation + ffn LoRAs in genmo key names (subject LoRAs are left out).",
+    )
+    p.add_argument("input", help="triplet, relation-only or reference .lora.pt / .safetensors file")
+    p.add_argument("output", help="output .safetensors (e.g. ComfyUI/models/loras/handshake_mochi.safetensors)")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32", help="tensor precision written (default fp32)")
+    p.set_defaults(func=_run_cli)
