@@ -1,0 +1,501 @@
+"""Relation dataset folders: scan + validation, `prepare` (encode once into a cache), PreparedClip.
+
+A dataset is one folder per relation. For every video `<name>`:
+- the video: `<name>.mp4` / `.webm` / `.mkv` / `.mov` / `.gif`, or a frame folder `<name>/` of
+  numbered `.png` / `.jpg` images;
+- its caption `<name>.txt` (UTF-8, whitespace collapsed);
+- its masks (see mask_io): compact `<name>.masks.npz`, or reference colour PNGs in `<name>/`
+  beside a video file, or in `<name>/masks/` inside a frame-folder video. Masks cover every frame
+  of the video at the video's own resolution.
+Hidden entries (starting with "." or "_", e.g. the default cache `.dreamrelation_cache/`) are
+skipped.
+
+`prepare_dataset` checks every entry first (nothing is written if any input is bad), then fits
+each clip (trim, centre-crop, resize; masks follow), encodes it with the VAE and its caption with
+T5, and writes `<cache>/<name>.safetensors` atomically, plus `manifest.json`. Entries whose
+sources, settings and models are unchanged are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+
+from . import mask_io
+from .encode import encode_captions, encode_frames, normalize_latents
+from .latent_masks import check_frame_count, latent_mask
+from .video_io import FRAME_SUFFIXES, VIDEO_SUFFIXES, VideoError, fit_clip, probe_video, read_video
+
+CACHE_FORMAT = "dreamrelation-prepared-1"
+MANIFEST = "manifest.json"
+DEFAULT_CACHE = ".dreamrelation_cache"
+_FRAME_MASK_RE = re.compile(r"^frame\d+\.png$", re.IGNORECASE)
+
+Progress = Callable[[int, int, str], None]  # (entries done, total, name of the entry just done)
+
+
+class DatasetError(ValueError):
+    """A dataset folder or cache that cannot be used as it is; the message names the files."""
+
+
+@dataclass(frozen=True)
+class VideoEntry:
+    """One training video of a dataset folder, after validation."""
+
+    name: str
+    video: Path  # file or frame folder
+    caption_file: Path
+    caption: str
+    masks: Path  # compact .masks.npz or a reference frame{i}.png folder
+    num_frames: int  # of the whole source video
+    height: int
+    width: int
+    fps: float | None = None
+
+
+# ---------------------------------------------------------------- scanning
+
+def _hidden(p: Path) -> bool:
+    return p.name.startswith((".", "_"))
+
+
+def _has_frame_images(d: Path) -> bool:
+    return any(f.is_file() and f.suffix.lower() in FRAME_SUFFIXES for f in d.iterdir())
+
+
+def _video_candidates(folder: Path) -> tuple[dict[str, list[Path]], list[Path]]:
+    """name -> video paths, and folders that look like masks without a video."""
+    files = [p for p in folder.iterdir() if not _hidden(p)]
+    file_stems = {p.stem for p in files if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES}
+    found: dict[str, list[Path]] = {}
+    orphan_masks: list[Path] = []
+    for p in sorted(files):
+        if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES:
+            found.setdefault(p.stem, []).append(p)
+        elif p.is_dir() and p.name not in file_stems and _has_frame_images(p):
+            images = [f.name for f in p.iterdir() if f.is_file() and f.suffix.lower() in FRAME_SUFFIXES]
+            looks_like_masks = all(_FRAME_MASK_RE.match(n) for n in images)
+            if looks_like_masks and not (folder / f"{p.name}.txt").exists():
+                orphan_masks.append(p)  # reference masks of a video that is not there
+            else:
+                found.setdefault(p.name, []).append(p)
+    return found, orphan_masks
+
+
+def read_caption(path: Path) -> str:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{path}: caption is not UTF-8 text ({e})") from e
+    return " ".join(text.split())
+
+
+def _mask_shape(masks: Path) -> tuple[int, int, int]:
+    """(F, H, W) of a mask file/folder, reading only headers where the layout allows."""
+    from PIL import Image
+
+    if masks.is_dir():
+        files = mask_io.frame_files(masks)
+        with Image.open(files[0]) as im:
+            w, h = im.size
+        return len(files), h, w
+    m1, _ = mask_io.load_compact_masks(masks)
+    return tuple(m1.shape)  # type: ignore[return-value]
+
+
+def _check_entry(name: str, video: Path, folder: Path, full: bool) -> tuple[VideoEntry | None, list[str]]:
+    problems: list[str] = []
+    caption_file = folder / f"{name}.txt"
+    caption = ""
+    if not caption_file.is_file():
+        problems.append(f"{video}: no caption file {caption_file.name}")
+    else:
+        caption = read_caption(caption_file)
+        if not caption:
+            problems.append(f"{caption_file}: caption is empty")
+    masks = mask_io.find_masks(video)
+    if masks is None:
+        where = f"{name}{mask_io.COMPACT_SUFFIX} or {name}/masks/frame{{i}}.png" if video.is_dir() else (
+            f"{name}{mask_io.COMPACT_SUFFIX} or {name}/frame{{i}}.png"
+        )
+        problems.append(f"{video}: no masks ({where})")
+    try:
+        info = probe_video(video)
+    except VideoError as e:
+        problems.append(str(e))
+        return None, problems
+    if masks is not None:
+        # MaskFormatError (unreadable file, other colours) goes through as it is: it names the file.
+        mf, mh, mw = _mask_shape(masks)
+        if full:
+            mask_io.load_masks(masks)
+        if (mf, mh, mw) != (info.num_frames, info.height, info.width):
+            what = []
+            if mf != info.num_frames:
+                what.append(f"{mf} mask frames vs {info.num_frames} video frames")
+            if (mh, mw) != (info.height, info.width):
+                what.append(f"masks {mw}x{mh} vs video {info.width}x{info.height} (WxH)")
+            problems.append(f"{masks} does not match {video}: {'; '.join(what)}")
+    if problems:
+        return None, problems
+    return VideoEntry(name, video, caption_file, caption, masks, info.num_frames, info.height, info.width, info.fps), []
+
+
+def scan_dataset(folder: str | os.PathLike, full: bool = False) -> list[VideoEntry]:
+    """Validate a relation folder -> its videos, sorted by name. Raises DatasetError listing every
+    problem; with full=True every mask frame is decoded too (colour check, MaskFormatError)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DatasetError(f"{folder}: not a folder; a dataset is one folder per relation")
+    found, orphans = _video_candidates(folder)
+    problems = [f"{p}: looks like a reference mask folder, but there is no video {p.name}.mp4/.gif/... or {p.name}.txt"
+                for p in orphans]
+    entries: list[VideoEntry] = []
+    for name in sorted(found):
+        paths = found[name]
+        if len(paths) > 1:
+            problems.append(f"{folder}: several videos named {name!r}: {', '.join(p.name for p in paths)}")
+            continue
+        entry, errs = _check_entry(name, paths[0], folder, full)
+        problems += errs
+        if entry is not None:
+            entries.append(entry)
+    if problems:
+        raise DatasetError(f"{folder}: {len(problems)} problem(s):\n  - " + "\n  - ".join(problems))
+    if not entries:
+        raise DatasetError(
+            f"{folder}: no usable video; expected <name>{'/'.join(VIDEO_SUFFIXES)} or a frame folder <name>/, "
+            f"each with <name>.txt and masks (<name>{mask_io.COMPACT_SUFFIX} or reference frame{{i}}.png)"
+        )
+    return entries
+
+
+# ---------------------------------------------------------------- prepared clips
+
+@dataclass
+class PreparedClip:
+    """One encoded training clip, as the trainer consumes it."""
+
+    name: str
+    caption: str
+    mean: torch.Tensor  # [12, T, h, w] raw VAE posterior mean
+    logvar: torch.Tensor  # [12, T, h, w]
+    y_feat: torch.Tensor  # [L, D]
+    y_mask: torch.Tensor  # [L] bool
+    mask1: torch.Tensor  # [T, h, w] float32 in [0, 1]
+    mask2: torch.Tensor  # [T, h, w]
+    meta: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def relation_mask(self) -> torch.Tensor:
+        return self.mask1 + self.mask2  # 2 where the subjects overlap, as the reference
+
+    def sample_latents(self, generator: torch.Generator) -> torch.Tensor:
+        """z = mean + exp(logvar / 2) * eps, normalised to ComfyUI's Mochi latent space [12, T, h, w]."""
+        eps = torch.randn(self.mean.shape, generator=generator, dtype=torch.float32, device=generator.device)
+        z = self.mean.float() + torch.exp(0.5 * self.logvar.float()) * eps.to(self.mean.device)
+        return normalize_latents(z)
+
+
+def _safetensors_write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a cache is ordinary data
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _json_write(path: Path, obj) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+_TENSOR_KEYS = ("mean", "logvar", "y_feat", "y_mask", "mask1", "mask2")
+
+
+def _check_clip_shapes(path: Path, t: dict[str, torch.Tensor]) -> None:
+    mean = t["mean"]
+    if mean.ndim != 4 or mean.shape[0] != 12:
+        raise DatasetError(f"{path}: key 'mean' has shape {tuple(mean.shape)}, expected [12, T, h, w]")
+    expect = {"logvar": tuple(mean.shape), "mask1": tuple(mean.shape[1:]), "mask2": tuple(mean.shape[1:])}
+    for k, shape in expect.items():
+        if tuple(t[k].shape) != shape:
+            raise DatasetError(f"{path}: key {k!r} has shape {tuple(t[k].shape)}, expected {shape}")
+    if t["y_feat"].ndim != 2 or t["y_mask"].shape != t["y_feat"].shape[:1]:
+        raise DatasetError(
+            f"{path}: y_feat {tuple(t['y_feat'].shape)} / y_mask {tuple(t['y_mask'].shape)}: expected [L, D] and [L]"
+        )
+
+
+def load_clip(path: str | os.PathLike) -> PreparedClip:
+    """One cache file -> PreparedClip; DatasetError naming the file for anything missing or corrupt."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"{path}: prepared clip missing; run `python -m dreamrelation_core prepare` again")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            keys = set(f.keys())
+            missing = [k for k in _TENSOR_KEYS if k not in keys]
+            if missing:
+                raise DatasetError(f"{path}: not a prepared clip: missing key(s) {missing}")
+            t = {k: f.get_tensor(k) for k in _TENSOR_KEYS}
+    except DatasetError:
+        raise
+    except Exception as e:  # truncated file, bad header
+        raise DatasetError(f"{path}: corrupt prepared clip ({type(e).__name__}: {e}); run prepare again") from e
+    if meta.get("format") != CACHE_FORMAT:
+        raise DatasetError(f"{path}: format {meta.get('format')!r}, expected {CACHE_FORMAT!r}; run prepare again")
+    _check_clip_shapes(path, t)
+    return PreparedClip(
+        name=meta.get("name", path.stem), caption=meta.get("caption", ""), mean=t["mean"].float(),
+        logvar=t["logvar"].float(), y_feat=t["y_feat"].float(), y_mask=t["y_mask"].bool(),
+        mask1=t["mask1"].float(), mask2=t["mask2"].float(), meta=meta,
+    )
+
+
+def load_prepared(cache_dir: str | os.PathLike) -> list[PreparedClip]:
+    """All clips listed in `<cache_dir>/manifest.json` (every .safetensors if there is none)."""
+    cache_dir = Path(cache_dir)
+    if not cache_dir.is_dir():
+        raise DatasetError(f"{cache_dir}: no prepared cache here; run `python -m dreamrelation_core prepare` first")
+    manifest = cache_dir / MANIFEST
+    if manifest.is_file():
+        try:
+            files = [cache_dir / e["file"] for e in json.loads(manifest.read_text(encoding="utf-8"))["clips"]]
+        except (ValueError, KeyError, TypeError) as e:
+            raise DatasetError(f"{manifest}: unreadable manifest ({type(e).__name__}: {e}); run prepare again") from e
+    else:
+        files = sorted(cache_dir.glob("*.safetensors"))
+    if not files:
+        raise DatasetError(f"{cache_dir}: no prepared clips; run `python -m dreamrelation_core prepare` first")
+    return [load_clip(f) for f in files]
+
+
+# ---------------------------------------------------------------- prepare
+
+def _model_tag(model: torch.nn.Module) -> str:
+    """Cheap identity of a model: class, config and a few weight values (detects a swapped model)."""
+    h = hashlib.sha256(type(model).__name__.encode())
+    cfg = getattr(model, "config", None)
+    if cfg is not None:
+        d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+        h.update(json.dumps(d, sort_keys=True, default=str).encode())
+    params = list(model.parameters())
+    for p in (params[0], params[-1]) if params else ():
+        h.update(p.detach().flatten()[:64].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _source_stamp(p: Path) -> list:
+    """(name, size, mtime) of a file, or of every file directly inside a folder."""
+    files = sorted(f for f in p.iterdir() if f.is_file()) if p.is_dir() else [p]
+    return [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+
+
+def _fingerprint(entry: VideoEntry, settings: dict, model_tags: tuple[str, str]) -> str:
+    stamp = {
+        "video": _source_stamp(entry.video), "masks": _source_stamp(entry.masks), "caption": entry.caption,
+        "settings": settings, "models": model_tags, "format": CACHE_FORMAT,
+    }
+    return hashlib.sha256(json.dumps(stamp, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _up_to_date(path: Path, fingerprint: str) -> bool:
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("fingerprint") == fingerprint
+    except Exception:  # corrupt: rebuild it
+        return False
+
+
+def check_training_size(size: tuple[int, int]) -> None:
+    h, w = size
+    if h <= 0 or w <= 0 or h % 16 or w % 16:
+        raise DatasetError(
+            f"training size {h}x{w} (HxW): both must be positive multiples of 16 "
+            "(8x VAE downsampling, then the transformer's 2x2 patches)"
+        )
+
+
+def _load_entry_masks(entry: VideoEntry) -> tuple[np.ndarray, np.ndarray]:
+    m1, m2 = mask_io.load_masks(entry.masks)  # MaskFormatError names the file and colours
+    if m1.shape != (entry.num_frames, entry.height, entry.width):
+        raise DatasetError(
+            f"{entry.masks} does not match {entry.video}: masks {m1.shape} [F, H, W], "
+            f"video {(entry.num_frames, entry.height, entry.width)}"
+        )
+    return m1, m2
+
+
+def _validate_for_training(entries: Iterable[VideoEntry], num_frames: int) -> None:
+    """Every check that can fail before anything is encoded or written."""
+    short = [f"{e.video}: has {e.num_frames} frames, training needs {num_frames}" for e in entries
+             if e.num_frames < num_frames]
+    if short:
+        raise DatasetError(f"{len(short)} video(s) too short:\n  - " + "\n  - ".join(short))
+    for e in entries:
+        _load_entry_masks(e)
+
+
+def encode_entry(
+    entry: VideoEntry, vae, text_encoder, tokenizer, num_frames: int, size: tuple[int, int], max_text_len: int
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Fit, encode and turn the masks of one entry into the tensors of its cache file."""
+    frames = read_video(entry.video, max_frames=num_frames)
+    if frames.shape[1:3] != (entry.height, entry.width):
+        raise DatasetError(f"{entry.video}: decoded frames are {frames.shape[1:3]}, probe said {(entry.height, entry.width)}")
+    m1, m2 = _load_entry_masks(entry)
+    frames, (m1, m2) = fit_clip(frames, (m1[:num_frames], m2[:num_frames]), num_frames, size, source=str(entry.video))
+    mean, logvar = encode_frames(vae, frames)  # [12, T, h, w] each
+    y_feat, y_mask = encode_captions(text_encoder, tokenizer, [entry.caption], max_text_len)  # [1, L, D], [1, L]
+    lm1, lm2 = latent_mask(m1), latent_mask(m2)  # [T, h, w]
+    if lm1.shape != mean.shape[1:]:
+        raise DatasetError(f"{entry.video}: latent masks {tuple(lm1.shape)} do not match latents {tuple(mean.shape[1:])}")
+    tensors = {"mean": mean, "logvar": logvar, "y_feat": y_feat[0], "y_mask": y_mask[0], "mask1": lm1, "mask2": lm2}
+    meta = {
+        "format": CACHE_FORMAT, "name": entry.name, "caption": entry.caption, "source": str(entry.video),
+        "masks": str(entry.masks), "num_frames": str(num_frames), "size": f"{size[0]}x{size[1]}",
+        "max_text_len": str(max_text_len), "latents": "raw VAE posterior mean/logvar (normalise after sampling)",
+    }
+    return tensors, meta
+
+
+def prepare_dataset(
+    folder: str | os.PathLike,
+    cache_dir: str | os.PathLike,
+    vae,
+    text_encoder,
+    tokenizer,
+    num_frames: int,
+    size: tuple[int, int],
+    max_text_len: int = 256,
+    progress: Progress | None = None,
+) -> list[Path]:
+    """Encode every video of `folder` once into `<cache_dir>/<name>.safetensors`; returns those paths."""
+    check_frame_count(num_frames)
+    size = (int(size[0]), int(size[1]))
+    check_training_size(size)
+    entries = scan_dataset(folder)
+    _validate_for_training(entries, num_frames)
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    settings = {"num_frames": num_frames, "size": list(size), "max_text_len": max_text_len}
+    tags = (_model_tag(vae), _model_tag(text_encoder))
+    out: list[Path] = []
+    for i, entry in enumerate(entries):
+        path = cache_dir / f"{entry.name}.safetensors"
+        fp = _fingerprint(entry, settings, tags)
+        if not _up_to_date(path, fp):
+            tensors, meta = encode_entry(entry, vae, text_encoder, tokenizer, num_frames, size, max_text_len)
+            meta["fingerprint"] = fp
+            _safetensors_write(path, tensors, meta)
+        out.append(path)
+        if progress is not None:
+            progress(i + 1, len(entries), entry.name)
+    _json_write(cache_dir / MANIFEST, {
+        "format": CACHE_FORMAT, "dataset": str(Path(folder).resolve()), **settings,
+        "clips": [{"name": e.name, "file": p.name, "caption": e.caption, "source": str(e.video)}
+                  for e, p in zip(entries, out)],
+    })
+    return out
+
+
+# ---------------------------------------------------------------- command line
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'480x848' -> (480, 848) as (H, W)."""
+    m = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"size {text!r}: expected HEIGHTxWIDTH, e.g. 480x848")
+    return int(m.group(1)), int(m.group(2))
+
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _run_cli(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .encode import load_text_encoder, load_vae
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    cache = Path(args.cache) if args.cache else Path(args.data_dir) / DEFAULT_CACHE
+    # Fail on the data before spending minutes loading T5-XXL.
+    check_frame_count(args.frames)
+    check_training_size(args.size)
+    entries = scan_dataset(args.data_dir)
+    _validate_for_training(entries, args.frames)
+    print(f"{len(entries)} video(s) in {args.data_dir}; loading models on {device} ({args.dtype or 'auto'})")
+    vae = load_vae(args.vae, args.vae_config, dtype=dtype, device=device)
+    if args.vae_tiling:
+        vae.enable_tiling()
+    te, tok = load_text_encoder(args.text_encoder, args.tokenizer, args.text_encoder_config, dtype=dtype, device=device)
+    bar = tqdm(total=len(entries), desc="prepare", unit="video")
+
+    def progress(done: int, total: int, name: str) -> None:
+        bar.set_postfix_str(name)
+        bar.update(done - bar.n)
+
+    try:
+        paths = prepare_dataset(args.data_dir, cache, vae, te, tok, args.frames, args.size, args.max_text_len, progress)
+    finally:
+        bar.close()
+    print(f"prepared {len(paths)} clip(s) in {cache} (manifest: {cache / MANIFEST})")
+    return 0
+
+
+def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "prepare",
+        help="encode a relation dataset folder (videos, captions, masks) into a training cache",
+        description="Check a dataset folder, then encode each video with the Mochi VAE and each caption "
+        "with T5 once, writing <cache>/<name>.safetensors and manifest.json. Local model files only.",
+    )
+    p.add_argument("data_dir", help="dataset folder: <name>.mp4|.webm|.gif|<name>/ frames, <name>.txt, masks")
+    p.add_argument("--vae", required=True, help="Mochi VAE: diffusers folder or diffusers-layout .safetensors")
+    p.add_argument("--vae-config", default=None, help="folder with the VAE's config.json (single-file --vae)")
+    p.add_argument("--text-encoder", required=True, help="T5-XXL: transformers folder or .safetensors (t5xxl_fp16)")
+    p.add_argument("--text-encoder-config", default=None,
+                   help="folder with T5's config.json for a single-file --text-encoder (default: --tokenizer folder)")
+    p.add_argument("--tokenizer", required=True, help="T5 tokenizer folder (e.g. mochi-1-preview/tokenizer)")
+    p.add_argument("--cache", default=None, help=f"cache folder (default DATA_DIR/{DEFAULT_CACHE})")
+    p.add_argument("--frames", type=int, default=61, help="frames per clip, 6k+1 (default 61)")
+    p.add_argument("--size", type=parse_size, default=(480, 848), help="HEIGHTxWIDTH, multiples of 16 (default 480x848)")
+    p.add_argument("--max-text-len", type=int, default=256, help="T5 tokens per caption (default 256)")
+    p.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="model precision (default bf16 on cuda, fp32 on cpu)")
+    p.add_argument("--vae-tiling", action="store_true", help="encode in spatial tiles (less GPU memory)")
+    p.set_defaults(func=_run_cli)
