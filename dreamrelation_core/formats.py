@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from .lora_set import ADAPTER_MODULES, ADAPTERS, INFERENCE_ADAPTERS, LoraSet, module_path, parse_module_path
+from .lora_set import ADAPTER_MODULES, ADAPTERS, INFERENCE_ADAPTERS, LoraSet, module_path, parse_module_path, target_modules
 
 FORMAT_TRIPLET = "dreamrelation.triplet"
 FORMAT_RELATION = "dreamrelation.relation"
@@ -245,14 +245,12 @@ def _set_scale(path: Path, lora: LoraSet, adapter: str, rank: int, alpha: float)
 
 
 def _check_consistent(path: Path, lora: LoraSet) -> None:
-    """Same widths everywhere (one base model), and every block present for every adapter."""
+    """Same widths everywhere (one base model), and every module of every adapter present."""
     dims: dict[str, tuple[int, int, str]] = {}  # sub-module kind -> (in, out, where first seen)
     n = lora.num_blocks()
     for adapter, mods in lora.weights.items():
-        blocks = set()
         for p, (a, b) in mods.items():
             block, sub = parse_module_path(p)
-            blocks.add(block)
             io = (a.shape[1], b.shape[0])
             if sub in dims and dims[sub][:2] != io:
                 raise LoraFormatError(
@@ -260,9 +258,12 @@ def _check_consistent(path: Path, lora: LoraSet) -> None:
                     f"{dims[sub][0]} -> {dims[sub][1]}: weights of different base models"
                 )
             dims.setdefault(sub, (*io, p))
-        missing = sorted(set(range(n)) - blocks)
+        missing = sorted(set(target_modules(adapter, n)) - set(mods))
         if missing:
-            raise LoraFormatError(f"{path}: adapter {adapter!r} has no weights in block(s) {missing} of {n}")
+            raise LoraFormatError(
+                f"{path}: adapter {adapter!r} of a {n}-block model has no weights for {len(missing)} module(s): "
+                + ", ".join(missing[:4]) + (" ..." if len(missing) > 4 else "")
+            )
     vis = {dims[s][0] for s in ("to_q", "to_k", "to_v", "to_out.0") if s in dims}
     if len(vis) > 1:
         raise LoraFormatError(f"{path}: visual projections disagree on the model width: {sorted(vis)}")

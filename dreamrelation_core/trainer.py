@@ -196,7 +196,7 @@ class Trainer:
 
     def train_step(self) -> tuple[str, dict[str, float]]:
         cfg, rng, dev = self.config, self.rng, self.device
-        branch = triplet.BRANCHES[int(torch.randint(len(triplet.BRANCHES), (1,), generator=rng))]
+        branch = triplet.draw_branch(rng)
         triplet.activate_branch(self.model, branch)
         batch = self._draw_batch()
         z = torch.stack([c.sample_latents(rng) for c in batch])  # [B, 12, T, h, w]

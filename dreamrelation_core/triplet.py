@@ -10,6 +10,7 @@ not, and the last block's text-query projection (its output is discarded) is lef
 
 from __future__ import annotations
 
+import warnings
 from typing import Iterable
 
 import torch
@@ -30,8 +31,13 @@ def num_blocks(model: nn.Module) -> int:
     return len(model.transformer_blocks)
 
 
-def add_triplet(model: nn.Module, rank: int = 16, alpha: float = 16.0, dropout: float = 0.0) -> nn.Module:
-    """Freeze `model` and add the four adapters (A kaiming-uniform, B zeros); returns `model`."""
+def add_triplet(
+    model: nn.Module, rank: int | dict[str, int] = 16, alpha: float | dict[str, float] = 16.0, dropout: float = 0.0
+) -> nn.Module:
+    """Freeze `model` and add the four adapters (A kaiming-uniform, B zeros); returns `model`.
+
+    `rank` / `alpha` may be given per adapter (imported checkpoints use one rank for the Q/K/V
+    LoRAs and another for the output projections)."""
     from peft import LoraConfig
 
     if not hasattr(model, "transformer_blocks"):
@@ -40,13 +46,16 @@ def add_triplet(model: nn.Module, rank: int = 16, alpha: float = 16.0, dropout: 
     n = num_blocks(model)
     for name in ADAPTERS:
         cfg = LoraConfig(
-            r=rank,
-            lora_alpha=alpha,
+            r=rank[name] if isinstance(rank, dict) else rank,
+            lora_alpha=alpha[name] if isinstance(alpha, dict) else alpha,
             lora_dropout=dropout,
             init_lora_weights=True,
             target_modules=target_modules(name, n),  # full paths: nothing else can match
         )
-        model.add_adapter(cfg, adapter_name=name)
+        with warnings.catch_warnings():
+            # peft warns on every adapter after the first; several adapters is the point here
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            model.add_adapter(cfg, adapter_name=name)
     activate(model, ADAPTERS)
     return model
 
@@ -63,6 +72,11 @@ def activate(model: nn.Module, adapters: Iterable[str]) -> None:
             # True for listed adapters, False for the others.
             module.set_adapter([a for a in wanted if a in module.lora_A])
     _check_frozen_base(model)
+
+
+def draw_branch(generator: torch.Generator) -> str:
+    """One of BRANCHES, uniformly, from the seeded generator."""
+    return BRANCHES[int(torch.randint(len(BRANCHES), (1,), generator=generator))]
 
 
 def activate_branch(model: nn.Module, branch: str) -> tuple[str, ...]:
