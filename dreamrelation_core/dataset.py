@@ -82,9 +82,11 @@ def _video_candidates(folder: Path) -> tuple[dict[str, list[Path]], list[Path]]:
     for p in sorted(files):
         if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES:
             found.setdefault(p.stem, []).append(p)
-        elif p.is_dir() and p.name not in file_stems and _has_frame_images(p):
+        elif p.is_dir() and _has_frame_images(p):
             images = [f.name for f in p.iterdir() if f.is_file() and f.suffix.lower() in FRAME_SUFFIXES]
             looks_like_masks = all(_FRAME_MASK_RE.match(n) for n in images)
+            if looks_like_masks and p.name in file_stems:
+                continue  # reference masks `<name>/frame{i}.png` of the video file `<name>.<ext>`
             if looks_like_masks and not (folder / f"{p.name}.txt").exists():
                 orphan_masks.append(p)  # reference masks of a video that is not there
             else:
