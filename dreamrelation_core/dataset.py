@@ -434,6 +434,47 @@ def prepare_dataset(
     return out
 
 
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A validated dataset folder and the clip settings it was checked against (node output)."""
+
+    folder: Path
+    entries: tuple[VideoEntry, ...]
+    num_frames: int
+    size: tuple[int, int]  # (H, W)
+
+    def report(self) -> str:
+        lines = [f"{self.folder}: {len(self.entries)} video(s), clips of {self.num_frames} frames at "
+                 f"{self.size[0]}x{self.size[1]} (HxW)"]
+        for e in self.entries:
+            lines.append(f"  {e.name}: {e.video.name}, {e.num_frames} frames {e.width}x{e.height}, "
+                         f"masks {e.masks.name}; \"{e.caption}\"")
+        return "\n".join(lines)
+
+
+def describe_dataset(folder: str | os.PathLike, num_frames: int, size: tuple[int, int]) -> DatasetSpec:
+    """Full validation for training at (num_frames, size): everything prepare checks before encoding."""
+    check_frame_count(num_frames)
+    size = (int(size[0]), int(size[1]))
+    check_training_size(size)
+    entries = scan_dataset(folder)
+    _validate_for_training(entries, num_frames)
+    return DatasetSpec(Path(folder), tuple(entries), num_frames, size)
+
+
+def folder_stamp(folder: str | os.PathLike) -> str:
+    """Hash of names, sizes and times of everything in a dataset folder (changes when it changes)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return "missing"
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and not any(_hidden(q) for q in p.relative_to(folder).parents if q.name) and not _hidden(p):
+            st = p.stat()
+            h.update(f"{p.relative_to(folder)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
 # ---------------------------------------------------------------- command line
 
 def parse_size(text: str) -> tuple[int, int]:

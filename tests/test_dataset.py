@@ -251,3 +251,32 @@ def test_prepare_command_line(data, tmp_path):
     assert [c.name for c in clips] == ["clip0", "clip1"] and clips[0].y_feat.shape == (16, 32)
     with pytest.raises(SystemExit):
         parser.parse_args(["prepare", str(data), "--vae", "v", "--text-encoder", "t", "--tokenizer", "k", "--size", "480"])
+
+
+def test_describe_dataset_and_folder_stamp(data):
+    from dreamrelation_core.dataset import describe_dataset, folder_stamp
+
+    spec = describe_dataset(data, F, SIZE)
+    assert [e.name for e in spec.entries] == ["clip0", "clip1"] and spec.size == SIZE
+    assert "2 video(s)" in spec.report() and CAPTION in spec.report()
+    before = folder_stamp(data)
+    (data / ".dreamrelation_cache").mkdir()
+    (data / ".dreamrelation_cache" / "x").write_text("cache files do not count")
+    assert folder_stamp(data) == before
+    (data / "clip0.txt").write_text("A cat is hugging a dog.")
+    assert folder_stamp(data) != before
+    with pytest.raises(DatasetError, match="has 13 frames, training needs 19"):
+        describe_dataset(data, 19, SIZE)
+
+
+def test_dataset_node_in_the_pack(pack, data):
+    cls = pack.NODE_CLASS_MAPPINGS["DreamRelationDataset"]
+    assert pack.NODE_DISPLAY_NAME_MAPPINGS["DreamRelationDataset"] == "DreamRelation Dataset"
+    inputs = cls.INPUT_TYPES()["required"]
+    assert inputs["frames"][1]["default"] == 61 and inputs["frames"][1]["step"] == 6
+    spec, report = getattr(cls(), cls.FUNCTION)(f" {data} ", F, 32, 32)
+    assert len(spec.entries) == 2 and report.startswith(str(data))
+    assert cls.IS_CHANGED(str(data), F, 32, 32) == cls.IS_CHANGED(str(data), F, 32, 32)
+    (data / "clip1.txt").unlink()
+    with pytest.raises(DatasetError, match="no caption file clip1.txt"):
+        getattr(cls(), cls.FUNCTION)(str(data), F, 32, 32)
