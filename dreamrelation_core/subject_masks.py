@@ -1,0 +1,460 @@
+"""Two subjects' masks for every frame of a video: Grounding DINO boxes -> SAM / SAM 2 masks.
+
+Modes:
+- `per_frame`: Grounding DINO on every `detection_stride`-th frame (and the last), identities
+  kept by `tracking.track_pair` (boxes interpolated between detection frames), then SAM masks
+  from the two boxes on every frame.
+- `propagate`: Grounding DINO on the first frame where two subjects are found (frames searched
+  every `detection_stride`), then SAM 2 propagates both masks through the clip, forward and
+  backward; identities are fixed by construction.
+- `auto` (default): `propagate` when a SAM 2 model is given, else `per_frame`.
+
+Subject 1 is the left subject of the start frame (or the larger with `order="largest_first"`);
+with a different prompt per subject, subject k is what prompt k found.
+
+No ComfyUI here: the node passes a progress callback and a cancel check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import mask_io
+from .grounding_dino import DetectorOptions, GroundingDino
+from .sam import Sam2Propagator, SamSegmenter
+from .tracking import ORDERS, FrameDetections, NotEnoughSubjectsError, describe_missing, pick_initial_pair, track_pair
+
+log = logging.getLogger("dreamrelation.masks")
+
+MODES = ("auto", "per_frame", "propagate")
+Progress = Callable[[int, int], None]  # (units done, units in all)
+CancelCheck = Callable[[], "bool | None"]  # True (or raising) stops the run
+
+
+class MaskExtractionCancelled(RuntimeError):
+    """The cancel check asked to stop."""
+
+
+@dataclass
+class SubjectMaskOptions:
+    prompt1: str = "person"
+    prompt2: str = "person"
+    mode: str = "auto"
+    order: str = "left_first"  # which subject is subject 1 when both prompts are equal
+    box_threshold: float = 0.35
+    text_threshold: float = 0.25
+    detection_stride: int = 6  # detect every k-th frame (per_frame) / search step (propagate)
+    dilation: int = 0  # grow every mask by this many pixels
+    max_frames_per_batch: int = 8  # frames per detector / SAM image-encoder forward pass
+    detector_short_side: int = 800
+    detector_max_side: int = 1333
+
+    def check(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.order not in ORDERS:
+            raise ValueError(f"order must be one of {ORDERS}, got {self.order!r}")
+        if self.detection_stride < 1 or self.max_frames_per_batch < 1 or self.dilation < 0:
+            raise ValueError(
+                f"detection_stride and max_frames_per_batch must be >= 1 and dilation >= 0; got "
+                f"{self.detection_stride}, {self.max_frames_per_batch}, {self.dilation}"
+            )
+        if not self.prompt1.strip() or not self.prompt2.strip():
+            raise ValueError("both subject prompts must be non-empty (e.g. 'person')")
+
+    def detector_options(self) -> DetectorOptions:
+        return DetectorOptions(
+            box_threshold=self.box_threshold, text_threshold=self.text_threshold,
+            short_side=self.detector_short_side, max_side=self.detector_max_side,
+            batch_size=self.max_frames_per_batch,
+        )
+
+
+@dataclass
+class SubjectMasks:
+    subject1: np.ndarray  # bool [F, H, W]
+    subject2: np.ndarray  # bool [F, H, W]
+    boxes: np.ndarray  # float [F, 2, 4] xyxy pixels (NaN where a propagated mask is empty)
+    scores: np.ndarray  # float [F, 2] detection score on frames where the detector found the subject
+    detected: np.ndarray  # bool [F, 2]
+    start_frame: int  # the frame whose detections set the identities
+    mode: str
+    notes: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+
+    @property
+    def relation(self) -> np.ndarray:
+        """Union of the two subjects (the relation branch's mask)."""
+        return self.subject1 | self.subject2
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs and small helpers
+
+
+def as_uint8_frames(frames) -> np.ndarray:
+    """uint8 [F,H,W,3] from uint8 or float (0..1) frames, numpy or torch."""
+    if isinstance(frames, torch.Tensor):
+        frames = frames.detach().cpu().numpy()
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"expected frames [F, H, W, 3] (RGB), got shape {tuple(frames.shape)}")
+    if frames.shape[0] == 0 or frames.shape[1] == 0 or frames.shape[2] == 0:
+        raise ValueError(f"empty frame batch: shape {tuple(frames.shape)}")
+    if frames.dtype == np.uint8:
+        return np.ascontiguousarray(frames)
+    if np.issubdtype(frames.dtype, np.floating):
+        return (np.clip(frames, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    raise ValueError(f"expected uint8 (0..255) or float (0..1) frames, got dtype {frames.dtype}")
+
+
+def dilate(masks: np.ndarray, pixels: int) -> np.ndarray:
+    """Grow boolean masks [N,H,W] by `pixels` (square neighbourhood)."""
+    if pixels <= 0:
+        return masks
+    t = torch.from_numpy(masks).float()[:, None]
+    return (F.max_pool2d(t, 2 * pixels + 1, stride=1, padding=pixels)[:, 0] > 0).numpy()
+
+
+def mask_boxes(masks: np.ndarray) -> np.ndarray:
+    """Bounding boxes [N,4] (xyxy, pixel edges) of boolean masks [N,H,W]; NaN for empty ones."""
+    out = np.full((len(masks), 4), np.nan)
+    for i, m in enumerate(masks):
+        ys, xs = np.nonzero(m)
+        if len(xs):
+            out[i] = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+    return out
+
+
+def _prompts(opt: SubjectMaskOptions) -> tuple[list[str], bool]:
+    p1, p2 = opt.prompt1.strip().lower(), opt.prompt2.strip().lower()
+    return ([p1] if p1 == p2 else [p1, p2]), p1 != p2
+
+
+class _Reporter:
+    """Progress + cancellation in one place."""
+
+    def __init__(self, total: int, progress: Progress | None, cancel: CancelCheck | None) -> None:
+        self.done, self.total, self.progress, self.cancel = 0, total, progress, cancel
+
+    def check(self) -> None:
+        if self.cancel is not None and self.cancel():
+            raise MaskExtractionCancelled("subject mask extraction cancelled")
+
+    def step(self, n: int = 1) -> None:
+        self.done += n
+        if self.progress is not None:
+            self.progress(min(self.done, self.total), self.total)
+        self.check()
+
+
+# ---------------------------------------------------------------------------------------------
+# Pipeline
+
+
+class SubjectMaskExtractor:
+    """Detector + SAM (per-frame mode) and / or SAM 2 (propagate mode)."""
+
+    def __init__(self, detector: GroundingDino, sam: SamSegmenter | None = None, sam2: Sam2Propagator | None = None) -> None:
+        if sam is None and sam2 is None:
+            raise ValueError("a SAM model (per-frame mode) or a SAM 2 model (propagate mode) is needed")
+        self.detector, self.sam, self.sam2 = detector, sam, sam2
+
+    def resolve_mode(self, mode: str) -> str:
+        if mode == "auto":
+            return "propagate" if self.sam2 is not None else "per_frame"
+        if mode == "per_frame" and self.sam is None:
+            raise ValueError("per_frame mode needs a SAM model (models/sams/); only SAM 2 was given")
+        if mode == "propagate" and self.sam2 is None:
+            raise ValueError("propagate mode needs a SAM 2 model (models/sam2/); only SAM was given")
+        return mode
+
+    def run(
+        self,
+        frames,
+        options: SubjectMaskOptions | None = None,
+        progress: Progress | None = None,
+        cancel: CancelCheck | None = None,
+    ) -> SubjectMasks:
+        opt = options or SubjectMaskOptions()
+        opt.check()
+        frames = as_uint8_frames(frames)
+        mode = self.resolve_mode(opt.mode)
+        if mode == "per_frame":
+            result = self._per_frame(frames, opt, progress, cancel)
+        else:
+            result = self._propagate(frames, opt, progress, cancel)
+        if opt.dilation:
+            result.subject1 = dilate(result.subject1, opt.dilation)
+            result.subject2 = dilate(result.subject2, opt.dilation)
+        return result
+
+    def _detect(self, frames: np.ndarray, idx: list[int], opt: SubjectMaskOptions, rep: _Reporter,
+                timings: dict[str, float]) -> list[FrameDetections]:
+        prompts, _ = _prompts(opt)
+        dopt = opt.detector_options()
+        out: list[FrameDetections] = []
+        for s in range(0, len(idx), opt.max_frames_per_batch):
+            chunk = idx[s : s + opt.max_frames_per_batch]
+            t = time.perf_counter()
+            out += self.detector.detect(frames[chunk], prompts, dopt, frame_indices=chunk)
+            timings["detection"] = timings.get("detection", 0.0) + time.perf_counter() - t
+            rep.step(len(chunk))
+        return out
+
+    def _per_frame(self, frames: np.ndarray, opt: SubjectMaskOptions, progress: Progress | None,
+                   cancel: CancelCheck | None) -> SubjectMasks:
+        n, h, w = frames.shape[:3]
+        idx = list(range(0, n, opt.detection_stride))
+        if idx[-1] != n - 1:
+            idx.append(n - 1)  # detect the last frame too: interpolate to the end, never extrapolate
+        rep = _Reporter(len(idx) + n, progress, cancel)
+        rep.check()
+        timings: dict[str, float] = {}
+        dets = self._detect(frames, idx, opt, rep, timings)
+        t = time.perf_counter()
+        track = track_pair(dets, n, opt.order)
+        timings["tracking"] = time.perf_counter() - t
+        masks = np.zeros((n, 2, h, w), bool)
+        timings.setdefault("embedding", 0.0)
+        timings.setdefault("decoding", 0.0)
+        for s in range(0, n, opt.max_frames_per_batch):
+            t = time.perf_counter()
+            emb, input_size = self.sam.embed(frames[s : s + opt.max_frames_per_batch])
+            timings["embedding"] += time.perf_counter() - t
+            t = time.perf_counter()
+            for k in range(len(emb)):
+                masks[s + k], _ = self.sam.decode(emb[k], track.boxes[s + k], input_size, (h, w))
+            timings["decoding"] += time.perf_counter() - t
+            rep.step(len(emb))
+        return SubjectMasks(
+            subject1=masks[:, 0], subject2=masks[:, 1], boxes=track.boxes.astype(np.float32),
+            scores=track.scores.astype(np.float32), detected=track.detected, start_frame=track.start_frame,
+            mode="per_frame", notes=list(track.notes), timings=timings,
+        )
+
+    def _find_start(self, frames: np.ndarray, opt: SubjectMaskOptions, rep: _Reporter,
+                    timings: dict[str, float]) -> tuple[FrameDetections, list[int], list[FrameDetections]]:
+        """First searched frame with two subjects, its chosen pair, and every frame searched."""
+        n = len(frames)
+        search = list(range(0, n, opt.detection_stride))
+        seen: list[FrameDetections] = []
+        for s in range(0, len(search), opt.max_frames_per_batch):
+            for det in self._detect(frames, search[s : s + opt.max_frames_per_batch], opt, rep, timings):
+                seen.append(det)
+                pair = pick_initial_pair(det, opt.order)
+                if pair is not None:
+                    return det, pair, seen
+        raise NotEnoughSubjectsError(describe_missing(seen))
+
+    def _propagate(self, frames: np.ndarray, opt: SubjectMaskOptions, progress: Progress | None,
+                   cancel: CancelCheck | None) -> SubjectMasks:
+        n = len(frames)
+        # Progress: up to ceil(n / stride) searched frames, then n propagated frames.
+        rep = _Reporter(-(-n // opt.detection_stride) + n, progress, cancel)
+        rep.check()
+        timings: dict[str, float] = {}
+        det, pair, seen = self._find_start(frames, opt, rep, timings)
+        rep.total = rep.done + n
+        boxes0 = det.boxes[pair]
+        t = time.perf_counter()
+        masks = self.sam2.propagate(frames, det.frame, boxes0, on_frame=lambda _i: rep.step())
+        timings["propagation"] = time.perf_counter() - t
+        boxes = np.stack([mask_boxes(masks[:, 0]), mask_boxes(masks[:, 1])], 1)
+        scores = np.full((n, 2), np.nan)
+        scores[det.frame] = det.scores[pair]
+        detected = np.zeros((n, 2), bool)
+        detected[det.frame] = True
+        notes = []
+        if len(det.boxes) > 2:
+            notes.append(f"frame {det.frame}: {len(det.boxes) - 2} extra detection(s) ignored (third subject?)")
+        for s in range(2):
+            empty = np.flatnonzero(~masks[:, s].any((1, 2)))
+            if len(empty):
+                notes.append(f"subject {s + 1}: empty mask on {len(empty)} frame(s), first {int(empty[0])}")
+        return SubjectMasks(
+            subject1=masks[:, 0], subject2=masks[:, 1], boxes=boxes.astype(np.float32),
+            scores=scores.astype(np.float32), detected=detected, start_frame=det.frame,
+            mode="propagate", notes=notes, timings=timings,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Preview
+
+
+SUBJECT_TINTS = ((255, 140, 0), (0, 160, 255))  # orange, blue (the preview only)
+
+
+def preview(frames: np.ndarray, result: SubjectMasks, alpha: float = 0.45) -> np.ndarray:
+    """uint8 [F,H,W,3]: masks tinted in two colours, boxes and labels drawn, notes on the frame."""
+    from PIL import Image, ImageDraw
+
+    frames = as_uint8_frames(frames)
+    out = frames.astype(np.float32)
+    for s, m in enumerate((result.subject1, result.subject2)):
+        tint = np.array(SUBJECT_TINTS[s], np.float32)
+        out[m] = out[m] * (1 - alpha) + tint * alpha
+    out = out.round().astype(np.uint8)
+    extra = {}
+    for note in result.notes:
+        if note.startswith("frame ") and "ignored" in note:
+            extra[int(note.split()[1].rstrip(":"))] = note.split(": ", 1)[1]
+    for f in range(len(out)):
+        im = Image.fromarray(out[f])
+        draw = ImageDraw.Draw(im)
+        for s in range(2):
+            b = result.boxes[f, s]
+            if np.isnan(b).any():
+                continue
+            label = f"subject {s + 1}"
+            if not np.isnan(result.scores[f, s]):
+                label += f" {result.scores[f, s]:.2f}"
+            draw.rectangle([float(v) for v in b], outline=SUBJECT_TINTS[s], width=2)
+            draw.text((float(b[0]) + 3, float(b[1]) + 2), label, fill=SUBJECT_TINTS[s])
+        if f in extra:
+            draw.text((4, im.height - 14), extra[f], fill=(255, 255, 0))
+        out[f] = np.asarray(im)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line: python -m dreamrelation_core masks ...
+
+
+def _video_inputs(paths: list[str]) -> list[Path]:
+    """Videos named on the command line: files, frame folders, or dataset folders holding them."""
+    from .video_io import VIDEO_SUFFIXES, is_video_path
+
+    found: list[Path] = []
+    for raw in paths:
+        p = Path(raw)
+        if not p.exists():
+            raise FileNotFoundError(f"{p}: no such video, frame folder or dataset folder")
+        if p.is_file():
+            found.append(p)
+            continue
+        children = sorted(p.iterdir())
+        videos = [c for c in children if c.is_file() and c.suffix.lower() in VIDEO_SUFFIXES]
+        stems = {v.stem for v in videos}
+        # Frame-folder videos inside a dataset folder; `<name>/` beside `<name>.mp4` holds masks.
+        folders = [c for c in children if c.is_dir() and c.name not in stems and c.name != "masks" and is_video_path(c)]
+        if videos or folders:
+            found += videos + folders
+        elif is_video_path(p):
+            found.append(p)
+        else:
+            raise FileNotFoundError(f"{p}: holds no videos ({', '.join(VIDEO_SUFFIXES)}) or frame folders")
+    return found
+
+
+def output_path(video: Path, out_dir: Path | None, png: bool) -> Path:
+    """Where a video's masks go, in the layout the dataset reader looks for (see mask_io.find_masks)."""
+    stem = video.name if video.is_dir() else video.stem
+    if png:
+        if out_dir is None:
+            return video / "masks" if video.is_dir() else video.parent / stem
+        return out_dir / stem
+    return (out_dir or video.parent) / f"{stem}{mask_io.COMPACT_SUFFIX}"
+
+
+def save_result(result: SubjectMasks, path: Path, png: bool) -> Path:
+    if png:
+        return mask_io.save_reference_masks(path, result.subject1, result.subject2)
+    return mask_io.save_compact_masks(path, result.subject1, result.subject2)
+
+
+def load_extractor(gdino: str, bert: str | None, sam: str | None, sam2: str | None, device: str) -> SubjectMaskExtractor:
+    from .grounding_dino import load_grounding_dino
+    from .sam import load_sam1, load_sam2
+
+    detector = load_grounding_dino(gdino, bert, device=device)
+    return SubjectMaskExtractor(
+        detector,
+        sam=load_sam1(sam, device=device) if sam else None,
+        sam2=load_sam2(sam2, device=device) if sam2 else None,
+    )
+
+
+def _cli(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .video_io import read_video
+
+    if not args.sam and not args.sam2:
+        raise ValueError("give --sam (per-frame mode) and / or --sam2 (propagate mode)")
+    videos = _video_inputs(args.inputs)
+    out_dir = Path(args.out) if args.out else None
+    todo = [(v, output_path(v, out_dir, args.png)) for v in videos]
+    if not args.overwrite:
+        skipped = [v for v, o in todo if o.exists()]
+        for v in skipped:
+            print(f"{v}: masks exist, skipped (--overwrite to redo)")
+        todo = [(v, o) for v, o in todo if not o.exists()]
+    if not todo:
+        return 0
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    extractor = load_extractor(args.grounding_dino, args.bert, args.sam, args.sam2, device)
+    opt = SubjectMaskOptions(
+        prompt1=args.prompt1, prompt2=args.prompt2, mode=args.mode, order=args.order,
+        box_threshold=args.box_threshold, text_threshold=args.text_threshold,
+        detection_stride=args.stride, dilation=args.dilate, max_frames_per_batch=args.batch,
+    )
+    failed = 0
+    for video, out in todo:
+        frames = read_video(video)
+        with tqdm(total=1, desc=video.name, unit="step", leave=True) as bar:
+            def progress(done: int, total: int) -> None:
+                bar.total = total
+                bar.n = done
+                bar.refresh()
+
+            try:
+                result = extractor.run(frames, opt, progress=progress)
+            except NotEnoughSubjectsError as e:
+                failed += 1
+                tqdm.write(f"{video}: {e}")
+                continue
+        save_result(result, out, args.png)
+        for note in result.notes:
+            tqdm.write(f"{video.name}: {note}")
+        print(f"{video}: {len(frames)} frames -> {out}")
+    return 1 if failed else 0
+
+
+def add_cli(subparsers) -> None:
+    """The `masks` sub-command: subject masks for videos, written where the dataset reader looks."""
+    p = subparsers.add_parser(
+        "masks",
+        help="subject masks for videos (Grounding DINO + SAM / SAM 2)",
+        description="Write <name>.masks.npz (or reference PNG masks with --png) for each video.",
+    )
+    p.add_argument("inputs", nargs="+", help="video files, frame folders, or dataset folders holding them")
+    p.add_argument("--grounding-dino", required=True, help="original .pth (e.g. groundingdino_swint_ogc.pth) or HF folder")
+    p.add_argument("--bert", help="folder with bert-base-uncased's vocab.txt (needed for an original .pth)")
+    p.add_argument("--sam", help="SAM checkpoint (sam_vit_h_4b8939.pth, ...): per-frame mode")
+    p.add_argument("--sam2", help="SAM 2 checkpoint (sam2.1_hiera_large.pt, ...): propagate mode")
+    p.add_argument("--mode", choices=MODES, default="auto", help="auto: propagate when --sam2 is given")
+    p.add_argument("--prompt1", default="person", help="text prompt of subject 1")
+    p.add_argument("--prompt2", default="person", help="text prompt of subject 2")
+    p.add_argument("--order", choices=ORDERS, default="left_first", help="subject 1 when both prompts are equal")
+    p.add_argument("--box-threshold", type=float, default=0.35)
+    p.add_argument("--text-threshold", type=float, default=0.25)
+    p.add_argument("--stride", type=int, default=6, help="detect every k-th frame")
+    p.add_argument("--dilate", type=int, default=0, help="grow masks by this many pixels")
+    p.add_argument("--batch", type=int, default=8, help="frames per forward pass")
+    p.add_argument("--out", help="output folder (default: beside each video)")
+    p.add_argument("--png", action="store_true", help="reference layout: <name>/frame{i}.png colour masks")
+    p.add_argument("--overwrite", action="store_true", help="redo videos whose masks exist")
+    p.add_argument("--device", help="cpu / cuda (default: cuda when available)")
+    p.set_defaults(func=_cli)
