@@ -123,6 +123,7 @@ def sam1_config_from_state_dict(sd: dict[str, torch.Tensor]) -> dict:
 
 
 def _what_is_it(sd: dict) -> str:
+    sd = {k.removeprefix("module."): None for k in sd}
     if any(k.startswith("sam_mask_decoder.") or k.startswith("memory_attention.") for k in sd):
         return "it looks like a SAM 2 checkpoint (put it in models/sam2/ and choose it as the SAM 2 model)"
     if "transformer.level_embed" in sd or any(k.startswith("backbone.0.") for k in sd):
@@ -169,8 +170,11 @@ class SamSegmenter:
         """uint8 [N,H,W,3] -> (image embeddings [N,C,h,w], the resized input size before padding)."""
         _check_frames(frames)
         x = torch.from_numpy(np.ascontiguousarray(frames)).to(self.device).permute(0, 3, 1, 2).float()
-        x = self.transform.apply_image_torch(x)  # longest side -> encoder size, values stay 0..255
-        input_size = tuple(x.shape[-2:])
+        # Longest side -> encoder size, values stay 0..255. (segment-anything's apply_image_torch
+        # takes the target size from the batch and channel dims, so it is not used.)
+        size = self.transform.get_preprocess_shape(x.shape[-2], x.shape[-1], self.transform.target_length)
+        x = F.interpolate(x, size, mode="bilinear", align_corners=False, antialias=True)
+        input_size = (int(size[0]), int(size[1]))
         x = self.model.preprocess(x)  # normalise + pad to square
         return self.model.image_encoder(x), input_size
 
