@@ -188,21 +188,22 @@ def dense_deltas(
 
 
 def check_against_model(
-    fused: Mapping[str, FusedLora], weight_shapes: Mapping[str, tuple[int, ...]], source: str, model_name: str = "model"
+    fused: Mapping[str, FusedLora], weight_shapes: Mapping[str, tuple[int, ...]], source: str, model_name: str = "the model"
 ) -> None:
     """Raise a LoraFormatError naming the file, key and shapes if a fused LoRA does not fit.
 
     `weight_shapes`: genmo weight key (`blocks.i.attn.qkv_x.weight`, no `diffusion_model.` prefix)
     -> shape, as the target model holds them.
     """
+    model_blocks = sum(1 for k in weight_shapes if k.endswith(".attn.qkv_x.weight"))
+    lora_blocks = 1 + max((int(s.split(".")[1]) for s in fused), default=-1)
     for stem, f in fused.items():
         key = f"{stem}.weight"
         shape = weight_shapes.get(key)
         if shape is None:
-            blocks = sum(1 for k in weight_shapes if k.endswith(".attn.qkv_x.weight"))
             raise _error(
                 f"{source}: key {stem} targets {key}, which {model_name} does not have "
-                f"({model_name} has {blocks} Mochi blocks)"
+                f"(the LoRA has {lora_blocks} blocks, {model_name} has {model_blocks} Mochi blocks)"
             )
         want = (int(f.up.shape[0]), int(f.down.shape[1]))
         if tuple(shape) != want:

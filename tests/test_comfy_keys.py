@@ -158,7 +158,7 @@ def test_check_against_model_names_key_and_shapes():
     with pytest.raises(LoraFormatError, match=r"rel\.safetensors: key blocks\.1\.attn\.qkv_y.*\[36, 8\].*\[36, 9\]"):
         comfy_keys.check_against_model(fused, wrong, "rel.safetensors")
     short = {k: v for k, v in good.items() if not k.startswith("blocks.1.")}
-    with pytest.raises(LoraFormatError, match=r"rel\.safetensors: key blocks\.1\.attn\.\w+ targets .* has 1 Mochi blocks"):
+    with pytest.raises(LoraFormatError, match=r"rel\.safetensors: key blocks\.1\.attn\.\w+ targets .*the LoRA has 2 blocks, the model has 1 Mochi blocks"):
         comfy_keys.check_against_model(fused, short, "rel.safetensors")
 
 

@@ -1,0 +1,200 @@
+"""Relation LoRA on ComfyUI's native Mochi: loader and export nodes.
+
+The loader turns our LoRA (triplet, relation-only export, reference checkpoint or a genmo-key
+Mochi LoRA) into a plain genmo-key LoRA state dict (Q and K stacked into one LoRA per fused
+`qkv_x` / `qkv_y`, see `dreamrelation_core.comfy_keys`) and hands it to ComfyUI's own
+`comfy.sd.load_lora_for_models`: the patches live in the ModelPatcher, so merging into the
+weights, low-VRAM loading, offloading, stacking with other LoRAs and unpatching are ComfyUI's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from dreamrelation_core import comfy_keys
+from dreamrelation_core.formats import LoraFormatError, load_lora_file
+from dreamrelation_core.lora_set import INFERENCE_ADAPTERS, LoraSet
+
+log = logging.getLogger("dreamrelation")
+
+# model_options["transformer_options"][INFO_KEY]: list of RelationLoraInfo, read by the sampler patch.
+INFO_KEY = "dreamrelation_relation_loras"
+
+
+class RelationLoraInfo:
+    """What a loader merged into a model: fused LoRAs (scale folded) and the strength used.
+
+    ModelPatcher.clone() deep-copies model_options; this read-only record is shared instead.
+    """
+
+    def __init__(self, source: str, fused: dict[str, comfy_keys.FusedLora], strength: float):
+        self.source = source
+        self.fused = fused
+        self.strength = float(strength)
+
+    def __deepcopy__(self, memo: dict) -> "RelationLoraInfo":
+        return self
+
+
+def _is_mochi(model) -> bool:
+    import comfy.model_base
+
+    return isinstance(getattr(model, "model", None), comfy.model_base.GenmoMochi)
+
+
+def _weight_shapes(model) -> dict[str, tuple[int, ...]]:
+    """genmo weight key (no `diffusion_model.` prefix) -> shape, for the attention weights."""
+    dm = model.model.diffusion_model
+    shapes = {}
+    for i, block in enumerate(dm.blocks):
+        for name in ("qkv_x", "qkv_y", "proj_x", "proj_y"):
+            mod = getattr(block.attn, name, None)
+            if mod is not None and getattr(mod, "weight", None) is not None:
+                shapes[f"blocks.{i}.attn.{name}.weight"] = tuple(mod.weight.shape)
+    return shapes
+
+
+def _report(lora: LoraSet, source: str, strength: float, patched: int, model) -> str:
+    kept = [a for a in INFERENCE_ADAPTERS if a in lora.weights]
+    dropped = [a for a in lora.adapters if a not in kept]
+    lines = [f"file: {Path(source).name} (format {lora.metadata.get('format', '?')})", f"strength: {strength:g}"]
+    for a in kept:
+        lines.append(f"applied {a}: {len(lora.weights[a])} modules, rank {lora.rank.get(a)}, "
+                     f"alpha {lora.alpha.get(a)}, scale {lora.scales.get(a, 1.0):.4g}")
+    if dropped:
+        lines.append(f"dropped adapters: {', '.join(dropped)} (subject appearance; not used at inference)")
+    if "report" in lora.metadata:
+        extra = json.loads(lora.metadata["report"]).get("dropped", [])
+        if extra:
+            lines.append(f"dropped from file: {len(extra)}: " + "; ".join(extra[:4]) + (" ..." if len(extra) > 4 else ""))
+    lines.append(f"blocks: {lora.num_blocks()} of the model's {len(model.model.diffusion_model.blocks)}; patched weights: {patched}")
+    return "\n".join(lines)
+
+
+def apply_relation_lora(model, lora: LoraSet, strength: float, source: str):
+    """Return (patched clone of `model`, report). Errors name the file, key and shapes."""
+    import comfy.sd
+
+    if not _is_mochi(model):
+        kind = type(getattr(model, "model", model)).__name__
+        raise ValueError(f"{source}: a relation LoRA applies to ComfyUI's Mochi (GenmoMochi); this MODEL is {kind}")
+    fused = comfy_keys.fused_loras(lora, source=source)
+    comfy_keys.check_against_model(fused, _weight_shapes(model), source, model_name="the MODEL")
+    sd = comfy_keys.comfy_state_dict(lora, source=source)
+    # ComfyUI's own LoRA path (what LoraLoaderModelOnly calls): key map, load_lora, add_patches.
+    new_model, _ = comfy.sd.load_lora_for_models(model, None, sd, strength, 0)
+    patched = len([k for k in new_model.patches if k not in model.patches or len(new_model.patches[k]) > len(model.patches[k])])
+    if patched != len(fused):
+        raise LoraFormatError(f"{source}: ComfyUI accepted {patched} of {len(fused)} LoRA weights for this MODEL")
+    to = new_model.model_options.setdefault("transformer_options", {})
+    to[INFO_KEY] = list(to.get(INFO_KEY, [])) + [RelationLoraInfo(source, fused, strength)]
+    return new_model, _report(lora, source, strength, patched, model)
+
+
+def _lora_list() -> list[str]:
+    import folder_paths
+
+    return folder_paths.get_filename_list("loras")
+
+
+class RelationLoraLoader:
+    """MODEL + relation LoRA file -> MODEL with the relation + ffn LoRAs patched in."""
+
+    def __init__(self):
+        self._cache: tuple[str, float, LoraSet] | None = None
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "ComfyUI's Mochi diffusion model (Load Diffusion Model with a mochi_preview_dit file)."}),
+                "lora_name": (_lora_list(), {"tooltip": "Relation LoRA from the models/loras folder: a DreamRelation triplet or "
+                                                         "relation-only .safetensors, a reference model_<step>.lora.pt / .safetensors, "
+                                                         "or a genmo-key Mochi LoRA. Subject LoRAs in it are never applied."}),
+                "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
+                                       "tooltip": "Multiplier of the relation and ffn LoRAs (1 = as trained, 0 = base model)."}),
+            }
+        }
+
+    RETURN_TYPES = ("MODEL", "STRING")
+    RETURN_NAMES = ("model", "report")
+    OUTPUT_TOOLTIPS = ("The Mochi model with the relation LoRA patched in (ComfyUI merges it into the weights).",
+                       "What was applied and dropped: adapters, modules, rank, scale, blocks.")
+    FUNCTION = "load"
+    CATEGORY = "DreamRelation/LoRA"
+    DESCRIPTION = "Apply a DreamRelation relation LoRA (relation + ffn; subject LoRAs dropped) to ComfyUI's Mochi."
+
+    def _read(self, path: str) -> LoraSet:
+        mtime = Path(path).stat().st_mtime
+        if self._cache is not None and self._cache[:2] == (path, mtime):
+            return self._cache[2]
+        lora = load_lora_file(path)
+        self._cache = (path, mtime, lora)
+        return lora
+
+    def load(self, model, lora_name: str, strength: float):
+        import folder_paths
+
+        path = folder_paths.get_full_path_or_raise("loras", lora_name)
+        return apply_relation_lora(model, self._read(path), strength, source=path)
+
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class ExportRelationLora:
+    """Write a relation LoRA as a plain genmo-key Mochi LoRA for stock LoRA loaders."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "lora_name": (_lora_list(), {"tooltip": "DreamRelation triplet / relation-only file or reference checkpoint to convert."}),
+                "filename": ("STRING", {"default": "relation_mochi", "tooltip": "Output name in the first models/loras folder "
+                                                                              "(.safetensors is added)."}),
+                "dtype": (list(_DTYPES), {"default": "bf16", "tooltip": "Precision written: bf16 halves the size, fp32 is exact."}),
+                "overwrite": ("BOOLEAN", {"default": False, "tooltip": "Replace an existing file of that name."}),
+            }
+        }
+
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("path",)
+    OUTPUT_TOOLTIPS = ("Path of the written LoRA; load it with LoraLoaderModelOnly.",)
+    FUNCTION = "export"
+    CATEGORY = "DreamRelation/LoRA"
+    OUTPUT_NODE = True
+    DESCRIPTION = ("Export the relation + ffn LoRAs as a standard Mochi LoRA (genmo keys) that ComfyUI's stock "
+                   "LoraLoaderModelOnly loads without this pack.")
+
+    def export(self, lora_name: str, filename: str, dtype: str, overwrite: bool):
+        import folder_paths
+
+        src = folder_paths.get_full_path_or_raise("loras", lora_name)
+        name = Path(filename.strip()).name
+        if not name:
+            raise ValueError("filename is empty")
+        if not name.endswith(".safetensors"):
+            name += ".safetensors"
+        out = Path(folder_paths.get_folder_paths("loras")[0]) / name
+        if out.resolve() == Path(src).resolve():
+            raise ValueError(f"{out}: would overwrite its own input {lora_name}")
+        if out.exists() and not overwrite:
+            raise FileExistsError(f"{out} exists; choose another filename or set overwrite")
+        lora = load_lora_file(src)
+        written = comfy_keys.save_comfy_lora(out, lora, dtype=_DTYPES[dtype], source=src)
+        log.info("DreamRelation: exported %s -> %s", src, written)
+        return {"ui": {"text": [str(written)]}, "result": (str(written),)}
+
+
+NODE_CLASS_MAPPINGS = {
+    "DreamRelationRelationLoraLoader": RelationLoraLoader,
+    "DreamRelationExportRelationLora": ExportRelationLora,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "DreamRelationRelationLoraLoader": "DreamRelation Relation LoRA Loader",
+    "DreamRelationExportRelationLora": "DreamRelation Export Relation LoRA",
+}
