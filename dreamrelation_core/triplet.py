@@ -56,22 +56,31 @@ def add_triplet(
             # peft warns on every adapter after the first; several adapters is the point here
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")
             model.add_adapter(cfg, adapter_name=name)
+    object.__setattr__(model, "_dreamrelation_tuner_layers", None)  # new layers: find them again
     activate(model, ADAPTERS)
+    _check_frozen_base(model)
     return model
 
 
 def activate(model: nn.Module, adapters: Iterable[str]) -> None:
     """Make exactly `adapters` active and trainable; all other LoRA weights contribute nothing
     and get requires_grad=False (so they receive no gradient and the optimizer skips them)."""
+    wanted = list(adapters)
+    for layer in _tuner_layers(model):
+        # peft's own switch: sets the layer's active list (possibly empty) and requires_grad
+        # True for listed adapters, False for the others.
+        layer.set_adapter([a for a in wanted if a in layer.lora_A])
+
+
+def _tuner_layers(model: nn.Module) -> list:
+    """The model's LoRA layers, found once and cached (activation runs every training step)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    wanted = list(adapters)
-    for module in model.modules():
-        if isinstance(module, BaseTunerLayer):
-            # peft's own switch: sets the layer's active list (possibly empty) and requires_grad
-            # True for listed adapters, False for the others.
-            module.set_adapter([a for a in wanted if a in module.lora_A])
-    _check_frozen_base(model)
+    cached = getattr(model, "_dreamrelation_tuner_layers", None)
+    if cached is None:
+        cached = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+        object.__setattr__(model, "_dreamrelation_tuner_layers", cached)  # not a submodule
+    return cached
 
 
 def draw_branch(generator: torch.Generator) -> str:
