@@ -78,27 +78,9 @@ class TrainResult:
 
 def load_transformer(config: TrainConfig, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """The frozen base model, from local files only (or the tiny random test model)."""
-    from diffusers import MochiTransformer3DModel
+    from .base_model import load_transformer as load
 
-    src = config.transformer
-    if src == "tiny":
-        from .tiny import tiny_transformer
-
-        model = tiny_transformer(seed=config.seed, **config.extra.get("tiny", {}))
-        return model if dtype == torch.float32 else model.to(dtype)
-    path = Path(src)
-    if path.is_dir():
-        return MochiTransformer3DModel.from_pretrained(str(path), local_files_only=True, torch_dtype=dtype)
-    if path.is_file():
-        if not config.transformer_config or not Path(config.transformer_config).is_dir():
-            raise FileNotFoundError(
-                f"{path}: a single-file Mochi model needs `transformer_config`, a local folder with the "
-                f"diffusers transformer config.json (got {config.transformer_config!r}); nothing is downloaded"
-            )
-        return MochiTransformer3DModel.from_single_file(
-            str(path), config=config.transformer_config, local_files_only=True, torch_dtype=dtype
-        )
-    raise FileNotFoundError(f"transformer {src!r}: no such file or folder (expected a diffusers folder or a .safetensors)")
+    return load(config.transformer, config.transformer_config, dtype, config.seed, config.extra.get("tiny"))
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
