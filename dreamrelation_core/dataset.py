@@ -371,8 +371,27 @@ def _validate_for_training(entries: Iterable[VideoEntry], num_frames: int) -> No
         _load_entry_masks(e)
 
 
+@dataclass
+class Encoders:
+    """How `prepare` turns frames and captions into tensors. Built from a diffusers VAE and a
+    transformers T5 by default (`Encoders.from_models`); the ComfyUI nodes build one from
+    ComfyUI's own VAE and CLIP."""
+
+    encode_video: Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor]]  # uint8 [F,H,W,3] -> mean, logvar [12,T,h,w]
+    encode_text: Callable[[list[str], int], tuple[torch.Tensor, torch.Tensor]]  # -> [N,L,D] float, [N,L] bool
+    tags: tuple[str, str]  # identities of the two models: a change re-encodes the cache
+
+    @classmethod
+    def from_models(cls, vae, text_encoder, tokenizer) -> "Encoders":
+        return cls(
+            encode_video=lambda frames: encode_frames(vae, frames),
+            encode_text=lambda captions, n: encode_captions(text_encoder, tokenizer, captions, n),
+            tags=(_model_tag(vae), _model_tag(text_encoder)),
+        )
+
+
 def encode_entry(
-    entry: VideoEntry, vae, text_encoder, tokenizer, num_frames: int, size: tuple[int, int], max_text_len: int
+    entry: VideoEntry, encoders: Encoders, num_frames: int, size: tuple[int, int], max_text_len: int
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Fit, encode and turn the masks of one entry into the tensors of its cache file."""
     frames = read_video(entry.video, max_frames=num_frames)
@@ -380,8 +399,8 @@ def encode_entry(
         raise DatasetError(f"{entry.video}: decoded frames are {frames.shape[1:3]}, probe said {(entry.height, entry.width)}")
     m1, m2 = _load_entry_masks(entry)
     frames, (m1, m2) = fit_clip(frames, (m1[:num_frames], m2[:num_frames]), num_frames, size, source=str(entry.video))
-    mean, logvar = encode_frames(vae, frames)  # [12, T, h, w] each
-    y_feat, y_mask = encode_captions(text_encoder, tokenizer, [entry.caption], max_text_len)  # [1, L, D], [1, L]
+    mean, logvar = encoders.encode_video(frames)  # [12, T, h, w] each
+    y_feat, y_mask = encoders.encode_text([entry.caption], max_text_len)  # [1, L, D], [1, L]
     lm1, lm2 = latent_mask(m1), latent_mask(m2)  # [T, h, w]
     if lm1.shape != mean.shape[1:]:
         raise DatasetError(f"{entry.video}: latent masks {tuple(lm1.shape)} do not match latents {tuple(mean.shape[1:])}")
@@ -404,8 +423,13 @@ def prepare_dataset(
     size: tuple[int, int],
     max_text_len: int = 256,
     progress: Progress | None = None,
+    encoders: Encoders | None = None,
 ) -> list[Path]:
-    """Encode every video of `folder` once into `<cache_dir>/<name>.safetensors`; returns those paths."""
+    """Encode every video of `folder` once into `<cache_dir>/<name>.safetensors`; returns those paths.
+
+    `encoders` replaces vae / text_encoder / tokenizer (pass None for those then)."""
+    if encoders is None:
+        encoders = Encoders.from_models(vae, text_encoder, tokenizer)
     check_frame_count(num_frames)
     size = (int(size[0]), int(size[1]))
     check_training_size(size)
@@ -414,13 +438,13 @@ def prepare_dataset(
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     settings = {"num_frames": num_frames, "size": list(size), "max_text_len": max_text_len}
-    tags = (_model_tag(vae), _model_tag(text_encoder))
+    tags = encoders.tags
     out: list[Path] = []
     for i, entry in enumerate(entries):
         path = cache_dir / f"{entry.name}.safetensors"
         fp = _fingerprint(entry, settings, tags)
         if not _up_to_date(path, fp):
-            tensors, meta = encode_entry(entry, vae, text_encoder, tokenizer, num_frames, size, max_text_len)
+            tensors, meta = encode_entry(entry, encoders, num_frames, size, max_text_len)
             meta["fingerprint"] = fp
             _safetensors_write(path, tensors, meta)
         out.append(path)
