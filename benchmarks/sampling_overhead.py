@@ -1,0 +1,142 @@
+"""Sampling-step cost of the relation LoRA on the real ComfyUI's Mochi (CPU, random weights).
+
+Median time of one sampling step (CFG: conditional + unconditional pass) with
+  base     : the Mochi as loaded,
+  loader   : + DreamRelation Relation LoRA Loader (patches merged into the weights),
+  patch    : + Mochi Sampler Patch, "cond only" over the whole range (low-rank correction
+             hooks run on the unconditional half of every step: the patch's worst case),
+  attention: + attention recording of two prompt words (loader defaults otherwise),
+all in one process, rounds interleaved so drift hits every variant alike. Prints the ratios.
+
+Run: COMFYUI_DIR=/path/to/ComfyUI python benchmarks/sampling_overhead.py [--steps 6 --rounds 3]
+It re-runs itself under `python -O`: a Mochi with the real feed-forward ratio (4) at a small
+width trips ComfyUI's assert on hidden_size_x * mlp_ratio_x (see tests/_comfy_mochi.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _setup() -> None:
+    sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
+    from conftest import import_comfyui  # the same in-process recipe the tests use
+
+    import_comfyui()
+
+
+def build(depth: int, width: int, seed: int = 0):
+    import _comfy_mochi as cm
+
+    cfg = cm.base_unet_config(depth, hidden_x=width, hidden_y=width // 2, heads=width // 128, mlp_ratio_x=4.0)
+    cfg["t5_feat_dim"] = 256
+    cm.TEXT_DIM = 256
+    return cfg, cm.build_comfy_mochi(cfg, cm.random_genmo_weights(cfg, seed))
+
+
+def relation_lora(cfg: dict, rank: int = 16):
+    """A random full triplet at the model's widths (subject LoRAs included; the loader drops them)."""
+    import torch
+
+    from dreamrelation_core.lora_set import ADAPTERS, LoraSet, target_modules
+
+    d, dy = cfg["hidden_size_x"], cfg["hidden_size_y"]
+    dims = {"to_q": (d, d), "to_k": (d, d), "to_v": (d, d), "to_out.0": (d, d),
+            "add_q_proj": (dy, d), "add_k_proj": (dy, d), "add_v_proj": (dy, d), "to_add_out": (d, dy)}
+    ls = LoraSet()
+    for adapter in ADAPTERS:
+        for path in target_modules(adapter, cfg["depth"]):
+            fi, fo = dims[path.rsplit(".attn1.", 1)[1]]
+            ls.weights.setdefault(adapter, {})[path] = (torch.randn(rank, fi) / fi ** 0.5, 0.1 * torch.randn(fo, rank))
+        ls.rank[adapter], ls.alpha[adapter], ls.scales[adapter] = rank, float(rank), 1.0
+    return ls
+
+
+def step_times(model, latent, positive, negative, steps: int) -> list[float]:
+    """Per-step wall times of a stock sampler run (euler, ComfyUI's own schedule for the model)."""
+    import torch
+
+    import comfy.sample
+    import comfy.samplers
+
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", steps)
+    stamps: list[float] = []
+    t0 = time.perf_counter()
+    comfy.sample.sample_custom(model, torch.randn_like(latent), 4.0, comfy.samplers.sampler_object("euler"), sigmas,
+                               positive, negative, latent, callback=lambda *a: stamps.append(time.perf_counter()),
+                               disable_pbar=True, seed=0)
+    edges = [t0] + stamps
+    return [b - a for a, b in zip(edges, edges[1:])][1:]  # first step also loads / merges: left out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--depth", type=int, default=4)
+    ap.add_argument("--width", type=int, default=512)
+    ap.add_argument("--frames", type=int, default=13, help="video frames (latent frames = 1 + (F-1)/6)")
+    ap.add_argument("--height", type=int, default=128)
+    ap.add_argument("--width-px", type=int, default=224)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=9)
+    args = ap.parse_args()
+    _setup()
+    import torch
+
+    import _comfy_mochi as cm
+    import folder_paths
+    from conftest import load_pack
+    from dreamrelation_core import formats
+
+    cfg, base = build(args.depth, args.width)
+    pack = load_pack()
+    nodes = pack.NODE_CLASS_MAPPINGS
+    with tempfile.TemporaryDirectory() as d:
+        folder_paths.add_model_folder_path("loras", d, is_default=True)
+        formats.save_triplet(Path(d) / "bench.safetensors", relation_lora(cfg))
+        loaded, _ = nodes["DreamRelationRelationLoraLoader"]().load(base, "bench.safetensors", 1.0)
+    patch = nodes["DreamRelationMochiSamplerPatch"]()
+    cond_only, _ = patch.patch(loaded, 1.0, 0.0, 1.0, "cond only", "")
+    recording, rec = patch.patch(loaded, 1.0, 0.0, 1.0, "cond and uncond", "#1, #3")
+
+    t_lat = 1 + (args.frames - 1) // 6
+    latent = torch.zeros(1, 12, t_lat, args.height // 8, args.width_px // 8)
+    g = torch.Generator().manual_seed(0)
+    text = lambda n: [[torch.randn(1, cm.TEXT_LEN, cfg["t5_feat_dim"], generator=g),  # noqa: E731
+                       {"attention_mask": (torch.arange(cm.TEXT_LEN) < n).long()[None]}]]
+    pos, neg = text(8), text(3)
+    variants = {"base": base, "loader": loaded, "patch": cond_only, "attention": recording}
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    ratios: dict[str, list[float]] = {k: [] for k in variants}
+    for m in variants.values():  # warm-up: allocator, thread pools, first merge
+        step_times(m, latent, pos, neg, 2)
+    # Short runs, variants interleaved, ratios paired per round: on a shared CPU the machine's
+    # speed drifts by several x over minutes, which a per-round ratio cancels.
+    for _ in range(args.rounds):
+        per = {name: statistics.median(step_times(m, latent, pos, neg, args.steps)) for name, m in variants.items()}
+        for name in variants:
+            times[name].append(per[name])
+            ratios[name].append(per[name] / per["base"])
+    tokens = t_lat * (args.height // 16) * (args.width_px // 16)
+    print(f"Mochi on ComfyUI {os.environ.get('COMFYUI_DIR', '')}: {args.depth} blocks, width {args.width}, "
+          f"{tokens} video tokens, CFG (2 passes), torch threads {torch.get_num_threads()}, "
+          f"{args.rounds} rounds x {args.steps - 1} timed steps per variant")
+    targets = {"loader": 1.01, "patch": 1.05, "attention": 1.5}
+    for name in variants:
+        target = f"  (target <= {targets[name]})" if name in targets else ""
+        print(f"  {name:10s} median step {statistics.median(times[name]) * 1000:8.1f} ms   "
+              f"median paired ratio {statistics.median(ratios[name]):5.3f}{target}")
+    print(f"  attention recorded: {rec.count} block calls, map grid {tuple(rec.maps().shape)}")
+
+
+if __name__ == "__main__":
+    if __debug__ and os.environ.get("DR_BENCH_NO_REEXEC") != "1":
+        os.execv(sys.executable, [sys.executable, "-O", *sys.argv])
+    main()
