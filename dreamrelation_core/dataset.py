@@ -303,7 +303,7 @@ def load_prepared(cache_dir: str | os.PathLike) -> list[PreparedClip]:
 
 # ---------------------------------------------------------------- prepare
 
-def _model_tag(model: torch.nn.Module) -> str:
+def model_tag(model: torch.nn.Module) -> str:
     """Cheap identity of a model: class, config and a few weight values (detects a swapped model)."""
     h = hashlib.sha256(type(model).__name__.encode())
     cfg = getattr(model, "config", None)
@@ -386,7 +386,7 @@ class Encoders:
         return cls(
             encode_video=lambda frames: encode_frames(vae, frames),
             encode_text=lambda captions, n: encode_captions(text_encoder, tokenizer, captions, n),
-            tags=(_model_tag(vae), _model_tag(text_encoder)),
+            tags=(model_tag(vae), model_tag(text_encoder)),
         )
 
 

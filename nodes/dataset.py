@@ -19,8 +19,10 @@ class DreamRelationDataset:
                                       "frames, <name>.txt caption, <name>.masks.npz or reference mask PNGs"}),
                 "frames": ("INT", {"default": 61, "min": 7, "max": 301, "step": 6,
                                    "tooltip": "frames per training clip: 6k + 1 (61 in the paper)"}),
-                "height": ("INT", {"default": 480, "min": 16, "max": 2048, "step": 16}),
-                "width": ("INT", {"default": 848, "min": 16, "max": 2048, "step": 16}),
+                "height": ("INT", {"default": 480, "min": 16, "max": 2048, "step": 16,
+                                   "tooltip": "training height in pixels, a multiple of 16 (Mochi: 480)"}),
+                "width": ("INT", {"default": 848, "min": 16, "max": 2048, "step": 16,
+                                  "tooltip": "training width in pixels, a multiple of 16 (Mochi: 848)"}),
             }
         }
 

@@ -1,0 +1,235 @@
+"""Training nodes: encode a dataset with ComfyUI's own Mochi VAE and T5, train a relation LoRA.
+
+Prepare: DREAMRELATION_DATASET + VAE + CLIP -> DREAMRELATION_PREPARED (an encoded cache folder).
+Train:   DREAMRELATION_PREPARED + a Mochi DiT file from models/diffusion_models -> relation LoRA
+         written to models/loras/dreamrelation/, the run folder under output/dreamrelation/, a loss
+         plot and a report. ComfyUI's progress bar shows the steps; Cancel stops at the next step
+         with a checkpoint written, and running the node again with `resume` on continues there.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+RUN_SUBDIR = "dreamrelation"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class PreparedDataset:
+    """Node output: an encoded dataset cache and how it was made."""
+
+    cache_dir: Path
+    num_clips: int
+    report: str
+
+
+# ---------------------------------------------------------------------------------------------
+# ComfyUI VAE / CLIP as the core's encoders
+
+
+def comfy_encoders(vae, clip):
+    """`dataset.Encoders` from ComfyUI's VAE and CLIP objects.
+
+    ComfyUI's Mochi VAE encoder returns the posterior mode (mean) only; its latents are raw (not yet
+    normalised), like diffusers'. With no variance given, the log-variance is stored as -30 (std
+    3e-7): training then sees the mean, as ComfyUI would encode a video.
+    """
+    from dreamrelation_core.dataset import Encoders, model_tag
+
+    def encode_video(frames: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        pixels = torch.from_numpy(np.ascontiguousarray(frames)).float() / 255.0  # [F, H, W, 3] in [0, 1]
+        mean = vae.encode(pixels)[0].float().cpu()  # [12, T, h, w] raw latents
+        return mean, torch.full_like(mean, -30.0)
+
+    def encode_text(captions: list[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        feats, masks = [], []
+        for caption in captions:
+            out = clip.encode_from_tokens(clip.tokenize(caption), return_dict=True)
+            cond = out["cond"][0].float().cpu()  # [L, 4096]
+            mask = out.get("attention_mask")
+            mask = mask[0].bool().cpu() if mask is not None else torch.ones(cond.shape[0], dtype=torch.bool)
+            feats.append(_fit_length(cond, max_len, 0.0))
+            masks.append(_fit_length(mask, max_len, False))
+        return torch.stack(feats), torch.stack(masks)
+
+    tags = (f"comfy-vae-{model_tag(vae.first_stage_model)}", f"comfy-clip-{model_tag(clip.cond_stage_model)}")
+    return Encoders(encode_video=encode_video, encode_text=encode_text, tags=tags)
+
+
+def _fit_length(t: torch.Tensor, n: int, pad) -> torch.Tensor:
+    """Truncate or pad dim 0 to n (Mochi's text length is 256 tokens)."""
+    if t.shape[0] >= n:
+        return t[:n]
+    padding = torch.full((n - t.shape[0], *t.shape[1:]), pad, dtype=t.dtype)
+    return torch.cat([t, padding])
+
+
+# ---------------------------------------------------------------------------------------------
+# nodes
+
+
+class DreamRelationPrepareDataset:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "dataset": ("DREAMRELATION_DATASET", {"tooltip": "a checked dataset folder (DreamRelation Dataset node)"}),
+                "vae": ("VAE", {"tooltip": "Mochi VAE (Load VAE: mochi_vae.safetensors) to encode the videos"}),
+                "clip": ("CLIP", {"tooltip": "T5-XXL loaded by CLIPLoader with type 'mochi', to encode the captions"}),
+                "max_text_len": ("INT", {"default": 256, "min": 8, "max": 512,
+                                         "tooltip": "text tokens per caption; Mochi uses 256"}),
+            },
+            "optional": {
+                "cache_dir": ("STRING", {"default": "", "tooltip": "where the encoded clips go; empty: "
+                                         "<dataset folder>/.dreamrelation_cache. Unchanged clips are not encoded again."}),
+            },
+        }
+
+    RETURN_TYPES = ("DREAMRELATION_PREPARED", "STRING")
+    RETURN_NAMES = ("prepared", "report")
+    FUNCTION = "prepare"
+    CATEGORY = "DreamRelation/training"
+    DESCRIPTION = "Encode every video (latents as ComfyUI's Mochi sees them), caption and mask of a dataset once."
+
+    def prepare(self, dataset, vae, clip, max_text_len: int, cache_dir: str = "") -> tuple[PreparedDataset, str]:
+        import comfy.model_management as mm
+        import comfy.utils
+
+        from dreamrelation_core.dataset import DEFAULT_CACHE, load_prepared, prepare_dataset
+
+        cache = Path(cache_dir.strip()) if cache_dir.strip() else Path(dataset.folder) / DEFAULT_CACHE
+        bar = comfy.utils.ProgressBar(len(dataset.entries))
+
+        def progress(done: int, total: int, name: str) -> None:
+            bar.update_absolute(done, total)
+            mm.throw_exception_if_processing_interrupted()
+
+        prepare_dataset(dataset.folder, cache, None, None, None, dataset.num_frames, dataset.size, max_text_len,
+                        progress=progress, encoders=comfy_encoders(vae, clip))
+        clips = load_prepared(cache)
+        report = f"{len(clips)} clip(s) encoded in {cache}: latents {tuple(clips[0].mean.shape)}, text {tuple(clips[0].y_feat.shape)}"
+        return PreparedDataset(cache, len(clips), report), report
+
+
+class DreamRelationTrain:
+    @classmethod
+    def INPUT_TYPES(cls):
+        import folder_paths
+
+        return {
+            "required": {
+                "prepared": ("DREAMRELATION_PREPARED", {"tooltip": "encoded dataset (DreamRelation Prepare Dataset)"}),
+                "transformer": (folder_paths.get_filename_list("diffusion_models"),
+                                {"tooltip": "Mochi DiT weights (mochi_preview_dit_*.safetensors) to train on; loaded "
+                                            "for training only, ComfyUI's loaded models are freed first"}),
+                "name": ("STRING", {"default": "my_relation", "tooltip": "run name: the LoRA is saved as "
+                                    "loras/dreamrelation/<name>.safetensors, the run in output/dreamrelation/<name>/"}),
+                "steps": ("INT", {"default": 2000, "min": 1, "max": 100000, "tooltip": "training steps (paper: 1800-2000)"}),
+                "rank": ("INT", {"default": 16, "min": 1, "max": 256, "tooltip": "LoRA rank of every adapter"}),
+                "alpha": ("FLOAT", {"default": 16.0, "min": 0.01, "max": 1024.0, "step": 0.5, "tooltip": "LoRA alpha; scale = alpha / rank"}),
+                "learning_rate": ("FLOAT", {"default": 2e-4, "min": 1e-7, "max": 1e-1, "step": 1e-5, "round": False,
+                                            "tooltip": "AdamW learning rate (linear warm-up, then cosine to 0)"}),
+                "mask_weight": ("FLOAT", {"default": 50.0, "min": 0.0, "max": 1000.0, "step": 1.0,
+                                          "tooltip": "weight of the loss on the subjects' masks (hybrid mask training)"}),
+                "rcl_weight": ("FLOAT", {"default": 0.01, "min": 0.0, "max": 10.0, "step": 0.001,
+                                         "tooltip": "weight of the relational contrastive loss; 0 turns it off"}),
+                "positives_per_anchor": ("INT", {"default": 4, "min": 1, "max": 10,
+                                                 "tooltip": "contrastive positives per anchor (paper: 4 high-five, 1 shaking hands)"}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": "seed of every random choice in training"}),
+                "resume": ("BOOLEAN", {"default": True, "tooltip": "continue the run called <name> from its last checkpoint "
+                                       "if it exists; off: refuse to touch an existing run"}),
+            },
+            "optional": {
+                "warmup_steps": ("INT", {"default": 200, "min": 0, "max": 100000, "tooltip": "linear learning-rate warm-up steps"}),
+                "caption_dropout": ("FLOAT", {"default": 0.1, "min": 0.0, "max": 1.0, "step": 0.01,
+                                              "tooltip": "share of steps trained without text (makes CFG work)"}),
+                "checkpoint_every": ("INT", {"default": 200, "min": 1, "max": 100000, "tooltip": "steps between checkpoints"}),
+                "gradient_checkpointing": ("BOOLEAN", {"default": True, "tooltip": "less VRAM, about 30% slower"}),
+            },
+        }
+
+    RETURN_TYPES = ("STRING", "IMAGE", "STRING")
+    RETURN_NAMES = ("lora_name", "loss_plot", "report")
+    OUTPUT_NODE = True
+    FUNCTION = "train"
+    CATEGORY = "DreamRelation/training"
+    DESCRIPTION = ("Train a Relation LoRA triplet (hybrid mask training + relational contrastive loss) and save the "
+                   "relation-only LoRA (subject LoRAs dropped) to models/loras/dreamrelation/.")
+
+    def train(self, prepared, transformer: str, name: str, steps: int, rank: int, alpha: float, learning_rate: float,
+              mask_weight: float, rcl_weight: float, positives_per_anchor: int, seed: int, resume: bool,
+              warmup_steps: int = 200, caption_dropout: float = 0.1, checkpoint_every: int = 200,
+              gradient_checkpointing: bool = True):
+        import shutil
+
+        import comfy.model_management as mm
+        import comfy.utils
+        import folder_paths
+
+        from dreamrelation_core.config import TrainConfig
+        from dreamrelation_core.trainer import Trainer, list_checkpoints
+
+        name = name.strip()
+        if not _NAME_RE.match(name):
+            raise ValueError(f"run name {name!r}: use letters, digits, '_', '-', '.' (at most 64, no path)")
+        run_dir = Path(folder_paths.get_output_directory()) / RUN_SUBDIR / name
+        config = TrainConfig(
+            cache_dir=str(prepared.cache_dir), output_dir=str(run_dir),
+            transformer=folder_paths.get_full_path_or_raise("diffusion_models", transformer),
+            num_steps=steps, rank=rank, alpha=alpha, learning_rate=learning_rate, mask_weight=mask_weight,
+            rcl_weight=rcl_weight, positives_per_anchor=positives_per_anchor, seed=seed, warmup_steps=warmup_steps,
+            caption_dropout=caption_dropout, checkpoint_every=checkpoint_every,
+            gradient_checkpointing=gradient_checkpointing, device=str(mm.get_torch_device()),
+        )
+        mm.unload_all_models()  # the DiT being trained needs the memory
+        mm.soft_empty_cache()
+        if list_checkpoints(run_dir):
+            if not resume:
+                raise ValueError(f"{run_dir} already holds a run: turn `resume` on to continue it, or choose another name")
+            trainer = Trainer.resume(run_dir)
+            trainer.config.num_steps = steps  # allow extending a finished run
+        else:
+            trainer = Trainer(config)
+        bar = comfy.utils.ProgressBar(steps)
+        bar.update_absolute(trainer.step, steps)
+        result = trainer.train(progress=lambda info: bar.update_absolute(info.step, steps),
+                               should_cancel=mm.processing_interrupted)
+        del trainer
+        mm.soft_empty_cache()
+        mm.throw_exception_if_processing_interrupted()  # cancelled: checkpoint written, stop the queue here
+        lora_dir = Path(folder_paths.get_folder_paths("loras")[0]) / RUN_SUBDIR
+        lora_dir.mkdir(parents=True, exist_ok=True)
+        target = lora_dir / f"{name}.safetensors"
+        shutil.copyfile(result.relation_path, target)
+        plot = _loss_plot(result.history, run_dir / "loss_curve.png", name)
+        last = result.history[-1] if result.history else {}
+        report = (f"{result.status} at step {result.step}/{steps}; relation LoRA: loras/{RUN_SUBDIR}/{name}.safetensors; "
+                  f"run folder (checkpoints, triplet): {run_dir}; last loss {last.get('total', float('nan')):.4f}")
+        return {"ui": {"text": [report]}, "result": (f"{RUN_SUBDIR}/{name}.safetensors", plot, report)}
+
+
+def _loss_plot(history, path: Path, name: str) -> torch.Tensor:
+    """IMAGE [1, H, W, 3] float in [0, 1] of the loss curves."""
+    from PIL import Image
+
+    from dreamrelation_core.plots import plot_losses
+
+    plot_losses(history, path, f"DreamRelation: {name}")
+    with Image.open(path) as im:
+        return torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0)[None]
+
+
+NODE_CLASS_MAPPINGS = {
+    "DreamRelationPrepareDataset": DreamRelationPrepareDataset,
+    "DreamRelationTrain": DreamRelationTrain,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "DreamRelationPrepareDataset": "DreamRelation Prepare Dataset",
+    "DreamRelationTrain": "DreamRelation Train Relation LoRA",
+}

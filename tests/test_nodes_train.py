@@ -1,0 +1,141 @@
+"""Training nodes in the real ComfyUI (in-process, CPU): prepare, train, cancel, resume."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from dreamrelation_core.dataset import describe_dataset, load_prepared, prepare_dataset
+from dreamrelation_core.formats import load_lora_file
+from dreamrelation_core.mochi_convert import diffusers_to_genmo
+from dreamrelation_core.synthetic import write_synthetic_dataset
+from dreamrelation_core.tiny import tiny_text_encoder, tiny_tokenizer, tiny_transformer, tiny_vae
+
+FRAMES, SIZE = 7, (32, 32)
+
+
+@pytest.fixture(scope="module")
+def comfy_dirs(comfyui, tmp_path_factory):
+    import folder_paths
+
+    root = tmp_path_factory.mktemp("comfy")
+    for kind in ("diffusion_models", "loras"):
+        (root / kind).mkdir()
+        folder_paths.add_model_folder_path(kind, str(root / kind), is_default=True)
+    folder_paths.set_output_directory(str(root / "output"))
+    sd = diffusers_to_genmo(tiny_transformer(num_layers=2).state_dict(), prefix="model.diffusion_model.")
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(root / "diffusion_models" / "mochi_tiny.safetensors"))
+    return root
+
+
+@pytest.fixture(scope="module")
+def prepared(pack, tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    data = write_synthetic_dataset(root / "data", num_videos=1, num_frames=FRAMES, size=SIZE)
+    prepare_dataset(data, root / "cache", tiny_vae(), tiny_text_encoder(), tiny_tokenizer(16), FRAMES, SIZE, max_text_len=16)
+    return pack.nodes.train.PreparedDataset(root / "cache", 1, "")
+
+
+def run_train(pack, prepared, **kw):
+    args = dict(prepared=prepared, transformer="mochi_tiny.safetensors", name="hands", steps=6, rank=2, alpha=2.0,
+                learning_rate=1e-3, mask_weight=50.0, rcl_weight=0.01, positives_per_anchor=1, seed=0, resume=True,
+                warmup_steps=1, caption_dropout=0.1, checkpoint_every=2, gradient_checkpointing=False)
+    args.update(kw)
+    return pack.nodes.train.DreamRelationTrain().train(**args)
+
+
+def test_schema_has_tooltips(pack, comfy_dirs):
+    for cls in (pack.nodes.train.DreamRelationTrain, pack.nodes.train.DreamRelationPrepareDataset):
+        spec = cls.INPUT_TYPES()
+        for group in spec.values():
+            for name, (kind, *opts) in group.items():
+                assert opts and "tooltip" in opts[0], (cls.__name__, name)
+    assert "mochi_tiny.safetensors" in pack.nodes.train.DreamRelationTrain.INPUT_TYPES()["required"]["transformer"][0]
+    assert pack.NODE_CLASS_MAPPINGS["DreamRelationTrain"] is pack.nodes.train.DreamRelationTrain
+
+
+def test_train_cancel_resume(pack, comfy_dirs, prepared):
+    import comfy.model_management as mm
+    import comfy.utils
+
+    def cancel_at_3(value, total, preview, node_id=None):
+        if value >= 3:
+            mm.interrupt_current_processing(True)
+
+    comfy.utils.set_progress_bar_global_hook(cancel_at_3)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            run_train(pack, prepared)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+        mm.interrupt_current_processing(False)
+    run_dir = comfy_dirs / "output" / "dreamrelation" / "hands"
+    assert (run_dir / "checkpoints" / "checkpoint_000003.pt").exists()  # nothing lost on cancel
+    assert not (comfy_dirs / "loras" / "dreamrelation" / "hands.safetensors").exists()
+
+    with pytest.raises(ValueError, match="turn `resume` on"):
+        run_train(pack, prepared, resume=False)
+    out = run_train(pack, prepared)
+    lora_name, plot, report = out["result"]
+    assert lora_name == "dreamrelation/hands.safetensors"
+    lora = load_lora_file(comfy_dirs / "loras" / lora_name)
+    assert set(lora.adapters) == {"relation", "ffn"} and lora.metadata["step"] == "6"
+    assert plot.ndim == 4 and plot.shape[0] == 1 and plot.shape[-1] == 3 and 0 <= float(plot.min()) <= float(plot.max()) <= 1
+    assert "finished at step 6/6" in report
+    import folder_paths
+
+    assert lora_name in folder_paths.get_filename_list("loras")  # the loader node can list it
+
+
+def test_bad_run_name(pack, comfy_dirs, prepared):
+    with pytest.raises(ValueError, match="run name"):
+        run_train(pack, prepared, name="../escape")
+
+
+class _ComfyVAEAPI:
+    """ComfyUI's VAE interface (`encode(pixels [F, H, W, 3] in 0..1) -> raw latents [1, 12, T, h, w]`)
+    over the tiny diffusers VAE: ComfyUI can only build its Mochi VAE at full size."""
+
+    def __init__(self, vae):
+        self.first_stage_model = vae
+
+    def encode(self, pixels):
+        x = pixels.movedim(-1, 0)[None] * 2 - 1  # [1, 3, F, H, W] in [-1, 1]
+        return self.first_stage_model.encode(x).latent_dist.mode()
+
+
+class _ComfyCLIPAPI:
+    """ComfyUI's CLIP interface (`tokenize`, `encode_from_tokens(..., return_dict=True)`) over the tiny
+    T5; pads to 256 tokens with an attention mask, as ComfyUI's Mochi T5 does."""
+
+    def __init__(self):
+        self.cond_stage_model, self.tok = tiny_text_encoder(), tiny_tokenizer(256)
+
+    def tokenize(self, text):
+        return self.tok([text], padding="max_length", max_length=256, return_tensors="pt")
+
+    def encode_from_tokens(self, tokens, return_dict=False):
+        with torch.no_grad():
+            cond = self.cond_stage_model(**tokens).last_hidden_state
+        return {"cond": cond, "pooled_output": None, "attention_mask": tokens["attention_mask"]}
+
+
+def test_prepare_node_with_comfy_encoders(pack, comfy_dirs, tmp_path):
+    data = write_synthetic_dataset(tmp_path / "data", num_videos=1, num_frames=FRAMES, size=SIZE)
+    spec = describe_dataset(data, FRAMES, SIZE)
+    prepared, report = pack.nodes.train.DreamRelationPrepareDataset().prepare(
+        spec, _ComfyVAEAPI(tiny_vae()), _ComfyCLIPAPI(), max_text_len=16, cache_dir=str(tmp_path / "cache"))
+    clip = load_prepared(prepared.cache_dir)[0]
+    assert clip.y_feat.shape == (16, 32) and clip.y_mask.sum() == 12  # caption tokens + </s>, cut to 16
+    # the latents are the VAE's mean of the same fitted frames the core encodes
+    core = tmp_path / "core"
+    prepare_dataset(data, core, tiny_vae(), tiny_text_encoder(), tiny_tokenizer(16), FRAMES, SIZE, max_text_len=16)
+    ref = load_prepared(core)[0]
+    assert torch.allclose(clip.mean, ref.mean, atol=1e-5) and torch.equal(clip.mask1, ref.mask1)
+    assert torch.allclose(clip.y_feat, ref.y_feat, atol=1e-5)
+    g = torch.Generator().manual_seed(0)
+    z = clip.sample_latents(g)
+    assert torch.allclose(z, clip.sample_latents(torch.Generator().manual_seed(1)), atol=1e-4)  # mean only
+    assert "1 clip(s)" in report
