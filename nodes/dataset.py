@@ -10,12 +10,28 @@ from __future__ import annotations
 from dreamrelation_core.dataset import DatasetSpec, describe_dataset, folder_stamp
 
 
+def resolve_folder(folder: str) -> str:
+    """An absolute folder as given; a relative one inside ComfyUI's input folder (then output)."""
+    import os
+
+    folder = folder.strip()
+    if not folder or os.path.isabs(folder):
+        return folder
+    import folder_paths
+
+    for base in (folder_paths.get_input_directory(), folder_paths.get_output_directory()):
+        cand = os.path.join(base, folder)
+        if os.path.isdir(cand):
+            return cand
+    return os.path.join(folder_paths.get_input_directory(), folder)  # the error will name this path
+
+
 class DreamRelationDataset:
     @classmethod
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "folder": ("STRING", {"default": "", "tooltip": "one folder per relation: <name>.mp4|.gif|<name>/ "
+                "folder": ("STRING", {"default": "", "tooltip": "dataset folder (absolute, or relative to ComfyUI's input folder), one per relation: <name>.mp4|.gif|<name>/ "
                                       "frames, <name>.txt caption, <name>.masks.npz or reference mask PNGs"}),
                 "frames": ("INT", {"default": 61, "min": 7, "max": 301, "step": 6,
                                    "tooltip": "frames per training clip: 6k + 1 (61 in the paper)"}),
@@ -35,10 +51,10 @@ class DreamRelationDataset:
     @classmethod
     def IS_CHANGED(cls, folder: str, frames: int, height: int, width: int):
         # Re-validate when the folder's files change, not only when the inputs do.
-        return f"{folder_stamp(folder.strip())}|{frames}|{height}|{width}"
+        return f"{folder_stamp(resolve_folder(folder))}|{frames}|{height}|{width}"
 
     def load(self, folder: str, frames: int, height: int, width: int) -> tuple[DatasetSpec, str]:
-        spec = describe_dataset(folder.strip(), frames, (height, width))
+        spec = describe_dataset(resolve_folder(folder), frames, (height, width))
         return spec, spec.report()
 
 

@@ -139,3 +139,15 @@ def test_prepare_node_with_comfy_encoders(pack, comfy_dirs, tmp_path):
     z = clip.sample_latents(g)
     assert torch.allclose(z, clip.sample_latents(torch.Generator().manual_seed(1)), atol=1e-4)  # mean only
     assert "1 clip(s)" in report
+
+
+def test_dataset_node_resolves_input_folder(pack, comfy_dirs, tmp_path):
+    import folder_paths
+
+    folder_paths.set_input_directory(str(tmp_path / "input"))
+    write_synthetic_dataset(tmp_path / "input" / "relations" / "touch", num_videos=1, num_frames=FRAMES, size=SIZE)
+    node = pack.nodes.dataset.DreamRelationDataset()
+    spec, report = node.load("relations/touch", FRAMES, *SIZE)
+    assert Path(spec.folder) == tmp_path / "input" / "relations" / "touch" and len(spec.entries) == 1
+    with pytest.raises(Exception, match=r"input/relations/missing"):
+        node.load("relations/missing", FRAMES, *SIZE)
