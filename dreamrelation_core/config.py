@@ -92,12 +92,11 @@ class TrainConfig:
         return cls(**data)
 
     def save_yaml(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-        os.replace(tmp, path)
-        return path
+        from .fileio import atomic_path
+
+        with atomic_path(path) as tmp:
+            tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        return Path(path)
 
     @classmethod
     def load_yaml(cls, path: str | os.PathLike) -> "TrainConfig":

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from .fileio import atomic_path
 
 SUBJECT_COLOURS: tuple[tuple[int, int, int], tuple[int, int, int]] = ((102, 221, 225), (179, 62, 234))
 COMPACT_SUFFIX = ".masks.npz"
@@ -124,18 +125,10 @@ def save_compact_masks(path: str | os.PathLike, subject1: np.ndarray, subject2: 
     """Write `<name>.masks.npz` atomically (temp file, then rename)."""
     subject1, subject2 = np.asarray(subject1, bool), np.asarray(subject2, bool)
     _check_stacks(subject1, subject2, str(path))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
             np.savez_compressed(f, subject1=subject1, subject2=subject2)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return Path(path)
 
 
 def find_masks(video: str | os.PathLike) -> Path | None:

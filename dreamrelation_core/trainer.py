@@ -21,6 +21,7 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 
 from . import formats, triplet
+from .fileio import atomic_path
 from .config import TrainConfig
 from .contrastive import RCLSettings, RelationalContrastiveLoss
 from .flow import diffusers_timestep, masked_flow_loss, noisy
@@ -332,13 +333,8 @@ class Trainer:
         d = self.run_dir / CHECKPOINT_DIR
         d.mkdir(parents=True, exist_ok=True)
         path = d / f"checkpoint_{self.step:06d}.pt"
-        tmp = d / f".{path.name}.tmp"
-        try:
+        with atomic_path(path) as tmp:
             torch.save(self.state_dict(), tmp)
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
         keep = self.config.keep_checkpoints
         if keep > 0:
             for old in list_checkpoints(self.run_dir)[:-keep]:
