@@ -265,9 +265,7 @@ def test_export_cli(tmp_path):
     ls = random_triplet(blocks=2)
     src = formats.save_triplet(tmp_path / "trip.safetensors", ls)
     out = tmp_path / "loras" / "rel_mochi.safetensors"
-    proc = subprocess.run([sys.executable, "-c", "import argparse, sys\nfrom dreamrelation_core import comfy_keys\n"
-                           "p = argparse.ArgumentParser(); s = p.add_subparsers(); comfy_keys.add_cli(s)\n"
-                           "a = p.parse_args(sys.argv[1:]); sys.exit(a.func(a))", "export-comfy", str(src), str(out)],
+    proc = subprocess.run([sys.executable, "-m", "dreamrelation_core", "export-comfy", str(src), str(out)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     back = comfy_keys.genmo_to_lora_set(load_file(out), source=str(out))
