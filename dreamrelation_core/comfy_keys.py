@@ -219,7 +219,9 @@ def save_comfy_lora(
 ) -> Path:
     """Write relation + ffn of `lora` as a stock genmo-key Mochi LoRA (safetensors, atomic: a
     failure leaves no file)."""
-    from .formats import _atomic_save_safetensors
+    from safetensors.torch import save_file
+
+    from .fileio import atomic_path
 
     source = source or lora.metadata.get("source", "LoRA")
     sd = comfy_state_dict(lora, dtype=dtype, source=source)
@@ -232,7 +234,9 @@ def save_comfy_lora(
         "num_blocks": str(lora.num_blocks()),
         "source": Path(str(source)).name,
     }
-    return _atomic_save_safetensors(Path(path), sd, meta)
+    with atomic_path(path) as tmp:  # a failed write leaves no file and no old file clobbered
+        save_file(sd, str(tmp), metadata=meta)
+    return Path(path)
 
 
 # ---------------------------------------------------------------------------------------------
