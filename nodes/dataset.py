@@ -9,21 +9,7 @@ from __future__ import annotations
 
 from dreamrelation_core.dataset import DatasetSpec, describe_dataset, folder_stamp
 
-
-def resolve_folder(folder: str) -> str:
-    """An absolute folder as given; a relative one inside ComfyUI's input folder (then output)."""
-    import os
-
-    folder = folder.strip()
-    if not folder or os.path.isabs(folder):
-        return folder
-    import folder_paths
-
-    for base in (folder_paths.get_input_directory(), folder_paths.get_output_directory()):
-        cand = os.path.join(base, folder)
-        if os.path.isdir(cand):
-            return cand
-    return os.path.join(folder_paths.get_input_directory(), folder)  # the error will name this path
+from .paths import resolve_dataset_folder
 
 
 class DreamRelationDataset:
@@ -51,10 +37,10 @@ class DreamRelationDataset:
     @classmethod
     def IS_CHANGED(cls, folder: str, frames: int, height: int, width: int):
         # Re-validate when the folder's files change, not only when the inputs do.
-        return f"{folder_stamp(resolve_folder(folder))}|{frames}|{height}|{width}"
+        return f"{folder_stamp(resolve_dataset_folder(folder))}|{frames}|{height}|{width}"
 
     def load(self, folder: str, frames: int, height: int, width: int) -> tuple[DatasetSpec, str]:
-        spec = describe_dataset(resolve_folder(folder), frames, (height, width))
+        spec = describe_dataset(resolve_dataset_folder(folder), frames, (height, width))
         return spec, spec.report()
 
 

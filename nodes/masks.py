@@ -275,10 +275,9 @@ def _has_frame_pngs(folder: Path) -> bool:
 
 
 def _resolve_out(folder: str) -> Path:
-    import folder_paths
+    from .paths import resolve_dataset_folder
 
-    p = Path(folder.strip()).expanduser()
-    return p if p.is_absolute() else Path(folder_paths.get_output_directory()) / p
+    return Path(resolve_dataset_folder(folder))
 
 
 class DreamRelationSaveMasks:
@@ -289,7 +288,8 @@ class DreamRelationSaveMasks:
                 "subject1": ("MASK", {"tooltip": "subject 1's mask on every frame"}),
                 "subject2": ("MASK", {"tooltip": "subject 2's mask on every frame (same size and frame count)"}),
                 "folder": ("STRING", {"default": "dreamrelation/masks", "tooltip": "dataset folder (the video's "
-                                      "folder); a relative path is inside ComfyUI's output folder"}),
+                                      "folder); a relative path is inside ComfyUI's input folder (or its output "
+                                      "folder where only that one has it)"}),
                 "name": ("STRING", {"default": "clip", "tooltip": "the video's name without extension: "
                                     "writes <name>.masks.npz or <name>/frame{i}.png"}),
                 "layout": (list(LAYOUTS), {"tooltip": "compact: one exact .masks.npz (overlaps kept); reference: "

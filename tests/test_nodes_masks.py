@@ -19,6 +19,7 @@ def models_dir(comfyui, tmp_path: Path, monkeypatch):
     for name in ("grounding-dino", "sams", "sam2", "bert-base-uncased"):
         folder_paths.folder_names_and_paths[name] = ([str(tmp_path / name)], {".pth", ".pt", ".safetensors"})
     monkeypatch.setattr(folder_paths, "get_output_directory", lambda: str(tmp_path / "output"))
+    monkeypatch.setattr(folder_paths, "get_input_directory", lambda: str(tmp_path / "input"))
     yield tmp_path
     folder_paths.folder_names_and_paths.clear()
     folder_paths.folder_names_and_paths.update(saved)
@@ -68,13 +69,14 @@ def test_subject_masks_node_runs_and_masks_round_trip(models_dir: Path, nodes) -
 
     saved = nodes.DreamRelationSaveMasks().save(s1, s2, "ds", "clip", nodes.LAYOUTS[1], True)
     path = Path(saved["result"][0])
-    assert path == models_dir / "output" / "ds" / "clip" and (path / "frame3.png").is_file()
+    # a new dataset folder goes where exemplar videos are uploaded: ComfyUI's input folder
+    assert path == models_dir / "input" / "ds" / "clip" and (path / "frame3.png").is_file()
     l1, l2, lrel = nodes.DreamRelationLoadMasks().load(str(path))
     assert torch.equal(l1, s1) and torch.equal(l2, s2 * (1 - s1))  # PNG: overlaps go to subject 1
     assert torch.equal(lrel, rel)
     nodes.DreamRelationSaveMasks().save(s1, s2, "ds", "clip", nodes.LAYOUTS[0], True)
-    (models_dir / "output" / "ds" / "clip.mp4").write_bytes(b"")
-    c1, c2, _ = nodes.DreamRelationLoadMasks().load(str(models_dir / "output" / "ds" / "clip.mp4"))
+    (models_dir / "input" / "ds" / "clip.mp4").write_bytes(b"")
+    c1, c2, _ = nodes.DreamRelationLoadMasks().load(str(models_dir / "input" / "ds" / "clip.mp4"))
     assert torch.equal(c1, s1) and torch.equal(c2, s2)  # compact layout found beside the video, exact
 
 

@@ -30,13 +30,21 @@ pytestmark = pytest.mark.comfyui
 WORKFLOWS = {
     "dreamrelation_generate.json": {"DreamRelationRelationLoraLoader", "DreamRelationMochiSamplerPatch",
                                     "DreamRelationAttentionMaps", "KSampler", "EmptyMochiLatentVideo", "CLIPLoader"},
+    "dreamrelation_train.json": {"DreamRelationDataset", "DreamRelationPrepareDataset", "DreamRelationTrain",
+                                 "VAELoader", "CLIPLoader", "PreviewImage"},
+    "dreamrelation_masks.json": {"LoadVideo", "GetVideoComponents", "DreamRelationSubjectMasks",
+                                 "DreamRelationSaveMasks", "PreviewImage"},
 }
 PLACEHOLDERS = {
     "diffusion_models": ["mochi_preview_dit_bf16.safetensors"],
     "text_encoders": ["t5xxl_fp16.safetensors"],
     "vae": ["mochi_vae.safetensors"],
     "loras": ["shaking_hands_relation.safetensors"],
+    "grounding-dino": ["groundingdino_swint_ogc.pth"],
+    "sams": ["sam_vit_h_4b8939.pth"],
+    "sam2": ["sam2.1_hiera_large.safetensors"],
 }
+INPUT_PLACEHOLDERS = ["handshake_01.mp4"]  # the masks workflow's example video
 
 
 def _ui_to_api_script() -> Path | None:
@@ -81,6 +89,9 @@ def server(tmp_path_factory):
         (base / "models" / folder).mkdir(parents=True)
         for n in names:
             (base / "models" / folder / n).write_bytes(b"")
+    (base / "input").mkdir()
+    for n in INPUT_PLACEHOLDERS:
+        (base / "input" / n).write_bytes(b"")
     port = _free_port()
     log = open(base / "server.log", "w")
     proc = subprocess.Popen(
@@ -114,7 +125,9 @@ def test_server_lists_our_nodes(server):
     url, _, _ = server
     info = _get(f"{url}/object_info")
     for name in ("DreamRelationRelationLoraLoader", "DreamRelationExportRelationLora",
-                 "DreamRelationMochiSamplerPatch", "DreamRelationAttentionMaps"):
+                 "DreamRelationMochiSamplerPatch", "DreamRelationAttentionMaps", "DreamRelationDataset",
+                 "DreamRelationPrepareDataset", "DreamRelationTrain", "DreamRelationSubjectMasks",
+                 "DreamRelationSaveMasks", "DreamRelationLoadMasks"):
         assert name in info, f"{name} not registered"
         for section in info[name]["input"].values():
             for inp, spec in section.items():
@@ -133,8 +146,13 @@ def test_workflow_converts_and_validates(server, name, tmp_path):
     prompt = prompt.get("output", prompt)
     types = {n["class_type"] for n in prompt.values()}
     assert WORKFLOWS[name] <= types, f"lost in conversion: {WORKFLOWS[name] - types}"
-    patch = next(n for n in prompt.values() if n["class_type"] == "DreamRelationMochiSamplerPatch")
-    assert patch["inputs"]["attention_words"] == "bear, raccoon" and isinstance(patch["inputs"]["clip"], list)
+    if name == "dreamrelation_generate.json":
+        patch = next(n for n in prompt.values() if n["class_type"] == "DreamRelationMochiSamplerPatch")
+        assert patch["inputs"]["attention_words"] == "bear, raccoon" and isinstance(patch["inputs"]["clip"], list)
+    if name == "dreamrelation_train.json":
+        train = next(n for n in prompt.values() if n["class_type"] == "DreamRelationTrain")
+        assert train["inputs"]["steps"] == 2000 and train["inputs"]["resume"] is True
+        assert train["inputs"]["gradient_checkpointing"] is True  # optional widgets kept their places
     req = urllib.request.Request(f"{url}/prompt", data=json.dumps({"prompt": prompt}).encode(),
                                  headers={"Content-Type": "application/json"})
     try:
