@@ -71,6 +71,7 @@ def main() -> None:
     ap.add_argument("--real-size", action="store_true", help="real-size random models (needs a GPU to be quick)")
     ap.add_argument("--frames", type=int, default=None)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--no-warmup", action="store_true", help="time the first run of each mode (real-size on a CPU)")
     args = ap.parse_args()
     torch.manual_seed(0)
     if args.real_size:
@@ -92,7 +93,8 @@ def main() -> None:
     }
     fps = {}
     for name, opt in runs.items():
-        timed(ex, frames, opt)  # warm-up: first calls of each tensor shape build kernels
+        if not args.no_warmup:
+            timed(ex, frames, opt)  # warm-up: first calls of each tensor shape build kernels
         secs, r = timed(ex, frames, opt)
         fps[name] = len(frames) / secs
         split = ", ".join(f"{k} {v:.2f}s" for k, v in sorted(r.timings.items()))
