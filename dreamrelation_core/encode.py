@@ -7,10 +7,13 @@ VAE (diffusers `AutoencoderKLMochi`), either
 - a diffusers folder: `config.json` + `diffusion_pytorch_model*.safetensors` (the `vae/` folder of
   `genmo/mochi-1-preview`), or the pipeline folder holding `vae/`;
 - one `.safetensors` file with diffusers key names, plus `config_dir` holding its `config.json`
-  (defaults to the file's own folder).
-The genmo / ComfyUI key layout (`models/vae/mochi_vae.safetensors`, keys `encoder.layers.*` /
-`decoder.blocks.*`) is recognised and refused with an explanation: its encoder must be
-converted to diffusers names first (not provided yet).
+  (defaults to the file's own folder);
+- one `.safetensors` file in the genmo / ComfyUI key layout, as ComfyUI users have
+  `models/vae/mochi_vae.safetensors` (keys `encoder.layers.*` / `decoder.blocks.*`, also genmo's
+  unprefixed `encoder.safetensors`, or a checkpoint holding it under `first_stage_model.` / `vae.`):
+  converted in memory by `mochi_vae_convert`, the config derived from the tensors (the real file
+  gives diffusers' default config), no `config_dir` needed. It must hold the encoder; a file
+  without the decoder loads, and decoding with it raises an error saying so.
 
 Text encoder (transformers `T5EncoderModel`, T5-XXL for Mochi), either
 - a transformers folder (`config.json` + weights), e.g. `text_encoder/` of genmo/mochi-1-preview;
@@ -35,6 +38,7 @@ import numpy as np
 import torch
 
 from .latent_masks import SPATIAL_COMPRESSION, check_frame_count
+from .mochi_vae_convert import VaeKeyError, convert_genmo_vae, is_genmo_vae
 
 # diffusers AutoencoderKLMochi config defaults == comfy.latent_formats.Mochi
 MOCHI_LATENTS_MEAN: tuple[float, ...] = (
@@ -106,8 +110,54 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise ModelFileError(f"{path}: not a readable .safetensors file ({type(e).__name__}: {e})") from e
 
 
-def _is_genmo_vae(keys: set[str]) -> bool:
-    return any(k.startswith(("encoder.layers.", "decoder.blocks.", "layers.", "blocks.")) for k in keys)
+class _AbsentDecoder(torch.nn.Module):
+    """Stands in for the decoder of a VAE file that has none: fails with the file's name when used."""
+
+    def __init__(self, source: str) -> None:
+        super().__init__()
+        self.source = source
+
+    def forward(self, *args, **kwargs):
+        raise ModelFileError(
+            f"{self.source}: this VAE file has no decoder weights (only the encoder), so it cannot decode; "
+            "use a Mochi VAE file with its decoder (keys decoder.blocks.*) or the diffusers vae/ folder"
+        )
+
+
+def _vae_from_genmo(path: Path, sd: dict[str, torch.Tensor], dtype: torch.dtype):
+    """AutoencoderKLMochi from genmo / ComfyUI-layout weights, converted in memory, loaded strictly."""
+    from diffusers import AutoencoderKLMochi
+
+    try:
+        conv = convert_genmo_vae(sd)
+    except VaeKeyError as e:
+        raise ModelFileError(f"{path}: genmo/ComfyUI-layout Mochi VAE that cannot be converted: {e}") from e
+    if "encoder" not in conv.parts:
+        raise ModelFileError(
+            f"{path}: {conv.describe()}. Preparing a dataset encodes clips and needs the VAE encoder "
+            "(keys encoder.layers.*): use a Mochi VAE file that includes it, or the vae/ folder of "
+            "genmo/mochi-1-preview (diffusers format)"
+        )
+    with torch.device("meta"):  # the file supplies every weight: no memory or time for a random init
+        vae = AutoencoderKLMochi(**conv.config)
+    if "decoder" not in conv.parts:
+        vae.decoder = _AbsentDecoder(str(path))  # no random decoder that would decode to noise
+    expected = vae.state_dict()
+    for k, t in expected.items():  # the config comes from the tensors; this catches e.g. pruned bottlenecks
+        if k in conv.state_dict and conv.state_dict[k].shape != t.shape:
+            raise ModelFileError(
+                f"{path}: converted key {k!r} has shape {tuple(conv.state_dict[k].shape)}, "
+                f"AutoencoderKLMochi({conv.config}) expects {tuple(t.shape)}"
+            )
+    weights = {k: v.to(dtype) for k, v in conv.state_dict.items()}
+    try:
+        vae.load_state_dict(weights, strict=True, assign=True)
+    except RuntimeError as e:  # missing / unexpected keys: the converter and diffusers disagree
+        raise ModelFileError(f"{path}: converted weights do not fit AutoencoderKLMochi: {e}") from e
+    left = [n for n, p in vae.named_parameters() if p.is_meta] + [n for n, b in vae.named_buffers() if b.is_meta]
+    if left:
+        raise ModelFileError(f"{path}: VAE weights left unset after loading: {left[:3]}")
+    return vae
 
 
 def load_vae(
@@ -116,7 +166,11 @@ def load_vae(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
 ):
-    """Mochi VAE (`AutoencoderKLMochi`) from a diffusers folder or one diffusers-layout .safetensors."""
+    """Mochi VAE (`AutoencoderKLMochi`) from a diffusers folder or one .safetensors file.
+
+    The file may use diffusers key names (config from `config_dir` or the file's folder) or the
+    genmo / ComfyUI layout (converted; `config_dir` is not used). See the module docstring.
+    """
     from diffusers import AutoencoderKLMochi
 
     path = Path(path)
@@ -134,12 +188,8 @@ def load_vae(
     if path.suffix.lower() != ".safetensors":
         raise ModelFileError(f"{path}: expected a .safetensors file or a diffusers folder, got {path.suffix!r}")
     sd = _load_safetensors(path)
-    if _is_genmo_vae(set(sd)):
-        raise ModelFileError(
-            f"{path}: genmo/ComfyUI key layout (e.g. {sorted(sd)[0]!r}); this loader needs diffusers key names. "
-            "Use the vae/ folder of genmo/mochi-1-preview (diffusers format), or its "
-            "diffusion_pytorch_model.safetensors with --vae-config pointing at that folder"
-        )
+    if is_genmo_vae(sd):
+        return _vae_from_genmo(path, sd, dtype).to(device).eval()
     cfg_dir = _config_folder(
         [Path(config_dir) if config_dir else None, path.parent], "vae", "AutoencoderKLMochi config", path
     )
