@@ -536,7 +536,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
         "with T5 once, writing <cache>/<name>.safetensors and manifest.json. Local model files only.",
     )
     p.add_argument("data_dir", help="dataset folder: <name>.mp4|.webm|.gif|<name>/ frames, <name>.txt, masks")
-    p.add_argument("--vae", required=True, help="Mochi VAE: diffusers folder or diffusers-layout .safetensors")
+    p.add_argument("--vae", required=True, help="Mochi VAE: ComfyUI's mochi_vae.safetensors (genmo keys), a diffusers "
+                   "folder, or a diffusers-layout .safetensors (with --vae-config)")
     p.add_argument("--vae-config", default=None, help="folder with the VAE's config.json (single-file --vae)")
     p.add_argument("--text-encoder", required=True, help="T5-XXL: transformers folder or .safetensors (t5xxl_fp16)")
     p.add_argument("--text-encoder-config", default=None,

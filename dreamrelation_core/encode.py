@@ -160,6 +160,13 @@ def _vae_from_genmo(path: Path, sd: dict[str, torch.Tensor], dtype: torch.dtype)
     return vae
 
 
+def vae_from_genmo_state_dict(state_dict: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
+                              source: str = "state dict"):
+    """AutoencoderKLMochi from genmo / ComfyUI-layout VAE weights held in memory (e.g. the weights
+    of a VAE ComfyUI has loaded); `source` names them in errors."""
+    return _vae_from_genmo(Path(source), dict(state_dict), dtype).eval()
+
+
 def load_vae(
     path: str | os.PathLike,
     config_dir: str | os.PathLike | None = None,

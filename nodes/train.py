@@ -36,16 +36,21 @@ class PreparedDataset:
 def comfy_encoders(vae, clip):
     """`dataset.Encoders` from ComfyUI's VAE and CLIP objects.
 
-    ComfyUI's Mochi VAE encoder returns the posterior mode (mean) only; its latents are raw (not yet
-    normalised), like diffusers'. With no variance given, the log-variance is stored as -30 (std
-    3e-7): training then sees the mean, as ComfyUI would encode a video.
+    Video: the weights of ComfyUI's Mochi VAE encoder are converted to diffusers'
+    AutoencoderKLMochi and encode there. That encoder keeps genmo's causal temporal attention
+    (ComfyUI's own VAE Encode runs it non-causally) and gives the posterior's mean and variance.
+    Text: ComfyUI's Mochi T5, with its attention mask, cut or padded to `max_len` tokens.
     """
     from dreamrelation_core.dataset import Encoders, model_tag
+    from dreamrelation_core.encode import encode_frames
+
+    reference_vae = None
 
     def encode_video(frames: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        pixels = torch.from_numpy(np.ascontiguousarray(frames)).float() / 255.0  # [F, H, W, 3] in [0, 1]
-        mean = vae.encode(pixels)[0].float().cpu()  # [12, T, h, w] raw latents
-        return mean, torch.full_like(mean, -30.0)
+        nonlocal reference_vae
+        if reference_vae is None:  # converted once per prepare run, on the first clip to encode
+            reference_vae = reference_vae_from_comfy(vae)
+        return encode_frames(reference_vae, frames)  # [12, T, h, w] each, raw latents
 
     def encode_text(captions: list[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         feats, masks = [], []
@@ -60,6 +65,23 @@ def comfy_encoders(vae, clip):
 
     tags = (f"comfy-vae-{model_tag(vae.first_stage_model)}", f"comfy-clip-{model_tag(clip.cond_stage_model)}")
     return Encoders(encode_video=encode_video, encode_text=encode_text, tags=tags)
+
+
+def reference_vae_from_comfy(vae):
+    """diffusers AutoencoderKLMochi (encoder only) from the weights of ComfyUI's loaded Mochi VAE."""
+    import comfy.model_management as mm
+
+    from dreamrelation_core.encode import vae_from_genmo_state_dict
+
+    model = getattr(vae, "first_stage_model", None)
+    if model is None:
+        raise ValueError(f"the vae input is a {type(vae).__name__}, not a ComfyUI VAE")
+    sd = {k: v.detach().to("cpu") for k, v in model.state_dict().items() if k.startswith("encoder.")}
+    if not sd:
+        raise ValueError(f"the vae input ({type(model).__name__}) has no encoder weights: load Mochi's VAE "
+                         "(models/vae/mochi_vae.safetensors) with Load VAE")
+    ref = vae_from_genmo_state_dict(sd, torch.float32, source=f"the vae input ({type(model).__name__})")
+    return ref.to(mm.get_torch_device())
 
 
 def _fit_length(t: torch.Tensor, n: int, pad) -> torch.Tensor:
@@ -80,7 +102,8 @@ class DreamRelationPrepareDataset:
         return {
             "required": {
                 "dataset": ("DREAMRELATION_DATASET", {"tooltip": "a checked dataset folder (DreamRelation Dataset node)"}),
-                "vae": ("VAE", {"tooltip": "Mochi VAE (Load VAE: mochi_vae.safetensors) to encode the videos"}),
+                "vae": ("VAE", {"tooltip": "Mochi VAE (Load VAE: mochi_vae.safetensors); its encoder weights "
+                                "encode the videos with genmo's causal attention"}),
                 "clip": ("CLIP", {"tooltip": "T5-XXL loaded by CLIPLoader with type 'mochi', to encode the captions"}),
                 "max_text_len": ("INT", {"default": 256, "min": 8, "max": 512,
                                          "tooltip": "text tokens per caption; Mochi uses 256"}),

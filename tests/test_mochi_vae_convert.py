@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from _comfy_vae import comfy_tiny_vae as _comfy_tiny_vae
 from dreamrelation_core import tiny
 from dreamrelation_core.encode import ModelFileError, encode_frames, load_vae
 from dreamrelation_core.mochi_vae_convert import (
@@ -44,37 +45,6 @@ def _diffusers(config: dict, state_dict: dict[str, torch.Tensor]):
 
 
 # ---------------------------------------------------------------- against ComfyUI's classes
-
-def _comfy_tiny_vae(temporal: list[int]) -> torch.nn.Module:
-    """ComfyUI's genmo Encoder + Decoder at a tiny size, random weights, held as VideoVAE holds them."""
-    import comfy.ldm.genmo.vae.model as gm
-
-    torch.manual_seed(0)
-    spatial = [2, 2, 2]
-    vae = torch.nn.Module()  # VideoVAE() hard-codes the full size; same attribute names -> same keys
-    vae.encoder = gm.Encoder(
-        in_channels=15, base_channels=32, channel_multipliers=[1, 2, 3, 4], num_res_blocks=[1, 1, 1, 1, 1],
-        latent_dim=12, temporal_reductions=temporal, spatial_reductions=spatial,
-        prune_bottlenecks=[False] * 5, has_attentions=[False, True, True, True, True],
-        affine=True, bias=True, input_is_conv_1x1=True, padding_mode="replicate",
-    )
-    vae.decoder = gm.Decoder(
-        out_channels=3, base_channels=32, channel_multipliers=[1, 2, 3, 4], temporal_expansions=temporal,
-        spatial_expansions=spatial, num_res_blocks=[1, 1, 1, 1, 1], latent_dim=12, has_attention=[False] * 5,
-        padding_mode="replicate", output_norm=False, nonlinearity="silu", output_nonlinearity="silu", causal=True,
-    )
-    # ComfyUI's ops skip weight init (tensors are left empty): fill every tensor, scaled so
-    # activations stay O(1) through the stack and differences are meaningful.
-    with torch.no_grad():
-        for name, p in vae.named_parameters():
-            if p.ndim > 1:
-                p.copy_(torch.randn_like(p) / p[0].numel() ** 0.5)
-            elif name.endswith("weight"):  # GroupNorm scales
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-            else:
-                p.copy_(0.1 * torch.randn_like(p))
-    return vae.eval()
-
 
 def _causal_attention(q, k, v, heads, skip_reshape=True, **kwargs):
     """genmo's reference VAE attention (is_causal=True), in optimized_attention's calling convention."""

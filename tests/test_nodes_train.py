@@ -94,16 +94,12 @@ def test_bad_run_name(pack, comfy_dirs, prepared):
         run_train(pack, prepared, name="../escape")
 
 
-class _ComfyVAEAPI:
-    """ComfyUI's VAE interface (`encode(pixels [F, H, W, 3] in 0..1) -> raw latents [1, 12, T, h, w]`)
-    over the tiny diffusers VAE: ComfyUI can only build its Mochi VAE at full size."""
+class _ComfyVAE:
+    """Holds a Mochi VAE model as ComfyUI's `comfy.sd.VAE` does (`first_stage_model`): here ComfyUI's
+    own genmo Encoder/Decoder classes at a tiny size (ComfyUI builds its Mochi VAE only full size)."""
 
-    def __init__(self, vae):
-        self.first_stage_model = vae
-
-    def encode(self, pixels):
-        x = pixels.movedim(-1, 0)[None] * 2 - 1  # [1, 3, F, H, W] in [-1, 1]
-        return self.first_stage_model.encode(x).latent_dist.mode()
+    def __init__(self, model):
+        self.first_stage_model = model
 
 
 class _ComfyCLIPAPI:
@@ -123,31 +119,27 @@ class _ComfyCLIPAPI:
 
 
 def test_prepare_node_with_comfy_encoders(pack, comfy_dirs, tmp_path):
+    from _comfy_vae import comfy_tiny_vae
+    from safetensors.torch import save_file as save
+
+    from dreamrelation_core.encode import load_vae
+
+    comfy_vae = comfy_tiny_vae([1, 2, 3])
     data = write_synthetic_dataset(tmp_path / "data", num_videos=1, num_frames=FRAMES, size=SIZE)
     spec = describe_dataset(data, FRAMES, SIZE)
     prepared, report = pack.nodes.train.DreamRelationPrepareDataset().prepare(
-        spec, _ComfyVAEAPI(tiny_vae()), _ComfyCLIPAPI(), max_text_len=16, cache_dir=str(tmp_path / "cache"))
+        spec, _ComfyVAE(comfy_vae), _ComfyCLIPAPI(), max_text_len=16, cache_dir=str(tmp_path / "cache"))
     clip = load_prepared(prepared.cache_dir)[0]
     assert clip.y_feat.shape == (16, 32) and clip.y_mask.sum() == 12  # caption tokens + </s>, cut to 16
-    # the latents are the VAE's mean of the same fitted frames the core encodes
+    # same latents (mean and variance) as the core's prepare with that VAE saved as ComfyUI's file
+    save({k: v.contiguous() for k, v in comfy_vae.state_dict().items()}, str(tmp_path / "mochi_vae.safetensors"))
     core = tmp_path / "core"
-    prepare_dataset(data, core, tiny_vae(), tiny_text_encoder(), tiny_tokenizer(16), FRAMES, SIZE, max_text_len=16)
+    prepare_dataset(data, core, load_vae(tmp_path / "mochi_vae.safetensors"), tiny_text_encoder(), tiny_tokenizer(16),
+                    FRAMES, SIZE, max_text_len=16)
     ref = load_prepared(core)[0]
-    assert torch.allclose(clip.mean, ref.mean, atol=1e-5) and torch.equal(clip.mask1, ref.mask1)
-    assert torch.allclose(clip.y_feat, ref.y_feat, atol=1e-5)
-    g = torch.Generator().manual_seed(0)
-    z = clip.sample_latents(g)
-    assert torch.allclose(z, clip.sample_latents(torch.Generator().manual_seed(1)), atol=1e-4)  # mean only
+    assert torch.equal(clip.mean, ref.mean) and torch.equal(clip.logvar, ref.logvar)
+    assert torch.equal(clip.mask1, ref.mask1) and torch.allclose(clip.y_feat, ref.y_feat, atol=1e-5)
     assert "1 clip(s)" in report
-
-
-def test_dataset_node_resolves_input_folder(pack, comfy_dirs, tmp_path):
-    import folder_paths
-
-    folder_paths.set_input_directory(str(tmp_path / "input"))
-    write_synthetic_dataset(tmp_path / "input" / "relations" / "touch", num_videos=1, num_frames=FRAMES, size=SIZE)
-    node = pack.nodes.dataset.DreamRelationDataset()
-    spec, report = node.load("relations/touch", FRAMES, *SIZE)
-    assert Path(spec.folder) == tmp_path / "input" / "relations" / "touch" and len(spec.entries) == 1
-    with pytest.raises(Exception, match=r"input/relations/missing"):
-        node.load("relations/missing", FRAMES, *SIZE)
+    with pytest.raises(ValueError, match="has no encoder weights"):
+        pack.nodes.train.DreamRelationPrepareDataset().prepare(
+            spec, _ComfyVAE(torch.nn.Linear(2, 2)), _ComfyCLIPAPI(), 16, str(tmp_path / "c2"))
