@@ -207,9 +207,25 @@ _SAM2_VARIANTS = {  # (trunk embed dim, number of trunk blocks) -> config file s
 }
 
 
+SAM2_INSTALL = "SAM2_BUILD_CUDA=0 pip install --no-build-isolation sam2"
+
+
+def _require_sam2():
+    """The optional sam2 package, or an error that says how to install it."""
+    try:
+        import hydra  # noqa: F401
+        import sam2
+    except ImportError as e:
+        raise ModelFileError(
+            f"SAM 2 propagation needs the optional package sam2 ({e.name} is missing): install it into "
+            f"ComfyUI's Python with `{SAM2_INSTALL}` (no compiler needed), or choose no SAM 2 model"
+        ) from e
+    return sam2
+
+
 def sam2_config_path(name: str) -> Path:
     """A config shipped with sam2: 'sam2.1_hiera_t' -> .../sam2/configs/sam2.1/sam2.1_hiera_t.yaml."""
-    import sam2
+    sam2 = _require_sam2()
 
     folder = "sam2.1" if name.startswith("sam2.1") else "sam2"
     path = Path(sam2.__file__).parent / "configs" / folder / f"{name}.yaml"
@@ -244,6 +260,7 @@ def _sam2_has_c_extension() -> bool:
 
 def build_sam2_model(config: str | os.PathLike, overrides: dict | None = None):
     """SAM2VideoPredictor from a shipped config name or a yaml path, random weights, eval mode."""
+    _require_sam2()
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 

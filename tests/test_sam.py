@@ -132,3 +132,13 @@ def test_sam2_propagates_over_every_frame_from_the_prompted_frame(sam2_file: Pat
     assert np.array_equal(calls[1]["box"], BOXES[1])
     with pytest.raises(ValueError, match="start frame 5 outside the clip's 5 frames"):
         prop.propagate(clip, 5, BOXES)
+
+
+def test_missing_sam2_package_says_how_to_install(monkeypatch):
+    import sys
+
+    from dreamrelation_core import sam as sam_mod
+
+    monkeypatch.setitem(sys.modules, "sam2", None)  # import sam2 -> ImportError, as where it is not installed
+    with pytest.raises(sam_mod.ModelFileError, match="SAM2_BUILD_CUDA=0 pip install --no-build-isolation sam2"):
+        sam_mod.build_sam2_model("sam2.1_hiera_t")
