@@ -224,11 +224,6 @@ def probe_video(path: str | os.PathLike) -> VideoInfo:
     return VideoInfo(n, h, w, fps)
 
 
-def video_fps(path: str | os.PathLike) -> float | None:
-    """Frame rate of a video file (None for frame folders and GIFs without durations)."""
-    return probe_video(path).fps
-
-
 def crop_box(height: int, width: int, size: tuple[int, int]) -> tuple[int, int, int, int]:
     """Centred (top, left, crop_h, crop_w) with the aspect ratio of size (H, W)."""
     th, tw = size
