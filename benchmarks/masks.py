@@ -22,9 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from dreamrelation_core.grounding_dino import GroundingDino  # noqa: E402
-from dreamrelation_core.sam import Sam2Propagator, SamSegmenter, build_sam1, build_sam2_model  # noqa: E402
-from dreamrelation_core.subject_masks import SubjectMaskExtractor, SubjectMaskOptions  # noqa: E402
+from dreamrelation_core.masks.extractor import SubjectMaskExtractor, SubjectMaskOptions  # noqa: E402
+from dreamrelation_core.masks.grounding_dino import GroundingDino  # noqa: E402
+from dreamrelation_core.masks.sam import Sam2Propagator, SamSegmenter, build_sam1, build_sam2_model  # noqa: E402
 
 
 def clip(frames: int, h: int, w: int) -> np.ndarray:
@@ -43,9 +43,8 @@ def tiny_models():
 
 
 def real_models(device: str):
-    from transformers import GroundingDinoConfig, GroundingDinoForObjectDetection
-
     from _mask_models import tiny_tokenizer
+    from transformers import GroundingDinoConfig, GroundingDinoForObjectDetection
 
     # Grounding DINO Swin-T (groundingdino_swint_ogc): transformers' defaults are that model.
     cfg = GroundingDinoConfig(backbone_config=dict(model_type="swin", embed_dim=96, depths=[2, 2, 6, 2],

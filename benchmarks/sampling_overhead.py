@@ -46,7 +46,7 @@ def relation_lora(cfg: dict, rank: int = 16):
     """A random full triplet at the model's widths (subject LoRAs included; the loader drops them)."""
     import torch
 
-    from dreamrelation_core.lora_set import ADAPTERS, LoraSet, target_modules
+    from dreamrelation_core.lora.layout import ADAPTERS, LoraSet, target_modules
 
     d, dy = cfg["hidden_size_x"], cfg["hidden_size_y"]
     dims = {"to_q": (d, d), "to_k": (d, d), "to_v": (d, d), "to_out.0": (d, d),
@@ -62,10 +62,9 @@ def relation_lora(cfg: dict, rank: int = 16):
 
 def step_times(model, latent, positive, negative, steps: int) -> list[float]:
     """Per-step wall times of a stock sampler run (euler, ComfyUI's own schedule for the model)."""
-    import torch
-
     import comfy.sample
     import comfy.samplers
+    import torch
 
     sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", steps)
     stamps: list[float] = []
@@ -88,12 +87,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=9)
     args = ap.parse_args()
     _setup()
-    import torch
-
     import _comfy_mochi as cm
     import folder_paths
+    import torch
     from conftest import load_pack
-    from dreamrelation_core import formats
+
+    from dreamrelation_core.lora import files as formats
 
     cfg, base = build(args.depth, args.width)
     pack = load_pack()

@@ -6,13 +6,13 @@ empty (all-masked) negative prompt, Mochi's linear-quadratic sigma schedule, Eul
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
-from . import triplet
-from .flow import diffusers_timestep, linear_quadratic_sigmas, sample
-from .lora_set import INFERENCE_ADAPTERS, LoraSet
+from .lora import peft_triplet as triplet
+from .lora.layout import INFERENCE_ADAPTERS, LoraSet
+from .training.flow import diffusers_timestep, linear_quadratic_sigmas, sample
 
 
 def apply_relation_lora(model: torch.nn.Module, lora: LoraSet) -> torch.nn.Module:

@@ -2,12 +2,12 @@
 
 Checks what `prepare` checks before encoding (captions, masks present and matching their
 videos, mask colours, clip length, size) and outputs a DREAMRELATION_DATASET object
-(`dreamrelation_core.dataset.DatasetSpec`) plus a readable report.
+(`dreamrelation_core.data.dataset.DatasetSpec`) plus a readable report.
 """
 
 from __future__ import annotations
 
-from dreamrelation_core.dataset import DatasetSpec, describe_dataset, folder_stamp
+from dreamrelation_core.data.dataset import DatasetSpec, describe_dataset, folder_stamp
 
 from .paths import resolve_dataset_folder
 

@@ -2,7 +2,7 @@
 
 The loader turns our LoRA (triplet, relation-only export, reference checkpoint or a genmo-key
 Mochi LoRA) into a plain genmo-key LoRA state dict (Q and K stacked into one LoRA per fused
-`qkv_x` / `qkv_y`, see `dreamrelation_core.comfy_keys`) and hands it to ComfyUI's own
+`qkv_x` / `qkv_y`, see `dreamrelation_core.lora.genmo`) and hands it to ComfyUI's own
 `comfy.sd.load_lora_for_models`: the patches live in the ModelPatcher, so merging into the
 weights, low-VRAM loading, offloading, stacking with other LoRAs and unpatching are ComfyUI's.
 """
@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from dreamrelation_core import comfy_keys
-from dreamrelation_core.formats import LoraFormatError, load_lora_file
-from dreamrelation_core.lora_set import INFERENCE_ADAPTERS, LoraSet
+from dreamrelation_core.lora import genmo as comfy_keys
+from dreamrelation_core.lora.files import LoraFormatError, load_lora_file
+from dreamrelation_core.lora.layout import INFERENCE_ADAPTERS, LoraSet
 
 log = logging.getLogger("dreamrelation")
 
@@ -36,7 +36,7 @@ class RelationLoraInfo:
         self.fused = fused
         self.strength = float(strength)
 
-    def __deepcopy__(self, memo: dict) -> "RelationLoraInfo":
+    def __deepcopy__(self, memo: dict) -> RelationLoraInfo:
         return self
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dreamrelation_core import mask_io
+from dreamrelation_core.data import mask_files as mask_io
 
 log = logging.getLogger("dreamrelation.masks")
 
@@ -71,7 +71,7 @@ def _files(name: str) -> list[str]:
 
 
 def grounding_dino_choices() -> list[str]:
-    from dreamrelation_core.grounding_dino import ORIGINAL_FILES
+    from dreamrelation_core.masks.grounding_dino import ORIGINAL_FILES
 
     found = _files("grounding-dino") + _hf_folders("grounding-dino")
     # With nothing installed, offer the expected file: choosing it gives the "put it here" error.
@@ -146,8 +146,8 @@ def _stamp(path: Path) -> float:
 
 def get_models(gdino_name: str, sam_name: str, sam2_name: str):
     """(detector, sam or None, sam2 or None), loaded once per file (and file change)."""
-    from dreamrelation_core.grounding_dino import ORIGINAL_FILES, load_grounding_dino
-    from dreamrelation_core.sam import SAM1_FILES, SAM2_FILES, load_sam1, load_sam2
+    from dreamrelation_core.masks.grounding_dino import ORIGINAL_FILES, load_grounding_dino
+    from dreamrelation_core.masks.sam import SAM1_FILES, SAM2_FILES, load_sam1, load_sam2
 
     _hook_unload()
     gd_path = resolve_model("grounding-dino", gdino_name, ORIGINAL_FILES + ("<HF folder with config.json>",))
@@ -175,8 +175,8 @@ def _tensor_masks(m: np.ndarray) -> torch.Tensor:
 class DreamRelationSubjectMasks:
     @classmethod
     def INPUT_TYPES(cls):
-        from dreamrelation_core.subject_masks import MODES
-        from dreamrelation_core.tracking import ORDERS
+        from dreamrelation_core.masks.extractor import MODES
+        from dreamrelation_core.masks.tracking import ORDERS
 
         return {
             "required": {
@@ -221,7 +221,12 @@ class DreamRelationSubjectMasks:
         import comfy.model_management as mm
         import comfy.utils
 
-        from dreamrelation_core.subject_masks import SubjectMaskExtractor, SubjectMaskOptions, as_uint8_frames, preview
+        from dreamrelation_core.masks.extractor import (
+            SubjectMaskExtractor,
+            SubjectMaskOptions,
+            as_uint8_frames,
+            preview,
+        )
 
         frames = as_uint8_frames(images)
         if sam == NONE and sam2 == NONE:

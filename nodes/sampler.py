@@ -211,7 +211,9 @@ class RelationSamplerPatch(_Shared):
 
     # --- ComfyUI wrappers
 
-    def apply_model(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
+    def apply_model(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None, **kwargs):
+        if transformer_options is None:
+            transformer_options = {}
         base_model = executor.class_obj
         cond_or_uncond = transformer_options.get("cond_or_uncond")
         coefs = self.coefficients(base_model.model_sampling, t, cond_or_uncond)

@@ -125,11 +125,13 @@ def setup_comfyui() -> None:
 
 def _twin_run(lora_dir: Path) -> dict:
     """ComfyUI Mochi + our loader vs diffusers Mochi + peft relation-only, same weights."""
-    from diffusers import MochiTransformer3DModel
-
     import folder_paths
     from conftest import load_pack
-    from dreamrelation_core import formats, mochi_convert, triplet
+    from diffusers import MochiTransformer3DModel
+
+    from dreamrelation_core.lora import files as formats
+    from dreamrelation_core.lora import peft_triplet as triplet
+    from dreamrelation_core.mochi import dit_keys as mochi_convert
 
     cfg = twin_config(depth=2)
     weights = random_genmo_weights(cfg, seed=0)

@@ -191,7 +191,7 @@ def write_original_gdino(path: Path, seed: int = 0, heads: int = 2, cfg_py: bool
 # --- SAM (segment-anything) -----------------------------------------------------------------
 
 def tiny_sam(seed: int = 0, image_size: int = 128):
-    from dreamrelation_core.sam import build_sam1
+    from dreamrelation_core.masks.sam import build_sam1
 
     torch.manual_seed(seed)
     return build_sam1(embed_dim=32, depth=2, num_heads=2, global_attn_indexes=(1,), window_size=4,
@@ -239,7 +239,7 @@ def tiny_sam2_overrides() -> dict:
 
 
 def tiny_sam2(seed: int = 0):
-    from dreamrelation_core.sam import build_sam2_model
+    from dreamrelation_core.masks.sam import build_sam2_model
 
     torch.manual_seed(seed)
     return build_sam2_model("sam2.1_hiera_t", overrides=tiny_sam2_overrides())

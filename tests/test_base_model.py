@@ -4,9 +4,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from dreamrelation_core.base_model import load_transformer
-from dreamrelation_core.mochi_convert import diffusers_to_genmo
-from dreamrelation_core.tiny import tiny_transformer
+from dreamrelation_core.mochi.dit_keys import diffusers_to_genmo
+from dreamrelation_core.mochi.loading import load_transformer
+from dreamrelation_core.mochi.tiny import tiny_transformer
 
 
 def test_comfy_file_loads_without_config(tmp_path):

@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from dreamrelation_core import formats, triplet
-from dreamrelation_core.cli import build_parser, main
-from dreamrelation_core.tiny import tiny_transformer
+from dreamrelation_core.cli import main
+from dreamrelation_core.lora import files as formats
+from dreamrelation_core.lora import peft_triplet as triplet
+from dreamrelation_core.mochi.tiny import tiny_transformer
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = ["prepare", "train", "resume", "export-relation", "import-reference", "demo"]
@@ -64,10 +65,10 @@ def test_bad_input_is_a_clean_error_and_writes_nothing(tmp_path, capsys):
 
 
 def test_train_from_yaml_then_resume(tmp_path, capsys):
-    from dreamrelation_core.dataset import prepare_dataset
-    from dreamrelation_core.synthetic import write_synthetic_dataset
-    from dreamrelation_core.tiny import tiny_text_encoder, tiny_tokenizer, tiny_vae
-    from dreamrelation_core.config import TrainConfig
+    from dreamrelation_core.data.dataset import prepare_dataset
+    from dreamrelation_core.data.synthetic import write_synthetic_dataset
+    from dreamrelation_core.mochi.tiny import tiny_text_encoder, tiny_tokenizer, tiny_vae
+    from dreamrelation_core.training.config import TrainConfig
 
     data = write_synthetic_dataset(tmp_path / "data", num_videos=1, num_frames=7, size=(32, 32))
     prepare_dataset(data, tmp_path / "cache", tiny_vae(), tiny_text_encoder(), tiny_tokenizer(16), 7, (32, 32), max_text_len=16)

@@ -9,9 +9,10 @@ import sys
 import pytest
 import torch
 
-from dreamrelation_core import comfy_keys, mochi_convert
-from dreamrelation_core.formats import LoraFormatError
-from dreamrelation_core.lora_set import ADAPTERS, LoraSet, module_path, target_modules
+from dreamrelation_core.lora import genmo as comfy_keys
+from dreamrelation_core.lora.files import LoraFormatError
+from dreamrelation_core.lora.layout import ADAPTERS, LoraSet, module_path, target_modules
+from dreamrelation_core.mochi import dit_keys as mochi_convert
 
 D, DY, R = 12, 8, 3  # visual width, text width, rank
 
@@ -64,7 +65,7 @@ def test_q_and_k_deltas_land_on_their_rows_only():
     base = _fused_base(2)
     patched = _apply(base, comfy_keys.comfy_state_dict(ls))
     for i in range(2):
-        for fused, (q, k, v) in (("qkv_x", ("to_q", "to_k", "to_v")), ("qkv_y", ("add_q_proj", "add_k_proj", "add_v_proj"))):
+        for fused, (q, k, _v) in (("qkv_x", ("to_q", "to_k", "to_v")), ("qkv_y", ("add_q_proj", "add_k_proj", "add_v_proj"))):
             key = f"blocks.{i}.attn.{fused}.weight"
             diff = patched[key] - base[key]
             for slot, sub in enumerate((q, k)):
@@ -217,7 +218,7 @@ def test_save_comfy_lora_is_atomic_and_loadable(tmp_path):
 
 def test_reference_checkpoint_maps_to_fused_rows(tmp_path):
     """A reference `model_<step>.lora.pt` (SPEC layout) through formats -> our genmo keys."""
-    from dreamrelation_core import formats
+    from dreamrelation_core.lora import files as formats
 
     n, r = 2, 2
     sd = {}
@@ -260,7 +261,7 @@ def test_reference_checkpoint_maps_to_fused_rows(tmp_path):
 def test_export_cli(tmp_path):
     from safetensors.torch import load_file
 
-    from dreamrelation_core import formats
+    from dreamrelation_core.lora import files as formats
 
     ls = random_triplet(blocks=2)
     src = formats.save_triplet(tmp_path / "trip.safetensors", ls)
@@ -278,7 +279,7 @@ def test_export_cli(tmp_path):
 
 
 def test_base_conversion_roundtrip_and_layout():
-    from dreamrelation_core.tiny import tiny_transformer
+    from dreamrelation_core.mochi.tiny import tiny_transformer
 
     model = tiny_transformer(num_layers=3)
     sd = model.state_dict()
@@ -296,7 +297,7 @@ def test_base_conversion_roundtrip_and_layout():
 
 
 def test_base_conversion_errors():
-    from dreamrelation_core.tiny import tiny_transformer
+    from dreamrelation_core.mochi.tiny import tiny_transformer
 
     sd = tiny_transformer(num_layers=2).state_dict()
     genmo = mochi_convert.diffusers_to_genmo(sd)

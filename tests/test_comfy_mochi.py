@@ -13,12 +13,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import _comfy_mochi as cm
 import pytest
 import torch
 
-import _comfy_mochi as cm
-from dreamrelation_core import comfy_keys, formats
-from dreamrelation_core.lora_set import ADAPTERS, LoraSet, target_modules
+from dreamrelation_core.lora import files as formats
+from dreamrelation_core.lora import genmo as comfy_keys
+from dreamrelation_core.lora.layout import ADAPTERS, LoraSet, target_modules
 
 pytestmark = pytest.mark.comfyui
 HERE = Path(__file__).resolve().parent
@@ -254,8 +255,9 @@ def test_sampler_patch_needs_loader(env):
 
 
 def test_ksampler_runs_with_patch_and_attention_maps(env):
-    import nodes as comfy_nodes
     from comfy_extras.nodes_mochi import EmptyMochiLatentVideo
+
+    import nodes as comfy_nodes
 
     latent = EmptyMochiLatentVideo.execute(width=48, height=32, length=7).result[0]
     maps = {}
@@ -274,7 +276,6 @@ def test_ksampler_runs_with_patch_and_attention_maps(env):
 
 def test_token_positions_with_real_mochi_tokenizer(comfyui):
     from comfy.text_encoders.genmo import MochiT5Tokenizer
-
     from dreamrelation_pack.nodes.sampler import token_positions  # type: ignore[import-not-found]
 
     tok = MochiT5Tokenizer()

@@ -2,7 +2,7 @@
 
 import pytest
 
-from dreamrelation_core.config import TrainConfig
+from dreamrelation_core.training.config import TrainConfig
 
 
 def test_defaults_are_reference_recipe():

@@ -5,8 +5,12 @@ import math
 import pytest
 import torch
 
-from dreamrelation_core.contrastive import (
-    MemoryBank, RCLSettings, RelationalContrastiveLoss, frame_features, multi_positive_info_nce,
+from dreamrelation_core.training.contrastive import (
+    MemoryBank,
+    RCLSettings,
+    RelationalContrastiveLoss,
+    frame_features,
+    multi_positive_info_nce,
     relational_features,
 )
 

@@ -11,19 +11,20 @@ import pytest
 import torch
 from PIL import Image
 
-from dreamrelation_core import mask_io, tiny
-from dreamrelation_core.dataset import (
+from dreamrelation_core.cli.prepare import add_cli
+from dreamrelation_core.data import mask_files as mask_io
+from dreamrelation_core.data.dataset import (
     MANIFEST,
     DatasetError,
-    add_cli,
     load_prepared,
     prepare_dataset,
     scan_dataset,
 )
-from dreamrelation_core.encode import encode_captions, encode_frames, normalize_latents
-from dreamrelation_core.latent_masks import latent_mask
-from dreamrelation_core.synthetic import CAPTION, synthetic_clip, write_synthetic_dataset, write_video
-from dreamrelation_core.video_io import fit_clip
+from dreamrelation_core.data.encode import encode_captions, encode_frames, normalize_latents
+from dreamrelation_core.data.latent_masks import latent_mask
+from dreamrelation_core.data.synthetic import CAPTION, synthetic_clip, write_synthetic_dataset, write_video
+from dreamrelation_core.data.video import fit_clip
+from dreamrelation_core.mochi import tiny
 
 F, SIZE, TEXT_LEN = 13, (32, 32), 16
 
@@ -254,7 +255,7 @@ def test_prepare_command_line(data, tmp_path):
 
 
 def test_describe_dataset_and_folder_stamp(data):
-    from dreamrelation_core.dataset import describe_dataset, folder_stamp
+    from dreamrelation_core.data.dataset import describe_dataset, folder_stamp
 
     spec = describe_dataset(data, F, SIZE)
     assert [e.name for e in spec.entries] == ["clip0", "clip1"] and spec.size == SIZE

@@ -2,9 +2,9 @@
 
 from PIL import Image
 
-from dreamrelation_core.demo import run_demo
-from dreamrelation_core.formats import load_lora_file
-from dreamrelation_core.trainer import load_checkpoint
+from dreamrelation_core.cli.demo import run_demo
+from dreamrelation_core.lora.files import load_lora_file
+from dreamrelation_core.training.trainer import load_checkpoint
 
 
 def test_demo_writes_everything(tmp_path, capsys):

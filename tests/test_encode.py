@@ -7,8 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from dreamrelation_core import tiny
-from dreamrelation_core.encode import (
+from dreamrelation_core.data.encode import (
     MOCHI_LATENTS_MEAN,
     MOCHI_LATENTS_STD,
     ModelFileError,
@@ -19,7 +18,8 @@ from dreamrelation_core.encode import (
     load_vae,
     normalize_latents,
 )
-from dreamrelation_core.synthetic import synthetic_clip
+from dreamrelation_core.data.synthetic import synthetic_clip
+from dreamrelation_core.mochi import tiny
 
 CAPTIONS = ["A person is shaking hands with a person.", "a cat"]
 

@@ -3,7 +3,13 @@
 import pytest
 import torch
 
-from dreamrelation_core.flow import diffusers_timestep, linear_quadratic_sigmas, masked_flow_loss, noisy, sample
+from dreamrelation_core.training.flow import (
+    diffusers_timestep,
+    linear_quadratic_sigmas,
+    masked_flow_loss,
+    noisy,
+    sample,
+)
 
 
 def test_noisy_and_target():

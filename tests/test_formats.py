@@ -7,10 +7,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from dreamrelation_core import formats, triplet
-from dreamrelation_core.formats import LoraFormatError
 from dreamrelation_core.generate import apply_relation_lora
-from dreamrelation_core.tiny import tiny_transformer
+from dreamrelation_core.lora import files as formats
+from dreamrelation_core.lora import peft_triplet as triplet
+from dreamrelation_core.lora.files import LoraFormatError
+from dreamrelation_core.mochi.tiny import tiny_transformer
 
 D, DY, N = 64, 32, 3  # tiny visual width, text width, blocks
 

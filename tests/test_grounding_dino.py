@@ -7,9 +7,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _mask_models import (
+    bert_vocab,
+    tiny_gdino,
+    tiny_tokenizer,
+    two_subject_clip,
+    write_hf_gdino,
+    write_original_gdino,
+    write_vocab,
+)
 
-from _mask_models import bert_vocab, tiny_gdino, tiny_tokenizer, two_subject_clip, write_hf_gdino, write_original_gdino, write_vocab
-from dreamrelation_core.grounding_dino import (
+from dreamrelation_core.masks.grounding_dino import (
     DetectorOptions,
     GroundingDino,
     ModelFileError,

@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from dreamrelation_core.latent_masks import (
+from dreamrelation_core.data.latent_masks import (
     check_frame_count,
     frame_cells,
     latent_frame_count,
     latent_mask,
     relation_mask,
 )
-from dreamrelation_core.synthetic import synthetic_clip
+from dreamrelation_core.data.synthetic import synthetic_clip
 
 
 def test_61_frames_give_11_latent_frames_with_hand_values():

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dreamrelation_core import mask_io
+from dreamrelation_core.data import mask_files as mask_io
 
 
 def _masks(frames: int = 12, overlap: bool = False) -> tuple[np.ndarray, np.ndarray]:

@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _comfy_vae import comfy_tiny_vae as _comfy_tiny_vae
 from safetensors.torch import save_file
 
-from _comfy_vae import comfy_tiny_vae as _comfy_tiny_vae
-from dreamrelation_core import tiny
-from dreamrelation_core.encode import ModelFileError, encode_frames, load_vae
-from dreamrelation_core.mochi_vae_convert import (
-    VaeKeyError,
+from dreamrelation_core.data.encode import ModelFileError, encode_frames, load_vae
+from dreamrelation_core.mochi import tiny
+from dreamrelation_core.mochi.vae_keys import (
+    KeyLayoutError,
     convert_genmo_vae,
     diffusers_vae_config,
     diffusers_vae_to_genmo,
@@ -165,7 +165,7 @@ def test_prefixes_and_single_parts(genmo_sd):
     assert "no decoder" in c.describe()
     c = convert_genmo_vae(dec)
     assert c.parts == ("decoder",) and c.config["temporal_expansions"] == (1, 2, 3)
-    with pytest.raises(VaeKeyError, match="cannot tell which 'output_proj'"):
+    with pytest.raises(KeyLayoutError, match="cannot tell which 'output_proj'"):
         convert_genmo_vae({**enc, **{k: v for k, v in dec.items() if k.startswith("blocks.")}})
     # an all-in-one ComfyUI checkpoint: the VAE under first_stage_model., other models beside it
     ckpt = {"first_stage_model." + k: v for k, v in genmo_sd.items()}
@@ -182,7 +182,7 @@ def test_prefixes_and_single_parts(genmo_sd):
 
 def test_conversion_errors_name_the_keys(genmo_sd):
     def fails(sd, match):
-        with pytest.raises(VaeKeyError, match=match):
+        with pytest.raises(KeyLayoutError, match=match):
             convert_genmo_vae(sd)
 
     fails({"model.diffusion_model.blocks.0.attn.qkv_x.weight": torch.zeros(3, 1)}, "not a genmo Mochi VAE")
@@ -204,9 +204,9 @@ def test_conversion_errors_name_the_keys(genmo_sd):
     fails(mixed, r"encoder has \(1, 1, 1, 1, 1\) ResBlocks per stage, the decoder \(2, 1, 1, 1, 1\)")
     dec_only = {k: v for k, v in odd.items() if k.startswith("decoder.")}
     fails(dec_only, "temporal and spatial expansions cannot be told apart")
-    with pytest.raises(VaeKeyError, match=r"key 'encoder\.proj_in\.weight' missing"):
+    with pytest.raises(KeyLayoutError, match=r"key 'encoder\.proj_in\.weight' missing"):
         diffusers_vae_config({k: v for k, v in tiny.tiny_vae().state_dict().items() if k != "encoder.proj_in.weight"})
-    with pytest.raises(VaeKeyError, match=r"1 unexpected key\(s\), e\.g\. \['encoder\.extra'\]"):
+    with pytest.raises(KeyLayoutError, match=r"1 unexpected key\(s\), e\.g\. \['encoder\.extra'\]"):
         diffusers_vae_to_genmo({**tiny.tiny_vae().state_dict(), "encoder.extra": torch.zeros(1)})
 
 

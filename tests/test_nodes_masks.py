@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-
 from _mask_models import two_subject_clip, write_hf_gdino, write_sam
 
 

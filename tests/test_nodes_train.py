@@ -1,17 +1,15 @@
 """Training nodes in the real ComfyUI (in-process, CPU): prepare, train, cancel, resume."""
 
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from dreamrelation_core.dataset import describe_dataset, load_prepared, prepare_dataset
-from dreamrelation_core.formats import load_lora_file
-from dreamrelation_core.mochi_convert import diffusers_to_genmo
-from dreamrelation_core.synthetic import write_synthetic_dataset
-from dreamrelation_core.tiny import tiny_text_encoder, tiny_tokenizer, tiny_transformer, tiny_vae
+from dreamrelation_core.data.dataset import describe_dataset, load_prepared, prepare_dataset
+from dreamrelation_core.data.synthetic import write_synthetic_dataset
+from dreamrelation_core.lora.files import load_lora_file
+from dreamrelation_core.mochi.dit_keys import diffusers_to_genmo
+from dreamrelation_core.mochi.tiny import tiny_text_encoder, tiny_tokenizer, tiny_transformer, tiny_vae
 
 FRAMES, SIZE = 7, (32, 32)
 
@@ -50,7 +48,7 @@ def test_schema_has_tooltips(pack, comfy_dirs):
     for cls in (pack.nodes.train.DreamRelationTrain, pack.nodes.train.DreamRelationPrepareDataset):
         spec = cls.INPUT_TYPES()
         for group in spec.values():
-            for name, (kind, *opts) in group.items():
+            for name, (_kind, *opts) in group.items():
                 assert opts and "tooltip" in opts[0], (cls.__name__, name)
     assert "mochi_tiny.safetensors" in pack.nodes.train.DreamRelationTrain.INPUT_TYPES()["required"]["transformer"][0]
     assert pack.NODE_CLASS_MAPPINGS["DreamRelationTrain"] is pack.nodes.train.DreamRelationTrain
@@ -122,7 +120,7 @@ def test_prepare_node_with_comfy_encoders(pack, comfy_dirs, tmp_path):
     from _comfy_vae import comfy_tiny_vae
     from safetensors.torch import save_file as save
 
-    from dreamrelation_core.encode import load_vae
+    from dreamrelation_core.data.encode import load_vae
 
     comfy_vae = comfy_tiny_vae([1, 2, 3])
     data = write_synthetic_dataset(tmp_path / "data", num_videos=1, num_frames=FRAMES, size=SIZE)

@@ -7,12 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _mask_models import tiny_sam2_overrides, two_subject_clip, write_original_gdino, write_sam, write_sam2
 
-from _mask_models import tiny_sam, tiny_sam2_overrides, two_subject_clip, write_original_gdino, write_sam, write_sam2
-from dreamrelation_core.grounding_dino import ModelFileError
-from dreamrelation_core.sam import (
-    Sam2Propagator,
-    SamSegmenter,
+from dreamrelation_core.masks.grounding_dino import ModelFileError
+from dreamrelation_core.masks.sam import (
     load_sam1,
     load_sam2,
     sam1_config_from_state_dict,
@@ -137,8 +135,9 @@ def test_sam2_propagates_over_every_frame_from_the_prompted_frame(sam2_file: Pat
 def test_missing_sam2_package_says_how_to_install(monkeypatch):
     import sys
 
-    from dreamrelation_core import sam as sam_mod
+    from dreamrelation_core.errors import MissingPackageError
+    from dreamrelation_core.masks import sam as sam_mod
 
     monkeypatch.setitem(sys.modules, "sam2", None)  # import sam2 -> ImportError, as where it is not installed
-    with pytest.raises(sam_mod.ModelFileError, match="SAM2_BUILD_CUDA=0 pip install --no-build-isolation sam2"):
+    with pytest.raises(MissingPackageError, match="SAM2_BUILD_CUDA=0 pip install --no-build-isolation sam2"):
         sam_mod.build_sam2_model("sam2.1_hiera_t")

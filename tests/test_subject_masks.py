@@ -7,13 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from _mask_models import tiny_gdino, tiny_sam, tiny_sam2, tiny_tokenizer, two_subject_clip, write_hf_gdino, write_sam
-from dreamrelation_core import mask_io
-from dreamrelation_core.grounding_dino import GroundingDino
-from dreamrelation_core.sam import Sam2Propagator, SamSegmenter
-from dreamrelation_core.subject_masks import (
-    MaskExtractionCancelled,
+
+from dreamrelation_core.data import mask_files as mask_io
+from dreamrelation_core.masks.extractor import (
+    Cancelled,
     SubjectMaskExtractor,
     SubjectMaskOptions,
     as_uint8_frames,
@@ -21,7 +19,9 @@ from dreamrelation_core.subject_masks import (
     mask_boxes,
     preview,
 )
-from dreamrelation_core.tracking import NotEnoughSubjectsError, pick_initial_pair
+from dreamrelation_core.masks.grounding_dino import GroundingDino
+from dreamrelation_core.masks.sam import Sam2Propagator, SamSegmenter
+from dreamrelation_core.masks.tracking import NotEnoughSubjectsError, pick_initial_pair
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ def test_cancel_stops_the_run(extractor: SubjectMaskExtractor) -> None:
         seen.append(1)
         return len(seen) > 1
 
-    with pytest.raises(MaskExtractionCancelled):
+    with pytest.raises(Cancelled):
         extractor.run(two_subject_clip(6), _opt(mode="per_frame", detection_stride=1, max_frames_per_batch=2),
                       cancel=cancel)
     assert len(seen) == 2

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dreamrelation_core.tracking import (
+from dreamrelation_core.masks.tracking import (
     FrameDetections,
     NotEnoughSubjectsError,
     box_iou,

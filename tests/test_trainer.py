@@ -5,14 +5,19 @@ import math
 import pytest
 import torch
 
-from dreamrelation_core import triplet
-from dreamrelation_core.config import TrainConfig
-from dreamrelation_core.dataset import load_prepared, prepare_dataset
-from dreamrelation_core.formats import load_lora_file
-from dreamrelation_core.synthetic import write_synthetic_dataset
-from dreamrelation_core.tiny import tiny_text_encoder, tiny_tokenizer, tiny_vae
-from dreamrelation_core.trainer import (
-    Trainer, TrainingError, latest_checkpoint, list_checkpoints, load_checkpoint, lr_factor,
+from dreamrelation_core.data.dataset import load_prepared, prepare_dataset
+from dreamrelation_core.data.synthetic import write_synthetic_dataset
+from dreamrelation_core.lora import peft_triplet as triplet
+from dreamrelation_core.lora.files import load_lora_file
+from dreamrelation_core.mochi.tiny import tiny_text_encoder, tiny_tokenizer, tiny_vae
+from dreamrelation_core.training.config import TrainConfig
+from dreamrelation_core.training.trainer import (
+    Trainer,
+    TrainingError,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    lr_factor,
 )
 
 

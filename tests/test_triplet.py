@@ -2,9 +2,9 @@
 
 import torch
 
-from dreamrelation_core import triplet
-from dreamrelation_core.lora_set import target_modules
-from dreamrelation_core.tiny import tiny_transformer
+from dreamrelation_core.lora import peft_triplet as triplet
+from dreamrelation_core.lora.layout import target_modules
+from dreamrelation_core.mochi.tiny import tiny_transformer
 
 N_LAYERS = 3
 
@@ -79,9 +79,9 @@ def test_inactive_adapter_contributes_nothing():
     triplet.activate_branch(model, "subject2")
     ref = model(**inputs())[0]
     with torch.no_grad():
-        for n, p in triplet.lora_parameters(model, "subject1"):
+        for _n, p in triplet.lora_parameters(model, "subject1"):
             p.fill_(100.0)
-        for n, p in triplet.lora_parameters(model, "relation"):
+        for _n, p in triplet.lora_parameters(model, "relation"):
             p.fill_(100.0)
     assert torch.equal(model(**inputs())[0], ref)
     triplet.activate_branch(model, "relation")

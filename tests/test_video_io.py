@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dreamrelation_core.synthetic import synthetic_clip, write_video
-from dreamrelation_core.video_io import (
+from dreamrelation_core.data.synthetic import synthetic_clip, write_video
+from dreamrelation_core.data.video import (
     VideoError,
     crop_box,
     fit_clip,

@@ -22,7 +22,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, find_comfyui
 
 pytestmark = pytest.mark.comfyui

@@ -25,7 +25,7 @@ def triplet_diagram() -> None:
         ax.add_patch(FancyBboxPatch((x, y), w, h, boxstyle="round,pad=0.02", fc=c, ec="black", lw=0.8))
         ax.text(x + w / 2, y + h / 2, text, ha="center", va="center", fontsize=fs)
 
-    for row, (stream, y) in enumerate((("video tokens", 2.2), ("text tokens", 0.7))):
+    for _row, (stream, y) in enumerate((("video tokens", 2.2), ("text tokens", 0.7))):
         ax.text(0.1, y + 0.25, stream, fontsize=10, va="center")
         box(1.4, y, 0.9, 0.5, "W_q", colours["relation"])
         box(2.4, y, 0.9, 0.5, "W_k", colours["relation"])

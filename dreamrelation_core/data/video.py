@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import VideoError
 from .latent_masks import check_frame_count
 
 STREAM_SUFFIXES = (".mp4", ".webm", ".mkv", ".mov")
@@ -33,10 +34,6 @@ GIF_SUFFIXES = (".gif",)
 VIDEO_SUFFIXES = STREAM_SUFFIXES + GIF_SUFFIXES
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg")
 _NUMBER_RE = re.compile(r"(\d+)")
-
-
-class VideoError(ValueError):
-    """A video that cannot be read or fitted as asked; the message names the file."""
 
 
 @dataclass(frozen=True)

@@ -28,10 +28,13 @@ Layout facts (genmo -> diffusers), read from both model definitions:
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import torch
+
+from ..errors import KeyLayoutError
 
 # Defaults of diffusers' AutoencoderKLMochi == genmo's VideoVAE.
 MOCHI_TEMPORAL_EXPANSIONS: tuple[int, ...] = (1, 2, 3)
@@ -52,10 +55,6 @@ _RES = {  # genmo ResBlock suffix -> diffusers MochiResnetBlock3D suffix
     "stack.5.weight": "conv2.conv.weight",
     "stack.5.bias": "conv2.conv.bias",
 }
-
-
-class VaeKeyError(ValueError):
-    """A VAE state dict whose keys or shapes do not fit the Mochi VAE family; names the keys."""
 
 
 @dataclass
@@ -97,7 +96,7 @@ def _count(keys: set[str], prefix: str, what: str, start: int = 0) -> int:
     n = found[-1] + 1 - start
     gaps = sorted(set(range(start, found[-1] + 1)) - set(found))
     if gaps:
-        raise VaeKeyError(f"{what}: no keys for {', '.join(prefix + str(g) for g in gaps)} (between {prefix}{start} and {prefix}{found[-1]})")
+        raise KeyLayoutError(f"{what}: no keys for {', '.join(prefix + str(g) for g in gaps)} (between {prefix}{start} and {prefix}{found[-1]})")
     return n
 
 
@@ -179,7 +178,7 @@ def _decoder_layout(counts: list[int]) -> tuple[_Pairs, _Fused]:
 def _stage_attention(keys: set[str], blocks: list[str], where: str) -> bool:
     flags = {_has(keys, b + "attn_block.") for b in blocks}
     if len(flags) > 1:
-        raise VaeKeyError(
+        raise KeyLayoutError(
             f"{where}: some ResBlocks have attention and some not ({', '.join(blocks)}); "
             "diffusers' AutoencoderKLMochi has one attention flag per stage"
         )
@@ -189,7 +188,7 @@ def _stage_attention(keys: set[str], blocks: list[str], where: str) -> bool:
 def _genmo_encoder_stages(keys: set[str]) -> tuple[list[int], list[bool]]:
     n_top = _count(keys, "encoder.layers.", "genmo VAE encoder")
     if "encoder.layers.0.weight" not in keys:
-        raise VaeKeyError("genmo VAE encoder: key 'encoder.layers.0.weight' (input projection) missing")
+        raise KeyLayoutError("genmo VAE encoder: key 'encoder.layers.0.weight' (input projection) missing")
     kinds = []
     for k in range(1, n_top):
         p = f"encoder.layers.{k}."
@@ -199,17 +198,17 @@ def _genmo_encoder_stages(keys: set[str]) -> tuple[list[int], list[bool]]:
             kinds.append("res")
         else:
             odd = sorted(x for x in keys if x.startswith(p))[:3]
-            raise VaeKeyError(f"genmo VAE encoder: {p[:-1]} is neither a ResBlock nor a DownsampleBlock (keys {odd})")
+            raise KeyLayoutError(f"genmo VAE encoder: {p[:-1]} is neither a ResBlock nor a DownsampleBlock (keys {odd})")
     pattern = "".join("D" if x == "down" else "r" for x in kinds)
     if not re.fullmatch(r"r*D+r*", pattern):
-        raise VaeKeyError(
+        raise KeyLayoutError(
             f"genmo VAE encoder: layers 1..{n_top - 1} are {pattern or 'empty'} (r = ResBlock, D = DownsampleBlock); "
             "expected ResBlocks, one or more DownsampleBlocks, ResBlocks"
         )
     first = pattern.index("D")
     last = pattern.rindex("D")
     if "r" in pattern[first:last]:
-        raise VaeKeyError(f"genmo VAE encoder: a ResBlock between DownsampleBlocks ({pattern})")
+        raise KeyLayoutError(f"genmo VAE encoder: a ResBlock between DownsampleBlocks ({pattern})")
     stages: list[list[str]] = [[f"encoder.layers.{1 + j}." for j in range(first)]]
     for k in range(first, last + 1):
         p = f"encoder.layers.{1 + k}."
@@ -223,12 +222,12 @@ def _genmo_encoder_stages(keys: set[str]) -> tuple[list[int], list[bool]]:
 def _genmo_decoder_stages(keys: set[str]) -> list[int]:
     n_top = _count(keys, "decoder.blocks.", "genmo VAE decoder")
     if n_top < 2:
-        raise VaeKeyError(f"genmo VAE decoder: {n_top} top-level block(s) under 'decoder.blocks.'; expected an input block, up blocks and an output block")
+        raise KeyLayoutError(f"genmo VAE decoder: {n_top} top-level block(s) under 'decoder.blocks.'; expected an input block, up blocks and an output block")
     attn = sorted(k for k in keys if k.startswith("decoder.") and ".attn_block." in k)
     if attn:
-        raise VaeKeyError(f"genmo VAE decoder has attention blocks ({attn[:2]}); diffusers' AutoencoderKLMochi decoder has none")
+        raise KeyLayoutError(f"genmo VAE decoder has attention blocks ({attn[:2]}); diffusers' AutoencoderKLMochi decoder has none")
     if "decoder.blocks.0.0.weight" not in keys:
-        raise VaeKeyError("genmo VAE decoder: key 'decoder.blocks.0.0.weight' (input conv) missing")
+        raise KeyLayoutError("genmo VAE decoder: key 'decoder.blocks.0.0.weight' (input conv) missing")
     counts = [_count(keys, "decoder.blocks.0.", "genmo VAE decoder", start=1)]
     for i in range(1, n_top - 1):
         counts.append(_count(keys, f"decoder.blocks.{i}.blocks.", "genmo VAE decoder"))
@@ -272,7 +271,7 @@ def _add_part_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return sd
     enc, dec = _has(set(sd), "layers."), _has(set(sd), "blocks.")
     if enc and dec:
-        raise VaeKeyError(
+        raise KeyLayoutError(
             "genmo VAE: keys 'layers.*' (encoder) and 'blocks.*' (decoder) without 'encoder.'/'decoder.' prefixes "
             "in one file: cannot tell which 'output_proj' belongs to which part"
         )
@@ -285,19 +284,19 @@ def _add_part_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def _take(sd: Mapping[str, torch.Tensor], key: str, what: str) -> torch.Tensor:
     if key not in sd:
-        raise VaeKeyError(f"{what}: key {key!r} missing")
+        raise KeyLayoutError(f"{what}: key {key!r} missing")
     return sd[key]
 
 
 def _check_all_used(sd: Mapping[str, torch.Tensor], used: set[str], what: str) -> None:
     extra = sorted(set(sd) - used)
     if extra:
-        raise VaeKeyError(f"{what}: {len(extra)} unexpected key(s), e.g. {extra[:5]}")
+        raise KeyLayoutError(f"{what}: {len(extra)} unexpected key(s), e.g. {extra[:5]}")
 
 
 def _split_qkv(t: torch.Tensor, key: str) -> tuple[torch.Tensor, ...]:
     if t.ndim != 2 or t.shape[0] != 3 * t.shape[1]:
-        raise VaeKeyError(f"genmo VAE: {key} has shape {tuple(t.shape)}; expected [3*C, C] (q, k, v stacked)")
+        raise KeyLayoutError(f"genmo VAE: {key} has shape {tuple(t.shape)}; expected [3*C, C] (q, k, v stacked)")
     return tuple(c.contiguous() for c in t.chunk(3, dim=0))  # chunk views share storage: save_file refuses those
 
 
@@ -308,7 +307,7 @@ def _expansions_from_ratios(ratios: list[int], where: str) -> tuple[tuple[int, .
     mochi = [t * s * s for t, s in zip(MOCHI_TEMPORAL_EXPANSIONS, MOCHI_SPATIAL_EXPANSIONS)][::-1]  # innermost first
     if ratios == mochi:
         return MOCHI_TEMPORAL_EXPANSIONS, MOCHI_SPATIAL_EXPANSIONS
-    raise VaeKeyError(
+    raise KeyLayoutError(
         f"{where}: up-block factors t*s*s = {ratios} (innermost first) are not Mochi's {mochi}; without the "
         "encoder the temporal and spatial expansions cannot be told apart"
     )
@@ -323,7 +322,7 @@ def diffusers_vae_config(state_dict: Mapping[str, torch.Tensor]) -> dict[str, An
     keys = set(state_dict)
     has_enc, has_dec = _has(keys, "encoder."), _has(keys, "decoder.")
     if not (has_enc or has_dec):
-        raise VaeKeyError("diffusers VAE: no 'encoder.' or 'decoder.' keys")
+        raise KeyLayoutError("diffusers VAE: no 'encoder.' or 'decoder.' keys")
     sd = state_dict
     cfg: dict[str, Any] = {}
     enc_lpb = dec_lpb = None
@@ -336,7 +335,7 @@ def diffusers_vae_config(state_dict: Mapping[str, torch.Tensor]) -> dict[str, An
         for i in range(n_down):
             w = _take(sd, f"encoder.down_blocks.{i}.conv_in.conv.weight", "diffusers VAE encoder")
             if w.ndim != 5 or w.shape[3] != w.shape[4]:
-                raise VaeKeyError(f"encoder.down_blocks.{i}.conv_in.conv.weight has shape {tuple(w.shape)}; expected [out, in, t, s, s]")
+                raise KeyLayoutError(f"encoder.down_blocks.{i}.conv_in.conv.weight has shape {tuple(w.shape)}; expected [out, in, t, s, s]")
             channels.append(int(w.shape[0]))
             te.append(int(w.shape[2]))
             se.append(int(w.shape[3]))
@@ -357,20 +356,20 @@ def diffusers_vae_config(state_dict: Mapping[str, torch.Tensor]) -> dict[str, An
         # channels innermost first: conv_in's output, then each up block's input (= proj input) ...
         inner = [int(_take(sd, f"decoder.up_blocks.{i}.proj.weight", "diffusers VAE decoder").shape[1]) for i in range(n_up)]
         if inner and inner[0] != w_in.shape[0]:
-            raise VaeKeyError(f"decoder.conv_in.weight gives {w_in.shape[0]} channels, decoder.up_blocks.0.proj.weight takes {inner[0]}")
+            raise KeyLayoutError(f"decoder.conv_in.weight gives {w_in.shape[0]} channels, decoder.up_blocks.0.proj.weight takes {inner[0]}")
         outer = inner[1:] + [int(w_out.shape[1])]  # ... and each up block's output channels
         ratios = []
         for i in range(n_up):
             rows = int(sd[f"decoder.up_blocks.{i}.proj.weight"].shape[0])
             if rows % outer[i]:
-                raise VaeKeyError(f"decoder.up_blocks.{i}.proj.weight has {rows} rows, not a multiple of the next stage's {outer[i]} channels")
+                raise KeyLayoutError(f"decoder.up_blocks.{i}.proj.weight has {rows} rows, not a multiple of the next stage's {outer[i]} channels")
             ratios.append(rows // outer[i])
         dec_channels = tuple(reversed([int(w_in.shape[0])] + outer)) if n_up else (int(w_in.shape[0]),)
         if has_enc:
             te, se = cfg["temporal_expansions"], cfg["spatial_expansions"]
             want = [te[-i - 1] * se[-i - 1] ** 2 for i in range(n_up)]
             if len(te) != n_up or ratios != want:
-                raise VaeKeyError(
+                raise KeyLayoutError(
                     f"VAE encoder and decoder disagree: encoder expansions t={te} s={se} need decoder up-block factors {want}, "
                     f"the decoder has {ratios}"
                 )
@@ -379,11 +378,11 @@ def diffusers_vae_config(state_dict: Mapping[str, torch.Tensor]) -> dict[str, An
             cfg.update(temporal_expansions=te, spatial_expansions=se)
         latent = int(w_in.shape[1])
         if has_enc and cfg["latent_channels"] != latent:
-            raise VaeKeyError(f"VAE encoder gives {cfg['latent_channels']} latent channels, decoder.conv_in.weight takes {latent}")
+            raise KeyLayoutError(f"VAE encoder gives {cfg['latent_channels']} latent channels, decoder.conv_in.weight takes {latent}")
         cfg.update(decoder_block_out_channels=dec_channels, latent_channels=latent, out_channels=int(w_out.shape[0]))
         dec_lpb = tuple(reversed(counts))
     if enc_lpb is not None and dec_lpb is not None and enc_lpb != dec_lpb:
-        raise VaeKeyError(
+        raise KeyLayoutError(
             f"VAE encoder has {enc_lpb} ResBlocks per stage, the decoder {dec_lpb}; "
             "diffusers' AutoencoderKLMochi uses one layers_per_block for both"
         )
@@ -402,7 +401,7 @@ def diffusers_vae_config(state_dict: Mapping[str, torch.Tensor]) -> dict[str, An
 def convert_genmo_vae(state_dict: Mapping[str, torch.Tensor]) -> GenmoVaeConversion:
     """genmo / ComfyUI Mochi VAE weights -> diffusers `AutoencoderKLMochi` weights + config.
 
-    Converts whichever of encoder and decoder is present; raises VaeKeyError naming the missing
+    Converts whichever of encoder and decoder is present; raises KeyLayoutError naming the missing
     or unexpected keys. The input is left unchanged; tensors are shared, not copied.
     """
     sd, prefix, ignored = _strip_vae_prefix(state_dict)
@@ -410,7 +409,7 @@ def convert_genmo_vae(state_dict: Mapping[str, torch.Tensor]) -> GenmoVaeConvers
     keys = set(sd)
     parts = tuple(p for p in ("encoder", "decoder") if _has(keys, p + "."))
     if not parts:
-        raise VaeKeyError(
+        raise KeyLayoutError(
             f"not a genmo Mochi VAE: no 'encoder.layers.*' / 'decoder.blocks.*' keys (e.g. {sorted(keys)[:3]})"
         )
     pairs: _Pairs = []
@@ -431,7 +430,7 @@ def convert_genmo_vae(state_dict: Mapping[str, torch.Tensor]) -> GenmoVaeConvers
         if g == "encoder.layers.0.weight" and t.ndim == 5:
             # genmo's input_is_conv_1x1=False variant: a 1x1x1 Conv3d, the same map as diffusers' Linear
             if tuple(t.shape[2:]) != (1, 1, 1):
-                raise VaeKeyError(f"genmo VAE: {g} has shape {tuple(t.shape)}; expected [C, in] or [C, in, 1, 1, 1]")
+                raise KeyLayoutError(f"genmo VAE: {g} has shape {tuple(t.shape)}; expected [C, in] or [C, in, 1, 1, 1]")
             t = t.reshape(t.shape[0], t.shape[1])
         out[d] = t
         used.add(g)
@@ -463,7 +462,7 @@ def diffusers_vae_to_genmo(state_dict: Mapping[str, torch.Tensor]) -> dict[str, 
         pairs += p
         fused += f
     if not pairs:
-        raise VaeKeyError("diffusers VAE: no 'encoder.' or 'decoder.' keys")
+        raise KeyLayoutError("diffusers VAE: no 'encoder.' or 'decoder.' keys")
     out: dict[str, torch.Tensor] = {}
     used: set[str] = set()
     for g, d in pairs:

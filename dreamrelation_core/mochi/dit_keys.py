@@ -14,7 +14,7 @@ alone. Layout facts (SPEC "Verified facts"):
 from __future__ import annotations
 
 import re
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 

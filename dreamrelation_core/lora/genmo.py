@@ -19,15 +19,15 @@ ComfyUI's alpha / rank factor is 1 and the scale lives in B). FFN LoRAs go on `p
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Iterable, Mapping, NamedTuple
+from typing import NamedTuple
 
 import torch
 
-from .lora_set import INFERENCE_ADAPTERS, LoraSet, module_path, parse_module_path
+from .layout import INFERENCE_ADAPTERS, LoraSet, module_path, parse_module_path
 
 FORMAT_COMFY = "dreamrelation.comfy"  # metadata of our export (a plain genmo-key LoRA)
 FORMAT_GENMO = "genmo"  # LoraSet metadata["format"] of a genmo-key LoRA read back
@@ -70,7 +70,7 @@ _UP = {"lora_B.weight", "lora_B", "lora_up.weight"}
 
 def _error(msg: str) -> Exception:
     # formats imports this module lazily; importing formats here lazily too avoids a cycle.
-    from .formats import LoraFormatError
+    from .files import LoraFormatError
 
     return LoraFormatError(msg)
 
@@ -221,7 +221,7 @@ def save_comfy_lora(
     failure leaves no file)."""
     from safetensors.torch import save_file
 
-    from .fileio import atomic_path
+    from ..fileio import atomic_path
 
     source = source or lora.metadata.get("source", "LoRA")
     sd = comfy_state_dict(lora, dtype=dtype, source=source)
@@ -333,38 +333,3 @@ def genmo_to_lora_set(state_dict: Mapping[str, torch.Tensor], source: str) -> Lo
     applied = {a: len(m) for a, m in lora.weights.items()}
     lora.metadata["report"] = json.dumps({"applied": applied, "dropped": dropped})
     return lora
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI: python -m dreamrelation_core export-comfy IN OUT
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def export_comfy(src: str | Path, dst: str | Path, dtype: str = "fp32") -> Path:
-    """Read any LoRA file we accept and write its relation + ffn part as a stock Mochi LoRA."""
-    from .formats import load_lora_file
-
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype {dtype!r}: expected one of {sorted(_DTYPES)}")
-    lora = load_lora_file(src)
-    return save_comfy_lora(dst, lora, dtype=_DTYPES[dtype], source=str(src))
-
-
-def _run_cli(args: argparse.Namespace) -> int:
-    out = export_comfy(args.input, args.output, args.dtype)
-    print(f"wrote {out} (relation + ffn as a genmo-key Mochi LoRA; load it with ComfyUI's LoraLoaderModelOnly)")
-    return 0
-
-
-def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "export-comfy",
-        help="write a relation LoRA as a standard Mochi LoRA for ComfyUI's stock LoRA loaders",
-        description="Read our triplet / relation-only file or a reference checkpoint and write its "
-        "relation + ffn LoRAs in genmo key names (subject LoRAs are left out).",
-    )
-    p.add_argument("input", help="triplet, relation-only or reference .lora.pt / .safetensors file")
-    p.add_argument("output", help="output .safetensors (e.g. ComfyUI/models/loras/handshake_mochi.safetensors)")
-    p.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32", help="tensor precision written (default fp32)")
-    p.set_defaults(func=_run_cli)

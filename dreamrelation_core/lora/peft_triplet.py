@@ -11,12 +11,12 @@ not, and the last block's text-query projection (its output is discarded) is lef
 from __future__ import annotations
 
 import warnings
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
 
-from .lora_set import ADAPTERS, INFERENCE_ADAPTERS, LoraSet, target_modules
+from .layout import ADAPTERS, INFERENCE_ADAPTERS, LoraSet, target_modules
 
 # Branches of hybrid mask training and the adapters each one trains (SPEC "LoRA selection").
 BRANCHES = ("relation", "subject1", "subject2")

@@ -14,14 +14,17 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Protocol
 
 import torch
 
-from . import formats, triplet
-from .fileio import atomic_path
+from ..errors import TrainingError
+from ..fileio import atomic_path
+from ..lora import files as formats
+from ..lora import peft_triplet as triplet
 from .config import TrainConfig
 from .contrastive import RCLSettings, RelationalContrastiveLoss
 from .flow import diffusers_timestep, masked_flow_loss, noisy
@@ -43,10 +46,6 @@ class Clip(Protocol):
     mask2: torch.Tensor  # [T, h, w]
 
     def sample_latents(self, generator: torch.Generator) -> torch.Tensor: ...  # [12, T, h, w]
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (non-finite loss, bad data); the last good checkpoint is kept."""
 
 
 @dataclass
@@ -79,7 +78,7 @@ class TrainResult:
 
 def load_transformer(config: TrainConfig, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """The frozen base model, from local files only (or the tiny random test model)."""
-    from .base_model import load_transformer as load
+    from ..mochi.loading import load_transformer as load
 
     return load(config.transformer, config.transformer_config, dtype, config.seed, config.extra.get("tiny"))
 
@@ -156,7 +155,7 @@ class Trainer:
     def _load_clips(self) -> list[Clip]:
         if not self.config.cache_dir:
             raise TrainingError("config.cache_dir is empty and no clips were given")
-        from .dataset import load_prepared
+        from ..data.dataset import load_prepared
 
         return list(load_prepared(self.config.cache_dir))
 
@@ -345,7 +344,7 @@ class Trainer:
     def resume(
         cls, run_dir: str | os.PathLike, clips: Sequence[Clip] | None = None, model: torch.nn.Module | None = None,
         checkpoint: str | os.PathLike | None = None,
-    ) -> "Trainer":
+    ) -> Trainer:
         """Rebuild a run from its folder and load its last (or the given) checkpoint."""
         run_dir = Path(run_dir)
         ckpt = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir)

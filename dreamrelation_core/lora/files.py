@@ -27,8 +27,17 @@ from typing import Any
 
 import torch
 
-from .fileio import atomic_path
-from .lora_set import ADAPTER_MODULES, ADAPTERS, INFERENCE_ADAPTERS, LoraSet, module_path, parse_module_path, target_modules
+from ..errors import LoraFormatError
+from ..fileio import atomic_path
+from .layout import (
+    ADAPTER_MODULES,
+    ADAPTERS,
+    INFERENCE_ADAPTERS,
+    LoraSet,
+    module_path,
+    parse_module_path,
+    target_modules,
+)
 
 FORMAT_TRIPLET = "dreamrelation.triplet"
 FORMAT_RELATION = "dreamrelation.relation"
@@ -46,10 +55,6 @@ _REF_MODULES = {
     "to_q_y": "add_q_proj", "to_k_y": "add_k_proj", "to_v_y": "add_v_proj",
     "proj_x": "to_out.0", "proj_y": "to_add_out",
 }
-
-
-class LoraFormatError(ValueError):
-    """A LoRA file that cannot be read as what it claims to be; names the file and the key."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,7 +168,7 @@ def load_lora_file(path: str | os.PathLike) -> LoraSet:
         return _parse_ours(path, sd, meta)
     if "kwargs" in meta or any(_REF_KEY_RE.match(k) for k in sd):
         return _parse_reference(path, sd, _json_meta(path, meta, "kwargs") if "kwargs" in meta else None)
-    from . import comfy_keys
+    from . import genmo as comfy_keys
 
     if comfy_keys.is_genmo_lora(sd.keys()):
         return comfy_keys.genmo_to_lora_set(sd, source=str(path))

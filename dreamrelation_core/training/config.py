@@ -84,7 +84,7 @@ class TrainConfig:
         return d
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "TrainConfig":
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> TrainConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -92,14 +92,14 @@ class TrainConfig:
         return cls(**data)
 
     def save_yaml(self, path: str | os.PathLike) -> Path:
-        from .fileio import atomic_path
+        from ..fileio import atomic_path
 
         with atomic_path(path) as tmp:
             tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
         return Path(path)
 
     @classmethod
-    def load_yaml(cls, path: str | os.PathLike) -> "TrainConfig":
+    def load_yaml(cls, path: str | os.PathLike) -> TrainConfig:
         path = Path(path)
         try:
             data = yaml.safe_load(path.read_text()) or {}

@@ -37,8 +37,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import KeyLayoutError, ModelFileError, ModelFileNotFoundError
+from ..mochi.vae_keys import convert_genmo_vae, is_genmo_vae
 from .latent_masks import SPATIAL_COMPRESSION, check_frame_count
-from .mochi_vae_convert import VaeKeyError, convert_genmo_vae, is_genmo_vae
 
 # diffusers AutoencoderKLMochi config defaults == comfy.latent_formats.Mochi
 MOCHI_LATENTS_MEAN: tuple[float, ...] = (
@@ -52,10 +53,6 @@ MOCHI_LATENTS_STD: tuple[float, ...] = (
     0.881393668867029, 0.9168315692124348, 0.9185249279345552, 0.9274757570805041,
 )
 LATENT_CHANNELS = 12
-
-
-class ModelFileError(ValueError):
-    """A model file or folder that is missing or not what was expected; names the path."""
 
 
 def _stats(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,7 +79,7 @@ def denormalize_latents(z: torch.Tensor) -> torch.Tensor:
 
 def _require(path: Path, what: str) -> None:
     if not path.exists():
-        raise ModelFileError(f"{path}: not found; expected {what}")
+        raise ModelFileNotFoundError(f"{path}: not found; expected {what}")
 
 
 def _config_folder(candidates: list[Path | None], sub: str, what: str, for_file: Path) -> Path:
@@ -130,7 +127,7 @@ def _vae_from_genmo(path: Path, sd: dict[str, torch.Tensor], dtype: torch.dtype)
 
     try:
         conv = convert_genmo_vae(sd)
-    except VaeKeyError as e:
+    except KeyLayoutError as e:
         raise ModelFileError(f"{path}: genmo/ComfyUI-layout Mochi VAE that cannot be converted: {e}") from e
     if "encoder" not in conv.parts:
         raise ModelFileError(

@@ -80,7 +80,7 @@ class LoraSet:
         a, b = self.weights[adapter][path]
         return self.scales[adapter] * (b.float() @ a.float())
 
-    def only(self, adapters: tuple[str, ...] | list[str]) -> "LoraSet":
+    def only(self, adapters: tuple[str, ...] | list[str]) -> LoraSet:
         """A copy restricted to `adapters` (tensors shared, not cloned)."""
         keep = [a for a in self.weights if a in adapters]
         return LoraSet(

@@ -18,23 +18,23 @@ sources, settings and models are unchanged are skipped.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 import torch
 
-from . import mask_io
-from .fileio import atomic_path
+from ..errors import DatasetError
+from ..fileio import atomic_path
+from . import mask_files as mask_io
 from .encode import encode_captions, encode_frames, normalize_latents
 from .latent_masks import check_frame_count, latent_mask
-from .video_io import FRAME_SUFFIXES, VIDEO_SUFFIXES, VideoError, fit_clip, probe_video, read_video
+from .video import FRAME_SUFFIXES, VIDEO_SUFFIXES, VideoError, fit_clip, probe_video, read_video
 
 CACHE_FORMAT = "dreamrelation-prepared-1"
 MANIFEST = "manifest.json"
@@ -42,10 +42,6 @@ DEFAULT_CACHE = ".dreamrelation_cache"
 _FRAME_MASK_RE = re.compile(r"^frame\d+\.png$", re.IGNORECASE)
 
 Progress = Callable[[int, int, str], None]  # (entries done, total, name of the entry just done)
-
-
-class DatasetError(ValueError):
-    """A dataset folder or cache that cannot be used as it is; the message names the files."""
 
 
 @dataclass(frozen=True)
@@ -345,7 +341,7 @@ def _load_entry_masks(entry: VideoEntry) -> tuple[np.ndarray, np.ndarray]:
     return m1, m2
 
 
-def _validate_for_training(entries: Iterable[VideoEntry], num_frames: int) -> None:
+def validate_for_training(entries: Iterable[VideoEntry], num_frames: int) -> None:
     """Every check that can fail before anything is encoded or written."""
     short = [f"{e.video}: has {e.num_frames} frames, training needs {num_frames}" for e in entries
              if e.num_frames < num_frames]
@@ -366,7 +362,7 @@ class Encoders:
     tags: tuple[str, str]  # identities of the two models: a change re-encodes the cache
 
     @classmethod
-    def from_models(cls, vae, text_encoder, tokenizer) -> "Encoders":
+    def from_models(cls, vae, text_encoder, tokenizer) -> Encoders:
         return cls(
             encode_video=lambda frames: encode_frames(vae, frames),
             encode_text=lambda captions, n: encode_captions(text_encoder, tokenizer, captions, n),
@@ -418,7 +414,7 @@ def prepare_dataset(
     size = (int(size[0]), int(size[1]))
     check_training_size(size)
     entries = scan_dataset(folder)
-    _validate_for_training(entries, num_frames)
+    validate_for_training(entries, num_frames)
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     settings = {"num_frames": num_frames, "size": list(size), "max_text_len": max_text_len}
@@ -466,7 +462,7 @@ def describe_dataset(folder: str | os.PathLike, num_frames: int, size: tuple[int
     size = (int(size[0]), int(size[1]))
     check_training_size(size)
     entries = scan_dataset(folder)
-    _validate_for_training(entries, num_frames)
+    validate_for_training(entries, num_frames)
     return DatasetSpec(Path(folder), tuple(entries), num_frames, size)
 
 
@@ -481,73 +477,3 @@ def folder_stamp(folder: str | os.PathLike) -> str:
             st = p.stat()
             h.update(f"{p.relative_to(folder)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
-
-
-# ---------------------------------------------------------------- command line
-
-def parse_size(text: str) -> tuple[int, int]:
-    """'480x848' -> (480, 848) as (H, W)."""
-    m = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*", text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"size {text!r}: expected HEIGHTxWIDTH, e.g. 480x848")
-    return int(m.group(1)), int(m.group(2))
-
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _run_cli(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from .encode import load_text_encoder, load_vae
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-    cache = Path(args.cache) if args.cache else Path(args.data_dir) / DEFAULT_CACHE
-    # Fail on the data before spending minutes loading T5-XXL.
-    check_frame_count(args.frames)
-    check_training_size(args.size)
-    entries = scan_dataset(args.data_dir)
-    _validate_for_training(entries, args.frames)
-    print(f"{len(entries)} video(s) in {args.data_dir}; loading models on {device} ({args.dtype or 'auto'})")
-    vae = load_vae(args.vae, args.vae_config, dtype=dtype, device=device)
-    if args.vae_tiling:
-        vae.enable_tiling()
-    te, tok = load_text_encoder(args.text_encoder, args.tokenizer, args.text_encoder_config, dtype=dtype, device=device)
-    bar = tqdm(total=len(entries), desc="prepare", unit="video")
-
-    def progress(done: int, total: int, name: str) -> None:
-        bar.set_postfix_str(name)
-        bar.update(done - bar.n)
-
-    try:
-        paths = prepare_dataset(args.data_dir, cache, vae, te, tok, args.frames, args.size, args.max_text_len, progress)
-    finally:
-        bar.close()
-    print(f"prepared {len(paths)} clip(s) in {cache} (manifest: {cache / MANIFEST})")
-    return 0
-
-
-def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "prepare",
-        help="encode a relation dataset folder (videos, captions, masks) into a training cache",
-        description="Check a dataset folder, then encode each video with the Mochi VAE and each caption "
-        "with T5 once, writing <cache>/<name>.safetensors and manifest.json. Local model files only.",
-    )
-    p.add_argument("data_dir", help="dataset folder: <name>.mp4|.webm|.gif|<name>/ frames, <name>.txt, masks")
-    p.add_argument("--vae", required=True, help="Mochi VAE: ComfyUI's mochi_vae.safetensors (genmo keys), a diffusers "
-                   "folder, or a diffusers-layout .safetensors (with --vae-config)")
-    p.add_argument("--vae-config", default=None, help="folder with the VAE's config.json (single-file --vae)")
-    p.add_argument("--text-encoder", required=True, help="T5-XXL: transformers folder or .safetensors (t5xxl_fp16)")
-    p.add_argument("--text-encoder-config", default=None,
-                   help="folder with T5's config.json for a single-file --text-encoder (default: --tokenizer folder)")
-    p.add_argument("--tokenizer", required=True, help="T5 tokenizer folder (e.g. mochi-1-preview/tokenizer)")
-    p.add_argument("--cache", default=None, help=f"cache folder (default DATA_DIR/{DEFAULT_CACHE})")
-    p.add_argument("--frames", type=int, default=61, help="frames per clip, 6k+1 (default 61)")
-    p.add_argument("--size", type=parse_size, default=(480, 848), help="HEIGHTxWIDTH, multiples of 16 (default 480x848)")
-    p.add_argument("--max-text-len", type=int, default=256, help="T5 tokens per caption (default 256)")
-    p.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
-    p.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="model precision (default bf16 on cuda, fp32 on cpu)")
-    p.add_argument("--vae-tiling", action="store_true", help="encode in spatial tiles (less GPU memory)")
-    p.set_defaults(func=_run_cli)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .latent_masks import check_frame_count
-from .mask_io import save_compact_masks
+from .mask_files import save_compact_masks
 
 BACKGROUND = (128, 128, 128)
 COLOUR1 = (220, 40, 40)  # red square

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import ModelFileError, ModelFileNotFoundError
 from .tracking import FrameDetections, nms
 
 log = logging.getLogger("dreamrelation.masks")
@@ -38,10 +39,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 BERT_SPECIAL_IDS = {"[CLS]": 101, "[SEP]": 102, ".": 1012, "?": 1029}
 
 
-class ModelFileError(FileNotFoundError):
-    """A model file that is missing, or is not what the loader expected."""
-
-
 # ---------------------------------------------------------------------------------------------
 # Files
 
@@ -50,7 +47,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Tensors of a .safetensors / .pth / .pt / .bin file; never unpickles code."""
     path = Path(path)
     if not path.is_file():
-        raise ModelFileError(f"{path}: no such file")
+        raise ModelFileNotFoundError(f"{path}: no such file")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -422,7 +419,7 @@ class GroundingDino:
         self.device = torch.device(device)
         self.dtype = dtype
 
-    def to(self, device: str | torch.device) -> "GroundingDino":
+    def to(self, device: str | torch.device) -> GroundingDino:
         self.model.to(device)
         self.device = torch.device(device)
         return self

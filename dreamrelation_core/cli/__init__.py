@@ -1,14 +1,20 @@
-"""`python -m dreamrelation_core <command>`: each command is defined next to its concept."""
+"""`python -m dreamrelation_core <command>`: one module per command family, each with `add_cli`.
+
+Only this subpackage uses argparse and tqdm; the library below it takes plain arguments and
+reports progress through callbacks.
+"""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 
-# module -> its add_cli(subparsers); a module not present (optional part) is skipped
-_COMMAND_MODULES = ("dataset", "subject_masks", "train_cli", "demo", "comfy_keys")
+from ..errors import DreamRelationError
+from . import demo, export, masks, prepare, train
+
+# in `--help` order
+_FAMILIES = (prepare, masks, train, export, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,14 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in _COMMAND_MODULES:
-        try:
-            mod = importlib.import_module(f"dreamrelation_core.{name}")
-        except ModuleNotFoundError as e:
-            if e.name == f"dreamrelation_core.{name}":
-                continue
-            raise
-        mod.add_cli(sub)
+    for family in _FAMILIES:
+        family.add_cli(sub)
     return parser
 
 
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (DreamRelationError, ValueError, FileNotFoundError, RuntimeError) as e:
         # our errors name the file, key and shape: show them without a traceback
         print(f"error: {e}", file=sys.stderr)
         return 1

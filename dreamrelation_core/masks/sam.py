@@ -19,15 +19,16 @@ import logging
 import os
 import re
 from collections import OrderedDict
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .grounding_dino import ModelFileError, read_state_dict
+from ..errors import MissingPackageError, ModelFileError, ModelFileNotFoundError
+from .grounding_dino import read_state_dict
 
 log = logging.getLogger("dreamrelation.masks")
 
@@ -133,11 +134,11 @@ def _what_is_it(sd: dict) -> str:
     return f"found keys like {', '.join(list(sd)[:4])}"
 
 
-def load_sam1(path: str | os.PathLike, device: str | torch.device = "cpu") -> "SamSegmenter":
+def load_sam1(path: str | os.PathLike, device: str | torch.device = "cpu") -> SamSegmenter:
     """A SamSegmenter from sam_vit_{h,l,b}_*.pth (or any checkpoint in SAM's key layout)."""
     path = Path(path)
     if not path.is_file():
-        raise ModelFileError(f"SAM checkpoint {path} not found; put one of {', '.join(SAM1_FILES)} in {path.parent}")
+        raise ModelFileNotFoundError(f"SAM checkpoint {path} not found; put one of {', '.join(SAM1_FILES)} in {path.parent}")
     sd = read_state_dict(path)
     if "image_encoder.patch_embed.proj.weight" not in sd or "mask_decoder.transformer.layers.0.mlp.lin1.weight" not in sd:
         raise ModelFileError(f"{path}: not a SAM (segment-anything) checkpoint: {_what_is_it(sd)}")
@@ -161,7 +162,7 @@ class SamSegmenter:
     def device(self) -> torch.device:
         return self.model.device
 
-    def to(self, device: str | torch.device) -> "SamSegmenter":
+    def to(self, device: str | torch.device) -> SamSegmenter:
         self.model.to(device)
         return self
 
@@ -216,7 +217,7 @@ def _require_sam2():
         import hydra  # noqa: F401
         import sam2
     except ImportError as e:
-        raise ModelFileError(
+        raise MissingPackageError(
             f"SAM 2 propagation needs the optional package sam2 ({e.name} is missing): install it into "
             f"ComfyUI's Python with `{SAM2_INSTALL}` (no compiler needed), or choose no SAM 2 model"
         ) from e
@@ -286,10 +287,10 @@ def build_sam2_model(config: str | os.PathLike, overrides: dict | None = None):
     return instantiate(cfg.model, _recursive_=True).eval()
 
 
-def load_sam2(path: str | os.PathLike, device: str | torch.device = "cpu") -> "Sam2Propagator":
+def load_sam2(path: str | os.PathLike, device: str | torch.device = "cpu") -> Sam2Propagator:
     path = Path(path)
     if not path.is_file():
-        raise ModelFileError(f"SAM 2 checkpoint {path} not found; put one of {', '.join(SAM2_FILES)} in {path.parent}")
+        raise ModelFileNotFoundError(f"SAM 2 checkpoint {path} not found; put one of {', '.join(SAM2_FILES)} in {path.parent}")
     sd = read_state_dict(path)
     if "image_encoder.trunk.patch_embed.proj.weight" not in sd or not any(k.startswith("memory_attention.") for k in sd):
         raise ModelFileError(f"{path}: not a SAM 2 checkpoint (no image_encoder.trunk / memory_attention keys): {_what_is_it(sd)}")
@@ -329,7 +330,7 @@ class Sam2Propagator:
     def device(self) -> torch.device:
         return self.predictor.device
 
-    def to(self, device: str | torch.device) -> "Sam2Propagator":
+    def to(self, device: str | torch.device) -> Sam2Propagator:
         self.predictor.to(device)
         return self
 

@@ -7,7 +7,7 @@ diffusers' MochiTransformer3DModel takes `timestep = 1000 * (1 - sigma)` and pre
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

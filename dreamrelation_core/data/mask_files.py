@@ -19,15 +19,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .fileio import atomic_path
+from ..errors import MaskFormatError
+from ..fileio import atomic_path
 
 SUBJECT_COLOURS: tuple[tuple[int, int, int], tuple[int, int, int]] = ((102, 221, 225), (179, 62, 234))
 COMPACT_SUFFIX = ".masks.npz"
 _FRAME_RE = re.compile(r"^frame(\d+)\.png$", re.IGNORECASE)
-
-
-class MaskFormatError(ValueError):
-    """A mask file or folder that does not hold two subjects' masks as documented."""
 
 
 def _check_stacks(m1: np.ndarray, m2: np.ndarray, where: str) -> None:

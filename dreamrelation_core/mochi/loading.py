@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from . import mochi_convert
+from . import dit_keys as mochi_convert
 
 
 def config_from_diffusers_state_dict(sd: dict[str, torch.Tensor]) -> dict:

@@ -48,22 +48,22 @@ def save_gif(frames: np.ndarray, path: Path, fps: int = 8) -> Path:
 @torch.no_grad()
 def decode(vae, latents: torch.Tensor) -> np.ndarray:
     """Normalised latents [1, 12, T, h, w] -> uint8 frames [F, H, W, 3]."""
-    from .encode import denormalize_latents
+    from ..data.encode import denormalize_latents
 
     video = vae.decode(denormalize_latents(latents)).sample[0]  # [3, F, H, W] in [-1, 1]
     return ((video.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0).numpy()
 
 
 def run_demo(out_dir: str | Path = "demo_output", steps: int = 200, seed: int = 0, sample_steps: int = 16) -> dict[str, Path]:
-    from . import formats
-    from .config import TrainConfig
-    from .dataset import load_prepared, prepare_dataset
-    from .encode import encode_captions
-    from .generate import apply_relation_lora, generate_latents
-    from .plots import plot_losses
-    from .synthetic import write_synthetic_dataset
-    from .tiny import tiny_text_encoder, tiny_tokenizer, tiny_transformer, tiny_vae
-    from .trainer import Trainer
+    from ..data.dataset import load_prepared, prepare_dataset
+    from ..data.encode import encode_captions
+    from ..data.synthetic import write_synthetic_dataset
+    from ..generate import apply_relation_lora, generate_latents
+    from ..lora import files as formats
+    from ..mochi.tiny import tiny_text_encoder, tiny_tokenizer, tiny_transformer, tiny_vae
+    from ..training.config import TrainConfig
+    from ..training.plots import plot_losses
+    from ..training.trainer import Trainer
 
     # diffusers' Mochi asks for float32 autocast of its RoPE, which CPU autocast cannot do: harmless
     warnings.filterwarnings("ignore", message="In CPU autocast, but the target dtype is not supported")
@@ -122,4 +122,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=200, help="training steps (default: 200)")
     p.add_argument("--sample-steps", type=int, default=16, help="sampling steps (default: 16)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.set_defaults(func=lambda a: run_demo(a.out, a.steps, a.seed, a.sample_steps) and 0)
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    run_demo(args.out, args.steps, args.seed, args.sample_steps)
+    return 0

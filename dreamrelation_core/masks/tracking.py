@@ -21,11 +21,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..errors import NotEnoughSubjectsError
+
 ORDERS = ("left_first", "largest_first")
-
-
-class NotEnoughSubjectsError(RuntimeError):
-    """No detection frame holds two subjects: nothing to start the two tracks from."""
 
 
 @dataclass

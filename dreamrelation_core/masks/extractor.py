@@ -17,19 +17,16 @@ No ComfyUI here: the node passes a progress callback and a cancel check.
 
 from __future__ import annotations
 
-import argparse
 import logging
-import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import mask_io
+from ..errors import Cancelled
 from .grounding_dino import DetectorOptions, GroundingDino
 from .sam import Sam2Propagator, SamSegmenter
 from .tracking import ORDERS, FrameDetections, NotEnoughSubjectsError, describe_missing, pick_initial_pair, track_pair
@@ -39,10 +36,6 @@ log = logging.getLogger("dreamrelation.masks")
 MODES = ("auto", "per_frame", "propagate")
 Progress = Callable[[int, int], None]  # (units done, units in all)
 CancelCheck = Callable[[], "bool | None"]  # True (or raising) stops the run
-
-
-class MaskExtractionCancelled(RuntimeError):
-    """The cancel check asked to stop."""
 
 
 @dataclass
@@ -149,7 +142,7 @@ class _Reporter:
 
     def check(self) -> None:
         if self.cancel is not None and self.cancel():
-            raise MaskExtractionCancelled("subject mask extraction cancelled")
+            raise Cancelled("subject mask extraction cancelled")
 
     def step(self, n: int = 1) -> None:
         self.done += n
@@ -326,135 +319,3 @@ def preview(frames: np.ndarray, result: SubjectMasks, alpha: float = 0.45) -> np
             draw.text((4, im.height - 14), extra[f], fill=(255, 255, 0))
         out[f] = np.asarray(im)
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line: python -m dreamrelation_core masks ...
-
-
-def _video_inputs(paths: list[str]) -> list[Path]:
-    """Videos named on the command line: files, frame folders, or dataset folders holding them."""
-    from .video_io import VIDEO_SUFFIXES, is_video_path
-
-    found: list[Path] = []
-    for raw in paths:
-        p = Path(raw)
-        if not p.exists():
-            raise FileNotFoundError(f"{p}: no such video, frame folder or dataset folder")
-        if p.is_file():
-            found.append(p)
-            continue
-        children = sorted(p.iterdir())
-        videos = [c for c in children if c.is_file() and c.suffix.lower() in VIDEO_SUFFIXES]
-        stems = {v.stem for v in videos}
-        # Frame-folder videos inside a dataset folder; `<name>/` beside `<name>.mp4` holds masks.
-        folders = [c for c in children if c.is_dir() and c.name not in stems and c.name != "masks" and is_video_path(c)]
-        if videos or folders:
-            found += videos + folders
-        elif is_video_path(p):
-            found.append(p)
-        else:
-            raise FileNotFoundError(f"{p}: holds no videos ({', '.join(VIDEO_SUFFIXES)}) or frame folders")
-    return found
-
-
-def output_path(video: Path, out_dir: Path | None, png: bool) -> Path:
-    """Where a video's masks go, in the layout the dataset reader looks for (see mask_io.find_masks)."""
-    stem = video.name if video.is_dir() else video.stem
-    if png:
-        if out_dir is None:
-            return video / "masks" if video.is_dir() else video.parent / stem
-        return out_dir / stem
-    return (out_dir or video.parent) / f"{stem}{mask_io.COMPACT_SUFFIX}"
-
-
-def save_result(result: SubjectMasks, path: Path, png: bool) -> Path:
-    if png:
-        return mask_io.save_reference_masks(path, result.subject1, result.subject2)
-    return mask_io.save_compact_masks(path, result.subject1, result.subject2)
-
-
-def load_extractor(gdino: str, bert: str | None, sam: str | None, sam2: str | None, device: str) -> SubjectMaskExtractor:
-    from .grounding_dino import load_grounding_dino
-    from .sam import load_sam1, load_sam2
-
-    detector = load_grounding_dino(gdino, bert, device=device)
-    return SubjectMaskExtractor(
-        detector,
-        sam=load_sam1(sam, device=device) if sam else None,
-        sam2=load_sam2(sam2, device=device) if sam2 else None,
-    )
-
-
-def _cli(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from .video_io import read_video
-
-    if not args.sam and not args.sam2:
-        raise ValueError("give --sam (per-frame mode) and / or --sam2 (propagate mode)")
-    videos = _video_inputs(args.inputs)
-    out_dir = Path(args.out) if args.out else None
-    todo = [(v, output_path(v, out_dir, args.png)) for v in videos]
-    if not args.overwrite:
-        skipped = [v for v, o in todo if o.exists()]
-        for v in skipped:
-            print(f"{v}: masks exist, skipped (--overwrite to redo)")
-        todo = [(v, o) for v, o in todo if not o.exists()]
-    if not todo:
-        return 0
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    extractor = load_extractor(args.grounding_dino, args.bert, args.sam, args.sam2, device)
-    opt = SubjectMaskOptions(
-        prompt1=args.prompt1, prompt2=args.prompt2, mode=args.mode, order=args.order,
-        box_threshold=args.box_threshold, text_threshold=args.text_threshold,
-        detection_stride=args.stride, dilation=args.dilate, max_frames_per_batch=args.batch,
-    )
-    failed = 0
-    for video, out in todo:
-        frames = read_video(video)
-        with tqdm(total=1, desc=video.name, unit="step", leave=True) as bar:
-            def progress(done: int, total: int) -> None:
-                bar.total = total
-                bar.n = done
-                bar.refresh()
-
-            try:
-                result = extractor.run(frames, opt, progress=progress)
-            except NotEnoughSubjectsError as e:
-                failed += 1
-                tqdm.write(f"{video}: {e}")
-                continue
-        save_result(result, out, args.png)
-        for note in result.notes:
-            tqdm.write(f"{video.name}: {note}")
-        print(f"{video}: {len(frames)} frames -> {out}")
-    return 1 if failed else 0
-
-
-def add_cli(subparsers) -> None:
-    """The `masks` sub-command: subject masks for videos, written where the dataset reader looks."""
-    p = subparsers.add_parser(
-        "masks",
-        help="subject masks for videos (Grounding DINO + SAM / SAM 2)",
-        description="Write <name>.masks.npz (or reference PNG masks with --png) for each video.",
-    )
-    p.add_argument("inputs", nargs="+", help="video files, frame folders, or dataset folders holding them")
-    p.add_argument("--grounding-dino", required=True, help="original .pth (e.g. groundingdino_swint_ogc.pth) or HF folder")
-    p.add_argument("--bert", help="folder with bert-base-uncased's vocab.txt (needed for an original .pth)")
-    p.add_argument("--sam", help="SAM checkpoint (sam_vit_h_4b8939.pth, ...): per-frame mode")
-    p.add_argument("--sam2", help="SAM 2 checkpoint (sam2.1_hiera_large.pt, ...): propagate mode")
-    p.add_argument("--mode", choices=MODES, default="auto", help="auto: propagate when --sam2 is given")
-    p.add_argument("--prompt1", default="person", help="text prompt of subject 1")
-    p.add_argument("--prompt2", default="person", help="text prompt of subject 2")
-    p.add_argument("--order", choices=ORDERS, default="left_first", help="subject 1 when both prompts are equal")
-    p.add_argument("--box-threshold", type=float, default=0.35)
-    p.add_argument("--text-threshold", type=float, default=0.25)
-    p.add_argument("--stride", type=int, default=6, help="detect every k-th frame")
-    p.add_argument("--dilate", type=int, default=0, help="grow masks by this many pixels")
-    p.add_argument("--batch", type=int, default=8, help="frames per forward pass")
-    p.add_argument("--out", help="output folder (default: beside each video)")
-    p.add_argument("--png", action="store_true", help="reference layout: <name>/frame{i}.png colour masks")
-    p.add_argument("--overwrite", action="store_true", help="redo videos whose masks exist")
-    p.add_argument("--device", help="cpu / cuda (default: cuda when available)")
-    p.set_defaults(func=_cli)

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-
-from . import formats
 
 
 def _bar(total: int, start: int):
@@ -30,8 +27,8 @@ def _report(result) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .config import TrainConfig
-    from .trainer import Trainer, list_checkpoints
+    from ..training.config import TrainConfig
+    from ..training.trainer import Trainer, list_checkpoints
 
     config = TrainConfig.load_yaml(args.config)
     if args.output_dir:
@@ -47,7 +44,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from .trainer import Trainer
+    from ..training.trainer import Trainer
 
     trainer = Trainer.resume(args.run_dir, checkpoint=args.checkpoint)
     bar, update = _bar(trainer.config.num_steps, trainer.step)
@@ -55,35 +52,6 @@ def cmd_resume(args: argparse.Namespace) -> int:
         return _report(trainer.train(progress=update))
     finally:
         bar.close()
-
-
-def cmd_export_relation(args: argparse.Namespace) -> int:
-    lora = formats.load_lora_file(args.input)
-    step = int(lora.metadata.get("step", 0) or 0)
-    out = formats.save_relation_only(args.output, lora, step=step)
-    print(formats.describe(formats.load_lora_file(out)))
-    print(f"wrote {out}")
-    return 0
-
-
-def cmd_import_reference(args: argparse.Namespace) -> int:
-    lora = formats.import_reference(args.input)
-    print(formats.describe(lora))
-    missing = [a for a in ("relation", "subject1", "subject2", "ffn") if a not in lora.adapters]
-    step = _step_from_name(Path(args.input).name)
-    if missing or args.relation_only:
-        out = formats.save_relation_only(args.output, lora, step=step)
-    else:
-        out = formats.save_triplet(args.output, lora, step=step)
-    print(f"wrote {out}")
-    return 0
-
-
-def _step_from_name(name: str) -> int:
-    import re
-
-    m = re.search(r"model_(\d+)", name)
-    return int(m.group(1)) if m else 0
 
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
@@ -96,12 +64,3 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run_dir", help="the run's output folder (holds config.yaml and checkpoints/)")
     p.add_argument("--checkpoint", help="a specific checkpoint_<step>.pt instead of the last one")
     p.set_defaults(func=cmd_resume)
-    p = sub.add_parser("export-relation", help="write the relation + ffn part of a triplet file (subject LoRAs dropped)")
-    p.add_argument("input", help="our triplet .safetensors (or a reference checkpoint)")
-    p.add_argument("output", help="output .safetensors")
-    p.set_defaults(func=cmd_export_relation)
-    p = sub.add_parser("import-reference", help="convert a reference DreamRelation checkpoint (model_<step>.lora.pt) to our format")
-    p.add_argument("input", help="model_<step>.lora.pt or its .safetensors (read with weights_only=True)")
-    p.add_argument("output", help="output .safetensors (our triplet format)")
-    p.add_argument("--relation-only", action="store_true", help="write only relation + ffn")
-    p.set_defaults(func=cmd_import_reference)

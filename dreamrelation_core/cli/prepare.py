@@ -1,0 +1,85 @@
+"""`prepare`: encode a dataset folder into the training cache."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+import torch
+
+from ..data.dataset import (
+    DEFAULT_CACHE,
+    MANIFEST,
+    check_training_size,
+    prepare_dataset,
+    scan_dataset,
+    validate_for_training,
+)
+from ..data.encode import load_text_encoder, load_vae
+from ..data.latent_masks import check_frame_count
+from ..dtypes import DTYPES
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'480x848' -> (480, 848) as (H, W)."""
+    m = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"size {text!r}: expected HEIGHTxWIDTH, e.g. 480x848")
+    return int(m.group(1)), int(m.group(2))
+
+
+def run_prepare(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    cache = Path(args.cache) if args.cache else Path(args.data_dir) / DEFAULT_CACHE
+    # Fail on the data before spending minutes loading T5-XXL.
+    check_frame_count(args.frames)
+    check_training_size(args.size)
+    entries = scan_dataset(args.data_dir)
+    validate_for_training(entries, args.frames)
+    print(f"{len(entries)} video(s) in {args.data_dir}; loading models on {device} ({args.dtype or 'auto'})")
+    vae = load_vae(args.vae, args.vae_config, dtype=dtype, device=device)
+    if args.vae_tiling:
+        vae.enable_tiling()
+    te, tok = load_text_encoder(args.text_encoder, args.tokenizer, args.text_encoder_config, dtype=dtype, device=device)
+    bar = tqdm(total=len(entries), desc="prepare", unit="video")
+
+    def progress(done: int, total: int, name: str) -> None:
+        bar.set_postfix_str(name)
+        bar.update(done - bar.n)
+
+    try:
+        paths = prepare_dataset(args.data_dir, cache, vae, te, tok, args.frames, args.size, args.max_text_len, progress)
+    finally:
+        bar.close()
+    print(f"prepared {len(paths)} clip(s) in {cache} (manifest: {cache / MANIFEST})")
+    return 0
+
+
+def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "prepare",
+        help="encode a relation dataset folder (videos, captions, masks) into a training cache",
+        description="Check a dataset folder, then encode each video with the Mochi VAE and each caption "
+        "with T5 once, writing <cache>/<name>.safetensors and manifest.json. Local model files only.",
+    )
+    p.add_argument("data_dir", help="dataset folder: <name>.mp4|.webm|.gif|<name>/ frames, <name>.txt, masks")
+    p.add_argument("--vae", required=True, help="Mochi VAE: ComfyUI's mochi_vae.safetensors (genmo keys), a diffusers "
+                   "folder, or a diffusers-layout .safetensors (with --vae-config)")
+    p.add_argument("--vae-config", default=None, help="folder with the VAE's config.json (single-file --vae)")
+    p.add_argument("--text-encoder", required=True, help="T5-XXL: transformers folder or .safetensors (t5xxl_fp16)")
+    p.add_argument("--text-encoder-config", default=None,
+                   help="folder with T5's config.json for a single-file --text-encoder (default: --tokenizer folder)")
+    p.add_argument("--tokenizer", required=True, help="T5 tokenizer folder (e.g. mochi-1-preview/tokenizer)")
+    p.add_argument("--cache", default=None, help=f"cache folder (default DATA_DIR/{DEFAULT_CACHE})")
+    p.add_argument("--frames", type=int, default=61, help="frames per clip, 6k+1 (default 61)")
+    p.add_argument("--size", type=parse_size, default=(480, 848), help="HEIGHTxWIDTH, multiples of 16 (default 480x848)")
+    p.add_argument("--max-text-len", type=int, default=256, help="T5 tokens per caption (default 256)")
+    p.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="model precision (default bf16 on cuda, fp32 on cpu)")
+    p.add_argument("--vae-tiling", action="store_true", help="encode in spatial tiles (less GPU memory)")
+    p.set_defaults(func=run_prepare)
