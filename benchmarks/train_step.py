@@ -24,11 +24,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 warnings.filterwarnings("ignore")
 
-from dreamrelation_core.data.dataset import PreparedClip  # noqa: E402
+from dreamrelation_core.data.cache import PreparedClip  # noqa: E402
 from dreamrelation_core.lora import peft_triplet as triplet  # noqa: E402
+from dreamrelation_core.mochi.latents import diffusers_timestep  # noqa: E402
 from dreamrelation_core.mochi.tiny import tiny_transformer  # noqa: E402
 from dreamrelation_core.training.config import TrainConfig  # noqa: E402
-from dreamrelation_core.training.flow import diffusers_timestep, noisy  # noqa: E402
+from dreamrelation_core.training.flow import noisy  # noqa: E402
 from dreamrelation_core.training.trainer import Trainer  # noqa: E402
 
 

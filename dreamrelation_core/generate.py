@@ -12,7 +12,7 @@ import torch
 
 from .lora import peft_triplet as triplet
 from .lora.layout import INFERENCE_ADAPTERS, LoraSet
-from .training.flow import diffusers_timestep, linear_quadratic_sigmas, sample
+from .mochi.latents import LATENT_CHANNELS, diffusers_timestep
 
 
 def apply_relation_lora(model: torch.nn.Module, lora: LoraSet) -> torch.nn.Module:
@@ -30,6 +30,46 @@ def apply_relation_lora(model: torch.nn.Module, lora: LoraSet) -> torch.nn.Modul
     return model.eval()
 
 
+def linear_quadratic_sigmas(num_steps: int, threshold_noise: float = 0.025, linear_steps: int | None = None) -> list[float]:
+    """Mochi's sampling schedule: num_steps + 1 sigmas from 1 to 0.
+
+    In t = 1 - sigma: linear from 0 to `threshold_noise` over the first `linear_steps` (default
+    half), then the quadratic that continues with the same slope and reaches 1 at num_steps.
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    lin = num_steps // 2 if linear_steps is None else linear_steps
+    if num_steps == 1 or lin <= 0:
+        return [1.0, 0.0]
+    slope = threshold_noise / lin
+    q = num_steps - lin
+    a = (1.0 - threshold_noise - slope * q) / (q * q)
+    ts = [i * slope for i in range(lin)] + [a * (i - lin) ** 2 + slope * (i - lin) + threshold_noise for i in range(lin, num_steps)]
+    return [1.0 - t for t in ts] + [0.0]
+
+
+@torch.no_grad()
+def sample(
+    velocity: Callable[[torch.Tensor, float], torch.Tensor],
+    noise: torch.Tensor,
+    sigmas: list[float],
+    callback: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """Euler integration of dx/dsigma = -u from sigma = sigmas[0] to sigmas[-1].
+
+    `velocity(x, sigma)` returns the model's u = z - eps prediction (CFG already applied).
+    """
+    if sigmas[0] < 1.0:
+        raise ValueError("sampling starts from pure noise: sigmas[0] must be 1")
+    x = noise.clone()
+    for i in range(len(sigmas) - 1):
+        u = velocity(x, sigmas[i])
+        x = x + (sigmas[i] - sigmas[i + 1]) * u
+        if callback:
+            callback(i + 1, len(sigmas) - 1)
+    return x
+
+
 @torch.no_grad()
 def generate_latents(
     model: torch.nn.Module,
@@ -44,7 +84,7 @@ def generate_latents(
     """Normalised latents [1, 12, T, h, w] (ComfyUI's Mochi latent space)."""
     dev = next(model.parameters()).device
     g = torch.Generator().manual_seed(seed)
-    noise = torch.randn((1, 12, *shape), generator=g).to(dev)
+    noise = torch.randn((1, LATENT_CHANNELS, *shape), generator=g).to(dev)
     y = torch.cat([torch.zeros_like(y_feat), y_feat]).to(dev)  # [2, L, D]: uncond, cond
     ym = torch.cat([torch.zeros_like(y_mask), y_mask]).bool().to(dev)
 

@@ -221,12 +221,8 @@ class DreamRelationSubjectMasks:
         import comfy.model_management as mm
         import comfy.utils
 
-        from dreamrelation_core.masks.extractor import (
-            SubjectMaskExtractor,
-            SubjectMaskOptions,
-            as_uint8_frames,
-            preview,
-        )
+        from dreamrelation_core.masks.extractor import SubjectMaskExtractor, SubjectMaskOptions, as_uint8_frames
+        from dreamrelation_core.masks.preview import preview
 
         frames = as_uint8_frames(images)
         if sam == NONE and sam2 == NONE:

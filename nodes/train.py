@@ -41,7 +41,7 @@ def comfy_encoders(vae, clip):
     (ComfyUI's own VAE Encode runs it non-causally) and gives the posterior's mean and variance.
     Text: ComfyUI's Mochi T5, with its attention mask, cut or padded to `max_len` tokens.
     """
-    from dreamrelation_core.data.dataset import Encoders, model_tag
+    from dreamrelation_core.data.cache import Encoders, model_tag
     from dreamrelation_core.data.encode import encode_frames
 
     reference_vae = None
@@ -71,7 +71,7 @@ def reference_vae_from_comfy(vae):
     """diffusers AutoencoderKLMochi (encoder only) from the weights of ComfyUI's loaded Mochi VAE."""
     import comfy.model_management as mm
 
-    from dreamrelation_core.data.encode import vae_from_genmo_state_dict
+    from dreamrelation_core.mochi.loading import vae_from_genmo_state_dict
 
     model = getattr(vae, "first_stage_model", None)
     if model is None:
@@ -124,7 +124,7 @@ class DreamRelationPrepareDataset:
         import comfy.model_management as mm
         import comfy.utils
 
-        from dreamrelation_core.data.dataset import DEFAULT_CACHE, load_prepared, prepare_dataset
+        from dreamrelation_core.data.cache import DEFAULT_CACHE, load_prepared, prepare_dataset
 
         cache = Path(cache_dir.strip()) if cache_dir.strip() else Path(dataset.folder) / DEFAULT_CACHE
         bar = comfy.utils.ProgressBar(len(dataset.entries))

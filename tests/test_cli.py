@@ -65,7 +65,7 @@ def test_bad_input_is_a_clean_error_and_writes_nothing(tmp_path, capsys):
 
 
 def test_train_from_yaml_then_resume(tmp_path, capsys):
-    from dreamrelation_core.data.dataset import prepare_dataset
+    from dreamrelation_core.data.cache import prepare_dataset
     from dreamrelation_core.data.synthetic import write_synthetic_dataset
     from dreamrelation_core.mochi.tiny import tiny_text_encoder, tiny_tokenizer, tiny_vae
     from dreamrelation_core.training.config import TrainConfig

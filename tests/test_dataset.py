@@ -13,18 +13,15 @@ from PIL import Image
 
 from dreamrelation_core.cli.prepare import add_cli
 from dreamrelation_core.data import mask_files as mask_io
-from dreamrelation_core.data.dataset import (
-    MANIFEST,
-    DatasetError,
-    load_prepared,
-    prepare_dataset,
-    scan_dataset,
-)
-from dreamrelation_core.data.encode import encode_captions, encode_frames, normalize_latents
+from dreamrelation_core.data.cache import MANIFEST, load_prepared, prepare_dataset
+from dreamrelation_core.data.dataset import scan_dataset
+from dreamrelation_core.data.encode import encode_captions, encode_frames
 from dreamrelation_core.data.latent_masks import latent_mask
 from dreamrelation_core.data.synthetic import CAPTION, synthetic_clip, write_synthetic_dataset, write_video
 from dreamrelation_core.data.video import fit_clip
+from dreamrelation_core.errors import DatasetError
 from dreamrelation_core.mochi import tiny
+from dreamrelation_core.mochi.latents import normalize_latents
 
 F, SIZE, TEXT_LEN = 13, (32, 32), 16
 

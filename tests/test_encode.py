@@ -7,19 +7,17 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from dreamrelation_core.data.encode import (
+from dreamrelation_core.data.encode import encode_captions, encode_frames
+from dreamrelation_core.data.synthetic import synthetic_clip
+from dreamrelation_core.errors import ModelFileError
+from dreamrelation_core.mochi import tiny
+from dreamrelation_core.mochi.latents import (
     MOCHI_LATENTS_MEAN,
     MOCHI_LATENTS_STD,
-    ModelFileError,
     denormalize_latents,
-    encode_captions,
-    encode_frames,
-    load_text_encoder,
-    load_vae,
     normalize_latents,
 )
-from dreamrelation_core.data.synthetic import synthetic_clip
-from dreamrelation_core.mochi import tiny
+from dreamrelation_core.mochi.loading import load_text_encoder, load_vae
 
 CAPTIONS = ["A person is shaking hands with a person.", "a cat"]
 

@@ -3,13 +3,9 @@
 import pytest
 import torch
 
-from dreamrelation_core.training.flow import (
-    diffusers_timestep,
-    linear_quadratic_sigmas,
-    masked_flow_loss,
-    noisy,
-    sample,
-)
+from dreamrelation_core.generate import linear_quadratic_sigmas, sample
+from dreamrelation_core.mochi.latents import diffusers_timestep
+from dreamrelation_core.training.flow import masked_flow_loss, noisy
 
 
 def test_noisy_and_target():

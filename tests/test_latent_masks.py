@@ -6,14 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from dreamrelation_core.data.latent_masks import (
-    check_frame_count,
-    frame_cells,
-    latent_frame_count,
-    latent_mask,
-    relation_mask,
-)
+from dreamrelation_core.data.latent_masks import frame_cells, latent_mask, relation_mask
 from dreamrelation_core.data.synthetic import synthetic_clip
+from dreamrelation_core.mochi.latents import check_frame_count, latent_frame_count
 
 
 def test_61_frames_give_11_latent_frames_with_hand_values():

@@ -19,8 +19,10 @@ import torch.nn.functional as F
 from _comfy_vae import comfy_tiny_vae as _comfy_tiny_vae
 from safetensors.torch import save_file
 
-from dreamrelation_core.data.encode import ModelFileError, encode_frames, load_vae
+from dreamrelation_core.data.encode import encode_frames
+from dreamrelation_core.errors import ModelFileError
 from dreamrelation_core.mochi import tiny
+from dreamrelation_core.mochi.loading import load_vae
 from dreamrelation_core.mochi.vae_keys import (
     KeyLayoutError,
     convert_genmo_vae,

@@ -5,7 +5,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from dreamrelation_core.data.dataset import describe_dataset, load_prepared, prepare_dataset
+from dreamrelation_core.data.cache import load_prepared, prepare_dataset
+from dreamrelation_core.data.dataset import describe_dataset
 from dreamrelation_core.data.synthetic import write_synthetic_dataset
 from dreamrelation_core.lora.files import load_lora_file
 from dreamrelation_core.mochi.dit_keys import diffusers_to_genmo
@@ -120,7 +121,7 @@ def test_prepare_node_with_comfy_encoders(pack, comfy_dirs, tmp_path):
     from _comfy_vae import comfy_tiny_vae
     from safetensors.torch import save_file as save
 
-    from dreamrelation_core.data.encode import load_vae
+    from dreamrelation_core.mochi.loading import load_vae
 
     comfy_vae = comfy_tiny_vae([1, 2, 3])
     data = write_synthetic_dataset(tmp_path / "data", num_videos=1, num_frames=FRAMES, size=SIZE)

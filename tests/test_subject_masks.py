@@ -17,9 +17,9 @@ from dreamrelation_core.masks.extractor import (
     as_uint8_frames,
     dilate,
     mask_boxes,
-    preview,
 )
 from dreamrelation_core.masks.grounding_dino import GroundingDino
+from dreamrelation_core.masks.preview import preview
 from dreamrelation_core.masks.sam import Sam2Propagator, SamSegmenter
 from dreamrelation_core.masks.tracking import NotEnoughSubjectsError, pick_initial_pair
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from dreamrelation_core.data.dataset import load_prepared, prepare_dataset
+from dreamrelation_core.data.cache import load_prepared, prepare_dataset
 from dreamrelation_core.data.synthetic import write_synthetic_dataset
 from dreamrelation_core.lora import peft_triplet as triplet
 from dreamrelation_core.lora.files import load_lora_file

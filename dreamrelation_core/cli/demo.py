@@ -48,14 +48,14 @@ def save_gif(frames: np.ndarray, path: Path, fps: int = 8) -> Path:
 @torch.no_grad()
 def decode(vae, latents: torch.Tensor) -> np.ndarray:
     """Normalised latents [1, 12, T, h, w] -> uint8 frames [F, H, W, 3]."""
-    from ..data.encode import denormalize_latents
+    from ..mochi.latents import denormalize_latents
 
     video = vae.decode(denormalize_latents(latents)).sample[0]  # [3, F, H, W] in [-1, 1]
     return ((video.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0).numpy()
 
 
 def run_demo(out_dir: str | Path = "demo_output", steps: int = 200, seed: int = 0, sample_steps: int = 16) -> dict[str, Path]:
-    from ..data.dataset import load_prepared, prepare_dataset
+    from ..data.cache import load_prepared, prepare_dataset
     from ..data.encode import encode_captions
     from ..data.synthetic import write_synthetic_dataset
     from ..generate import apply_relation_lora, generate_latents

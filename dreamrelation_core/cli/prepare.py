@@ -8,17 +8,10 @@ from pathlib import Path
 
 import torch
 
-from ..data.dataset import (
-    DEFAULT_CACHE,
-    MANIFEST,
-    check_training_size,
-    prepare_dataset,
-    scan_dataset,
-    validate_for_training,
-)
-from ..data.encode import load_text_encoder, load_vae
-from ..data.latent_masks import check_frame_count
+from ..data.cache import DEFAULT_CACHE, MANIFEST, prepare_dataset
+from ..data.dataset import describe_dataset
 from ..dtypes import DTYPES
+from ..mochi.loading import load_text_encoder, load_vae
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -32,15 +25,11 @@ def parse_size(text: str) -> tuple[int, int]:
 def run_prepare(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     cache = Path(args.cache) if args.cache else Path(args.data_dir) / DEFAULT_CACHE
     # Fail on the data before spending minutes loading T5-XXL.
-    check_frame_count(args.frames)
-    check_training_size(args.size)
-    entries = scan_dataset(args.data_dir)
-    validate_for_training(entries, args.frames)
+    entries = describe_dataset(args.data_dir, args.frames, args.size).entries
     print(f"{len(entries)} video(s) in {args.data_dir}; loading models on {device} ({args.dtype or 'auto'})")
     vae = load_vae(args.vae, args.vae_config, dtype=dtype, device=device)
     if args.vae_tiling:

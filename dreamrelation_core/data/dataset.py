@@ -1,47 +1,36 @@
-"""Relation dataset folders: scan + validation, `prepare` (encode once into a cache), PreparedClip.
+"""Relation dataset folders: scan and validation (encoding into the training cache: see cache).
 
 A dataset is one folder per relation. For every video `<name>`:
 - the video: `<name>.mp4` / `.webm` / `.mkv` / `.mov` / `.gif`, or a frame folder `<name>/` of
   numbered `.png` / `.jpg` images;
 - its caption `<name>.txt` (UTF-8, whitespace collapsed);
-- its masks (see mask_io): compact `<name>.masks.npz`, or reference colour PNGs in `<name>/`
+- its masks (see mask_files): compact `<name>.masks.npz`, or reference colour PNGs in `<name>/`
   beside a video file, or in `<name>/masks/` inside a frame-folder video. Masks cover every frame
   of the video at the video's own resolution.
 Hidden entries (starting with "." or "_", e.g. the default cache `.dreamrelation_cache/`) are
 skipped.
 
-`prepare_dataset` checks every entry first (nothing is written if any input is bad), then fits
-each clip (trim, centre-crop, resize; masks follow), encodes it with the VAE and its caption with
-T5, and writes `<cache>/<name>.safetensors` atomically, plus `manifest.json`. Entries whose
-sources, settings and models are unchanged are skipped.
+`describe_dataset` runs every check that can fail before anything is encoded or written: the clip
+settings (frame count, training size), the folder's entries, and each video's length and masks.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..errors import DatasetError
-from ..fileio import atomic_path
+from ..mochi.latents import check_frame_count, check_training_size
 from . import mask_files as mask_io
-from .encode import encode_captions, encode_frames, normalize_latents
-from .latent_masks import check_frame_count, latent_mask
-from .video import FRAME_SUFFIXES, VIDEO_SUFFIXES, VideoError, fit_clip, probe_video, read_video
+from .video import FRAME_SUFFIXES, VIDEO_SUFFIXES, VideoError, probe_video
 
-CACHE_FORMAT = "dreamrelation-prepared-1"
-MANIFEST = "manifest.json"
-DEFAULT_CACHE = ".dreamrelation_cache"
 _FRAME_MASK_RE = re.compile(r"^frame\d+\.png$", re.IGNORECASE)
-
-Progress = Callable[[int, int, str], None]  # (entries done, total, name of the entry just done)
 
 
 @dataclass(frozen=True)
@@ -178,160 +167,10 @@ def scan_dataset(folder: str | os.PathLike, full: bool = False) -> list[VideoEnt
     return entries
 
 
-# ---------------------------------------------------------------- prepared clips
+# ---------------------------------------------------------------- validation for training
 
-@dataclass
-class PreparedClip:
-    """One encoded training clip, as the trainer consumes it."""
-
-    name: str
-    caption: str
-    mean: torch.Tensor  # [12, T, h, w] raw VAE posterior mean
-    logvar: torch.Tensor  # [12, T, h, w]
-    y_feat: torch.Tensor  # [L, D]
-    y_mask: torch.Tensor  # [L] bool
-    mask1: torch.Tensor  # [T, h, w] float32 in [0, 1]
-    mask2: torch.Tensor  # [T, h, w]
-    meta: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def relation_mask(self) -> torch.Tensor:
-        return self.mask1 + self.mask2  # 2 where the subjects overlap, as the reference
-
-    def sample_latents(self, generator: torch.Generator) -> torch.Tensor:
-        """z = mean + exp(logvar / 2) * eps, normalised to ComfyUI's Mochi latent space [12, T, h, w]."""
-        eps = torch.randn(self.mean.shape, generator=generator, dtype=torch.float32, device=generator.device)
-        z = self.mean.float() + torch.exp(0.5 * self.logvar.float()) * eps.to(self.mean.device)
-        return normalize_latents(z)
-
-
-def _safetensors_write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
-
-    with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-
-
-def _json_write(path: Path, obj) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2), encoding="utf-8")
-
-
-_TENSOR_KEYS = ("mean", "logvar", "y_feat", "y_mask", "mask1", "mask2")
-
-
-def _check_clip_shapes(path: Path, t: dict[str, torch.Tensor]) -> None:
-    mean = t["mean"]
-    if mean.ndim != 4 or mean.shape[0] != 12:
-        raise DatasetError(f"{path}: key 'mean' has shape {tuple(mean.shape)}, expected [12, T, h, w]")
-    expect = {"logvar": tuple(mean.shape), "mask1": tuple(mean.shape[1:]), "mask2": tuple(mean.shape[1:])}
-    for k, shape in expect.items():
-        if tuple(t[k].shape) != shape:
-            raise DatasetError(f"{path}: key {k!r} has shape {tuple(t[k].shape)}, expected {shape}")
-    if t["y_feat"].ndim != 2 or t["y_mask"].shape != t["y_feat"].shape[:1]:
-        raise DatasetError(
-            f"{path}: y_feat {tuple(t['y_feat'].shape)} / y_mask {tuple(t['y_mask'].shape)}: expected [L, D] and [L]"
-        )
-
-
-def load_clip(path: str | os.PathLike) -> PreparedClip:
-    """One cache file -> PreparedClip; DatasetError naming the file for anything missing or corrupt."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise DatasetError(f"{path}: prepared clip missing; run `python -m dreamrelation_core prepare` again")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            keys = set(f.keys())
-            missing = [k for k in _TENSOR_KEYS if k not in keys]
-            if missing:
-                raise DatasetError(f"{path}: not a prepared clip: missing key(s) {missing}")
-            t = {k: f.get_tensor(k) for k in _TENSOR_KEYS}
-    except DatasetError:
-        raise
-    except Exception as e:  # truncated file, bad header
-        raise DatasetError(f"{path}: corrupt prepared clip ({type(e).__name__}: {e}); run prepare again") from e
-    if meta.get("format") != CACHE_FORMAT:
-        raise DatasetError(f"{path}: format {meta.get('format')!r}, expected {CACHE_FORMAT!r}; run prepare again")
-    _check_clip_shapes(path, t)
-    return PreparedClip(
-        name=meta.get("name", path.stem), caption=meta.get("caption", ""), mean=t["mean"].float(),
-        logvar=t["logvar"].float(), y_feat=t["y_feat"].float(), y_mask=t["y_mask"].bool(),
-        mask1=t["mask1"].float(), mask2=t["mask2"].float(), meta=meta,
-    )
-
-
-def load_prepared(cache_dir: str | os.PathLike) -> list[PreparedClip]:
-    """All clips listed in `<cache_dir>/manifest.json` (every .safetensors if there is none)."""
-    cache_dir = Path(cache_dir)
-    if not cache_dir.is_dir():
-        raise DatasetError(f"{cache_dir}: no prepared cache here; run `python -m dreamrelation_core prepare` first")
-    manifest = cache_dir / MANIFEST
-    if manifest.is_file():
-        try:
-            files = [cache_dir / e["file"] for e in json.loads(manifest.read_text(encoding="utf-8"))["clips"]]
-        except (ValueError, KeyError, TypeError) as e:
-            raise DatasetError(f"{manifest}: unreadable manifest ({type(e).__name__}: {e}); run prepare again") from e
-    else:
-        files = sorted(cache_dir.glob("*.safetensors"))
-    if not files:
-        raise DatasetError(f"{cache_dir}: no prepared clips; run `python -m dreamrelation_core prepare` first")
-    return [load_clip(f) for f in files]
-
-
-# ---------------------------------------------------------------- prepare
-
-def model_tag(model: torch.nn.Module) -> str:
-    """Cheap identity of a model: class, config and a few weight values (detects a swapped model)."""
-    h = hashlib.sha256(type(model).__name__.encode())
-    cfg = getattr(model, "config", None)
-    if cfg is not None:
-        d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
-        h.update(json.dumps(d, sort_keys=True, default=str).encode())
-    params = list(model.parameters())
-    for p in (params[0], params[-1]) if params else ():
-        h.update(p.detach().flatten()[:64].float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def _source_stamp(p: Path) -> list:
-    """(name, size, mtime) of a file, or of every file directly inside a folder."""
-    files = sorted(f for f in p.iterdir() if f.is_file()) if p.is_dir() else [p]
-    return [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-
-
-def _fingerprint(entry: VideoEntry, settings: dict, model_tags: tuple[str, str]) -> str:
-    stamp = {
-        "video": _source_stamp(entry.video), "masks": _source_stamp(entry.masks), "caption": entry.caption,
-        "settings": settings, "models": model_tags, "format": CACHE_FORMAT,
-    }
-    return hashlib.sha256(json.dumps(stamp, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _up_to_date(path: Path, fingerprint: str) -> bool:
-    from safetensors import safe_open
-
-    if not path.is_file():
-        return False
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return (f.metadata() or {}).get("fingerprint") == fingerprint
-    except Exception:  # corrupt: rebuild it
-        return False
-
-
-def check_training_size(size: tuple[int, int]) -> None:
-    h, w = size
-    if h <= 0 or w <= 0 or h % 16 or w % 16:
-        raise DatasetError(
-            f"training size {h}x{w} (HxW): both must be positive multiples of 16 "
-            "(8x VAE downsampling, then the transformer's 2x2 patches)"
-        )
-
-
-def _load_entry_masks(entry: VideoEntry) -> tuple[np.ndarray, np.ndarray]:
+def load_entry_masks(entry: VideoEntry) -> tuple[np.ndarray, np.ndarray]:
+    """Both subjects' masks of an entry, bool [F, H, W], checked against its video's probe."""
     m1, m2 = mask_io.load_masks(entry.masks)  # MaskFormatError names the file and colours
     if m1.shape != (entry.num_frames, entry.height, entry.width):
         raise DatasetError(
@@ -348,94 +187,7 @@ def validate_for_training(entries: Iterable[VideoEntry], num_frames: int) -> Non
     if short:
         raise DatasetError(f"{len(short)} video(s) too short:\n  - " + "\n  - ".join(short))
     for e in entries:
-        _load_entry_masks(e)
-
-
-@dataclass
-class Encoders:
-    """How `prepare` turns frames and captions into tensors. Built from a diffusers VAE and a
-    transformers T5 by default (`Encoders.from_models`); the ComfyUI nodes build one from
-    ComfyUI's own VAE and CLIP."""
-
-    encode_video: Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor]]  # uint8 [F,H,W,3] -> mean, logvar [12,T,h,w]
-    encode_text: Callable[[list[str], int], tuple[torch.Tensor, torch.Tensor]]  # -> [N,L,D] float, [N,L] bool
-    tags: tuple[str, str]  # identities of the two models: a change re-encodes the cache
-
-    @classmethod
-    def from_models(cls, vae, text_encoder, tokenizer) -> Encoders:
-        return cls(
-            encode_video=lambda frames: encode_frames(vae, frames),
-            encode_text=lambda captions, n: encode_captions(text_encoder, tokenizer, captions, n),
-            tags=(model_tag(vae), model_tag(text_encoder)),
-        )
-
-
-def encode_entry(
-    entry: VideoEntry, encoders: Encoders, num_frames: int, size: tuple[int, int], max_text_len: int
-) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Fit, encode and turn the masks of one entry into the tensors of its cache file."""
-    frames = read_video(entry.video, max_frames=num_frames)
-    if frames.shape[1:3] != (entry.height, entry.width):
-        raise DatasetError(f"{entry.video}: decoded frames are {frames.shape[1:3]}, probe said {(entry.height, entry.width)}")
-    m1, m2 = _load_entry_masks(entry)
-    frames, (m1, m2) = fit_clip(frames, (m1[:num_frames], m2[:num_frames]), num_frames, size, source=str(entry.video))
-    mean, logvar = encoders.encode_video(frames)  # [12, T, h, w] each
-    y_feat, y_mask = encoders.encode_text([entry.caption], max_text_len)  # [1, L, D], [1, L]
-    lm1, lm2 = latent_mask(m1), latent_mask(m2)  # [T, h, w]
-    if lm1.shape != mean.shape[1:]:
-        raise DatasetError(f"{entry.video}: latent masks {tuple(lm1.shape)} do not match latents {tuple(mean.shape[1:])}")
-    tensors = {"mean": mean, "logvar": logvar, "y_feat": y_feat[0], "y_mask": y_mask[0], "mask1": lm1, "mask2": lm2}
-    meta = {
-        "format": CACHE_FORMAT, "name": entry.name, "caption": entry.caption, "source": str(entry.video),
-        "masks": str(entry.masks), "num_frames": str(num_frames), "size": f"{size[0]}x{size[1]}",
-        "max_text_len": str(max_text_len), "latents": "raw VAE posterior mean/logvar (normalise after sampling)",
-    }
-    return tensors, meta
-
-
-def prepare_dataset(
-    folder: str | os.PathLike,
-    cache_dir: str | os.PathLike,
-    vae,
-    text_encoder,
-    tokenizer,
-    num_frames: int,
-    size: tuple[int, int],
-    max_text_len: int = 256,
-    progress: Progress | None = None,
-    encoders: Encoders | None = None,
-) -> list[Path]:
-    """Encode every video of `folder` once into `<cache_dir>/<name>.safetensors`; returns those paths.
-
-    `encoders` replaces vae / text_encoder / tokenizer (pass None for those then)."""
-    if encoders is None:
-        encoders = Encoders.from_models(vae, text_encoder, tokenizer)
-    check_frame_count(num_frames)
-    size = (int(size[0]), int(size[1]))
-    check_training_size(size)
-    entries = scan_dataset(folder)
-    validate_for_training(entries, num_frames)
-    cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    settings = {"num_frames": num_frames, "size": list(size), "max_text_len": max_text_len}
-    tags = encoders.tags
-    out: list[Path] = []
-    for i, entry in enumerate(entries):
-        path = cache_dir / f"{entry.name}.safetensors"
-        fp = _fingerprint(entry, settings, tags)
-        if not _up_to_date(path, fp):
-            tensors, meta = encode_entry(entry, encoders, num_frames, size, max_text_len)
-            meta["fingerprint"] = fp
-            _safetensors_write(path, tensors, meta)
-        out.append(path)
-        if progress is not None:
-            progress(i + 1, len(entries), entry.name)
-    _json_write(cache_dir / MANIFEST, {
-        "format": CACHE_FORMAT, "dataset": str(Path(folder).resolve()), **settings,
-        "clips": [{"name": e.name, "file": p.name, "caption": e.caption, "source": str(e.video)}
-                  for e, p in zip(entries, out)],
-    })
-    return out
+        load_entry_masks(e)
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,8 @@
-"""Per-frame subject masks -> masks on Mochi's latent grid, and the frame-count rule.
+"""Per-frame subject masks -> masks on Mochi's latent grid (docs/method.md "Latent masks").
 
-Mochi's VAE compresses 8x in space and 6x in time with a causal first frame: frame 0 becomes
-latent frame 0 on its own, then every group of 6 frames becomes one latent frame. A clip must
-therefore have F = 6k + 1 frames. We require k >= 1 (F >= 7): a relation is a motion, a single
-latent frame has none, and the relational contrastive loss needs at least two latent frames.
+The frame-count rule and the compression factors are Mochi's (see mochi.latents).
 
-Latent mask of one subject (SPEC "Hybrid mask training"):
+Latent mask of one subject:
 - each frame's mask is brought to the latent grid (H/8 x W/8) *per frame*, as the reference does:
   nearest-neighbour resize, then every positive source pixel re-marks the latent cell at its
   scaled position (floor(y * h / H), floor(x * w / W)). A subject one pixel wide therefore
@@ -25,38 +22,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-TEMPORAL_COMPRESSION = 6
-SPATIAL_COMPRESSION = 8
-MIN_FRAMES = 1 + TEMPORAL_COMPRESSION  # 7: at least two latent frames
-
-
-def nearest_valid_frame_counts(num_frames: int) -> tuple[int, int]:
-    """The two valid clip lengths (6k + 1, k >= 1) closest to `num_frames`, smaller first."""
-    if num_frames <= MIN_FRAMES:
-        return MIN_FRAMES, MIN_FRAMES + TEMPORAL_COMPRESSION
-    below = 1 + ((num_frames - 1) // TEMPORAL_COMPRESSION) * TEMPORAL_COMPRESSION
-    if below == num_frames:  # already valid: its neighbours below and above
-        return below - TEMPORAL_COMPRESSION if below > MIN_FRAMES else below, below + TEMPORAL_COMPRESSION
-    return below, below + TEMPORAL_COMPRESSION
-
-
-def check_frame_count(num_frames: int) -> None:
-    """Raise ValueError unless num_frames = 6k + 1 with k >= 1 (7, 13, 19, 25, ..., 61, ..., 85)."""
-    if not isinstance(num_frames, (int, np.integer)) or isinstance(num_frames, bool):
-        raise ValueError(f"frame count must be an integer, got {num_frames!r}")
-    if num_frames >= MIN_FRAMES and (num_frames - 1) % TEMPORAL_COMPRESSION == 0:
-        return
-    lo, hi = nearest_valid_frame_counts(int(num_frames))
-    raise ValueError(
-        f"{num_frames} frames: Mochi needs 6k + 1 frames with k >= 1 (7, 13, ..., 61, ..., 85); "
-        f"the nearest valid lengths are {lo} and {hi}"
-    )
-
-
-def latent_frame_count(num_frames: int) -> int:
-    """Latent frames of a clip of `num_frames` frames: 1 + (F - 1) // 6 (after check_frame_count)."""
-    check_frame_count(num_frames)
-    return 1 + (num_frames - 1) // TEMPORAL_COMPRESSION
+from ..mochi.latents import SPATIAL_COMPRESSION, TEMPORAL_COMPRESSION, latent_frame_count
 
 
 def _row_groups(n_src: int, n_dst: int) -> np.ndarray:
@@ -94,14 +60,14 @@ def latent_mask(mask: torch.Tensor | np.ndarray) -> torch.Tensor:
     """[F, H, W] bool/float per-frame mask -> [T_lat, H // 8, W // 8] float32 in [0, 1]."""
     m = _as_bool_stack(mask)
     f, H, W = m.shape
-    check_frame_count(f)
+    t = latent_frame_count(f)  # raises unless f = 6k + 1
     if H % SPATIAL_COMPRESSION or W % SPATIAL_COMPRESSION:
         raise ValueError(
             f"mask frames are {H}x{W} (HxW); the VAE grid needs both multiples of {SPATIAL_COMPRESSION}"
         )
     cells = frame_cells(m, (H // SPATIAL_COMPRESSION, W // SPATIAL_COMPRESSION)).astype(np.float32)
     first = cells[:1]  # [1, h, w]: the causal first frame stands alone
-    rest = cells[1:].reshape(-1, TEMPORAL_COMPRESSION, *cells.shape[1:]).mean(axis=1)  # [T-1, h, w]
+    rest = cells[1:].reshape(t - 1, TEMPORAL_COMPRESSION, *cells.shape[1:]).mean(axis=1)  # [T-1, h, w]
     return torch.from_numpy(np.concatenate([first, rest], axis=0))
 
 

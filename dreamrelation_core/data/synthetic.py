@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .latent_masks import check_frame_count
+from ..mochi.latents import check_frame_count
 from .mask_files import save_compact_masks
 
 BACKGROUND = (128, 128, 128)

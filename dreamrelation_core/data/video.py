@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import VideoError
-from .latent_masks import check_frame_count
+from ..mochi.latents import check_frame_count
 
 STREAM_SUFFIXES = (".mp4", ".webm", ".mkv", ".mov")
 GIF_SUFFIXES = (".gif",)

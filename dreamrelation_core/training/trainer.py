@@ -25,9 +25,10 @@ from ..errors import TrainingError
 from ..fileio import atomic_path
 from ..lora import files as formats
 from ..lora import peft_triplet as triplet
+from ..mochi.latents import diffusers_timestep
 from .config import TrainConfig
 from .contrastive import RCLSettings, RelationalContrastiveLoss
-from .flow import diffusers_timestep, masked_flow_loss, noisy
+from .flow import masked_flow_loss, noisy
 
 log = logging.getLogger("dreamrelation")
 
@@ -38,7 +39,7 @@ RELATION_FILE = "relation_only.safetensors"
 
 
 class Clip(Protocol):
-    """What the trainer needs of a prepared clip (see dataset.PreparedClip)."""
+    """What the trainer needs of a prepared clip (see data.cache.PreparedClip)."""
 
     y_feat: torch.Tensor  # [L, D]
     y_mask: torch.Tensor  # [L] bool
@@ -155,7 +156,7 @@ class Trainer:
     def _load_clips(self) -> list[Clip]:
         if not self.config.cache_dir:
             raise TrainingError("config.cache_dir is empty and no clips were given")
-        from ..data.dataset import load_prepared
+        from ..data.cache import load_prepared
 
         return list(load_prepared(self.config.cache_dir))
 
