@@ -19,8 +19,7 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))  # dreamrelation_core and fixtures (tiny models)
 
 from dreamrelation_core.masks.extractor import SubjectMaskExtractor, SubjectMaskOptions  # noqa: E402
 from dreamrelation_core.masks.grounding_dino import GroundingDino  # noqa: E402
@@ -37,14 +36,15 @@ def clip(frames: int, h: int, w: int) -> np.ndarray:
 
 
 def tiny_models():
-    from _mask_models import tiny_gdino, tiny_sam, tiny_sam2, tiny_tokenizer
+    from fixtures.mask_models import tiny_gdino, tiny_sam, tiny_sam2, tiny_tokenizer
 
     return GroundingDino(tiny_gdino(), tiny_tokenizer()), SamSegmenter(tiny_sam()), Sam2Propagator(tiny_sam2())
 
 
 def real_models(device: str):
-    from _mask_models import tiny_tokenizer
     from transformers import GroundingDinoConfig, GroundingDinoForObjectDetection
+
+    from fixtures.mask_models import tiny_tokenizer
 
     # Grounding DINO Swin-T (groundingdino_swint_ogc): transformers' defaults are that model.
     cfg = GroundingDinoConfig(backbone_config=dict(model_type="swin", embed_dim=96, depths=[2, 2, 6, 2],

@@ -10,7 +10,7 @@ all in one process, rounds interleaved so drift hits every variant alike. Prints
 
 Run: COMFYUI_DIR=/path/to/ComfyUI python benchmarks/sampling_overhead.py [--steps 6 --rounds 3]
 It re-runs itself under `python -O`: a Mochi with the real feed-forward ratio (4) at a small
-width trips ComfyUI's assert on hidden_size_x * mlp_ratio_x (see tests/_comfy_mochi.py).
+width trips ComfyUI's assert on hidden_size_x * mlp_ratio_x (see fixtures/comfy_mochi.py).
 """
 
 from __future__ import annotations
@@ -27,14 +27,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _setup() -> None:
-    sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
-    from conftest import import_comfyui  # the same in-process recipe the tests use
+    sys.path.insert(0, str(ROOT))  # dreamrelation_core and fixtures (tiny models)
+    from fixtures.comfyui import import_comfyui  # the same in-process recipe the tests use
 
     import_comfyui()
 
 
 def build(depth: int, width: int, seed: int = 0):
-    import _comfy_mochi as cm
+    from fixtures import comfy_mochi as cm
 
     cfg = cm.base_unet_config(depth, hidden_x=width, hidden_y=width // 2, heads=width // 128, mlp_ratio_x=4.0)
     cfg["t5_feat_dim"] = 256
@@ -44,20 +44,9 @@ def build(depth: int, width: int, seed: int = 0):
 
 def relation_lora(cfg: dict, rank: int = 16):
     """A random full triplet at the model's widths (subject LoRAs included; the loader drops them)."""
-    import torch
+    from fixtures.loras import random_lora_set
 
-    from dreamrelation_core.lora.layout import ADAPTERS, LoraSet, target_modules
-
-    d, dy = cfg["hidden_size_x"], cfg["hidden_size_y"]
-    dims = {"to_q": (d, d), "to_k": (d, d), "to_v": (d, d), "to_out.0": (d, d),
-            "add_q_proj": (dy, d), "add_k_proj": (dy, d), "add_v_proj": (dy, d), "to_add_out": (d, dy)}
-    ls = LoraSet()
-    for adapter in ADAPTERS:
-        for path in target_modules(adapter, cfg["depth"]):
-            fi, fo = dims[path.rsplit(".attn1.", 1)[1]]
-            ls.weights.setdefault(adapter, {})[path] = (torch.randn(rank, fi) / fi ** 0.5, 0.1 * torch.randn(fo, rank))
-        ls.rank[adapter], ls.alpha[adapter], ls.scales[adapter] = rank, float(rank), 1.0
-    return ls
+    return random_lora_set(cfg["depth"], cfg["hidden_size_x"], cfg["hidden_size_y"], rank=rank, gain=0.1)
 
 
 def step_times(model, latent, positive, negative, steps: int) -> list[float]:
@@ -87,12 +76,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=9)
     args = ap.parse_args()
     _setup()
-    import _comfy_mochi as cm
     import folder_paths
     import torch
-    from conftest import load_pack
 
     from dreamrelation_core.lora import files as formats
+    from fixtures import comfy_mochi as cm
+    from fixtures.comfyui import load_pack
 
     cfg, base = build(args.depth, args.width)
     pack = load_pack()

@@ -1,4 +1,4 @@
-"""Shared fixtures: the pack loaded as ComfyUI loads it, the real ComfyUI in-process, tiny models.
+"""Shared fixtures: the pack loaded as ComfyUI loads it, the real ComfyUI in-process (fixtures.comfyui).
 
 ComfyUI is found through COMFYUI_DIR, or because this pack sits in ComfyUI/custom_nodes/.
 Tests that need it take the `comfyui` fixture and skip, with the reason, where it is absent.
@@ -6,66 +6,27 @@ Tests that need it take the `comfyui` fixture and skip, with the reason, where i
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-PACK_NAME = "dreamrelation_pack"
-
-
-def find_comfyui() -> Path | None:
-    env = os.environ.get("COMFYUI_DIR")
-    if env and (Path(env) / "comfy").is_dir():
-        return Path(env)
-    # pack installed as ComfyUI/custom_nodes/<pack>
-    cand = ROOT.parent.parent
-    if ROOT.parent.name == "custom_nodes" and (cand / "comfy").is_dir():
-        return cand
-    return None
+from fixtures.comfyui import PACK_NAME, ROOT, ComfyUINotFound, find_comfyui, load_pack  # noqa: F401 (re-exported)
+from fixtures.comfyui import import_comfyui as _import_comfyui
 
 
 def import_comfyui() -> Path:
-    """Put ComfyUI first on sys.path and force CPU before `comfy.model_management` loads."""
-    path = find_comfyui()
-    if path is None:
-        pytest.skip("ComfyUI not found: set COMFYUI_DIR or install the pack in ComfyUI/custom_nodes")
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
-    # A top-level `nodes` / `utils` imported before would shadow ComfyUI's own modules.
-    for name in ("nodes", "utils"):
-        mod = sys.modules.get(name)
-        if mod is not None and not str(getattr(mod, "__file__", "") or "").startswith(str(path)):
-            del sys.modules[name]
-    from comfy.cli_args import args
-
-    args.cpu = True
-    import comfy.model_management  # noqa: F401
-
-    return path
+    """The real ComfyUI on CPU (fixtures.comfyui); skips the test, with the reason, where it is absent."""
+    try:
+        return _import_comfyui()
+    except ComfyUINotFound as e:
+        pytest.skip(str(e))
 
 
 @pytest.fixture(scope="session")
 def comfyui() -> Path:
     """The real ComfyUI, importable in this process (CPU). Skips with a reason where absent."""
     return import_comfyui()
-
-
-def load_pack():
-    """Import the repository as ComfyUI does: a package named after its folder, via __init__.py."""
-    if PACK_NAME in sys.modules:
-        return sys.modules[PACK_NAME]
-    spec = importlib.util.spec_from_file_location(
-        PACK_NAME, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)]
-    )
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[PACK_NAME] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="session")

@@ -11,29 +11,16 @@ import torch
 
 from dreamrelation_core.lora import genmo as comfy_keys
 from dreamrelation_core.lora.files import LoraFormatError
-from dreamrelation_core.lora.layout import ADAPTERS, LoraSet, module_path, target_modules
+from dreamrelation_core.lora.layout import LoraSet, module_path
 from dreamrelation_core.mochi import dit_keys as mochi_convert
+from fixtures.loras import random_lora_set
 
 D, DY, R = 12, 8, 3  # visual width, text width, rank
 
 
-def _shapes(sub: str) -> tuple[int, int]:
-    """(in, out) of a diffusers joint-attention module at the tiny widths."""
-    return {
-        "to_q": (D, D), "to_k": (D, D), "to_v": (D, D), "to_out.0": (D, D),
-        "add_q_proj": (DY, D), "add_k_proj": (DY, D), "add_v_proj": (DY, D), "to_add_out": (D, DY),
-    }[sub]
-
-
-def random_triplet(blocks: int = 2, rank: int = R, alpha: float = 6.0, subject_gain: float = 1.0) -> LoraSet:
-    ls = LoraSet()
-    for adapter in ADAPTERS:
-        for path in target_modules(adapter, blocks):
-            fi, fo = _shapes(path.rsplit(".attn1.", 1)[1])
-            gain = subject_gain if adapter.startswith("subject") else 1.0
-            ls.weights.setdefault(adapter, {})[path] = (torch.randn(rank, fi), gain * torch.randn(fo, rank))
-        ls.rank[adapter], ls.alpha[adapter], ls.scales[adapter] = rank, alpha, alpha / rank
-    return ls
+def random_triplet(blocks: int = 2, alpha: float = 6.0, subject_gain: float = 1.0) -> LoraSet:
+    """A random triplet at this file's tiny widths, rank R (alpha 6: scale 2)."""
+    return random_lora_set(blocks, D, DY, rank=R, alpha=alpha, subject_gain=subject_gain)
 
 
 def _fused_base(blocks: int) -> dict[str, torch.Tensor]:

@@ -1,45 +1,33 @@
 """Relation LoRA on the real ComfyUI's Mochi (in-process, CPU, tiny random models).
 
 The diffusers-equivalence proof needs equal feed-forward widths, which ComfyUI's own assert only
-allows under `python -O` (see tests/_comfy_mochi.py): it runs in a subprocess that reports
+allows under `python -O` (see fixtures/comfy_mochi.py): it runs in a subprocess that reports
 numbers this test asserts. Everything else runs here, on a tiny Mochi that keeps ComfyUI's assert.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-import _comfy_mochi as cm
 import pytest
 import torch
 
 from dreamrelation_core.lora import files as formats
 from dreamrelation_core.lora import genmo as comfy_keys
-from dreamrelation_core.lora.layout import ADAPTERS, LoraSet, target_modules
+from fixtures import comfy_mochi as cm
+from fixtures.loras import random_lora_set
 
 pytestmark = pytest.mark.comfyui
 HERE = Path(__file__).resolve().parent
 
 
-def _random_lora(depth: int, d: int, dy: int, rank: int = 4, alpha: float = 8.0, subject_gain: float = 1.0,
-                 seed: int = 3) -> LoraSet:
-    g = torch.Generator().manual_seed(seed)
-    dims = {"to_q": (d, d), "to_k": (d, d), "to_v": (d, d), "to_out.0": (d, d),
-            "add_q_proj": (dy, d), "add_k_proj": (dy, d), "add_v_proj": (dy, d), "to_add_out": (d, dy)}
-    ls = LoraSet()
-    for adapter in ADAPTERS:
-        gain = subject_gain if adapter.startswith("subject") else 1.0
-        for path in target_modules(adapter, depth):
-            fi, fo = dims[path.rsplit(".attn1.", 1)[1]]
-            a = torch.randn(rank, fi, generator=g) / fi ** 0.5
-            b = gain * 0.3 * torch.randn(fo, rank, generator=g)
-            ls.weights.setdefault(adapter, {})[path] = (a, b)
-        ls.rank[adapter], ls.alpha[adapter], ls.scales[adapter] = rank, alpha, alpha / rank
-    return ls
+# (depth, width, text width) -> a random triplet; rank 4, alpha 8: scale 2, which both sides must honour
+_random_lora = functools.partial(random_lora_set, rank=4, alpha=8.0, gain=0.3, seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +65,7 @@ def _pred(patcher, sigma: float = 0.6, seed: int = 1, tokens: int = 5) -> torch.
 
 def test_comfy_patched_prediction_equals_core_relation_only():
     env_ = dict(os.environ)
-    proc = subprocess.run([sys.executable, "-O", str(HERE / "_comfy_mochi.py"), "twin"], capture_output=True,
+    proc = subprocess.run([sys.executable, "-O", "-m", "fixtures.comfy_mochi", "twin"], capture_output=True,
                           text=True, timeout=300, env=env_, cwd=str(HERE.parent))
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]

@@ -63,7 +63,8 @@ def test_memory_bank_fifo_and_state():
     assert [e[0].item() for e in bank.entries] == [4.0, 5.0, 6.0]
     other = MemoryBank(1)
     other.load_state_dict(bank.state_dict())
-    assert other.size == 3 and all(torch.equal(x, y) for x, y in zip(other.entries, bank.entries))
+    assert other.size == 3 and len(other) == 3  # all() over zip() below would pass on an empty bank
+    assert all(torch.equal(x, y) for x, y in zip(other.entries, bank.entries))
     with pytest.raises(ValueError):
         MemoryBank(0)
 

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from _comfy_vae import comfy_tiny_vae as _comfy_tiny_vae
 from safetensors.torch import save_file
 
 from dreamrelation_core.data.encode import encode_frames
@@ -30,6 +29,7 @@ from dreamrelation_core.mochi.vae_keys import (
     diffusers_vae_to_genmo,
     genmo_vae_to_diffusers,
 )
+from fixtures.comfy_vae import comfy_tiny_vae as _comfy_tiny_vae
 
 TOL = 1e-5  # float32, same ops: measured 0.0 for every comparison below
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from _mask_models import two_subject_clip, write_hf_gdino, write_sam
+
+from fixtures.mask_models import two_subject_clip, write_hf_gdino, write_sam
 
 
 @pytest.fixture()

@@ -118,10 +118,10 @@ class _ComfyCLIPAPI:
 
 
 def test_prepare_node_with_comfy_encoders(pack, comfy_dirs, tmp_path):
-    from _comfy_vae import comfy_tiny_vae
     from safetensors.torch import save_file as save
 
     from dreamrelation_core.mochi.loading import load_vae
+    from fixtures.comfy_vae import comfy_tiny_vae
 
     comfy_vae = comfy_tiny_vae([1, 2, 3])
     data = write_synthetic_dataset(tmp_path / "data", num_videos=1, num_frames=FRAMES, size=SIZE)

@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _mask_models import tiny_sam2_overrides, two_subject_clip, write_original_gdino, write_sam, write_sam2
 
 from dreamrelation_core.masks.grounding_dino import ModelFileError
 from dreamrelation_core.masks.sam import (
@@ -17,6 +16,7 @@ from dreamrelation_core.masks.sam import (
     sam2_config_name_from_state_dict,
     sam2_config_path,
 )
+from fixtures.mask_models import tiny_sam2_overrides, two_subject_clip, write_original_gdino, write_sam, write_sam2
 
 BOXES = np.array([[8, 16, 28, 52], [64, 12, 86, 56]], np.float32)
 

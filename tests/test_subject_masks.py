@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _mask_models import tiny_gdino, tiny_sam, tiny_sam2, tiny_tokenizer, two_subject_clip, write_hf_gdino, write_sam
 
 from dreamrelation_core.data import mask_files as mask_io
 from dreamrelation_core.masks.extractor import (
@@ -22,6 +21,15 @@ from dreamrelation_core.masks.grounding_dino import GroundingDino
 from dreamrelation_core.masks.preview import preview
 from dreamrelation_core.masks.sam import Sam2Propagator, SamSegmenter
 from dreamrelation_core.masks.tracking import NotEnoughSubjectsError, pick_initial_pair
+from fixtures.mask_models import (
+    tiny_gdino,
+    tiny_sam,
+    tiny_sam2,
+    tiny_tokenizer,
+    two_subject_clip,
+    write_hf_gdino,
+    write_sam,
+)
 
 
 @pytest.fixture(scope="module")

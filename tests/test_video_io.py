@@ -117,7 +117,7 @@ def test_crop_and_resize_follow_frames():
     # block at crop columns 8..17, rows 10..19 -> halved: rows 5..9, columns 4..8
     assert np.array_equal(o1[0], out[0, :, :, 0] == 255)
     assert np.argwhere(o1[0]).min(0).tolist() == [5, 4] and np.argwhere(o1[0]).max(0).tolist() == [9, 8]
-    assert np.array_equal(o2[3], out[3, :, :, 1] == 200)
+    assert o2[3].any() and np.array_equal(o2[3], out[3, :, :, 1] == 200)  # non-empty: equal empties prove nothing
     assert o2[:, :, :29].sum() == 0  # the cropped-away left band is gone from the mask too
 
 
