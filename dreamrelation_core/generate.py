@@ -10,18 +10,19 @@ from collections.abc import Callable
 
 import torch
 
+from .errors import LoraFormatError
 from .lora import peft_triplet as triplet
 from .lora.layout import INFERENCE_ADAPTERS, LoraSet
 from .mochi.latents import LATENT_CHANNELS, diffusers_timestep
 
 
-def apply_relation_lora(model: torch.nn.Module, lora: LoraSet) -> torch.nn.Module:
+def add_relation_lora(model: torch.nn.Module, lora: LoraSet) -> torch.nn.Module:
     """Add the triplet to a frozen base model and load the relation + ffn weights of `lora`.
 
     Subject adapters exist in the model (zero B) but stay inactive and empty."""
     rel = lora.only(INFERENCE_ADAPTERS)
     if "relation" not in rel.adapters:
-        raise ValueError("the LoRA has no 'relation' adapter")
+        raise LoraFormatError("the LoRA has no 'relation' adapter")
     ranks = {a: rel.rank.get(a, rel.rank["relation"]) for a in ("relation", "subject1", "subject2", "ffn")}
     alphas = {a: rel.alpha.get(a, rel.alpha["relation"]) for a in ranks}
     triplet.add_triplet(model, rank=ranks, alpha=alphas)

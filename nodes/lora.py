@@ -13,8 +13,7 @@ import json
 import logging
 from pathlib import Path
 
-import torch
-
+from dreamrelation_core.dtypes import DTYPES as _DTYPES
 from dreamrelation_core.lora import genmo as comfy_keys
 from dreamrelation_core.lora.files import LoraFormatError, load_lora_file
 from dreamrelation_core.lora.layout import INFERENCE_ADAPTERS, LoraSet
@@ -141,9 +140,6 @@ class RelationLoraLoader:
 
         path = folder_paths.get_full_path_or_raise("loras", lora_name)
         return apply_relation_lora(model, self._read(path), strength, source=path)
-
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class ExportRelationLora:

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from dreamrelation_core.errors import KeyLayoutError
 from dreamrelation_core.lora import genmo as comfy_keys
 from dreamrelation_core.lora.files import LoraFormatError
 from dreamrelation_core.lora.layout import LoraSet, module_path
@@ -288,12 +289,12 @@ def test_base_conversion_errors():
 
     sd = tiny_transformer(num_layers=2).state_dict()
     genmo = mochi_convert.diffusers_to_genmo(sd)
-    with pytest.raises(KeyError, match=r"key 'blocks\.0\.attn\.qkv_y\.weight' missing"):
+    with pytest.raises(KeyLayoutError, match=r"key 'blocks\.0\.attn\.qkv_y\.weight' missing"):
         mochi_convert.genmo_to_diffusers({k: v for k, v in genmo.items() if k != "blocks.0.attn.qkv_y.weight"})
-    with pytest.raises(KeyError, match=r"unexpected key.*'blocks\.0\.extra'"):
+    with pytest.raises(KeyLayoutError, match=r"unexpected key.*'blocks\.0\.extra'"):
         mochi_convert.genmo_to_diffusers({**genmo, "blocks.0.extra": torch.zeros(1)})
-    with pytest.raises(ValueError, match=r"blocks \[1\] missing"):
+    with pytest.raises(KeyLayoutError, match=r"no keys for blocks\.1 \(between blocks\.0 and blocks\.2\)"):
         mochi_convert.genmo_to_diffusers({**{k: v for k, v in genmo.items() if not k.startswith("blocks.1.")},
                                           "blocks.2.attn.qkv_x.weight": torch.zeros(3, 1)})
-    with pytest.raises(KeyError, match="no 'transformer_blocks.N.' keys"):
+    with pytest.raises(KeyLayoutError, match="no 'transformer_blocks.N.' keys"):
         mochi_convert.diffusers_to_genmo({"x": torch.zeros(1)})

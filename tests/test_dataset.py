@@ -22,6 +22,7 @@ from dreamrelation_core.data.video import fit_clip
 from dreamrelation_core.errors import DatasetError
 from dreamrelation_core.mochi import tiny
 from dreamrelation_core.mochi.latents import normalize_latents
+from dreamrelation_core.training.trainer import branch_mask
 
 F, SIZE, TEXT_LEN = 13, (32, 32), 16
 
@@ -94,7 +95,9 @@ def test_prepare_writes_cache_that_round_trips(data, models, tmp_path):
     torch.testing.assert_close(c.mask1, latent_mask(f1))
     torch.testing.assert_close(c.mask2, latent_mask(f2))
     assert c.mask1.shape == (3, 4, 4) and c.mask1.sum() > 0 and c.mask2.sum() > 0
-    torch.testing.assert_close(c.relation_mask, c.mask1 + c.mask2)
+    # the trainer's per-branch masks of this clip: relation = mask1 + mask2 (2 where they overlap)
+    torch.testing.assert_close(branch_mask([c], "relation"), (c.mask1 + c.mask2)[None])
+    torch.testing.assert_close(branch_mask([c], "subject2"), c.mask2[None])
     assert c.meta["num_frames"] == str(F) and c.meta["size"] == "32x32" and c.meta["source"].endswith("clip1")
 
     # sampled latents: z = mean + exp(logvar / 2) * eps, then ComfyUI's Mochi normalisation

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from dreamrelation_core.generate import apply_relation_lora
+from dreamrelation_core.generate import add_relation_lora
 from dreamrelation_core.lora import files as formats
 from dreamrelation_core.lora import peft_triplet as triplet
 from dreamrelation_core.lora.files import LoraFormatError
@@ -103,7 +103,7 @@ def test_reference_pt_import(tmp_path):
     lora = formats.load_lora_file(path)
     check_reference(lora, sd)
     # applied to the diffusers model, the relation delta is scale * B @ A of the file
-    model = apply_relation_lora(tiny_transformer(num_layers=N, text_hidden=DY), lora)
+    model = add_relation_lora(tiny_transformer(num_layers=N, text_hidden=DY), lora)
     layer = model.transformer_blocks[0].attn1.to_k
     x = torch.randn(2, D)
     delta = layer(x) - layer.base_layer(x)

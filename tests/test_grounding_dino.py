@@ -13,10 +13,10 @@ from dreamrelation_core.masks.grounding_dino import (
     GroundingDino,
     ModelFileError,
     convert_original_state_dict,
+    load_bert_tokenizer,
     load_grounding_dino,
-    load_tokenizer,
-    read_state_dict,
 )
+from dreamrelation_core.statedict import read_state_dict
 from fixtures.mask_models import (
     bert_vocab,
     tiny_gdino,
@@ -80,20 +80,20 @@ def test_missing_files_name_folder_and_expected_names(tmp_path: Path) -> None:
         load_grounding_dino(tmp_path / "groundingdino_swint_ogc.pth")
     assert str(tmp_path) in str(e.value) and "groundingdino_swinb_cogcoor.pth" in str(e.value)
     with pytest.raises(ModelFileError, match="vocab.txt"):
-        load_tokenizer(tmp_path)
+        load_bert_tokenizer(tmp_path)
     (tmp_path / "hf").mkdir()
     with pytest.raises(ModelFileError, match="config.json"):
         load_grounding_dino(tmp_path / "hf")
 
 
 def test_tokenizer_must_have_bert_ids(tmp_path: Path) -> None:
-    tok = load_tokenizer(write_vocab(tmp_path / "ok"))
+    tok = load_bert_tokenizer(write_vocab(tmp_path / "ok"))
     assert tok.convert_tokens_to_ids(["[CLS]", "[SEP]", ".", "?"]) == [101, 102, 1012, 1029]
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "vocab.txt").write_text("\n".join(bert_vocab()[1:]) + "\n")  # every id shifted by one
     with pytest.raises(ModelFileError, match="not bert-base-uncased's"):
-        GroundingDino(tiny_gdino(), load_tokenizer(bad))
+        GroundingDino(tiny_gdino(), load_bert_tokenizer(bad))
 
 
 def test_hf_folder_loads_offline_with_its_vocab(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from dreamrelation_core.data.video import (
     probe_video,
     read_video,
 )
+from dreamrelation_core.errors import DatasetError
 
 
 @pytest.fixture(scope="module")
@@ -129,8 +130,10 @@ def test_fit_clip_upscales_and_validates():
         fit_clip(frames, None, 19, (48, 48), source="clip.mp4")
     with pytest.raises(ValueError, match="nearest valid lengths are 7 and 13"):
         fit_clip(frames, None, 12, (48, 48))
-    with pytest.raises(VideoError, match="multiples of 8"):
+    with pytest.raises(DatasetError, match=r"training size 50x48 \(HxW\): both must be positive multiples of 16"):
         fit_clip(frames, None, 13, (50, 48))
+    with pytest.raises(DatasetError, match="multiples of 16"):  # the VAE alone would take 40, the patches not
+        fit_clip(frames, None, 13, (40, 48))
     bad = np.zeros((13, 24, 20), bool)
     with pytest.raises(VideoError, match=r"subject 2 masks have shape \(13, 24, 20\)"):
         fit_clip(frames, (np.zeros((13, 24, 24), bool), bad), 13, (48, 48))

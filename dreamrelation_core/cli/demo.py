@@ -16,23 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .progress import training_bar
+
 DEMO_PROMPT = "A bear is shaking hands with a raccoon in a meadow."
-
-
-def _progress_bar(total: int):
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total, desc="train", unit="step", dynamic_ncols=True)
-
-    def update(info) -> None:
-        bar.update(info.step - bar.n)
-        l = info.losses
-        bar.set_postfix_str(
-            f"{info.branch:8s} total {l['total']:.3f} mse {l['mse']:.3f} masked {l['masked']:.4f} "
-            f"rcl {l['rcl']:.3f} lr {info.lr:.1e}"
-        )
-
-    return bar, update
 
 
 def save_gif(frames: np.ndarray, path: Path, fps: int = 8) -> Path:
@@ -58,7 +44,7 @@ def run_demo(out_dir: str | Path = "demo_output", steps: int = 200, seed: int = 
     from ..data.cache import load_prepared, prepare_dataset
     from ..data.encode import encode_captions
     from ..data.synthetic import write_synthetic_dataset
-    from ..generate import apply_relation_lora, generate_latents
+    from ..generate import add_relation_lora, generate_latents
     from ..lora import files as formats
     from ..mochi.tiny import tiny_text_encoder, tiny_tokenizer, tiny_transformer, tiny_vae
     from ..training.config import TrainConfig
@@ -85,14 +71,14 @@ def run_demo(out_dir: str | Path = "demo_output", steps: int = 200, seed: int = 
     )
     trainer = Trainer(config, clips=clips)
     before = trainer.evaluate()
-    bar, update = _progress_bar(steps)
+    bar, update = training_bar(steps)
     result = trainer.train(progress=update)
     bar.close()
     after = trainer.evaluate()
     plot = plot_losses(result.history, out / "loss_curve.png", "DreamRelation demo (tiny random Mochi, synthetic clip)")
 
     lora = formats.load_lora_file(result.relation_path)
-    model = apply_relation_lora(tiny_transformer(seed=seed), lora)
+    model = add_relation_lora(tiny_transformer(seed=seed), lora)
     y, ym = encode_captions(text_encoder, tokenizer, [DEMO_PROMPT], text_len)
     latent_shape = tuple(clips[0].mean.shape[1:])
     latents = generate_latents(model, y, ym, latent_shape, steps=sample_steps, cfg=6.0, seed=seed)

@@ -1,21 +1,10 @@
-"""`train`, `resume`, `export-relation` and `import-reference` commands."""
+"""`train` and `resume`: run a relation LoRA training from a YAML config, or continue one."""
 
 from __future__ import annotations
 
 import argparse
 
-
-def _bar(total: int, start: int):
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
-
-    def update(info) -> None:
-        bar.update(info.step - bar.n)
-        l = info.losses
-        bar.set_postfix_str(f"{info.branch} total {l['total']:.4f} masked {l['masked']:.4f} rcl {l['rcl']:.3f} lr {info.lr:.2e}")
-
-    return bar, update
+from .progress import training_bar
 
 
 def _report(result) -> int:
@@ -36,7 +25,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if list_checkpoints(config.output_dir) and not args.overwrite:
         raise ValueError(f"{config.output_dir} already holds checkpoints: use `resume {config.output_dir}` or --overwrite")
     trainer = Trainer(config)
-    bar, update = _bar(config.num_steps, 0)
+    bar, update = training_bar(config.num_steps)
     try:
         return _report(trainer.train(progress=update))
     finally:
@@ -47,7 +36,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     from ..training.trainer import Trainer
 
     trainer = Trainer.resume(args.run_dir, checkpoint=args.checkpoint)
-    bar, update = _bar(trainer.config.num_steps, trainer.step)
+    bar, update = training_bar(trainer.config.num_steps, trainer.step)
     try:
         return _report(trainer.train(progress=update))
     finally:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..errors import DatasetError
-from ..fileio import atomic_path
+from ..fileio import atomic_path, save_safetensors
 from ..mochi.latents import LATENT_CHANNELS, normalize_latents
 from .dataset import VideoEntry, describe_dataset, load_entry_masks
 from .encode import encode_captions, encode_frames
@@ -52,22 +52,11 @@ class PreparedClip:
     mask2: torch.Tensor  # [T, h, w]
     meta: dict[str, str] = field(default_factory=dict)
 
-    @property
-    def relation_mask(self) -> torch.Tensor:
-        return self.mask1 + self.mask2  # 2 where the subjects overlap, as the reference
-
     def sample_latents(self, generator: torch.Generator) -> torch.Tensor:
         """z = mean + exp(logvar / 2) * eps, normalised to ComfyUI's Mochi latent space [12, T, h, w]."""
         eps = torch.randn(self.mean.shape, generator=generator, dtype=torch.float32, device=generator.device)
         z = self.mean.float() + torch.exp(0.5 * self.logvar.float()) * eps.to(self.mean.device)
         return normalize_latents(z)
-
-
-def _safetensors_write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
-
-    with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
 def _json_write(path: Path, obj) -> None:
@@ -252,7 +241,7 @@ def prepare_dataset(
         if not _up_to_date(path, fp):
             tensors, meta = encode_entry(entry, encoders, num_frames, size, max_text_len)
             meta["fingerprint"] = fp
-            _safetensors_write(path, tensors, meta)
+            save_safetensors(path, tensors, meta)
         out.append(path)
         if progress is not None:
             progress(i + 1, len(entries), entry.name)

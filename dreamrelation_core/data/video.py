@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import VideoError
-from ..mochi.latents import check_frame_count
+from ..mochi.latents import check_frame_count, check_training_size
 
 STREAM_SUFFIXES = (".mp4", ".webm", ".mkv", ".mov")
 GIF_SUFFIXES = (".gif",)
@@ -264,13 +264,13 @@ def fit_clip(
 ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
     """Trim to the first num_frames, centre-crop to size's aspect ratio, resize to size (H, W).
 
+    num_frames must be 6k + 1 and (H, W) multiples of 16 (mochi.latents: the training clip rules).
+
     frames uint8 [F, H0, W0, 3]; masks bool [F, H0, W0] each (same F, H0, W0 as frames).
     Returns frames uint8 [num_frames, H, W, 3] and masks bool [num_frames, H, W].
     """
     check_frame_count(num_frames)
-    th, tw = size
-    if th % 8 or tw % 8 or th <= 0 or tw <= 0:
-        raise VideoError(f"training size {th}x{tw} (HxW): both must be positive multiples of 8")
+    check_training_size(size)
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise VideoError(f"{source}: expected frames [F, H, W, 3], got shape {frames.shape}")
     if frames.shape[0] < num_frames:

@@ -28,12 +28,15 @@ from typing import Any
 import torch
 
 from ..errors import LoraFormatError
-from ..fileio import atomic_path
+from ..fileio import save_safetensors
+from . import genmo
 from .layout import (
     ADAPTER_MODULES,
     ADAPTERS,
+    BASE_MODEL,
     INFERENCE_ADAPTERS,
     LoraSet,
+    check_lora_pair,
     module_path,
     parse_module_path,
     target_modules,
@@ -42,7 +45,6 @@ from .layout import (
 FORMAT_TRIPLET = "dreamrelation.triplet"
 FORMAT_RELATION = "dreamrelation.relation"
 FORMAT_REFERENCE = "reference"
-BASE_MODEL = "mochi-1-preview"
 FORMAT_VERSION = "1"
 
 _OUR_KEY_RE = re.compile(r"^(?P<path>transformer_blocks\.\d+\.attn1\.[a-z_]+(?:\.0)?)\.lora_(?P<ab>[AB])\.(?P<adapter>\w+)\.weight$")
@@ -59,14 +61,6 @@ _REF_MODULES = {
 
 # ---------------------------------------------------------------------------------------------
 # writing
-
-
-def _atomic_save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
-    from safetensors.torch import save_file
-
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
-    return Path(path)
 
 
 def lora_state_dict(lora: LoraSet, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
@@ -102,7 +96,7 @@ def save_triplet(
     missing = [a for a in ADAPTERS if a not in lora.adapters]
     if missing:
         raise LoraFormatError(f"{path}: a triplet file needs all four adapters; missing {missing}")
-    return _atomic_save_safetensors(Path(path), lora_state_dict(lora, dtype), _metadata(lora, FORMAT_TRIPLET, step, config))
+    return save_safetensors(Path(path), lora_state_dict(lora, dtype), _metadata(lora, FORMAT_TRIPLET, step, config))
 
 
 def save_relation_only(
@@ -113,7 +107,7 @@ def save_relation_only(
     rel = lora.only(INFERENCE_ADAPTERS)
     if "relation" not in rel.adapters:
         raise LoraFormatError(f"{path}: nothing to export, the LoRA has no 'relation' adapter")
-    return _atomic_save_safetensors(Path(path), lora_state_dict(rel, dtype), _metadata(rel, FORMAT_RELATION, step, config))
+    return save_safetensors(Path(path), lora_state_dict(rel, dtype), _metadata(rel, FORMAT_RELATION, step, config))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,10 +162,8 @@ def load_lora_file(path: str | os.PathLike) -> LoraSet:
         return _parse_ours(path, sd, meta)
     if "kwargs" in meta or any(_REF_KEY_RE.match(k) for k in sd):
         return _parse_reference(path, sd, _json_meta(path, meta, "kwargs") if "kwargs" in meta else None)
-    from . import genmo as comfy_keys
-
-    if comfy_keys.is_genmo_lora(sd.keys()):
-        return comfy_keys.genmo_to_lora_set(sd, source=str(path))
+    if genmo.is_genmo_lora(sd.keys()):
+        return genmo.genmo_to_lora_set(sd, source=str(path))
     first = next(iter(sd), None)
     raise LoraFormatError(
         f"{path}: not a DreamRelation / Mochi LoRA file (metadata format={fmt or 'none'}; first key "
@@ -219,11 +211,7 @@ def _add_pair(path: Path, lora: LoraSet, adapter: str, p: str, pair: dict[str, t
         if ab not in pair:
             raise LoraFormatError(f"{path}: key {key_fmt.format(ab)!r} missing (its lora_{'B' if ab == 'A' else 'A'} is present)")
     a, b = pair["A"], pair["B"]
-    if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
-        raise LoraFormatError(
-            f"{path}: {key_fmt.format('A')!r} {tuple(a.shape)} and {key_fmt.format('B')!r} {tuple(b.shape)} "
-            f"are not a LoRA pair (expected A [r, in], B [out, r])"
-        )
+    check_lora_pair(a, b, str(path), (repr(key_fmt.format("A")), repr(key_fmt.format("B"))))
     if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
         raise LoraFormatError(f"{path}: {key_fmt.format('A/B')!r} holds non-finite values")
     lora.weights.setdefault(adapter, {})[p] = (a.float(), b.float())

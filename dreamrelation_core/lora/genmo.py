@@ -27,7 +27,10 @@ from typing import NamedTuple
 
 import torch
 
-from .layout import INFERENCE_ADAPTERS, LoraSet, module_path, parse_module_path
+from ..errors import LoraFormatError
+from ..fileio import save_safetensors
+from ..statedict import indices
+from .layout import BASE_MODEL, INFERENCE_ADAPTERS, LoraSet, check_lora_pair, module_path, parse_module_path
 
 FORMAT_COMFY = "dreamrelation.comfy"  # metadata of our export (a plain genmo-key LoRA)
 FORMAT_GENMO = "genmo"  # LoraSet metadata["format"] of a genmo-key LoRA read back
@@ -68,13 +71,6 @@ _DOWN = {"lora_A.weight", "lora_A", "lora_down.weight"}
 _UP = {"lora_B.weight", "lora_B", "lora_up.weight"}
 
 
-def _error(msg: str) -> Exception:
-    # formats imports this module lazily; importing formats here lazily too avoids a cycle.
-    from .files import LoraFormatError
-
-    return LoraFormatError(msg)
-
-
 def genmo_name(block: int, module: str) -> str:
     """`blocks.3.attn.qkv_x`: the LoRA key stem ComfyUI maps to `diffusion_model.blocks.3.attn.qkv_x.weight`."""
     return f"blocks.{block}.attn.{module}"
@@ -108,27 +104,19 @@ def _inference_modules(lora: LoraSet, adapters: Iterable[str]) -> dict[tuple[int
     return out
 
 
-def _check_pair(source: str, adapter: str, path: str, a: torch.Tensor, b: torch.Tensor) -> None:
-    if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
-        raise _error(
-            f"{source}: {path} ({adapter}): A {tuple(a.shape)} and B {tuple(b.shape)} are not a LoRA pair "
-            f"(expected A [r, in], B [out, r])"
-        )
-
-
 def _fuse_one(lora: LoraSet, block: int, module: str, entries: list[tuple[str, str]], source: str) -> FusedLora:
     """Stack the per-sub-module LoRAs of one genmo weight into one LoRA (see module docstring)."""
     pairs = []
     for adapter, sub in sorted(entries, key=lambda e: DIFFUSERS_SUBS[module].index(e[1])):
         path = module_path(block, sub)
         a, b = lora.weights[adapter][path]
-        _check_pair(source, adapter, path, a, b)
+        check_lora_pair(a, b, f"{source}: {path} ({adapter})")
         pairs.append((GENMO_MODULE[sub][1], path, adapter, a.float(), lora.scales.get(adapter, 1.0) * b.float()))
     ins = {p[3].shape[1] for p in pairs}
     outs = {p[4].shape[0] for p in pairs}
     if len(ins) != 1 or len(outs) != 1:
         shapes = ", ".join(f"{p[1]} A {tuple(p[3].shape)} B {tuple(p[4].shape)}" for p in pairs)
-        raise _error(f"{source}: LoRAs fused into {genmo_name(block, module)} disagree in width: {shapes}")
+        raise LoraFormatError(f"{source}: LoRAs fused into {genmo_name(block, module)} disagree in width: {shapes}")
     d = outs.pop()
     slot = pairs[0][0]
     if slot is None:  # unfused output projection: one LoRA, as it is
@@ -167,7 +155,7 @@ def comfy_state_dict(
         # alpha = rank: ComfyUI multiplies by alpha / rank = 1; the scale is already in B.
         sd[f"{stem}.alpha"] = torch.tensor(float(f.rank))
     if not sd:
-        raise _error(f"{source}: no {' / '.join(adapters)} LoRA weights to export (adapters present: {lora.adapters})")
+        raise LoraFormatError(f"{source}: no {' / '.join(adapters)} LoRA weights to export (adapters present: {lora.adapters})")
     return sd
 
 
@@ -196,18 +184,18 @@ def check_against_model(
     -> shape, as the target model holds them.
     """
     model_blocks = sum(1 for k in weight_shapes if k.endswith(".attn.qkv_x.weight"))
-    lora_blocks = 1 + max((int(s.split(".")[1]) for s in fused), default=-1)
+    lora_blocks = 1 + max(indices(fused, "blocks."), default=-1)
     for stem, f in fused.items():
         key = f"{stem}.weight"
         shape = weight_shapes.get(key)
         if shape is None:
-            raise _error(
+            raise LoraFormatError(
                 f"{source}: key {stem} targets {key}, which {model_name} does not have "
                 f"(the LoRA has {lora_blocks} blocks, {model_name} has {model_blocks} Mochi blocks)"
             )
         want = (int(f.up.shape[0]), int(f.down.shape[1]))
         if tuple(shape) != want:
-            raise _error(
+            raise LoraFormatError(
                 f"{source}: key {stem}: LoRA delta is {list(want)} (lora_B {tuple(f.up.shape)} @ lora_A "
                 f"{tuple(f.down.shape)}) but {model_name}'s {key} is {list(shape)}: the LoRA was made for a "
                 f"different base model"
@@ -219,24 +207,18 @@ def save_comfy_lora(
 ) -> Path:
     """Write relation + ffn of `lora` as a stock genmo-key Mochi LoRA (safetensors, atomic: a
     failure leaves no file)."""
-    from safetensors.torch import save_file
-
-    from ..fileio import atomic_path
-
     source = source or lora.metadata.get("source", "LoRA")
     sd = comfy_state_dict(lora, dtype=dtype, source=source)
     kept = [a for a in INFERENCE_ADAPTERS if a in lora.weights]
     meta = {
         "format": FORMAT_COMFY,
-        "base_model": "mochi-1-preview",
+        "base_model": BASE_MODEL,
         "adapters": json.dumps(kept),
         "dropped_adapters": json.dumps([a for a in lora.adapters if a not in kept]),
         "num_blocks": str(lora.num_blocks()),
         "source": Path(str(source)).name,
     }
-    with atomic_path(path) as tmp:  # a failed write leaves no file and no old file clobbered
-        save_file(sd, str(tmp), metadata=meta)
-    return Path(path)
+    return save_safetensors(path, sd, meta)  # a failed write leaves no file and no old file clobbered
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,13 +240,13 @@ def _group_genmo(state_dict: Mapping[str, torch.Tensor], source: str) -> dict[tu
     for key, t in state_dict.items():
         m = _match(key)
         if m is None:
-            raise _error(f"{source}: key {key!r} {tuple(t.shape)} is not a Mochi attention LoRA key "
+            raise LoraFormatError(f"{source}: key {key!r} {tuple(t.shape)} is not a Mochi attention LoRA key "
                          f"(expected e.g. 'blocks.0.attn.qkv_x.lora_A.weight')")
         kind = m.group("kind")
         role = "down" if kind in _DOWN else "up" if kind in _UP else "alpha"
         g = groups.setdefault((int(m.group("block")), m.group("mod")), {})
         if role in g:
-            raise _error(f"{source}: key {key!r} duplicates the {role} weight of {genmo_name(int(m.group('block')), m.group('mod'))}")
+            raise LoraFormatError(f"{source}: key {key!r} duplicates the {role} weight of {genmo_name(int(m.group('block')), m.group('mod'))}")
         g[role] = t
     return groups
 
@@ -273,17 +255,15 @@ def _split_rows(source: str, stem: str, module: str, g: dict[str, torch.Tensor])
     """One genmo LoRA -> [(diffusers sub, A, B·scale)] per row slot."""
     if "down" not in g or "up" not in g:
         missing = "lora_A (down)" if "down" not in g else "lora_B (up)"
-        raise _error(f"{source}: {stem} has no {missing} weight")
+        raise LoraFormatError(f"{source}: {stem} has no {missing} weight")
     down, up = g["down"].float(), g["up"].float()
-    if down.ndim != 2 or up.ndim != 2 or down.shape[0] != up.shape[1]:
-        raise _error(f"{source}: {stem}: lora_A {tuple(down.shape)} and lora_B {tuple(up.shape)} are not a LoRA pair "
-                     f"(expected A [r, in], B [out, r])")
+    check_lora_pair(down, up, f"{source}: {stem}", ("lora_A", "lora_B"))
     if not (torch.isfinite(down).all() and torch.isfinite(up).all()):
-        raise _error(f"{source}: {stem} holds non-finite values")
+        raise LoraFormatError(f"{source}: {stem} holds non-finite values")
     scale = float(g["alpha"].float().item()) / down.shape[0] if "alpha" in g else 1.0
     subs = DIFFUSERS_SUBS[module]
     if up.shape[0] % len(subs):
-        raise _error(f"{source}: {stem}: lora_B {tuple(up.shape)} has {up.shape[0]} rows, not divisible into q, k, v")
+        raise LoraFormatError(f"{source}: {stem}: lora_B {tuple(up.shape)} has {up.shape[0]} rows, not divisible into q, k, v")
     d = up.shape[0] // len(subs)
     return [(sub, down, scale * up[i * d:(i + 1) * d]) for i, sub in enumerate(subs)]
 
@@ -329,7 +309,7 @@ def genmo_to_lora_set(state_dict: Mapping[str, torch.Tensor], source: str) -> Lo
             mods[p] = _pad_rank(a, b, r)
         lora.rank[adapter], lora.alpha[adapter], lora.scales[adapter] = r, float(r), 1.0
     if not lora.weights:
-        raise _error(f"{source}: no Q, K or output-projection LoRA weights found ({len(state_dict)} keys)")
+        raise LoraFormatError(f"{source}: no Q, K or output-projection LoRA weights found ({len(state_dict)} keys)")
     applied = {a: len(m) for a, m in lora.weights.items()}
     lora.metadata["report"] = json.dumps({"applied": applied, "dropped": dropped})
     return lora

@@ -13,6 +13,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import LoraFormatError
+
+BASE_MODEL = "mochi-1-preview"  # the one base model these layouts and files are for
+
 ADAPTERS = ("relation", "subject1", "subject2", "ffn")
 # Adapters kept at inference: subject LoRAs carry appearance and are dropped.
 INFERENCE_ADAPTERS = ("relation", "ffn")
@@ -56,6 +60,15 @@ def target_modules(adapter: str, num_layers: int) -> list[str]:
                 continue
             out.append(module_path(i, sub))
     return out
+
+
+def check_lora_pair(a: torch.Tensor, b: torch.Tensor, where: str, names: tuple[str, str] = ("A", "B")) -> None:
+    """LoraFormatError unless A [r, in] and B [out, r] make one LoRA; `where` and `names` name them."""
+    if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+        raise LoraFormatError(
+            f"{where}: {names[0]} {tuple(a.shape)} and {names[1]} {tuple(b.shape)} are not a LoRA pair "
+            f"(expected A [r, in], B [out, r])"
+        )
 
 
 @dataclass

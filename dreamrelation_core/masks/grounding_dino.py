@@ -26,43 +26,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import ModelFileError, ModelFileNotFoundError
+from ..errors import ModelFileError
+from ..statedict import indices, read_state_dict
+from .images import check_uint8_frames, imagenet_normalize
 from .tracking import FrameDetections, nms
 
 log = logging.getLogger("dreamrelation.masks")
 
 ORIGINAL_FILES = ("groundingdino_swint_ogc.pth", "groundingdino_swinb_cogcoor.pth")
 CHECKPOINT_EXTS = (".pth", ".pt", ".safetensors", ".bin")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # transformers' model hard-codes BERT's ids of [CLS], [SEP], "." and "?" to split phrases.
 BERT_SPECIAL_IDS = {"[CLS]": 101, "[SEP]": 102, ".": 1012, "?": 1029}
 
 
 # ---------------------------------------------------------------------------------------------
 # Files
-
-
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Tensors of a .safetensors / .pth / .pt / .bin file; never unpickles code."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelFileNotFoundError(f"{path}: no such file")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickled code, corrupt zip, not a torch file
-        raise ModelFileError(f"{path}: not a readable weights-only checkpoint ({type(e).__name__}: {e})") from e
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        obj = obj["model"]  # original training checkpoints wrap the weights
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ModelFileError(f"{path}: expected a dict of tensors (or {{'model': dict}}), got {type(obj).__name__}")
-    return obj
 
 
 def parse_cfg_py(path: str | os.PathLike) -> dict:
@@ -78,7 +56,7 @@ def parse_cfg_py(path: str | os.PathLike) -> dict:
     return out
 
 
-def load_tokenizer(*folders: str | os.PathLike | None):
+def load_bert_tokenizer(*folders: str | os.PathLike | None):
     """BERT tokenizer from the first folder holding tokenizer files or a `vocab.txt`."""
     from transformers import BertTokenizer
 
@@ -125,18 +103,13 @@ def is_original_checkpoint(sd: dict) -> bool:
     return "transformer.level_embed" in sd and any(k.startswith("backbone.0.") for k in sd)
 
 
-def _count(sd: dict, pattern: str) -> int:
-    rx = re.compile(pattern)
-    return len({int(m.group(1)) for k in sd if (m := rx.match(k))})
-
-
 def config_from_original(sd: dict, cfg: dict | None = None):
     """GroundingDinoConfig matching an original checkpoint's tensor shapes (cfg: its .cfg.py)."""
     from transformers import GroundingDinoConfig
 
     cfg = cfg or {}
-    stages = _count(sd, r"backbone\.0\.layers\.(\d+)\.")
-    depths = [_count(sd, rf"backbone\.0\.layers\.{i}\.blocks\.(\d+)\.") for i in range(stages)]
+    stages = len(indices(sd, "backbone.0.layers."))
+    depths = [len(indices(sd, f"backbone.0.layers.{i}.blocks.")) for i in range(stages)]
     tables = [sd[f"backbone.0.layers.{i}.blocks.0.attn.relative_position_bias_table"] for i in range(stages)]
     window = int(round((tables[0].shape[0] ** 0.5 + 1) / 2))
     embed_dim = sd["backbone.0.patch_embed.proj.weight"].shape[0]
@@ -157,7 +130,7 @@ def config_from_original(sd: dict, cfg: dict | None = None):
         model_type="bert",
         vocab_size=sd["bert.embeddings.word_embeddings.weight"].shape[0],
         hidden_size=hidden,
-        num_hidden_layers=_count(sd, r"bert\.encoder\.layer\.(\d+)\."),
+        num_hidden_layers=len(indices(sd, "bert.encoder.layer.")),
         num_attention_heads=int(cfg.get("text_encoder_heads", max(1, hidden // 64))),
         intermediate_size=sd["bert.encoder.layer.0.intermediate.dense.weight"].shape[0],
         max_position_embeddings=sd["bert.embeddings.position_embeddings.weight"].shape[0],
@@ -172,8 +145,8 @@ def config_from_original(sd: dict, cfg: dict | None = None):
         text_config=text,
         d_model=d_model,
         num_feature_levels=levels,
-        encoder_layers=_count(sd, r"transformer\.encoder\.layers\.(\d+)\."),
-        decoder_layers=_count(sd, r"transformer\.decoder\.layers\.(\d+)\."),
+        encoder_layers=len(indices(sd, "transformer.encoder.layers.")),
+        decoder_layers=len(indices(sd, "transformer.decoder.layers.")),
         encoder_ffn_dim=sd["transformer.encoder.layers.0.linear1.weight"].shape[0],
         decoder_ffn_dim=sd["transformer.decoder.layers.0.linear1.weight"].shape[0],
         encoder_attention_heads=heads,
@@ -452,9 +425,7 @@ class GroundingDino:
         size = (max(1, round(h * scale)), max(1, round(w * scale)))
         if size != (h, w):
             x = torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=scale < 1)
-        mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
-        return ((x - mean) / std).to(self.dtype)
+        return imagenet_normalize(x).to(self.dtype)
 
     @torch.inference_mode()
     def detect(
@@ -467,8 +438,7 @@ class GroundingDino:
         """Boxes per frame. `labels` holds the prompt index of each box when prompts differ."""
         opt = options or DetectorOptions()
         frames = np.asarray(frames)
-        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-            raise ValueError(f"expected uint8 frames [N, H, W, 3], got {frames.dtype} {frames.shape}")
+        check_uint8_frames(frames)
         unique = list(dict.fromkeys(p.strip().lower() for p in prompts))
         text, spans = self.encode_prompts(unique)
         idx = list(frame_indices) if frame_indices is not None else list(range(len(frames)))
@@ -525,7 +495,7 @@ def load_grounding_dino(
         from transformers import GroundingDinoForObjectDetection
 
         model = GroundingDinoForObjectDetection.from_pretrained(str(path), local_files_only=True, use_safetensors=None)
-        tokenizer = load_tokenizer(path, bert_dir)
+        tokenizer = load_bert_tokenizer(path, bert_dir)
     else:
         if not path.is_file():
             raise ModelFileError(
@@ -533,5 +503,5 @@ def load_grounding_dino(
                 f"or a Hugging Face folder (config.json + model.safetensors) in {path.parent}"
             )
         model = build_from_original(path)
-        tokenizer = load_tokenizer(bert_dir)
+        tokenizer = load_bert_tokenizer(bert_dir)
     return GroundingDino(model, tokenizer, device=device, dtype=dtype)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from collections import OrderedDict
 from collections.abc import Callable
 from functools import partial
@@ -28,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import MissingPackageError, ModelFileError, ModelFileNotFoundError
-from .grounding_dino import read_state_dict
+from ..statedict import indices, read_state_dict
+from .images import check_uint8_frames, imagenet_normalize
 
 log = logging.getLogger("dreamrelation.masks")
 
@@ -37,13 +37,6 @@ SAM2_FILES = (
     "sam2.1_hiera_large.pt", "sam2.1_hiera_base_plus.pt", "sam2.1_hiera_small.pt", "sam2.1_hiera_tiny.pt",
     "sam2_hiera_large.pt", "sam2_hiera_base_plus.pt", "sam2_hiera_small.pt", "sam2_hiera_tiny.pt",
 )
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def _check_frames(frames: np.ndarray) -> None:
-    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-        raise ValueError(f"expected uint8 frames [N, H, W, 3], got {frames.dtype} {tuple(frames.shape)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -92,16 +85,11 @@ def build_sam1(
     return sam.eval()
 
 
-def _count(sd: dict, pattern: str) -> int:
-    rx = re.compile(pattern)
-    return len({int(m.group(1)) for k in sd if (m := rx.match(k))})
-
-
 def sam1_config_from_state_dict(sd: dict[str, torch.Tensor]) -> dict:
     """`build_sam1` keyword arguments matching a checkpoint's tensor shapes."""
     embed_dim = sd["image_encoder.patch_embed.proj.weight"].shape[0]
     grid = sd["image_encoder.pos_embed"].shape[1]
-    depth = _count(sd, r"image_encoder\.blocks\.(\d+)\.")
+    depth = len(indices(sd, "image_encoder.blocks."))
     rel = [sd[f"image_encoder.blocks.{i}.attn.rel_pos_h"] for i in range(depth)]
     # Global-attention blocks see the whole grid (2*grid-1 relative positions), the others a window.
     global_idx = tuple(i for i, r in enumerate(rel) if r.shape[0] == 2 * grid - 1)
@@ -117,7 +105,7 @@ def sam1_config_from_state_dict(sd: dict[str, torch.Tensor]) -> dict:
         image_size=grid * 16,
         prompt_embed_dim=prompt_dim,
         decoder_mlp_dim=sd["mask_decoder.transformer.layers.0.mlp.lin1.weight"].shape[0],
-        decoder_depth=_count(sd, r"mask_decoder\.transformer\.layers\.(\d+)\."),
+        decoder_depth=len(indices(sd, "mask_decoder.transformer.layers.")),
         iou_head_hidden_dim=sd["mask_decoder.iou_prediction_head.layers.0.weight"].shape[0],
         mlp_ratio=sd["image_encoder.blocks.0.mlp.lin1.weight"].shape[0] / embed_dim,
     )
@@ -169,7 +157,7 @@ class SamSegmenter:
     @torch.inference_mode()
     def embed(self, frames: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
         """uint8 [N,H,W,3] -> (image embeddings [N,C,h,w], the resized input size before padding)."""
-        _check_frames(frames)
+        check_uint8_frames(frames)
         x = torch.from_numpy(np.ascontiguousarray(frames)).to(self.device).permute(0, 3, 1, 2).float()
         # Longest side -> encoder size, values stay 0..255. (segment-anything's apply_image_torch
         # takes the target size from the batch and channel dims, so it is not used.)
@@ -238,7 +226,7 @@ def sam2_config_path(name: str) -> Path:
 def sam2_config_name_from_state_dict(sd: dict[str, torch.Tensor]) -> str:
     """Which shipped config fits a checkpoint: variant from trunk width and depth, 2 vs 2.1 from keys."""
     dim = sd["image_encoder.trunk.patch_embed.proj.weight"].shape[0]
-    blocks = _count(sd, r"image_encoder\.trunk\.blocks\.(\d+)\.")
+    blocks = len(indices(sd, "image_encoder.trunk.blocks."))
     variant = _SAM2_VARIANTS.get((dim, blocks))
     if variant is None:
         raise ModelFileError(
@@ -307,8 +295,6 @@ class _Frames:
 
     def __init__(self, frames: np.ndarray, size: int, device: torch.device) -> None:
         self.frames, self.size, self.device = frames, size, device
-        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD, device=device).view(3, 1, 1)
 
     def __len__(self) -> int:
         return len(self.frames)
@@ -317,7 +303,7 @@ class _Frames:
         x = torch.from_numpy(np.ascontiguousarray(self.frames[i])).to(self.device).permute(2, 0, 1).float() / 255.0
         # sam2 squashes every frame to a square of its image size (no aspect-preserving pad).
         x = F.interpolate(x[None], size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)[0]
-        return (x - self.mean) / self.std
+        return imagenet_normalize(x)
 
 
 class Sam2Propagator:
@@ -374,7 +360,7 @@ class Sam2Propagator:
 
         `on_frame(frame_idx)` is called after each frame (progress / cancellation: it may raise).
         """
-        _check_frames(frames)
+        check_uint8_frames(frames)
         n, h, w = frames.shape[:3]
         if not 0 <= start_frame < n:
             raise ValueError(f"start frame {start_frame} outside the clip's {n} frames")

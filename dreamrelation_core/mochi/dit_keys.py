@@ -13,10 +13,12 @@ alone. Layout facts (SPEC "Verified facts"):
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 
 import torch
+
+from ..errors import KeyLayoutError
+from ..statedict import check_all_used, count_indexed, take
 
 _PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 
@@ -101,18 +103,6 @@ def strip_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
     return out
 
 
-def count_blocks(keys, pattern: str) -> int:
-    rx = re.compile(pattern)
-    found = {int(m.group(1)) for k in keys if (m := rx.match(k))}
-    if not found:
-        return 0
-    n = max(found) + 1
-    missing = sorted(set(range(n)) - found)
-    if missing:
-        raise ValueError(f"Mochi weights: blocks {missing} missing (blocks 0..{n - 1} expected)")
-    return n
-
-
 def _key_map(n: int) -> dict[str, str]:
     m = dict(_TOP)
     for i in range(n):
@@ -120,35 +110,23 @@ def _key_map(n: int) -> dict[str, str]:
     return m
 
 
-def _take(sd: Mapping[str, torch.Tensor], key: str, what: str) -> torch.Tensor:
-    if key not in sd:
-        raise KeyError(f"{what}: key {key!r} missing")
-    return sd[key]
-
-
-def _check_all_used(sd: Mapping[str, torch.Tensor], used: set[str], what: str) -> None:
-    extra = sorted(set(sd) - used)
-    if extra:
-        raise KeyError(f"{what}: {len(extra)} unexpected key(s), e.g. {extra[:5]}")
-
-
 def genmo_to_diffusers(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """genmo / ComfyUI Mochi DiT weights -> diffusers `MochiTransformer3DModel` state dict."""
     sd = strip_prefix(state_dict)
-    n = count_blocks(sd, r"^blocks\.(\d+)\.")
+    n = count_indexed(sd, "blocks.", "genmo Mochi weights")
     if n == 0:
-        raise KeyError("genmo Mochi weights: no 'blocks.N.' keys found")
+        raise KeyLayoutError("genmo Mochi weights: no 'blocks.N.' keys found")
     out: dict[str, torch.Tensor] = {}
     for g, d in _key_map(n).items():
-        t = _take(sd, g, "genmo Mochi weights")
+        t = take(sd, g, "genmo Mochi weights")
         out[d] = _swap_halves(t) if _half_swapped(g) else t
     for i in range(n):
         for g, (q, k, v) in _fused(i).items():
-            t = _take(sd, g, "genmo Mochi weights")
+            t = take(sd, g, "genmo Mochi weights")
             if t.shape[0] % 3:
-                raise ValueError(f"genmo Mochi weights: {g} {tuple(t.shape)} has rows not divisible into q, k, v")
+                raise KeyLayoutError(f"genmo Mochi weights: {g} {tuple(t.shape)} has rows not divisible into q, k, v")
             out[q], out[k], out[v] = t.chunk(3, dim=0)
-    _check_all_used(sd, set(_key_map(n)) | {g for i in range(n) for g in _fused(i)}, "genmo Mochi weights")
+    check_all_used(sd, set(_key_map(n)) | {g for i in range(n) for g in _fused(i)}, "genmo Mochi weights")
     return out
 
 
@@ -156,19 +134,19 @@ def diffusers_to_genmo(state_dict: Mapping[str, torch.Tensor], prefix: str = "")
     """diffusers `MochiTransformer3DModel` weights -> genmo keys (`prefix="diffusion_model."` for
     a ComfyUI-style file). Inverse of `genmo_to_diffusers`."""
     sd = dict(state_dict)
-    n = count_blocks(sd, r"^transformer_blocks\.(\d+)\.")
+    n = count_indexed(sd, "transformer_blocks.", "diffusers Mochi weights")
     if n == 0:
-        raise KeyError("diffusers Mochi weights: no 'transformer_blocks.N.' keys found")
+        raise KeyLayoutError("diffusers Mochi weights: no 'transformer_blocks.N.' keys found")
     out: dict[str, torch.Tensor] = {}
     used: set[str] = set()
     for g, d in _key_map(n).items():
-        t = _take(sd, d, "diffusers Mochi weights")
+        t = take(sd, d, "diffusers Mochi weights")
         out[prefix + g] = _swap_halves(t) if _half_swapped(g) else t
         used.add(d)
     for i in range(n):
         for g, parts in _fused(i).items():
-            ts = [_take(sd, p, "diffusers Mochi weights") for p in parts]
+            ts = [take(sd, p, "diffusers Mochi weights") for p in parts]
             out[prefix + g] = torch.cat(ts, dim=0)
             used.update(parts)
-    _check_all_used(sd, used, "diffusers Mochi weights")
+    check_all_used(sd, used, "diffusers Mochi weights")
     return out

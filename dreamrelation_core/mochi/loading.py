@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 from ..errors import KeyLayoutError, ModelFileError, ModelFileNotFoundError
+from ..statedict import count_indexed
 from . import dit_keys
 from .vae_keys import convert_genmo_vae, is_genmo_vae
 
@@ -79,7 +80,7 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 def config_from_diffusers_state_dict(sd: dict[str, torch.Tensor]) -> dict:
     """MochiTransformer3DModel config read off the weights' shapes."""
-    n = dit_keys.count_blocks(sd, r"^transformer_blocks\.(\d+)\.")
+    n = count_indexed(sd, "transformer_blocks.", "diffusers Mochi weights")
     head_dim = sd["transformer_blocks.0.attn1.norm_q.weight"].shape[0]
     inner = sd["transformer_blocks.0.attn1.to_q.weight"].shape[0]
     return dict(
@@ -103,7 +104,7 @@ def load_genmo_file(path: str | Path, dtype: torch.dtype = torch.float32) -> tor
     raw = _load_safetensors(path)
     try:
         sd = dit_keys.genmo_to_diffusers(raw)
-    except (KeyError, ValueError) as e:
+    except KeyLayoutError as e:
         raise ModelFileError(f"{path}: not a Mochi DiT in genmo/ComfyUI key layout: {e}") from e
     config = config_from_diffusers_state_dict(sd)
     with init_empty_weights():

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from ..errors import KeyLayoutError
+from ..statedict import check_all_used, count_indexed, take
 
 # Defaults of diffusers' AutoencoderKLMochi == genmo's VideoVAE.
 MOCHI_TEMPORAL_EXPANSIONS: tuple[int, ...] = (1, 2, 3)
@@ -81,24 +82,6 @@ class GenmoVaeConversion:
 
 
 # ---------------------------------------------------------------- key helpers
-
-def _indices(keys: Iterable[str], prefix: str) -> list[int]:
-    """Sorted distinct N of keys `prefix + "N." ...`."""
-    rx = re.compile(re.escape(prefix) + r"(\d+)\.")
-    return sorted({int(m.group(1)) for k in keys if (m := rx.match(k))})
-
-
-def _count(keys: set[str], prefix: str, what: str, start: int = 0) -> int:
-    """Number of consecutive children `prefix + "N."`, N from `start`; a gap is an error."""
-    found = [i for i in _indices(keys, prefix) if i >= start]
-    if not found:
-        return 0
-    n = found[-1] + 1 - start
-    gaps = sorted(set(range(start, found[-1] + 1)) - set(found))
-    if gaps:
-        raise KeyLayoutError(f"{what}: no keys for {', '.join(prefix + str(g) for g in gaps)} (between {prefix}{start} and {prefix}{found[-1]})")
-    return n
-
 
 def _has(keys: set[str], prefix: str) -> bool:
     return any(k.startswith(prefix) for k in keys)
@@ -186,7 +169,7 @@ def _stage_attention(keys: set[str], blocks: list[str], where: str) -> bool:
 
 
 def _genmo_encoder_stages(keys: set[str]) -> tuple[list[int], list[bool]]:
-    n_top = _count(keys, "encoder.layers.", "genmo VAE encoder")
+    n_top = count_indexed(keys, "encoder.layers.", "genmo VAE encoder")
     if "encoder.layers.0.weight" not in keys:
         raise KeyLayoutError("genmo VAE encoder: key 'encoder.layers.0.weight' (input projection) missing")
     kinds = []
@@ -212,7 +195,7 @@ def _genmo_encoder_stages(keys: set[str]) -> tuple[list[int], list[bool]]:
     stages: list[list[str]] = [[f"encoder.layers.{1 + j}." for j in range(first)]]
     for k in range(first, last + 1):
         p = f"encoder.layers.{1 + k}."
-        n = _count(keys, p + "layers.", "genmo VAE encoder", start=1)
+        n = count_indexed(keys, p + "layers.", "genmo VAE encoder", start=1)
         stages.append([f"{p}layers.{j + 1}." for j in range(n)])
     stages.append([f"encoder.layers.{1 + k}." for k in range(last + 1, len(kinds))])
     attention = [_stage_attention(keys, s, "genmo VAE encoder") for s in stages]
@@ -220,7 +203,7 @@ def _genmo_encoder_stages(keys: set[str]) -> tuple[list[int], list[bool]]:
 
 
 def _genmo_decoder_stages(keys: set[str]) -> list[int]:
-    n_top = _count(keys, "decoder.blocks.", "genmo VAE decoder")
+    n_top = count_indexed(keys, "decoder.blocks.", "genmo VAE decoder")
     if n_top < 2:
         raise KeyLayoutError(f"genmo VAE decoder: {n_top} top-level block(s) under 'decoder.blocks.'; expected an input block, up blocks and an output block")
     attn = sorted(k for k in keys if k.startswith("decoder.") and ".attn_block." in k)
@@ -228,30 +211,30 @@ def _genmo_decoder_stages(keys: set[str]) -> list[int]:
         raise KeyLayoutError(f"genmo VAE decoder has attention blocks ({attn[:2]}); diffusers' AutoencoderKLMochi decoder has none")
     if "decoder.blocks.0.0.weight" not in keys:
         raise KeyLayoutError("genmo VAE decoder: key 'decoder.blocks.0.0.weight' (input conv) missing")
-    counts = [_count(keys, "decoder.blocks.0.", "genmo VAE decoder", start=1)]
+    counts = [count_indexed(keys, "decoder.blocks.0.", "genmo VAE decoder", start=1)]
     for i in range(1, n_top - 1):
-        counts.append(_count(keys, f"decoder.blocks.{i}.blocks.", "genmo VAE decoder"))
-    counts.append(_count(keys, f"decoder.blocks.{n_top - 1}.", "genmo VAE decoder"))
+        counts.append(count_indexed(keys, f"decoder.blocks.{i}.blocks.", "genmo VAE decoder"))
+    counts.append(count_indexed(keys, f"decoder.blocks.{n_top - 1}.", "genmo VAE decoder"))
     return counts
 
 
 # ---------------------------------------------------------------- structure from diffusers keys
 
 def _diffusers_stage_prefixes(keys: set[str], part: str, middle: str) -> list[str]:
-    mids = _count(keys, f"{part}.{middle}.", f"diffusers VAE {part}")
+    mids = count_indexed(keys, f"{part}.{middle}.", f"diffusers VAE {part}")
     return [f"{part}.block_in."] + [f"{part}.{middle}.{i}." for i in range(mids)] + [f"{part}.block_out."]
 
 
 def _diffusers_encoder_stages(keys: set[str]) -> tuple[list[int], list[bool]]:
     stages = _diffusers_stage_prefixes(keys, "encoder", "down_blocks")
-    counts = [_count(keys, s + "resnets.", "diffusers VAE encoder") for s in stages]
+    counts = [count_indexed(keys, s + "resnets.", "diffusers VAE encoder") for s in stages]
     attention = [_has(keys, s + "attentions.") for s in stages]
     return counts, attention
 
 
 def _diffusers_decoder_stages(keys: set[str]) -> list[int]:
     stages = _diffusers_stage_prefixes(keys, "decoder", "up_blocks")
-    return [_count(keys, s + "resnets.", "diffusers VAE decoder") for s in stages]
+    return [count_indexed(keys, s + "resnets.", "diffusers VAE decoder") for s in stages]
 
 
 # ---------------------------------------------------------------- normalising the input
@@ -280,18 +263,6 @@ def _add_part_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     if dec:
         return {"decoder." + k: v for k, v in sd.items()}
     return sd
-
-
-def _take(sd: Mapping[str, torch.Tensor], key: str, what: str) -> torch.Tensor:
-    if key not in sd:
-        raise KeyLayoutError(f"{what}: key {key!r} missing")
-    return sd[key]
-
-
-def _check_all_used(sd: Mapping[str, torch.Tensor], used: set[str], what: str) -> None:
-    extra = sorted(set(sd) - used)
-    if extra:
-        raise KeyLayoutError(f"{what}: {len(extra)} unexpected key(s), e.g. {extra[:5]}")
 
 
 def _split_qkv(t: torch.Tensor, key: str) -> tuple[torch.Tensor, ...]:
@@ -329,11 +300,11 @@ def diffusers_vae_config(state_dict: Mapping[str, torch.Tensor]) -> dict[str, An
     if has_enc:
         counts, attention = _diffusers_encoder_stages(keys)
         n_down = len(counts) - 2
-        w_in = _take(sd, "encoder.proj_in.weight", "diffusers VAE encoder")
+        w_in = take(sd, "encoder.proj_in.weight", "diffusers VAE encoder")
         channels = [int(w_in.shape[0])]
         te, se = [], []
         for i in range(n_down):
-            w = _take(sd, f"encoder.down_blocks.{i}.conv_in.conv.weight", "diffusers VAE encoder")
+            w = take(sd, f"encoder.down_blocks.{i}.conv_in.conv.weight", "diffusers VAE encoder")
             if w.ndim != 5 or w.shape[3] != w.shape[4]:
                 raise KeyLayoutError(f"encoder.down_blocks.{i}.conv_in.conv.weight has shape {tuple(w.shape)}; expected [out, in, t, s, s]")
             channels.append(int(w.shape[0]))
@@ -342,7 +313,7 @@ def diffusers_vae_config(state_dict: Mapping[str, torch.Tensor]) -> dict[str, An
         cfg.update(
             in_channels=int(w_in.shape[1]),
             encoder_block_out_channels=tuple(channels),
-            latent_channels=int(_take(sd, "encoder.proj_out.weight", "diffusers VAE encoder").shape[0]) // 2,
+            latent_channels=int(take(sd, "encoder.proj_out.weight", "diffusers VAE encoder").shape[0]) // 2,
             temporal_expansions=tuple(te),
             spatial_expansions=tuple(se),
             add_attention_block=tuple(attention),
@@ -351,10 +322,10 @@ def diffusers_vae_config(state_dict: Mapping[str, torch.Tensor]) -> dict[str, An
     if has_dec:
         counts = _diffusers_decoder_stages(keys)
         n_up = len(counts) - 2
-        w_out = _take(sd, "decoder.proj_out.weight", "diffusers VAE decoder")
-        w_in = _take(sd, "decoder.conv_in.weight", "diffusers VAE decoder")
+        w_out = take(sd, "decoder.proj_out.weight", "diffusers VAE decoder")
+        w_in = take(sd, "decoder.conv_in.weight", "diffusers VAE decoder")
         # channels innermost first: conv_in's output, then each up block's input (= proj input) ...
-        inner = [int(_take(sd, f"decoder.up_blocks.{i}.proj.weight", "diffusers VAE decoder").shape[1]) for i in range(n_up)]
+        inner = [int(take(sd, f"decoder.up_blocks.{i}.proj.weight", "diffusers VAE decoder").shape[1]) for i in range(n_up)]
         if inner and inner[0] != w_in.shape[0]:
             raise KeyLayoutError(f"decoder.conv_in.weight gives {w_in.shape[0]} channels, decoder.up_blocks.0.proj.weight takes {inner[0]}")
         outer = inner[1:] + [int(w_out.shape[1])]  # ... and each up block's output channels
@@ -426,7 +397,7 @@ def convert_genmo_vae(state_dict: Mapping[str, torch.Tensor]) -> GenmoVaeConvers
     out: dict[str, torch.Tensor] = {}
     used: set[str] = set()
     for g, d in pairs:
-        t = _take(sd, g, "genmo VAE")
+        t = take(sd, g, "genmo VAE")
         if g == "encoder.layers.0.weight" and t.ndim == 5:
             # genmo's input_is_conv_1x1=False variant: a 1x1x1 Conv3d, the same map as diffusers' Linear
             if tuple(t.shape[2:]) != (1, 1, 1):
@@ -435,10 +406,10 @@ def convert_genmo_vae(state_dict: Mapping[str, torch.Tensor]) -> GenmoVaeConvers
         out[d] = t
         used.add(g)
     for g, ds in fused:
-        for d, t in zip(ds, _split_qkv(_take(sd, g, "genmo VAE"), g)):
+        for d, t in zip(ds, _split_qkv(take(sd, g, "genmo VAE"), g)):
             out[d] = t
         used.add(g)
-    _check_all_used(sd, used, "genmo VAE")
+    check_all_used(sd, used, "genmo VAE")
     config = diffusers_vae_config(out)
     return GenmoVaeConversion(state_dict=out, config=config, parts=parts, prefix=prefix, ignored=ignored)
 
@@ -466,10 +437,10 @@ def diffusers_vae_to_genmo(state_dict: Mapping[str, torch.Tensor]) -> dict[str, 
     out: dict[str, torch.Tensor] = {}
     used: set[str] = set()
     for g, d in pairs:
-        out[g] = _take(state_dict, d, "diffusers VAE")
+        out[g] = take(state_dict, d, "diffusers VAE")
         used.add(d)
     for g, ds in fused:
-        out[g] = torch.cat([_take(state_dict, d, "diffusers VAE") for d in ds], dim=0)
+        out[g] = torch.cat([take(state_dict, d, "diffusers VAE") for d in ds], dim=0)
         used.update(ds)
-    _check_all_used(state_dict, used, "diffusers VAE")
+    check_all_used(state_dict, used, "diffusers VAE")
     return out

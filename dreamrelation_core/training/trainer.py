@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 import torch
 
+from ..data.latent_masks import relation_mask
 from ..errors import TrainingError
 from ..fileio import atomic_path
 from ..lora import files as formats
@@ -95,7 +96,7 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
 def branch_mask(clips: Sequence[Clip], branch: str) -> torch.Tensor:
     """[B, T, h, w]: relation -> M1 + M2 (2 where they overlap); subject k -> Mk."""
     if branch == "relation":
-        return torch.stack([c.mask1.float() + c.mask2.float() for c in clips])
+        return torch.stack([relation_mask(c.mask1.float(), c.mask2.float()) for c in clips])
     attr = "mask1" if branch == "subject1" else "mask2"
     return torch.stack([getattr(c, attr).float() for c in clips])
 

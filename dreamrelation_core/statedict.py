@@ -1,0 +1,71 @@
+"""State dicts as every converter reads them: weights files opened safely, indexed keys counted,
+required keys taken, and leftover keys refused (never silently dropped)."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+
+from .errors import KeyLayoutError, ModelFileError, ModelFileNotFoundError
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Tensors of a .safetensors / .pth / .pt / .bin file; never unpickles code."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileNotFoundError(f"{path}: no such file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickled code, corrupt zip, not a torch file
+        raise ModelFileError(f"{path}: not a readable weights-only checkpoint ({type(e).__name__}: {e})") from e
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj = obj["model"]  # original training checkpoints wrap the weights
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ModelFileError(f"{path}: expected a dict of tensors (or {{'model': dict}}), got {type(obj).__name__}")
+    return obj
+
+
+def indices(keys: Iterable[str], prefix: str) -> list[int]:
+    """Sorted distinct N of the keys that start with `prefix + "N."`."""
+    rx = re.compile(re.escape(prefix) + r"(\d+)\.")
+    return sorted({int(m.group(1)) for k in keys if (m := rx.match(k))})
+
+
+def count_indexed(keys: Iterable[str], prefix: str, what: str, start: int = 0) -> int:
+    """Number of consecutive children `prefix + "N."`, N from `start` (0 when there are none).
+
+    A gap is a KeyLayoutError naming the children that have no keys."""
+    found = [i for i in indices(keys, prefix) if i >= start]
+    if not found:
+        return 0
+    gaps = sorted(set(range(start, found[-1] + 1)) - set(found))
+    if gaps:
+        raise KeyLayoutError(
+            f"{what}: no keys for {', '.join(prefix + str(g) for g in gaps)} "
+            f"(between {prefix}{start} and {prefix}{found[-1]})"
+        )
+    return found[-1] + 1 - start
+
+
+def take(state_dict: Mapping[str, torch.Tensor], key: str, what: str) -> torch.Tensor:
+    """state_dict[key], or a KeyLayoutError naming the missing key."""
+    if key not in state_dict:
+        raise KeyLayoutError(f"{what}: key {key!r} missing")
+    return state_dict[key]
+
+
+def check_all_used(state_dict: Mapping[str, torch.Tensor], used: set[str], what: str) -> None:
+    """KeyLayoutError listing the keys a conversion did not use: nothing is dropped unseen."""
+    extra = sorted(set(state_dict) - used)
+    if extra:
+        raise KeyLayoutError(f"{what}: {len(extra)} unexpected key(s), e.g. {extra[:5]}")
