@@ -12,7 +12,7 @@ import torch
 from dreamrelation_core.errors import KeyLayoutError
 from dreamrelation_core.lora import genmo as comfy_keys
 from dreamrelation_core.lora.files import LoraFormatError
-from dreamrelation_core.lora.layout import LoraSet, module_path
+from dreamrelation_core.lora.layout import INFERENCE_ADAPTERS, LoraSet, module_path, parse_module_path
 from dreamrelation_core.mochi import dit_keys as mochi_convert
 from fixtures.loras import random_lora_set
 
@@ -80,12 +80,26 @@ def test_fused_rank_layout_and_alpha():
     assert torch.equal(up[:D, R:], torch.zeros(D, R)) and torch.equal(up[D:2 * D, :R], torch.zeros(D, R))
 
 
+def dense_deltas(lora: LoraSet) -> dict[str, list[tuple[int, torch.Tensor]]]:
+    """Row-offset form of relation + ffn: genmo weight key (`blocks.i.attn.qkv_x.weight`) -> list of
+    (first row, dense delta) per sub-module; what the fused LoRA must add, written out plainly."""
+    out: dict[str, list[tuple[int, torch.Tensor]]] = {}
+    for adapter in INFERENCE_ADAPTERS:
+        for path in lora.weights.get(adapter, {}):
+            block, sub = parse_module_path(path)
+            module, slot = comfy_keys.GENMO_MODULE[sub]
+            delta = lora.delta(adapter, path)
+            row = 0 if slot is None else slot * delta.shape[0]
+            out.setdefault(f"{comfy_keys.genmo_name(block, module)}.weight", []).append((row, delta))
+    return out
+
+
 def test_row_offset_form_equals_fused_form():
     ls = random_triplet(blocks=2)
     base = _fused_base(2)
     fused = _apply(base, comfy_keys.comfy_state_dict(ls))
     rows = {k: v.clone() for k, v in base.items()}
-    for key, parts in comfy_keys.dense_deltas(ls).items():
+    for key, parts in dense_deltas(ls).items():
         for row, delta in parts:
             rows[key][row:row + delta.shape[0]] += delta
     for k in base:

@@ -27,7 +27,6 @@ from dreamrelation_core.mochi.vae_keys import (
     convert_genmo_vae,
     diffusers_vae_config,
     diffusers_vae_to_genmo,
-    genmo_vae_to_diffusers,
 )
 from fixtures.comfy_vae import comfy_tiny_vae as _comfy_tiny_vae
 
@@ -174,12 +173,12 @@ def test_prefixes_and_single_parts(genmo_sd):
     ckpt["model.diffusion_model.x_embedder.proj.weight"] = torch.zeros(2)
     c = convert_genmo_vae(ckpt)
     assert (c.parts, c.prefix, c.ignored) == (("encoder", "decoder"), "first_stage_model.", 1)
-    assert set(c.state_dict) == set(genmo_vae_to_diffusers(genmo_sd))
+    assert set(c.state_dict) == set(convert_genmo_vae(genmo_sd).state_dict)
     assert convert_genmo_vae({"vae." + k: v for k, v in genmo_sd.items()}).prefix == "vae."
     # input_is_conv_1x1=False stores the input projection as a 1x1x1 Conv3d: same map
     conv3d = dict(genmo_sd)
     conv3d["encoder.layers.0.weight"] = genmo_sd["encoder.layers.0.weight"][..., None, None, None]
-    assert torch.equal(genmo_vae_to_diffusers(conv3d)["encoder.proj_in.weight"], genmo_sd["encoder.layers.0.weight"])
+    assert torch.equal(convert_genmo_vae(conv3d).state_dict["encoder.proj_in.weight"], genmo_sd["encoder.layers.0.weight"])
 
 
 def test_conversion_errors_name_the_keys(genmo_sd):

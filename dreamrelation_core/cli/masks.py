@@ -10,10 +10,11 @@ from tqdm import tqdm
 
 from ..data import mask_files as mask_io
 from ..data.video import VIDEO_SUFFIXES, is_video_path, read_video
+from ..errors import NotEnoughSubjectsError
 from ..masks.extractor import MODES, SubjectMaskExtractor, SubjectMaskOptions, SubjectMasks
 from ..masks.grounding_dino import load_grounding_dino
 from ..masks.sam import load_sam1, load_sam2
-from ..masks.tracking import ORDERS, NotEnoughSubjectsError
+from ..masks.tracking import ORDERS
 
 
 def video_inputs(paths: list[str]) -> list[Path]:

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DatasetError
+from ..errors import DatasetError, VideoError
 from ..mochi.latents import check_frame_count, check_training_size
 from . import mask_files as mask_io
-from .video import FRAME_SUFFIXES, VIDEO_SUFFIXES, VideoError, probe_video
+from .video import FRAME_SUFFIXES, VIDEO_SUFFIXES, probe_video
 
 _FRAME_MASK_RE = re.compile(r"^frame\d+\.png$", re.IGNORECASE)
 
@@ -39,13 +39,11 @@ class VideoEntry:
 
     name: str
     video: Path  # file or frame folder
-    caption_file: Path
     caption: str
     masks: Path  # compact .masks.npz or a reference frame{i}.png folder
     num_frames: int  # of the whole source video
     height: int
     width: int
-    fps: float | None = None
 
 
 # ---------------------------------------------------------------- scanning
@@ -135,7 +133,7 @@ def _check_entry(name: str, video: Path, folder: Path, full: bool) -> tuple[Vide
             problems.append(f"{masks} does not match {video}: {'; '.join(what)}")
     if problems:
         return None, problems
-    return VideoEntry(name, video, caption_file, caption, masks, info.num_frames, info.height, info.width, info.fps), []
+    return VideoEntry(name, video, caption, masks, info.num_frames, info.height, info.width), []
 
 
 def scan_dataset(folder: str | os.PathLike, full: bool = False) -> list[VideoEntry]:

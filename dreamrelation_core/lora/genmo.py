@@ -159,22 +159,6 @@ def comfy_state_dict(
     return sd
 
 
-def dense_deltas(
-    lora: LoraSet, adapters: Iterable[str] = INFERENCE_ADAPTERS
-) -> dict[str, list[tuple[int, torch.Tensor]]]:
-    """Row-offset form: genmo weight key (`blocks.i.attn.qkv_x.weight`) -> list of
-    (first row, dense delta) per sub-module. For checks and for tools that patch rows directly."""
-    out: dict[str, list[tuple[int, torch.Tensor]]] = {}
-    for adapter in adapters:
-        for path in lora.weights.get(adapter, {}):
-            block, sub = parse_module_path(path)
-            module, slot = GENMO_MODULE[sub]
-            delta = lora.delta(adapter, path)
-            row = 0 if slot is None else slot * delta.shape[0]
-            out.setdefault(f"{genmo_name(block, module)}.weight", []).append((row, delta))
-    return out
-
-
 def check_against_model(
     fused: Mapping[str, FusedLora], weight_shapes: Mapping[str, tuple[int, ...]], source: str, model_name: str = "the model"
 ) -> None:

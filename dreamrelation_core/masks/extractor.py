@@ -26,10 +26,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import Cancelled
+from ..errors import Cancelled, NotEnoughSubjectsError
 from .grounding_dino import DetectorOptions, GroundingDino
 from .sam import Sam2Propagator, SamSegmenter
-from .tracking import ORDERS, FrameDetections, NotEnoughSubjectsError, describe_missing, pick_initial_pair, track_pair
+from .tracking import ORDERS, FrameDetections, describe_missing, pick_initial_pair, track_pair
 
 log = logging.getLogger("dreamrelation.masks")
 
@@ -129,9 +129,10 @@ def mask_boxes(masks: np.ndarray) -> np.ndarray:
     return out
 
 
-def _prompts(opt: SubjectMaskOptions) -> tuple[list[str], bool]:
+def _prompts(opt: SubjectMaskOptions) -> list[str]:
+    """The detector's prompts: one when both subjects have the same, else one per subject."""
     p1, p2 = opt.prompt1.strip().lower(), opt.prompt2.strip().lower()
-    return ([p1] if p1 == p2 else [p1, p2]), p1 != p2
+    return [p1] if p1 == p2 else [p1, p2]
 
 
 class _Reporter:
@@ -194,7 +195,7 @@ class SubjectMaskExtractor:
 
     def _detect(self, frames: np.ndarray, idx: list[int], opt: SubjectMaskOptions, rep: _Reporter,
                 timings: dict[str, float]) -> list[FrameDetections]:
-        prompts, _ = _prompts(opt)
+        prompts = _prompts(opt)
         dopt = opt.detector_options()
         out: list[FrameDetections] = []
         for s in range(0, len(idx), opt.max_frames_per_batch):

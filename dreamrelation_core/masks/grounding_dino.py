@@ -34,7 +34,6 @@ from .tracking import FrameDetections, nms
 log = logging.getLogger("dreamrelation.masks")
 
 ORIGINAL_FILES = ("groundingdino_swint_ogc.pth", "groundingdino_swinb_cogcoor.pth")
-CHECKPOINT_EXTS = (".pth", ".pt", ".safetensors", ".bin")
 # transformers' model hard-codes BERT's ids of [CLS], [SEP], "." and "?" to split phrases.
 BERT_SPECIAL_IDS = {"[CLS]": 101, "[SEP]": 102, ".": 1012, "?": 1029}
 

@@ -414,11 +414,6 @@ def convert_genmo_vae(state_dict: Mapping[str, torch.Tensor]) -> GenmoVaeConvers
     return GenmoVaeConversion(state_dict=out, config=config, parts=parts, prefix=prefix, ignored=ignored)
 
 
-def genmo_vae_to_diffusers(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """genmo / ComfyUI Mochi VAE weights -> diffusers `AutoencoderKLMochi` state dict (parts present)."""
-    return convert_genmo_vae(state_dict).state_dict
-
-
 def diffusers_vae_to_genmo(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """diffusers `AutoencoderKLMochi` weights -> genmo / ComfyUI keys (`encoder.*` / `decoder.*`)."""
     keys = set(state_dict)
