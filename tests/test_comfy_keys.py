@@ -219,7 +219,7 @@ def test_save_comfy_lora_is_atomic_and_loadable(tmp_path):
 
 
 def test_reference_checkpoint_maps_to_fused_rows(tmp_path):
-    """A reference `model_<step>.lora.pt` (SPEC layout) through formats -> our genmo keys."""
+    """A reference `model_<step>.lora.pt` (docs/method.md "Reference checkpoint format") through formats -> our genmo keys."""
     from dreamrelation_core.lora import files as formats
 
     n, r = 2, 2

@@ -1,4 +1,4 @@
-"""TrainConfig: SPEC defaults, YAML round trip, clear errors."""
+"""TrainConfig: the reference recipe's defaults (docs/method.md "Training recipe"), YAML round trip, clear errors."""
 
 import pytest
 

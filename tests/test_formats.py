@@ -56,7 +56,7 @@ def test_relation_only_drops_subjects(tmp_path, lora):
 
 
 def reference_state(rank=4, out_rank=2, seed=0):
-    """A reference checkpoint in the SPEC layout (bf16), tiny widths, N blocks."""
+    """A reference checkpoint (docs/method.md "Reference checkpoint format"; bf16), tiny widths, N blocks."""
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g).to(torch.bfloat16)  # noqa: E731
     sd = {}

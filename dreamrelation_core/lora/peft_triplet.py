@@ -1,6 +1,6 @@
 """Relation LoRA triplet on diffusers' `MochiTransformer3DModel`, as peft adapters.
 
-Four named adapters (SPEC "Relation LoRA triplet"):
+Four named adapters (docs/method.md "Relation LoRA triplet"):
 - `relation`: visual and text Q and K projections (`to_q`, `to_k`, `add_q_proj`, `add_k_proj`);
 - `subject1`, `subject2`: visual and text V projections (`to_v`, `add_v_proj`);
 - `ffn`: both attention output projections (`to_out.0`, `to_add_out`), always active.
@@ -18,7 +18,7 @@ from torch import nn
 
 from .layout import ADAPTERS, INFERENCE_ADAPTERS, LoraSet, target_modules
 
-# Branches of hybrid mask training and the adapters each one trains (SPEC "LoRA selection").
+# Branches of hybrid mask training and the adapters each one trains (docs/method.md "Hybrid mask training").
 BRANCHES = ("relation", "subject1", "subject2")
 BRANCH_ADAPTERS: dict[str, tuple[str, ...]] = {
     "relation": ("relation", "subject1", "subject2", "ffn"),

@@ -2,7 +2,7 @@
 
 diffusers ships a one-way converter that hard-codes 48 blocks and empties its input; these two
 functions go both ways for any number of blocks (tiny test models included) and leave the input
-alone. Layout facts (SPEC "Verified facts"):
+alone. Layout facts (docs/method.md "Base model"):
 - `qkv_x` / `qkv_y` are q, k, v stacked on rows; diffusers keeps them as separate modules;
 - `proj_x -> to_out.0`, `proj_y -> to_add_out` (absent in the last block, which does not update text);
 - the SwiGLU input `mlp_*.w1` holds (gate, proj) halves in the opposite order to diffusers'

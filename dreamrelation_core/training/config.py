@@ -1,4 +1,4 @@
-"""Training configuration: one dataclass, SPEC defaults, YAML in and out."""
+"""Training configuration: one dataclass, the reference recipe's defaults (docs/method.md "Training recipe"), YAML in and out."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Space-time relational contrastive loss (RCL) with its two FIFO memory banks (SPEC "RCL").
+"""Space-time relational contrastive loss (RCL) with its two FIFO memory banks (docs/method.md
+"Relational contrastive loss").
 
 From a model output pred [B, C, T, h, w]:
   s_t = mean over (h, w)         -> single-frame features  [B, T, C]

@@ -1,8 +1,9 @@
 """Relation LoRA triplet training: hybrid mask training + relational contrastive loss, resumable.
 
-One step (SPEC): draw a branch (relation / subject1 / subject2) from the seeded generator,
-activate its adapters (the others contribute nothing, get no gradient and are skipped by AdamW),
-draw a clip, sigma and noise, predict u = z - eps, and minimise
+One step (docs/method.md "Hybrid mask training", "Relational contrastive loss"): draw a branch
+(relation / subject1 / subject2) from the seeded generator, activate its adapters (the others
+contribute nothing, get no gradient and are skipped by AdamW), draw a clip, sigma and noise,
+predict u = z - eps, and minimise
     L = MSE + mask_weight * MSE_masked + rcl_weight * RCL.
 All randomness of a step comes from one `torch.Generator` (plus torch's global RNG for LoRA
 dropout); both are checkpointed, so a resumed run repeats an uninterrupted one step for step.
