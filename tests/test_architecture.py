@@ -252,3 +252,20 @@ def test_benchmarks_import_no_test_file():
         if '"tests"' in text or "'tests'" in text:
             bad.append(f"{path.name}: puts tests/ on sys.path")
     assert not bad, "benchmarks take tiny models from fixtures/, never from tests/:\n" + "\n".join(bad)
+
+
+def test_method_references_name_real_sections():
+    """Code comments cite docs/method.md by section heading: each cited heading exists."""
+    import re
+
+    headings = set(re.findall(r"^## (.+)$", (ROOT / "docs" / "method.md").read_text(encoding="utf-8"), re.M))
+    cited = re.compile(r'method\.md[^"\n]{0,20}((?:"[^"\n]+"(?:, )?)+)')
+    bad, seen = [], 0
+    for folder in (CORE, "nodes", "fixtures"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for m in cited.finditer(path.read_text(encoding="utf-8")):
+                for name in re.findall(r'"([^"]+)"', m.group(1)):
+                    seen += 1
+                    if name not in headings:
+                        bad.append(f"{path.relative_to(ROOT)}: docs/method.md has no section {name!r}")
+    assert seen > 0 and not bad, "\n".join(bad) + f"\nsections: {sorted(headings)}"
