@@ -12,7 +12,7 @@ import torch
 
 from .errors import LoraFormatError
 from .lora import peft_triplet as triplet
-from .lora.layout import INFERENCE_ADAPTERS, LoraSet
+from .lora.layout import ADAPTERS, INFERENCE_ADAPTERS, LoraSet
 from .mochi.latents import LATENT_CHANNELS, diffusers_timestep
 
 
@@ -23,7 +23,7 @@ def add_relation_lora(model: torch.nn.Module, lora: LoraSet) -> torch.nn.Module:
     rel = lora.only(INFERENCE_ADAPTERS)
     if "relation" not in rel.adapters:
         raise LoraFormatError("the LoRA has no 'relation' adapter")
-    ranks = {a: rel.rank.get(a, rel.rank["relation"]) for a in ("relation", "subject1", "subject2", "ffn")}
+    ranks = {a: rel.rank.get(a, rel.rank["relation"]) for a in ADAPTERS}
     alphas = {a: rel.alpha.get(a, rel.alpha["relation"]) for a in ranks}
     triplet.add_triplet(model, rank=ranks, alpha=alphas)
     triplet.load_lora_set(model, rel)

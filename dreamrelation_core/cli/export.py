@@ -8,8 +8,8 @@ from pathlib import Path
 
 from ..dtypes import DTYPES
 from ..lora import files as formats
-from ..lora.files import load_lora_file
 from ..lora.genmo import save_comfy_lora
+from ..lora.layout import ADAPTERS
 
 
 def cmd_export_relation(args: argparse.Namespace) -> int:
@@ -24,7 +24,7 @@ def cmd_export_relation(args: argparse.Namespace) -> int:
 def cmd_import_reference(args: argparse.Namespace) -> int:
     lora = formats.import_reference(args.input)
     print(formats.describe(lora))
-    missing = [a for a in ("relation", "subject1", "subject2", "ffn") if a not in lora.adapters]
+    missing = [a for a in ADAPTERS if a not in lora.adapters]
     step = _step_from_name(Path(args.input).name)
     if missing or args.relation_only:
         out = formats.save_relation_only(args.output, lora, step=step)
@@ -39,12 +39,11 @@ def _step_from_name(name: str) -> int:
     return int(m.group(1)) if m else 0
 
 
-
 def export_comfy(src: str | Path, dst: str | Path, dtype: str = "fp32") -> Path:
     """Read any LoRA file we accept and write its relation + ffn part as a stock Mochi LoRA."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: expected one of {sorted(DTYPES)}")
-    lora = load_lora_file(src)
+    lora = formats.load_lora_file(src)
     return save_comfy_lora(dst, lora, dtype=DTYPES[dtype], source=str(src))
 
 

@@ -59,11 +59,6 @@ class PreparedClip:
         return normalize_latents(z)
 
 
-def _json_write(path: Path, obj) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2), encoding="utf-8")
-
-
 _TENSOR_KEYS = ("mean", "logvar", "y_feat", "y_mask", "mask1", "mask2")
 
 
@@ -167,6 +162,11 @@ def _up_to_date(path: Path, fingerprint: str) -> bool:
             return (f.metadata() or {}).get("fingerprint") == fingerprint
     except Exception:  # corrupt: rebuild it
         return False
+
+
+def _json_write(path: Path, obj) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2), encoding="utf-8")
 
 
 @dataclass

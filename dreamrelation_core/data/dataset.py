@@ -178,7 +178,7 @@ def load_entry_masks(entry: VideoEntry) -> tuple[np.ndarray, np.ndarray]:
     return m1, m2
 
 
-def validate_for_training(entries: Iterable[VideoEntry], num_frames: int) -> None:
+def _validate_for_training(entries: Iterable[VideoEntry], num_frames: int) -> None:
     """Every check that can fail before anything is encoded or written."""
     short = [f"{e.video}: has {e.num_frames} frames, training needs {num_frames}" for e in entries
              if e.num_frames < num_frames]
@@ -212,7 +212,7 @@ def describe_dataset(folder: str | os.PathLike, num_frames: int, size: tuple[int
     size = (int(size[0]), int(size[1]))
     check_training_size(size)
     entries = scan_dataset(folder)
-    validate_for_training(entries, num_frames)
+    _validate_for_training(entries, num_frames)
     return DatasetSpec(Path(folder), tuple(entries), num_frames, size)
 
 

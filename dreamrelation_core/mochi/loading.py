@@ -75,7 +75,6 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise ModelFileError(f"{path}: not a readable .safetensors file ({type(e).__name__}: {e})") from e
 
 
-
 # ---------------------------------------------------------------- transformer
 
 def config_from_diffusers_state_dict(sd: dict[str, torch.Tensor]) -> dict:

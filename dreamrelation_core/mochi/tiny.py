@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from .latents import LATENT_CHANNELS, PATCH_SIZE
+
 
 def tiny_transformer_config(
     num_layers: int = 2, heads: int = 2, head_dim: int = 32, text_dim: int = 32, text_len: int = 16,
@@ -17,12 +19,12 @@ def tiny_transformer_config(
     """text_dim: T5 feature width; text_hidden: width of the text stream in the blocks
     (Mochi: 1536, half the visual 3072; default here: equal to the visual width)."""
     return dict(
-        patch_size=2,
+        patch_size=PATCH_SIZE,
         num_attention_heads=heads,
         attention_head_dim=head_dim,
         num_layers=num_layers,
         pooled_projection_dim=text_hidden or heads * head_dim,
-        in_channels=12,
+        in_channels=LATENT_CHANNELS,
         text_embed_dim=text_dim,
         time_embed_dim=32,
         max_sequence_length=text_len,
