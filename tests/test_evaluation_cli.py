@@ -8,7 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from _eval_models import (
+
+from dreamrelation_core.cli import main
+from dreamrelation_core.data.synthetic import write_video
+from dreamrelation_core.errors import EvaluationError
+from dreamrelation_core.evaluation.runner import CSV_COLUMNS, find_videos, match_prompts, read_prompts
+from fixtures.eval_models import (
     StyleGanVLikeI3D,
     moving_square,
     save_clip_file,
@@ -16,11 +21,6 @@ from _eval_models import (
     save_tiny_qwen2vl,
     save_torchscript,
 )
-
-from dreamrelation_core.cli import main
-from dreamrelation_core.data.synthetic import write_video
-from dreamrelation_core.errors import EvaluationError
-from dreamrelation_core.evaluation.runner import CSV_COLUMNS, find_videos, match_prompts, read_prompts
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _eval_models import moving_square, save_clip_file, save_clip_folder, to_open_clip
 
 from dreamrelation_core.errors import DreamRelationError, EvaluationError, ModelFileError, ModelFileNotFoundError
 from dreamrelation_core.evaluation.clip_metrics import (
@@ -20,6 +19,7 @@ from dreamrelation_core.evaluation.clip_metrics import (
     temporal_consistency_score,
 )
 from dreamrelation_core.evaluation.leakage import exemplar_features, leakage, leakage_scores
+from fixtures.eval_models import moving_square, save_clip_file, save_clip_folder, to_open_clip
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from _eval_models import StyleGanVLikeI3D, moving_square, save_torchscript
 
 from dreamrelation_core.errors import EvaluationError, ModelFileError, ModelFileNotFoundError
 from dreamrelation_core.evaluation.fvd import (
@@ -23,6 +22,7 @@ from dreamrelation_core.evaluation.fvd import (
     preprocess_clip,
     video_features,
 )
+from fixtures.eval_models import StyleGanVLikeI3D, moving_square, save_torchscript
 
 
 def _features(seed: int, n: int = 64, d: int = 12, shift: float = 0.0) -> np.ndarray:
@@ -32,7 +32,8 @@ def _features(seed: int, n: int = 64, d: int = 12, shift: float = 0.0) -> np.nda
 
 
 def _published_fvd(feats_fake: np.ndarray, feats_real: np.ndarray) -> float:
-    """The formula of StyleGAN-V's compute_fvd(feats_fake, feats_real) and pytorch-fid, as published:
+    """The formula of compute_fvd(feats_fake, feats_real) (universome/fvd-comparison, copied from
+    StyleGAN-V) and pytorch-fid, as published:
     np.cov statistics, scipy.linalg.sqrtm of the product, real part of the trace."""
     scipy_linalg = pytest.importorskip("scipy.linalg")
     mu_f, sig_f = feats_fake.mean(axis=0), np.cov(feats_fake, rowvar=False)
@@ -65,7 +66,7 @@ def test_frechet_distance_matches_published_formula(seed_a, seed_b, shift) -> No
     assert ours == pytest.approx(PUBLISHED[(seed_a, seed_b, shift)], rel=1e-6, abs=1e-6)
     theirs = _published_fvd(a, b)
     assert ours == pytest.approx(theirs, rel=1e-6, abs=1e-6)
-    # StyleGAN-V's in-training statistics (divide by N) = our ddof=0
+    # StyleGAN-V's metric statistics (FeatureStats: divide by N) = our ddof=0
     scipy_linalg = pytest.importorskip("scipy.linalg")
     (ma, sa), (mb, sb) = _stylegan_v_training_stats(a), _stylegan_v_training_stats(b)
     s = _sqrtm(scipy_linalg, sa @ sb)

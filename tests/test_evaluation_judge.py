@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _eval_models import moving_square, save_tiny_qwen2vl
 
 from dreamrelation_core.errors import EvaluationError, ModelFileError, ModelFileNotFoundError
 from dreamrelation_core.evaluation.judge import (
@@ -19,6 +18,7 @@ from dreamrelation_core.evaluation.judge import (
     relation_question,
     sample_frame_indices,
 )
+from fixtures.eval_models import moving_square, save_tiny_qwen2vl
 
 Y, N, U = Verdict.YES, Verdict.NO, Verdict.UNCLEAR
 ANSWERS = [

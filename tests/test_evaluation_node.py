@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from _eval_models import moving_square, save_clip_file, save_clip_folder, save_tiny_qwen2vl
-from conftest import PACK_NAME
 
 from dreamrelation_core.data.synthetic import write_video
+from fixtures.comfyui import PACK_NAME
+from fixtures.eval_models import moving_square, save_clip_file, save_clip_folder, save_tiny_qwen2vl
 
 
 @pytest.fixture(scope="module")
@@ -81,9 +81,10 @@ def test_clip_vision_file_needs_clip_t_off(node) -> None:
 
 def test_full_clip_file_uses_comfyui_tokenizer(node, comfyui, model_root) -> None:
     """A single CLIP file with a text tower in clip_vision: the node tokenizes with ComfyUI's CLIP BPE."""
-    from _eval_models import tiny_clip
     from safetensors.torch import save_file
     from transformers import CLIPTokenizer
+
+    from fixtures.eval_models import tiny_clip
 
     tok = CLIPTokenizer.from_pretrained(str(Path(comfyui) / "comfy" / "sd1_tokenizer"))
     model = tiny_clip(tok, seed=3)

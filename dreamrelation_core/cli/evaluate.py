@@ -74,8 +74,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
                    "0 = all, every clip then needs the same length)")
     p.add_argument("--fvd-stride", type=int, default=1, help="take every n-th frame for FVD (default 1)")
     p.add_argument("--fvd-size", type=int, default=FVD_SIZE, help=f"FVD frame size (default {FVD_SIZE})")
-    p.add_argument("--fvd-biased-cov", action="store_true", help="covariance divided by N (StyleGAN-V's training "
-                   "metric) instead of N-1")
+    p.add_argument("--fvd-biased-cov", action="store_true", help="covariance divided by N (StyleGAN-V's metric "
+                   "code) instead of N-1")
     p.add_argument("--exemplar-frames", type=int, default=16, help="frames taken from each exemplar video (default 16)")
     p.add_argument("--device", default="auto", help="torch device (default auto: cuda if available, else cpu)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -5,17 +5,18 @@ embeddings and
 
     FVD = ‖μ1 − μ2‖² + Tr(Σ1 + Σ2 − 2 (Σ1 Σ2)^½).
 
-Tr((Σ1 Σ2)^½) is computed as Tr((Σ1^½ Σ2 Σ1^½)^½): the two matrices are similar, and the latter is
-symmetric positive semi-definite, so two symmetric eigen-decompositions in float64 give it
-without the complex round-off of a general matrix square root (`scipy.linalg.sqrtm`), also when Σ
-is singular (fewer clips than feature dimensions). The covariance is the unbiased one
-(ddof = 1, `np.cov`), as in pytorch-fid, the original TF-GAN/FVD code and StyleGAN-V's
-`compute_fvd(feats_fake, feats_real)`; StyleGAN-V's in-training metric divides by N instead
-(ddof = 0), available as an option. tests/test_evaluation_fvd.py checks both against those
-published formulas.
+Tr((Σ1 Σ2)^½) is computed as Tr((Σ1^½ Σ2 Σ1^½)^½) (the route TF-GAN's `trace_sqrt_product` takes):
+the two matrices are similar, and the latter is symmetric positive semi-definite, so symmetric
+eigen-decompositions in float64 give it without the complex round-off of a general matrix square
+root (`scipy.linalg.sqrtm`), also when Σ is singular (fewer clips than feature dimensions).
+The covariance is the unbiased one (ddof = 1, `np.cov`), as in pytorch-fid and in
+`compute_fvd(feats_fake, feats_real)` of fvd-comparison (the FVD code of StyleGAN-V's author);
+StyleGAN-V's own metric code (`FeatureStats.get_mean_cov`) divides by N (ddof = 0), available as
+an option. tests/test_evaluation_fvd.py checks both against those published formulas.
 
-Protocol (the common one: Unterthiner et al.'s reference code and StyleGAN-V's `fvd2048_16f`):
-- 16 consecutive frames per clip, from the first frame (a frame stride can be set);
+Protocol (the common one):
+- 16 consecutive frames per clip, from the first frame, as StyleGAN-V's `fvd2048_16f` (a frame
+  stride can be set; the reference code takes whatever length it is given);
 - every frame resized to 224x224 with bilinear interpolation, without antialiasing and without
   keeping the aspect ratio (the reference code resizes the whole frame; the resampling kernels of
   TF and PyTorch differ slightly), values scaled from [0, 255] to [-1, 1];

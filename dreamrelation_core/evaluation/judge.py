@@ -185,8 +185,8 @@ class RelationJudge:
             content = [{"type": "image"} for _ in picked] + [{"type": "text", "text": question}]
         text = self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
                                                   tokenize=False)
-        if self.mode == "video":
-            return self.processor(text=[text], videos=[picked], return_tensors="pt")
+        if self.mode == "video":  # already sampled here: the video processor must not resample
+            return self.processor(text=[text], videos=[picked], do_sample_frames=False, return_tensors="pt")
         from PIL import Image
 
         return self.processor(text=[text], images=[[Image.fromarray(f) for f in picked]], return_tensors="pt")

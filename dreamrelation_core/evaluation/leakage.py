@@ -1,8 +1,8 @@
 """Appearance leakage: how much generated frames look like the training exemplars.
 
 A relation LoRA should carry the interaction, not the people or the room of its few training
-videos; hybrid mask training (docs/method.md) exists to keep subject appearance out of the relation
-LoRA. Leakage is measured with CLIP image embeddings: for every generated frame, its cosine
+videos; hybrid mask training (docs/method.md "Hybrid mask training") exists to keep subject
+appearance out of the relation LoRA. Leakage is measured with CLIP image embeddings: for every generated frame, its cosine
 similarity to the nearest exemplar frame;
 - leakage_max: the largest of these (the single most copied-looking frame),
 - leakage_mean: their mean over the generated frames.
