@@ -60,3 +60,11 @@ class Cancelled(DreamRelationError):
 
 class NotEnoughSubjectsError(MaskExtractionError):
     """No detection frame holds both subjects: nothing to start the two tracks from."""
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+class EvaluationError(DreamRelationError, ValueError):
+    """Evaluation inputs (generated videos, prompts file, reference set, features) are incomplete or
+    inconsistent, e.g. clips of different lengths where one length is needed."""

@@ -26,7 +26,7 @@ FLOORS: list[tuple[str, ...]] = [
     ("fileio", "dtypes", "statedict"),
     ("mochi",),
     ("lora", "data"),
-    ("training", "masks"),
+    ("training", "masks", "evaluation"),
     ("generate",),
     ("cli",),
     ("__main__",),
