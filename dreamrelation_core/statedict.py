@@ -13,23 +13,25 @@ import torch
 from .errors import KeyLayoutError, ModelFileError, ModelFileNotFoundError
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Tensors of a .safetensors / .pth / .pt / .bin file; never unpickles code."""
+def read_state_dict(path: str | os.PathLike, what: str = "model") -> dict[str, torch.Tensor]:
+    """Tensors of a .safetensors / .pth / .pt / .bin file; never unpickles code.
+
+    Training checkpoints that wrap their weights (`model`, `state_dict`, `module`) are unwrapped.
+    `what` names the model in errors ("SAM checkpoint", "FVD feature network", ...)."""
     path = Path(path)
     if not path.is_file():
-        raise ModelFileNotFoundError(f"{path}: no such file")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
+        raise ModelFileNotFoundError(f"{path}: no such file ({what})")
     try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickled code, corrupt zip, not a torch file
-        raise ModelFileError(f"{path}: not a readable weights-only checkpoint ({type(e).__name__}: {e})") from e
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        obj = obj["model"]  # original training checkpoints wrap the weights
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
+    except Exception as e:  # pickled code, corrupt zip, not a torch file, truncated safetensors
+        raise ModelFileError(f"{path}: not a readable weights-only checkpoint for the {what} ({type(e).__name__}: {e})") from e
+    for wrapper in ("model", "state_dict", "module"):
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ModelFileError(f"{path}: expected a dict of tensors (or {{'model': dict}}), got {type(obj).__name__}")
     return obj

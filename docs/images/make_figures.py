@@ -48,7 +48,7 @@ def triplet_diagram() -> None:
 
 
 def synthetic_strip() -> None:
-    from dreamrelation_core.synthetic import synthetic_clip
+    from dreamrelation_core.data.synthetic import synthetic_clip
 
     frames, m1, m2 = synthetic_clip(25, (64, 64), 0)
     picks = [0, 8, 16, 24]

@@ -40,7 +40,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import EvaluationError, ModelFileError, ModelFileNotFoundError
+from .. import statedict
+from ..errors import EvaluationError, KeyLayoutError, ModelFileError, ModelFileNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -263,24 +264,10 @@ def _load_tokenizer(folder: Path | None, required: bool):
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a .safetensors / .bin / .pt file (pickles read with weights_only=True)."""
+    """Tensors of a CLIP weights file (see statedict.read_state_dict), by its suffix first."""
     if path.suffix not in WEIGHT_SUFFIXES:
         raise ModelFileError(f"{path}: unsupported model file type {path.suffix!r}; expected {', '.join(WEIGHT_SUFFIXES)}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            sd = load_file(str(path))
-        else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ModelFileError(f"{path}: cannot read the weights ({type(e).__name__}: {e})") from e
-    for key in ("state_dict", "model", "module"):  # checkpoint wrappers
-        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
-            sd = sd[key]
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ModelFileError(f"{path}: expected a state dict of tensors")
-    return sd
+    return statedict.read_state_dict(path, "CLIP weights")
 
 
 # ---------------------------------------------------------------- single files: layout and config
@@ -362,11 +349,13 @@ def open_clip_to_transformers(sd: dict[str, torch.Tensor], source: str = "state 
 
 
 def _layer_count(sd: dict, prefix: str) -> int:
-    pat = re.compile(rf"^{re.escape(prefix)}encoder\.layers\.(\d+)\.")
-    idx = {int(m.group(1)) for k in sd if (m := pat.match(k))}
-    if not idx or idx != set(range(max(idx) + 1)):
-        raise ModelFileError(f"{prefix}encoder.layers.N: expected layers 0..N-1, found {sorted(idx)[:10]}")
-    return max(idx) + 1
+    try:
+        n = statedict.count_indexed(sd, f"{prefix}encoder.layers.", f"CLIP {prefix}encoder")
+    except KeyLayoutError as e:
+        raise ModelFileError(str(e)) from e
+    if n == 0:
+        raise ModelFileError(f"{prefix}encoder.layers.N: expected layers 0..N-1, found none")
+    return n
 
 
 def _vision_heads(width: int) -> int:

@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import EvaluationError, ModelFileError, ModelFileNotFoundError
+from ..statedict import read_state_dict
 
 FVD_FRAMES = 16
 FVD_SIZE = 224
@@ -233,16 +234,9 @@ def load_feature_network(path: str | os.PathLike, device: str | torch.device = "
         except RuntimeError:
             pass  # not TorchScript: a state dict
     try:
-        if p.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            sd = load_file(str(p))
-        else:
-            sd = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ModelFileError(f"{p}: neither TorchScript nor a readable state dict ({type(e).__name__}: {e})") from e
-    if not isinstance(sd, dict):
-        raise ModelFileError(f"{p}: expected TorchScript or a state dict, found {type(sd).__name__}")
+        sd = read_state_dict(p, "FVD feature network")
+    except ModelFileError as e:
+        raise ModelFileError(f"{p}: neither TorchScript nor a readable state dict ({e})") from e
     return FeatureNetwork(SmallVideoNet.from_state_dict(sd, str(p)), str(p), device)
 
 
