@@ -44,6 +44,11 @@ def classes(pack):
 
 def test_nodes_are_registered_with_tooltips(comfyui, pack, classes) -> None:
     assert not hasattr(pack, "NODE_CLASS_MAPPINGS")  # else ComfyUI would not call comfy_entrypoint
+    assert list(classes) == [  # every family's nodes, in menu order, ids as saved workflows name them
+        "DreamRelationSubjectMasks", "DreamRelationSaveMasks", "DreamRelationLoadMasks", "DreamRelationDataset",
+        "DreamRelationPrepareDataset", "DreamRelationTrain", "DreamRelationRelationLoraLoader",
+        "DreamRelationExportRelationLora", "DreamRelationMochiSamplerPatch", "DreamRelationAttentionMaps",
+        "DreamRelationScoreClip"]
     for key, title in (("DreamRelationSubjectMasks", "DreamRelation Subject Masks"),
                        ("DreamRelationSaveMasks", "DreamRelation Save Masks"),
                        ("DreamRelationLoadMasks", "DreamRelation Load Masks")):
