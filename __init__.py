@@ -1,6 +1,7 @@
 """ComfyUI entry point of the DreamRelation node pack.
 
-ComfyUI imports this folder as a package and reads NODE_CLASS_MAPPINGS. The core library
+ComfyUI imports this folder as a package and calls `comfy_entrypoint` (V3 node API). It reads
+NODE_CLASS_MAPPINGS before `comfy_entrypoint`, so this module must not define it. The core library
 `dreamrelation_core` lives beside it and is imported by its top-level name, so the pack's folder
 goes on sys.path; the node modules are imported relatively (ComfyUI owns the top-level name `nodes`).
 """
@@ -13,11 +14,10 @@ if _HERE not in sys.path:
     sys.path.append(_HERE)
 
 if __package__:
-    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
+    from .nodes import comfy_entrypoint  # noqa: E402
+
+    __all__ = ["comfy_entrypoint"]
 else:
     # Imported as a plain module, not as ComfyUI imports a pack (e.g. pytest collecting a
     # checkout whose folder name is no Python identifier): there is no package to load nodes from.
-    NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = {}, {}
-
-WEB_DIRECTORY = None
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+    __all__ = []

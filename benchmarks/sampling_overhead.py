@@ -81,18 +81,22 @@ def main() -> None:
 
     from dreamrelation_core.lora import files as formats
     from fixtures import comfy_mochi as cm
+    from fixtures.comfy_nodes import node_classes, run_node
     from fixtures.comfyui import load_pack
 
     cfg, base = build(args.depth, args.width)
     pack = load_pack()
-    nodes = pack.NODE_CLASS_MAPPINGS
+    nodes = node_classes(pack)
     with tempfile.TemporaryDirectory() as d:
         folder_paths.add_model_folder_path("loras", d, is_default=True)
         formats.save_triplet(Path(d) / "bench.safetensors", relation_lora(cfg))
-        loaded, _ = nodes["DreamRelationRelationLoraLoader"]().load(base, "bench.safetensors", 1.0)
-    patch = nodes["DreamRelationMochiSamplerPatch"]()
-    cond_only, _ = patch.patch(loaded, 1.0, 0.0, 1.0, "cond only", "")
-    recording, rec = patch.patch(loaded, 1.0, 0.0, 1.0, "cond and uncond", "#1, #3")
+        loaded, _ = run_node(nodes["DreamRelationRelationLoraLoader"], model=base, lora_name="bench.safetensors",
+                             strength=1.0).outputs
+    patch = dict(strength=1.0, start_percent=0.0, end_percent=1.0)
+    cond_only, _ = run_node(nodes["DreamRelationMochiSamplerPatch"], model=loaded, apply_to="cond only",
+                            attention_words="", **patch).outputs
+    recording, rec = run_node(nodes["DreamRelationMochiSamplerPatch"], model=loaded, apply_to="cond and uncond",
+                              attention_words="#1, #3", **patch).outputs
 
     t_lat = 1 + (args.frames - 1) // 6
     latent = torch.zeros(1, 12, t_lat, args.height // 8, args.width_px // 8)

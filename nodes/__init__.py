@@ -1,26 +1,29 @@
-"""ComfyUI nodes of the pack: one module per node family, each exporting
-NODE_CLASS_MAPPINGS / NODE_DISPLAY_NAME_MAPPINGS, merged here.
+"""ComfyUI nodes of the pack (V3 schema API): one module per node family, each listing its node
+classes in `NODES`; `comfy_entrypoint` hands them all to ComfyUI.
 
-A node family whose module fails to import (a missing optional dependency) is reported and
-skipped so the rest of the pack still loads.
+Every family imports only required dependencies at module level (optional ones such as sam2 are
+imported when a node runs, and their absence is reported there), so a family that fails to import
+is a broken install: the error propagates and ComfyUI logs it with its traceback.
 """
 
-import importlib
-import logging
+from __future__ import annotations
 
-NODE_CLASS_MAPPINGS: dict = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict = {}
+from comfy_api.latest import ComfyExtension, io
 
-# Node family modules, in menu order.
-_FAMILIES = ("masks", "dataset", "train", "lora", "sampler")
+from . import dataset, evaluation, lora, masks, sampler, train
 
-for _name in _FAMILIES:
-    try:
-        _mod = importlib.import_module(f".{_name}", __name__)
-    except ModuleNotFoundError as e:
-        if e.name == f"{__name__}.{_name}":
-            continue  # family not written yet
-        logging.getLogger("dreamrelation").warning("DreamRelation: node family %r not loaded: %s", _name, e)
-        continue
-    NODE_CLASS_MAPPINGS.update(getattr(_mod, "NODE_CLASS_MAPPINGS", {}))
-    NODE_DISPLAY_NAME_MAPPINGS.update(getattr(_mod, "NODE_DISPLAY_NAME_MAPPINGS", {}))
+# Families in menu order.
+FAMILIES = (masks, dataset, train, lora, sampler, evaluation)
+
+
+def node_list() -> list[type[io.ComfyNode]]:
+    return [node for family in FAMILIES for node in family.NODES]
+
+
+class DreamRelationExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return node_list()
+
+
+async def comfy_entrypoint() -> DreamRelationExtension:
+    return DreamRelationExtension()

@@ -7,42 +7,49 @@ videos, mask colours, clip length, size) and outputs a DREAMRELATION_DATASET obj
 
 from __future__ import annotations
 
-from dreamrelation_core.data.dataset import DatasetSpec, describe_dataset, folder_stamp
+from comfy_api.latest import io
 
+from dreamrelation_core.data.dataset import describe_dataset, folder_stamp
+
+from .comfy_types import Dataset
 from .paths import resolve_dataset_folder
 
 
-class DreamRelationDataset:
+class DreamRelationDataset(io.ComfyNode):
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "folder": ("STRING", {"default": "", "tooltip": "dataset folder (absolute, or relative to ComfyUI's input folder), one per relation: <name>.mp4|.gif|<name>/ "
-                                      "frames, <name>.txt caption, <name>.masks.npz or reference mask PNGs"}),
-                "frames": ("INT", {"default": 61, "min": 7, "max": 301, "step": 6,
-                                   "tooltip": "frames per training clip: 6k + 1 (61 in the paper)"}),
-                "height": ("INT", {"default": 480, "min": 16, "max": 2048, "step": 16,
-                                   "tooltip": "training height in pixels, a multiple of 16 (Mochi: 480)"}),
-                "width": ("INT", {"default": 848, "min": 16, "max": 2048, "step": 16,
-                                  "tooltip": "training width in pixels, a multiple of 16 (Mochi: 848)"}),
-            }
-        }
-
-    RETURN_TYPES = ("DREAMRELATION_DATASET", "STRING")
-    RETURN_NAMES = ("dataset", "report")
-    FUNCTION = "load"
-    CATEGORY = "DreamRelation/training"
-    DESCRIPTION = "Check a relation dataset folder (videos, captions, subject masks) for training at the given clip size."
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DreamRelationDataset",
+            display_name="DreamRelation Dataset",
+            category="DreamRelation/training",
+            description="Check a relation dataset folder (videos, captions, subject masks) for training at the given clip size.",
+            inputs=[
+                io.String.Input("folder", default="", tooltip=(
+                    "dataset folder (absolute, or relative to ComfyUI's input folder, then its output folder), one "
+                    "per relation: <name>.mp4|.gif|<name>/ frames, <name>.txt caption, <name>.masks.npz or "
+                    "reference mask PNGs")),
+                io.Int.Input("frames", default=61, min=7, max=301, step=6,
+                             tooltip="frames per training clip: 6k + 1 (61 in the paper)"),
+                io.Int.Input("height", default=480, min=16, max=2048, step=16,
+                             tooltip="training height in pixels, a multiple of 16 (Mochi: 480)"),
+                io.Int.Input("width", default=848, min=16, max=2048, step=16,
+                             tooltip="training width in pixels, a multiple of 16 (Mochi: 848)"),
+            ],
+            outputs=[
+                Dataset.Output(display_name="dataset"),
+                io.String.Output(display_name="report"),
+            ],
+        )
 
     @classmethod
-    def IS_CHANGED(cls, folder: str, frames: int, height: int, width: int):
+    def fingerprint_inputs(cls, folder: str, frames: int, height: int, width: int) -> str:
         # Re-validate when the folder's files change, not only when the inputs do.
         return f"{folder_stamp(resolve_dataset_folder(folder))}|{frames}|{height}|{width}"
 
-    def load(self, folder: str, frames: int, height: int, width: int) -> tuple[DatasetSpec, str]:
+    @classmethod
+    def execute(cls, folder: str, frames: int, height: int, width: int) -> io.NodeOutput:
         spec = describe_dataset(resolve_dataset_folder(folder), frames, (height, width))
-        return spec, spec.report()
+        return io.NodeOutput(spec, spec.report())
 
 
-NODE_CLASS_MAPPINGS = {"DreamRelationDataset": DreamRelationDataset}
-NODE_DISPLAY_NAME_MAPPINGS = {"DreamRelationDataset": "DreamRelation Dataset"}
+NODES: list[type[io.ComfyNode]] = [DreamRelationDataset]

@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import OrderedDict
 from pathlib import Path
 
-from dreamrelation_core.dtypes import DTYPES as _DTYPES
+from comfy_api.latest import io, ui
+
+from dreamrelation_core.dtypes import DTYPES
+from dreamrelation_core.errors import LoraFormatError
 from dreamrelation_core.lora import genmo as comfy_keys
-from dreamrelation_core.lora.files import LoraFormatError, load_lora_file
+from dreamrelation_core.lora.files import load_lora_file
 from dreamrelation_core.lora.layout import INFERENCE_ADAPTERS, LoraSet
 
 log = logging.getLogger("dreamrelation")
@@ -74,8 +78,10 @@ def _report(lora: LoraSet, source: str, strength: float, patched: int, model) ->
     return "\n".join(lines)
 
 
-def apply_relation_lora(model, lora: LoraSet, strength: float, source: str):
-    """Return (patched clone of `model`, report). Errors name the file, key and shapes."""
+def patch_model_with_relation_lora(model, lora: LoraSet, strength: float, source: str):
+    """Return (patched clone of the ComfyUI MODEL `model`, report). Errors name the file, key and shapes.
+
+    (`dreamrelation_core.generate.add_relation_lora` is the diffusers counterpart.)"""
     import comfy.sd
 
     if not _is_mochi(model):
@@ -100,73 +106,93 @@ def _lora_list() -> list[str]:
     return folder_paths.get_filename_list("loras")
 
 
-class RelationLoraLoader:
+# LoRA files read lately, by path, with their modification time: re-running a workflow with
+# another strength or model does not read the file again, also with several loader nodes.
+# Module-level because V3 nodes have no instance; a few entries, because a LoraSet can be large.
+_READ_CACHE: OrderedDict[str, tuple[float, LoraSet]] = OrderedDict()
+_READ_CACHE_SIZE = 4
+
+
+def read_lora_cached(path: str) -> LoraSet:
+    """The LoRA file at `path`, read again only when its modification time changed."""
+    mtime = Path(path).stat().st_mtime
+    hit = _READ_CACHE.get(path)
+    if hit is not None and hit[0] == mtime:
+        _READ_CACHE.move_to_end(path)
+        return hit[1]
+    lora = load_lora_file(path)
+    _READ_CACHE[path] = (mtime, lora)
+    _READ_CACHE.move_to_end(path)
+    while len(_READ_CACHE) > _READ_CACHE_SIZE:
+        _READ_CACHE.popitem(last=False)
+    return lora
+
+
+class RelationLoraLoader(io.ComfyNode):
     """MODEL + relation LoRA file -> MODEL with the relation + ffn LoRAs patched in."""
 
-    def __init__(self):
-        self._cache: tuple[str, float, LoraSet] | None = None
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DreamRelationRelationLoraLoader",
+            display_name="DreamRelation Relation LoRA Loader",
+            category="DreamRelation/LoRA",
+            description="Apply a DreamRelation relation LoRA (relation + ffn; subject LoRAs dropped) to ComfyUI's Mochi.",
+            inputs=[
+                io.Model.Input("model", tooltip="ComfyUI's Mochi diffusion model (Load Diffusion Model with a "
+                                                "mochi_preview_dit file)."),
+                io.Combo.Input("lora_name", options=_lora_list(), tooltip=(
+                    "Relation LoRA from the models/loras folder: a DreamRelation triplet or relation-only "
+                    ".safetensors, a reference model_<step>.lora.pt / .safetensors, or a genmo-key Mochi LoRA. "
+                    "Subject LoRAs in it are never applied.")),
+                io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01,
+                               tooltip="Multiplier of the relation and ffn LoRAs (1 = as trained, 0 = base model)."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="model", tooltip="The Mochi model with the relation LoRA patched in "
+                                                              "(ComfyUI merges it into the weights)."),
+                io.String.Output(display_name="report", tooltip="What was applied and dropped: adapters, modules, "
+                                                                "rank, scale, blocks."),
+            ],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": ("MODEL", {"tooltip": "ComfyUI's Mochi diffusion model (Load Diffusion Model with a mochi_preview_dit file)."}),
-                "lora_name": (_lora_list(), {"tooltip": "Relation LoRA from the models/loras folder: a DreamRelation triplet or "
-                                                         "relation-only .safetensors, a reference model_<step>.lora.pt / .safetensors, "
-                                                         "or a genmo-key Mochi LoRA. Subject LoRAs in it are never applied."}),
-                "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
-                                       "tooltip": "Multiplier of the relation and ffn LoRAs (1 = as trained, 0 = base model)."}),
-            }
-        }
-
-    RETURN_TYPES = ("MODEL", "STRING")
-    RETURN_NAMES = ("model", "report")
-    OUTPUT_TOOLTIPS = ("The Mochi model with the relation LoRA patched in (ComfyUI merges it into the weights).",
-                       "What was applied and dropped: adapters, modules, rank, scale, blocks.")
-    FUNCTION = "load"
-    CATEGORY = "DreamRelation/LoRA"
-    DESCRIPTION = "Apply a DreamRelation relation LoRA (relation + ffn; subject LoRAs dropped) to ComfyUI's Mochi."
-
-    def _read(self, path: str) -> LoraSet:
-        mtime = Path(path).stat().st_mtime
-        if self._cache is not None and self._cache[:2] == (path, mtime):
-            return self._cache[2]
-        lora = load_lora_file(path)
-        self._cache = (path, mtime, lora)
-        return lora
-
-    def load(self, model, lora_name: str, strength: float):
+    def execute(cls, model, lora_name: str, strength: float) -> io.NodeOutput:
         import folder_paths
 
         path = folder_paths.get_full_path_or_raise("loras", lora_name)
-        return apply_relation_lora(model, self._read(path), strength, source=path)
+        patched, report = patch_model_with_relation_lora(model, read_lora_cached(path), strength, source=path)
+        return io.NodeOutput(patched, report)
 
 
-class ExportRelationLora:
+class ExportRelationLora(io.ComfyNode):
     """Write a relation LoRA as a plain genmo-key Mochi LoRA for stock LoRA loaders."""
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "lora_name": (_lora_list(), {"tooltip": "DreamRelation triplet / relation-only file or reference checkpoint to convert."}),
-                "filename": ("STRING", {"default": "relation_mochi", "tooltip": "Output name in the first models/loras folder "
-                                                                              "(.safetensors is added)."}),
-                "dtype": (list(_DTYPES), {"default": "bf16", "tooltip": "Precision written: bf16 halves the size, fp32 is exact."}),
-                "overwrite": ("BOOLEAN", {"default": False, "tooltip": "Replace an existing file of that name."}),
-            }
-        }
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DreamRelationExportRelationLora",
+            display_name="DreamRelation Export Relation LoRA",
+            category="DreamRelation/LoRA",
+            description=("Export the relation + ffn LoRAs as a standard Mochi LoRA (genmo keys) that ComfyUI's stock "
+                         "LoraLoaderModelOnly loads without this pack."),
+            is_output_node=True,
+            inputs=[
+                io.Combo.Input("lora_name", options=_lora_list(),
+                               tooltip="DreamRelation triplet / relation-only file or reference checkpoint to convert."),
+                io.String.Input("filename", default="relation_mochi",
+                                tooltip="Output name in the first models/loras folder (.safetensors is added)."),
+                io.Combo.Input("dtype", options=list(DTYPES), default="bf16",
+                               tooltip="Precision written: bf16 halves the size, fp32 is exact."),
+                io.Boolean.Input("overwrite", default=False, tooltip="Replace an existing file of that name."),
+            ],
+            outputs=[
+                io.String.Output(display_name="path", tooltip="Path of the written LoRA; load it with LoraLoaderModelOnly."),
+            ],
+        )
 
-    RETURN_TYPES = ("STRING",)
-    RETURN_NAMES = ("path",)
-    OUTPUT_TOOLTIPS = ("Path of the written LoRA; load it with LoraLoaderModelOnly.",)
-    FUNCTION = "export"
-    CATEGORY = "DreamRelation/LoRA"
-    OUTPUT_NODE = True
-    DESCRIPTION = ("Export the relation + ffn LoRAs as a standard Mochi LoRA (genmo keys) that ComfyUI's stock "
-                   "LoraLoaderModelOnly loads without this pack.")
-
-    def export(self, lora_name: str, filename: str, dtype: str, overwrite: bool):
+    @classmethod
+    def execute(cls, lora_name: str, filename: str, dtype: str, overwrite: bool) -> io.NodeOutput:
         import folder_paths
 
         src = folder_paths.get_full_path_or_raise("loras", lora_name)
@@ -181,16 +207,9 @@ class ExportRelationLora:
         if out.exists() and not overwrite:
             raise FileExistsError(f"{out} exists; choose another filename or set overwrite")
         lora = load_lora_file(src)
-        written = comfy_keys.save_comfy_lora(out, lora, dtype=_DTYPES[dtype], source=src)
+        written = comfy_keys.save_comfy_lora(out, lora, dtype=DTYPES[dtype], source=src)
         log.info("DreamRelation: exported %s -> %s", src, written)
-        return {"ui": {"text": [str(written)]}, "result": (str(written),)}
+        return io.NodeOutput(str(written), ui=ui.PreviewText(str(written)))
 
 
-NODE_CLASS_MAPPINGS = {
-    "DreamRelationRelationLoraLoader": RelationLoraLoader,
-    "DreamRelationExportRelationLora": ExportRelationLora,
-}
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "DreamRelationRelationLoraLoader": "DreamRelation Relation LoRA Loader",
-    "DreamRelationExportRelationLora": "DreamRelation Export Relation LoRA",
-}
+NODES: list[type[io.ComfyNode]] = [RelationLoraLoader, ExportRelationLora]

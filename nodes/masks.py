@@ -3,20 +3,25 @@
 Models come from the folders ComfyUI users already have (registered here where missing):
 `models/grounding-dino/` (original .pth [+ .cfg.py] or Hugging Face folders), `models/sams/`,
 `models/sam2/`, and `models/bert-base-uncased/` (vocab.txt, for original .pth detectors).
-Loaded models are cached between runs (parked on ComfyUI's offload device) and dropped when
-ComfyUI unloads all models ("Free model and node cache", or its out-of-memory retry).
+Loaded models are kept between runs under ComfyUI's model management (see "Models under
+ComfyUI's model management" below) and dropped when ComfyUI unloads them.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from comfy_api.latest import io, ui
 
 from dreamrelation_core.data import mask_files as mask_io
+
+from .paths import dataset_path_candidates, resolve_dataset_path
 
 log = logging.getLogger("dreamrelation.masks")
 
@@ -108,60 +113,116 @@ def bert_folder() -> Path | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Model cache, released with ComfyUI's models
+# Models under ComfyUI's model management
+#
+# Each mask model is wrapped in ComfyUI's own ModelPatcher and loaded with
+# `comfy.model_management.load_models_gpu`, the way ComfyUI loads its own models. So it counts in
+# ComfyUI's memory bookkeeping: it is on the GPU for a run and stays there while memory allows;
+# ComfyUI moves it off when another model (Mochi) needs the memory, when the user frees memory,
+# on its out-of-memory retry, and after every prompt under --disable-smart-memory. Whenever
+# ComfyUI unloads it like that, the patcher's own ON_DETACH callback (a per-model hook of
+# ModelPatcher, comfy.patcher_extension.CallbacksMP) drops our cache entry, so its RAM goes as
+# well and the next run reads the file again. Nothing outside our own objects is patched.
 
 
-_CACHE: dict[tuple, object] = {}
+class _ModelWeights(torch.nn.Module):
+    """The torch module(s) of one mask model, as a model for ModelPatcher: a plain module whose
+    `device` attribute ModelPatcher may set (transformers, segment-anything and sam2 models make
+    `device` a read-only property)."""
+
+    def __init__(self, modules: list[torch.nn.Module]):
+        super().__init__()
+        self.parts = torch.nn.ModuleList(modules)
 
 
-def clear_cache() -> None:
-    _CACHE.clear()
+@dataclass
+class _Loaded:
+    """One cached mask model: the core's wrapper and the ModelPatcher that ComfyUI manages."""
+
+    stamp: tuple  # (file modification time, anything else it was loaded with)
+    model: Any  # GroundingDino / SamSegmenter / Sam2Propagator (dreamrelation_core.masks)
+    patcher: Any  # comfy.model_patcher.ModelPatcher over the model's torch modules
 
 
-def _hook_unload() -> None:
-    """Clear our cache whenever ComfyUI unloads all models (the API and UI 'free memory', OOM retry)."""
-    import comfy.model_management as mm
+_CACHE: dict[tuple[str, str], _Loaded] = {}  # (kind, file) -> loaded model
+# Patchers of models ComfyUI unloaded, emptied, kept until the next run (see _on_detach).
+_RELEASED: list = []
+_DETACH_KEY = "dreamrelation_mask_cache"
 
-    original = mm.unload_all_models
-    if getattr(original, "_dreamrelation_hooked", False):
+
+def _on_detach(patcher, unpatch_all: bool) -> None:
+    """ModelPatcher.detach callback. `unpatch_all` is true when ComfyUI unloads the model (its
+    weights go to the offload device); false when it only re-registers a model it keeps loaded.
+
+    The unloaded model leaves the cache and its torch modules are let go, so their RAM is freed
+    now. The patcher object itself (and the empty module it manages) is kept until our next run:
+    ComfyUI is inside its unloading loop here, and the last reference to a managed module dying
+    there fires ComfyUI's own clean-up of its loaded-model list in the middle of that loop.
+    """
+    if not unpatch_all:
         return
-
-    def unload_all_models(*args, **kwargs):
-        clear_cache()
-        return original(*args, **kwargs)
-
-    unload_all_models._dreamrelation_hooked = True  # type: ignore[attr-defined]
-    mm.unload_all_models = unload_all_models
+    for key in [k for k, v in _CACHE.items() if v.patcher is patcher]:
+        del _CACHE[key]
+    patcher.model.parts = torch.nn.ModuleList()
+    _RELEASED.append(patcher)
 
 
-def _cached(key: tuple, load):
-    if key not in _CACHE:
-        _CACHE[key] = load()
-    return _CACHE[key]
+def _manage(model) -> Any:
+    """A ModelPatcher for a core mask model, loaded on ComfyUI's torch device when used."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.patcher_extension as pe
+
+    modules = [v for v in vars(model).values() if isinstance(v, torch.nn.Module)]
+    if not modules:
+        raise TypeError(f"{type(model).__name__} holds no torch module for ComfyUI to manage")
+    patcher = comfy.model_patcher.ModelPatcher(_ModelWeights(modules), load_device=mm.get_torch_device(),
+                                               offload_device=mm.unet_offload_device())
+    patcher.add_callback_with_key(pe.CallbacksMP.ON_DETACH, _DETACH_KEY, _on_detach)
+    return patcher
+
+
+def _cached(kind: str, path: Path, extra: tuple, load) -> _Loaded:
+    """The cached model for this file, loaded again when the file (or `extra`) changed."""
+    key, stamp = (kind, str(path)), (_stamp(path),) + extra
+    entry = _CACHE.get(key)
+    if entry is None or entry.stamp != stamp:
+        model = load()
+        entry = _CACHE[key] = _Loaded(stamp, model, _manage(model))
+    return entry
 
 
 def _stamp(path: Path) -> float:
     return path.stat().st_mtime if path.exists() else 0.0
 
 
-def get_models(gdino_name: str, sam_name: str, sam2_name: str):
-    """(detector, sam or None, sam2 or None), loaded once per file (and file change)."""
+def get_models(gdino_name: str, sam_name: str, sam2_name: str) -> tuple[_Loaded, _Loaded | None, _Loaded | None]:
+    """(detector, sam or None, sam2 or None), read once per file (and file change)."""
     from dreamrelation_core.masks.grounding_dino import ORIGINAL_FILES, load_grounding_dino
     from dreamrelation_core.masks.sam import SAM1_FILES, SAM2_FILES, load_sam1, load_sam2
 
-    _hook_unload()
+    _RELEASED.clear()  # outside ComfyUI's unloading now: the emptied patchers may go
     gd_path = resolve_model("grounding-dino", gdino_name, ORIGINAL_FILES + ("<HF folder with config.json>",))
     bert = bert_folder()
-    detector = _cached(("gdino", str(gd_path), _stamp(gd_path), str(bert)),
-                       lambda: load_grounding_dino(gd_path, bert))
+    detector = _cached("gdino", gd_path, (str(bert),), lambda: load_grounding_dino(gd_path, bert))
     sam = sam2 = None
     if sam_name != NONE:
-        p = resolve_model("sams", sam_name, SAM1_FILES)
-        sam = _cached(("sam", str(p), _stamp(p)), lambda: load_sam1(p))
+        p1 = resolve_model("sams", sam_name, SAM1_FILES)
+        sam = _cached("sam", p1, (), lambda: load_sam1(p1))
     if sam2_name != NONE:
-        p = resolve_model("sam2", sam2_name, SAM2_FILES)
-        sam2 = _cached(("sam2", str(p), _stamp(p)), lambda: load_sam2(p))
+        p2 = resolve_model("sam2", sam2_name, SAM2_FILES)
+        sam2 = _cached("sam2", p2, (), lambda: load_sam2(p2))
     return detector, sam, sam2
+
+
+def load_on_device(entries: list[_Loaded]) -> None:
+    """Have ComfyUI load the models (freeing other models' memory as it sees fit)."""
+    import comfy.model_management as mm
+
+    # Fully: these libraries' layers cannot run with weights left on the offload device.
+    mm.load_models_gpu([e.patcher for e in entries], force_full_load=True)
+    for e in entries:
+        e.model.to(e.patcher.load_device)  # no copy now; the core wrappers note their device
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,52 +233,60 @@ def _tensor_masks(m: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(m)).float()
 
 
-class DreamRelationSubjectMasks:
+class DreamRelationSubjectMasks(io.ComfyNode):
     @classmethod
-    def INPUT_TYPES(cls):
+    def define_schema(cls) -> io.Schema:
         from dreamrelation_core.masks.extractor import MODES
         from dreamrelation_core.masks.tracking import ORDERS
 
-        return {
-            "required": {
-                "images": ("IMAGE", {"tooltip": "the video's frames, as a video loader gives them"}),
-                "grounding_dino": (grounding_dino_choices(), {
-                    "tooltip": "detector in models/grounding-dino/: groundingdino_swint_ogc.pth (+ .cfg.py), "
-                               "groundingdino_swinb_cogcoor.pth, or a Hugging Face folder; an original .pth "
-                               "also needs models/bert-base-uncased/vocab.txt"}),
-                "sam": (sam_choices(), {"tooltip": "SAM in models/sams/ (sam_vit_h_4b8939.pth, sam_vit_l_0b3195.pth, "
-                                                   "sam_vit_b_01ec64.pth): masks frame by frame"}),
-                "sam2": (sam2_choices(), {"tooltip": "SAM 2 in models/sam2/ (sam2.1_hiera_*.pt / .safetensors): "
-                                                     "masks propagated through the clip"}),
-                "mode": (list(MODES), {"default": "auto", "tooltip": "per_frame: detect + SAM on frames; propagate: "
-                                       "detect once + SAM 2 through the clip; auto: propagate when SAM 2 is chosen"}),
-                "prompt1": ("STRING", {"default": "person", "tooltip": "what subject 1 is (Grounding DINO text prompt)"}),
-                "prompt2": ("STRING", {"default": "person", "tooltip": "what subject 2 is; when both prompts are "
-                                       "equal, 'order' decides which one is subject 1"}),
-                "order": (list(ORDERS), {"default": "left_first", "tooltip": "with equal prompts: subject 1 is the "
-                                         "left one, or the larger one, on the frame where both are first found"}),
-                "box_threshold": ("FLOAT", {"default": 0.35, "min": 0.0, "max": 1.0, "step": 0.01,
-                                            "tooltip": "minimum detection score of a box"}),
-                "text_threshold": ("FLOAT", {"default": 0.25, "min": 0.0, "max": 1.0, "step": 0.01,
-                                             "tooltip": "minimum score of the prompt's words for a box"}),
-                "detection_stride": ("INT", {"default": 6, "min": 1, "max": 120, "tooltip": "detect on every k-th "
-                                             "frame (boxes carried between); in propagate mode the search step"}),
-                "dilation": ("INT", {"default": 0, "min": 0, "max": 64, "tooltip": "grow masks by this many pixels"}),
-                "max_frames_per_batch": ("INT", {"default": 8, "min": 1, "max": 64,
-                                                 "tooltip": "frames per forward pass (memory vs speed)"}),
-            }
-        }
+        return io.Schema(
+            node_id="DreamRelationSubjectMasks",
+            display_name="DreamRelation Subject Masks",
+            category="DreamRelation/masks",
+            description=("Masks of the two subjects on every frame (Grounding DINO boxes, SAM / SAM 2 masks), identity "
+                         "kept across frames; relation = their union. The preview tints subject 1 orange, subject 2 blue."),
+            inputs=[
+                io.Image.Input("images", tooltip="the video's frames, as a video loader gives them"),
+                io.Combo.Input("grounding_dino", options=grounding_dino_choices(), tooltip=(
+                    "detector in models/grounding-dino/: groundingdino_swint_ogc.pth (+ .cfg.py), "
+                    "groundingdino_swinb_cogcoor.pth, or a Hugging Face folder; an original .pth also needs "
+                    "models/bert-base-uncased/vocab.txt")),
+                io.Combo.Input("sam", options=sam_choices(), tooltip=(
+                    "SAM in models/sams/ (sam_vit_h_4b8939.pth, sam_vit_l_0b3195.pth, sam_vit_b_01ec64.pth): "
+                    "masks frame by frame")),
+                io.Combo.Input("sam2", options=sam2_choices(), tooltip=(
+                    "SAM 2 in models/sam2/ (sam2.1_hiera_*.pt / .safetensors): masks propagated through the clip")),
+                io.Combo.Input("mode", options=list(MODES), default="auto", tooltip=(
+                    "per_frame: detect + SAM on frames; propagate: detect once + SAM 2 through the clip; auto: "
+                    "propagate when SAM 2 is chosen")),
+                io.String.Input("prompt1", default="person", tooltip="what subject 1 is (Grounding DINO text prompt)"),
+                io.String.Input("prompt2", default="person", tooltip=(
+                    "what subject 2 is; when both prompts are equal, 'order' decides which one is subject 1")),
+                io.Combo.Input("order", options=list(ORDERS), default="left_first", tooltip=(
+                    "with equal prompts: subject 1 is the left one, or the larger one, on the frame where both are "
+                    "first found")),
+                io.Float.Input("box_threshold", default=0.35, min=0.0, max=1.0, step=0.01,
+                               tooltip="minimum detection score of a box"),
+                io.Float.Input("text_threshold", default=0.25, min=0.0, max=1.0, step=0.01,
+                               tooltip="minimum score of the prompt's words for a box"),
+                io.Int.Input("detection_stride", default=6, min=1, max=120, tooltip=(
+                    "detect on every k-th frame (boxes carried between); in propagate mode the search step")),
+                io.Int.Input("dilation", default=0, min=0, max=64, tooltip="grow masks by this many pixels"),
+                io.Int.Input("max_frames_per_batch", default=8, min=1, max=64,
+                             tooltip="frames per forward pass (memory vs speed)"),
+            ],
+            outputs=[
+                io.Mask.Output(display_name="subject1"),
+                io.Mask.Output(display_name="subject2"),
+                io.Mask.Output(display_name="relation"),
+                io.Image.Output(display_name="preview"),
+            ],
+        )
 
-    RETURN_TYPES = ("MASK", "MASK", "MASK", "IMAGE")
-    RETURN_NAMES = ("subject1", "subject2", "relation", "preview")
-    FUNCTION = "run"
-    CATEGORY = "DreamRelation/masks"
-    DESCRIPTION = ("Masks of the two subjects on every frame (Grounding DINO boxes, SAM / SAM 2 masks), identity "
-                   "kept across frames; relation = their union. The preview tints subject 1 orange, subject 2 blue.")
-
-    def run(self, images: torch.Tensor, grounding_dino: str, sam: str, sam2: str, mode: str, prompt1: str,
-            prompt2: str, order: str, box_threshold: float, text_threshold: float, detection_stride: int,
-            dilation: int, max_frames_per_batch: int):
+    @classmethod
+    def execute(cls, images: torch.Tensor, grounding_dino: str, sam: str, sam2: str, mode: str, prompt1: str,
+                prompt2: str, order: str, box_threshold: float, text_threshold: float, detection_stride: int,
+                dilation: int, max_frames_per_batch: int) -> io.NodeOutput:
         import comfy.model_management as mm
         import comfy.utils
 
@@ -228,8 +297,7 @@ class DreamRelationSubjectMasks:
         if sam == NONE and sam2 == NONE:
             raise ValueError("choose a SAM model (models/sams/) or a SAM 2 model (models/sam2/)")
         detector, sam_m, sam2_m = get_models(grounding_dino, sam, sam2)
-        device, offload = mm.get_torch_device(), mm.unet_offload_device()
-        parts = [m for m in (detector, sam_m, sam2_m) if m is not None]
+        load_on_device([m for m in (detector, sam_m, sam2_m) if m is not None])
         opt = SubjectMaskOptions(
             prompt1=prompt1, prompt2=prompt2, mode=mode, order=order, box_threshold=box_threshold,
             text_threshold=text_threshold, detection_stride=detection_stride, dilation=dilation,
@@ -241,21 +309,13 @@ class DreamRelationSubjectMasks:
             mm.throw_exception_if_processing_interrupted()  # raises when the user pressed cancel
             return False
 
-        try:
-            for m in parts:
-                m.to(device)
-            result = SubjectMaskExtractor(detector, sam_m, sam2_m).run(
-                frames, opt, progress=lambda d, t: bar.update_absolute(d, t), cancel=cancel
-            )
-        finally:
-            # Park the models off the GPU between runs so Mochi gets its memory back.
-            for m in parts:
-                m.to(offload)
-            mm.soft_empty_cache()
+        extractor = SubjectMaskExtractor(detector.model, sam_m.model if sam_m else None, sam2_m.model if sam2_m else None)
+        result = extractor.run(frames, opt, progress=lambda d, t: bar.update_absolute(d, t), cancel=cancel)
         for note in result.notes:
             log.info("DreamRelation Subject Masks: %s", note)
         view = torch.from_numpy(preview(frames, result)).float() / 255.0
-        return (_tensor_masks(result.subject1), _tensor_masks(result.subject2), _tensor_masks(result.relation), view)
+        return io.NodeOutput(_tensor_masks(result.subject1), _tensor_masks(result.subject2),
+                             _tensor_masks(result.relation), view)
 
 
 def _stack(mask: torch.Tensor, what: str) -> np.ndarray:
@@ -275,46 +335,41 @@ def _has_frame_pngs(folder: Path) -> bool:
         return False
 
 
-def _resolve_out(folder: str) -> Path:
-    from .paths import resolve_dataset_folder
-
-    return Path(resolve_dataset_folder(folder))
-
-
-class DreamRelationSaveMasks:
+class DreamRelationSaveMasks(io.ComfyNode):
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "subject1": ("MASK", {"tooltip": "subject 1's mask on every frame"}),
-                "subject2": ("MASK", {"tooltip": "subject 2's mask on every frame (same size and frame count)"}),
-                "folder": ("STRING", {"default": "dreamrelation/masks", "tooltip": "dataset folder (the video's "
-                                      "folder); a relative path is inside ComfyUI's input folder (or its output "
-                                      "folder where only that one has it)"}),
-                "name": ("STRING", {"default": "clip", "tooltip": "the video's name without extension: "
-                                    "writes <name>.masks.npz or <name>/frame{i}.png"}),
-                "layout": (list(LAYOUTS), {"tooltip": "compact: one exact .masks.npz (overlaps kept); reference: "
-                                           "colour PNG per frame as the original DreamRelation code reads"}),
-                "overwrite": ("BOOLEAN", {"default": True, "tooltip": "replace masks already saved under this name"}),
-            }
-        }
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DreamRelationSaveMasks",
+            display_name="DreamRelation Save Masks",
+            category="DreamRelation/masks",
+            description="Write two subjects' masks in a layout the DreamRelation dataset reader (and trainer) reads.",
+            is_output_node=True,
+            inputs=[
+                io.Mask.Input("subject1", tooltip="subject 1's mask on every frame"),
+                io.Mask.Input("subject2", tooltip="subject 2's mask on every frame (same size and frame count)"),
+                io.String.Input("folder", default="dreamrelation/masks", tooltip=(
+                    "dataset folder (the video's folder); a relative path is inside ComfyUI's input folder (or its "
+                    "output folder where only that one has it)")),
+                io.String.Input("name", default="clip", tooltip=(
+                    "the video's name without extension: writes <name>.masks.npz or <name>/frame{i}.png")),
+                io.Combo.Input("layout", options=list(LAYOUTS), tooltip=(
+                    "compact: one exact .masks.npz (overlaps kept); reference: colour PNG per frame as the original "
+                    "DreamRelation code reads")),
+                io.Boolean.Input("overwrite", default=True, tooltip="replace masks already saved under this name"),
+            ],
+            outputs=[io.String.Output(display_name="path")],
+        )
 
-    RETURN_TYPES = ("STRING",)
-    RETURN_NAMES = ("path",)
-    FUNCTION = "save"
-    OUTPUT_NODE = True
-    CATEGORY = "DreamRelation/masks"
-    DESCRIPTION = "Write two subjects' masks in a layout the DreamRelation dataset reader (and trainer) reads."
-
-    def save(self, subject1: torch.Tensor, subject2: torch.Tensor, folder: str, name: str, layout: str,
-             overwrite: bool):
+    @classmethod
+    def execute(cls, subject1: torch.Tensor, subject2: torch.Tensor, folder: str, name: str, layout: str,
+                overwrite: bool) -> io.NodeOutput:
         name = name.strip()
         if not name or "/" in name or "\\" in name:
             raise ValueError(f"name must be a plain file name without folders, got {name!r}")
         m1, m2 = _stack(subject1, "subject1"), _stack(subject2, "subject2")
         if m1.shape != m2.shape:
             raise ValueError(f"subject1 is {m1.shape} but subject2 is {m2.shape}: both need the same frames and size")
-        out = _resolve_out(folder)
+        out = resolve_dataset_path(folder)
         target = out / name if layout == LAYOUTS[1] else out / f"{name}{mask_io.COMPACT_SUFFIX}"
         if target.exists() and not overwrite:
             raise FileExistsError(f"{target} exists; switch 'overwrite' on to replace it")
@@ -322,66 +377,57 @@ class DreamRelationSaveMasks:
             path = mask_io.save_reference_masks(target, m1, m2)
         else:
             path = mask_io.save_compact_masks(target, m1, m2)
-        return {"ui": {"text": [str(path)]}, "result": (str(path),)}
+        return io.NodeOutput(str(path), ui=ui.PreviewText(str(path)))
 
 
-class DreamRelationLoadMasks:
+def find_masks(path: str) -> Path:
+    """The mask file / PNG folder a Load Masks path means: itself, or the masks of the video it names."""
+    candidates = dataset_path_candidates(path)
+    p = resolve_dataset_path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"masks {path!r} not found (looked at {', '.join(str(c) for c in candidates)})")
+    if (p.is_file() and p.name.endswith(mask_io.COMPACT_SUFFIX)) or (p.is_dir() and _has_frame_pngs(p)):
+        return p
+    found = mask_io.find_masks(p)  # a video file or frame folder: its masks beside / inside it
+    if found is None:
+        stem = p.name if p.is_dir() else p.stem
+        raise FileNotFoundError(f"{p}: no masks for it ({stem}{mask_io.COMPACT_SUFFIX} or {stem}/frame{{i}}.png beside it)")
+    return found
+
+
+class DreamRelationLoadMasks(io.ComfyNode):
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "path": ("STRING", {"default": "", "tooltip": "a <name>.masks.npz, a folder of frame{i}.png masks, "
-                                    "or a video (its masks are found beside it); relative paths are looked up in "
-                                    "ComfyUI's output, then input folder"}),
-            }
-        }
-
-    RETURN_TYPES = ("MASK", "MASK", "MASK")
-    RETURN_NAMES = ("subject1", "subject2", "relation")
-    FUNCTION = "load"
-    CATEGORY = "DreamRelation/masks"
-    DESCRIPTION = "Read two subjects' masks saved in the compact or the reference PNG layout."
-
-    @staticmethod
-    def _find(path: str) -> Path:
-        import folder_paths
-
-        raw = Path(path.strip()).expanduser()
-        cands = [raw] if raw.is_absolute() else [
-            Path(folder_paths.get_output_directory()) / raw, Path(folder_paths.get_input_directory()) / raw]
-        for p in cands:
-            if not p.exists():
-                continue
-            if (p.is_file() and p.name.endswith(mask_io.COMPACT_SUFFIX)) or (p.is_dir() and _has_frame_pngs(p)):
-                return p
-            found = mask_io.find_masks(p)  # a video file or frame folder: its masks beside / inside it
-            if found is None:
-                stem = p.name if p.is_dir() else p.stem
-                raise FileNotFoundError(f"{p}: no masks for it ({stem}{mask_io.COMPACT_SUFFIX} or "
-                                        f"{stem}/frame{{i}}.png beside it)")
-            return found
-        raise FileNotFoundError(f"masks {path!r} not found (looked at {', '.join(str(c) for c in cands)})")
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DreamRelationLoadMasks",
+            display_name="DreamRelation Load Masks",
+            category="DreamRelation/masks",
+            description="Read two subjects' masks saved in the compact or the reference PNG layout.",
+            inputs=[
+                io.String.Input("path", default="", tooltip=(
+                    "a <name>.masks.npz, a folder of frame{i}.png masks, or a video (its masks are found beside it); "
+                    "relative paths are looked up in ComfyUI's input, then output folder")),
+            ],
+            outputs=[
+                io.Mask.Output(display_name="subject1"),
+                io.Mask.Output(display_name="subject2"),
+                io.Mask.Output(display_name="relation"),
+            ],
+        )
 
     @classmethod
-    def IS_CHANGED(cls, path: str):
+    def fingerprint_inputs(cls, path: str) -> float:
+        # Load again when the mask file / PNGs change, not only when the path does.
         try:
-            p = cls._find(path)
+            p = find_masks(path)
         except FileNotFoundError:
             return float("nan")
         return max([p.stat().st_mtime] + ([f.stat().st_mtime for f in p.iterdir()] if p.is_dir() else []))
 
-    def load(self, path: str):
-        m1, m2 = mask_io.load_masks(self._find(path))
-        return _tensor_masks(m1), _tensor_masks(m2), _tensor_masks(m1 | m2)
+    @classmethod
+    def execute(cls, path: str) -> io.NodeOutput:
+        m1, m2 = mask_io.load_masks(find_masks(path))
+        return io.NodeOutput(_tensor_masks(m1), _tensor_masks(m2), _tensor_masks(m1 | m2))
 
 
-NODE_CLASS_MAPPINGS = {
-    "DreamRelationSubjectMasks": DreamRelationSubjectMasks,
-    "DreamRelationSaveMasks": DreamRelationSaveMasks,
-    "DreamRelationLoadMasks": DreamRelationLoadMasks,
-}
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "DreamRelationSubjectMasks": "DreamRelation Subject Masks",
-    "DreamRelationSaveMasks": "DreamRelation Save Masks",
-    "DreamRelationLoadMasks": "DreamRelation Load Masks",
-}
+NODES: list[type[io.ComfyNode]] = [DreamRelationSubjectMasks, DreamRelationSaveMasks, DreamRelationLoadMasks]

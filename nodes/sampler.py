@@ -19,10 +19,13 @@ from __future__ import annotations
 import re
 
 import torch
+from comfy_api.latest import io
 
+from .comfy_types import Attention
 from .lora import INFO_KEY, RelationLoraInfo
 
 WRAPPER_KEY = "dreamrelation_sampler_patch"
+APPLY_TO = ["cond and uncond", "cond only"]
 _STEM_RE = re.compile(r"^blocks\.(\d+)\.attn\.(qkv_x|qkv_y|proj_x|proj_y)$")
 
 
@@ -269,40 +272,43 @@ def patch_model(model, strength: float = 1.0, start_percent: float = 0.0, end_pe
     return new
 
 
-class MochiSamplerPatch:
+class MochiSamplerPatch(io.ComfyNode):
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": ("MODEL", {"tooltip": "Mochi MODEL from 'DreamRelation Relation LoRA Loader'."}),
-                "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
-                                       "tooltip": "Relation LoRA strength inside the range, relative to the loader's (1 = as loaded)."}),
-                "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                                            "tooltip": "Start of the denoising range where the LoRA acts (0 = first step)."}),
-                "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                                          "tooltip": "End of that range (1 = last step). Outside it the model is the base model; "
-                                                     "start >= end means never."}),
-                "apply_to": (["cond and uncond", "cond only"], {"tooltip": "'cond only': the negative / unconditional pass "
-                                                                            "uses the base model, so CFG pushes towards the relation."}),
-                "attention_words": ("STRING", {"default": "", "tooltip": "Comma-separated prompt words whose attention onto the video "
-                                                                        "is recorded (needs clip and prompt), or token indices like #3. "
-                                                                        "Empty: no recording."}),
-            },
-            "optional": {
-                "clip": ("CLIP", {"tooltip": "The Mochi CLIP (T5) used for the prompt: finds the words' tokens."}),
-                "prompt": ("STRING", {"multiline": True, "default": "", "tooltip": "The positive prompt text, as given to CLIPTextEncode."}),
-            },
-        }
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DreamRelationMochiSamplerPatch",
+            display_name="DreamRelation Mochi Sampler Patch",
+            category="DreamRelation/sampling",
+            description="Relation LoRA strength per denoising range and pass; optional attention recording of prompt words.",
+            inputs=[
+                io.Model.Input("model", tooltip="Mochi MODEL from 'DreamRelation Relation LoRA Loader'."),
+                io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01,
+                               tooltip="Relation LoRA strength inside the range, relative to the loader's (1 = as loaded)."),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Start of the denoising range where the LoRA acts (0 = first step)."),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="End of that range (1 = last step). Outside it the model is the base model; "
+                                       "start >= end means never."),
+                io.Combo.Input("apply_to", options=APPLY_TO, tooltip="'cond only': the negative / unconditional pass "
+                                                                     "uses the base model, so CFG pushes towards the relation."),
+                io.String.Input("attention_words", default="", tooltip=(
+                    "Comma-separated prompt words whose attention onto the video is recorded (needs clip and prompt), "
+                    "or token indices like #3. Empty: no recording.")),
+                io.Clip.Input("clip", optional=True,
+                              tooltip="The Mochi CLIP (T5) used for the prompt: finds the words' tokens."),
+                io.String.Input("prompt", optional=True, multiline=True, default="",
+                                tooltip="The positive prompt text, as given to CLIPTextEncode."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="model", tooltip="The patched MODEL for KSampler."),
+                Attention.Output(display_name="attention",
+                                 tooltip="Recorded attention; connect to 'DreamRelation Attention Maps'."),
+            ],
+        )
 
-    RETURN_TYPES = ("MODEL", "DR_ATTENTION")
-    RETURN_NAMES = ("model", "attention")
-    OUTPUT_TOOLTIPS = ("The patched MODEL for KSampler.", "Recorded attention; connect to 'DreamRelation Attention Maps'.")
-    FUNCTION = "patch"
-    CATEGORY = "DreamRelation/sampling"
-    DESCRIPTION = "Relation LoRA strength per denoising range and pass; optional attention recording of prompt words."
-
-    def patch(self, model, strength: float, start_percent: float, end_percent: float, apply_to: str,
-              attention_words: str, clip=None, prompt: str = ""):
+    @classmethod
+    def execute(cls, model, strength: float, start_percent: float, end_percent: float, apply_to: str,
+                attention_words: str, clip=None, prompt: str = "") -> io.NodeOutput:
         words = [w.strip() for w in attention_words.split(",") if w.strip()]
         recorder = None
         if words:
@@ -310,8 +316,8 @@ class MochiSamplerPatch:
                 raise ValueError("attention_words need the clip input (and the prompt) to find their tokens; or give #token indices")
             tokenize = clip.tokenize if clip is not None else None
             recorder = AttentionRecorder(words, token_positions(tokenize, prompt, words))
-        new = patch_model(model, strength, start_percent, end_percent, apply_to == "cond only", recorder)
-        return (new, recorder)
+        new = patch_model(model, strength, start_percent, end_percent, apply_to == APPLY_TO[1], recorder)
+        return io.NodeOutput(new, recorder)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,28 +339,31 @@ def heatmap_frames(maps: torch.Tensor, patch_size: int = 2, upscale: int = 1, co
     return torch.from_numpy(cmap(m.numpy())[..., :3]).float()
 
 
-class AttentionMaps:
+class AttentionMaps(io.ComfyNode):
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "attention": ("DR_ATTENTION", {"tooltip": "From 'DreamRelation Mochi Sampler Patch' (attention_words set)."}),
-                "samples": ("LATENT", {"tooltip": "KSampler's output latent: makes this node run after sampling."}),
-                "word": ("STRING", {"default": "", "tooltip": "Which recorded word to show; empty = the first."}),
-                "colormap": (["inferno", "viridis", "magma", "gray"], {"tooltip": "Heat-map colours."}),
-                "upscale": ("INT", {"default": 1, "min": 1, "max": 16, "tooltip": "Extra nearest-neighbour scaling of the "
-                                                                                 "latent-grid frames (8 = pixel size)."}),
-            }
-        }
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DreamRelationAttentionMaps",
+            display_name="DreamRelation Attention Maps",
+            category="DreamRelation/sampling",
+            description="Heat maps of how much the video tokens attend to a prompt word during sampling (paper Fig. attention maps).",
+            inputs=[
+                Attention.Input("attention", tooltip="From 'DreamRelation Mochi Sampler Patch' (attention_words set)."),
+                io.Latent.Input("samples", tooltip="KSampler's output latent: makes this node run after sampling."),
+                io.String.Input("word", default="", tooltip="Which recorded word to show; empty = the first."),
+                io.Combo.Input("colormap", options=["inferno", "viridis", "magma", "gray"], tooltip="Heat-map colours."),
+                io.Int.Input("upscale", default=1, min=1, max=16, tooltip="Extra nearest-neighbour scaling of the "
+                                                                          "latent-grid frames (8 = pixel size)."),
+            ],
+            outputs=[
+                io.Image.Output(display_name="heatmaps", tooltip="One heat-map frame per latent frame, at the latent "
+                                                                 "grid size times upscale."),
+            ],
+        )
 
-    RETURN_TYPES = ("IMAGE",)
-    RETURN_NAMES = ("heatmaps",)
-    OUTPUT_TOOLTIPS = ("One heat-map frame per latent frame, at the latent grid size times upscale.",)
-    FUNCTION = "render"
-    CATEGORY = "DreamRelation/sampling"
-    DESCRIPTION = "Heat maps of how much the video tokens attend to a prompt word during sampling (paper Fig. attention maps)."
-
-    def render(self, attention: AttentionRecorder, samples: dict, word: str, colormap: str, upscale: int):
+    @classmethod
+    def execute(cls, attention: AttentionRecorder | None, samples: dict, word: str, colormap: str,
+                upscale: int) -> io.NodeOutput:
         if attention is None:
             raise ValueError("no attention recorded: set attention_words on the Mochi Sampler Patch")
         maps = attention.maps()
@@ -367,14 +376,7 @@ class AttentionMaps:
         lat = samples["samples"].shape
         if (lat[-3], lat[-2], lat[-1]) != (T, 2 * h, 2 * w):
             raise ValueError(f"recorded attention is for a latent video {T}x{2 * h}x{2 * w}, samples are {tuple(lat[-3:])}")
-        return (heatmap_frames(maps[i], 2, upscale, colormap),)
+        return io.NodeOutput(heatmap_frames(maps[i], 2, upscale, colormap))
 
 
-NODE_CLASS_MAPPINGS = {
-    "DreamRelationMochiSamplerPatch": MochiSamplerPatch,
-    "DreamRelationAttentionMaps": AttentionMaps,
-}
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "DreamRelationMochiSamplerPatch": "DreamRelation Mochi Sampler Patch",
-    "DreamRelationAttentionMaps": "DreamRelation Attention Maps",
-}
+NODES: list[type[io.ComfyNode]] = [MochiSamplerPatch, AttentionMaps]

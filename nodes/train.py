@@ -15,6 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from comfy_api.latest import io, ui
+
+from .comfy_types import Dataset, Prepared
 
 RUN_SUBDIR = "dreamrelation"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -96,31 +99,33 @@ def _fit_length(t: torch.Tensor, n: int, pad) -> torch.Tensor:
 # nodes
 
 
-class DreamRelationPrepareDataset:
+class DreamRelationPrepareDataset(io.ComfyNode):
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "dataset": ("DREAMRELATION_DATASET", {"tooltip": "a checked dataset folder (DreamRelation Dataset node)"}),
-                "vae": ("VAE", {"tooltip": "Mochi VAE (Load VAE: mochi_vae.safetensors); its encoder weights "
-                                "encode the videos with genmo's causal attention"}),
-                "clip": ("CLIP", {"tooltip": "T5-XXL loaded by CLIPLoader with type 'mochi', to encode the captions"}),
-                "max_text_len": ("INT", {"default": 256, "min": 8, "max": 512,
-                                         "tooltip": "text tokens per caption; Mochi uses 256"}),
-            },
-            "optional": {
-                "cache_dir": ("STRING", {"default": "", "tooltip": "where the encoded clips go; empty: "
-                                         "<dataset folder>/.dreamrelation_cache. Unchanged clips are not encoded again."}),
-            },
-        }
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DreamRelationPrepareDataset",
+            display_name="DreamRelation Prepare Dataset",
+            category="DreamRelation/training",
+            description="Encode every video (latents as ComfyUI's Mochi sees them), caption and mask of a dataset once.",
+            inputs=[
+                Dataset.Input("dataset", tooltip="a checked dataset folder (DreamRelation Dataset node)"),
+                io.Vae.Input("vae", tooltip="Mochi VAE (Load VAE: mochi_vae.safetensors); its encoder weights "
+                                            "encode the videos with genmo's causal attention"),
+                io.Clip.Input("clip", tooltip="T5-XXL loaded by CLIPLoader with type 'mochi', to encode the captions"),
+                io.Int.Input("max_text_len", default=256, min=8, max=512,
+                             tooltip="text tokens per caption; Mochi uses 256"),
+                io.String.Input("cache_dir", optional=True, default="", tooltip=(
+                    "where the encoded clips go; empty: <dataset folder>/.dreamrelation_cache. Unchanged clips are "
+                    "not encoded again.")),
+            ],
+            outputs=[
+                Prepared.Output(display_name="prepared"),
+                io.String.Output(display_name="report"),
+            ],
+        )
 
-    RETURN_TYPES = ("DREAMRELATION_PREPARED", "STRING")
-    RETURN_NAMES = ("prepared", "report")
-    FUNCTION = "prepare"
-    CATEGORY = "DreamRelation/training"
-    DESCRIPTION = "Encode every video (latents as ComfyUI's Mochi sees them), caption and mask of a dataset once."
-
-    def prepare(self, dataset, vae, clip, max_text_len: int, cache_dir: str = "") -> tuple[PreparedDataset, str]:
+    @classmethod
+    def execute(cls, dataset, vae, clip, max_text_len: int, cache_dir: str = "") -> io.NodeOutput:
         import comfy.model_management as mm
         import comfy.utils
 
@@ -137,58 +142,65 @@ class DreamRelationPrepareDataset:
                         progress=progress, encoders=comfy_encoders(vae, clip))
         clips = load_prepared(cache)
         report = f"{len(clips)} clip(s) encoded in {cache}: latents {tuple(clips[0].mean.shape)}, text {tuple(clips[0].y_feat.shape)}"
-        return PreparedDataset(cache, len(clips), report), report
+        return io.NodeOutput(PreparedDataset(cache, len(clips), report), report)
 
 
-class DreamRelationTrain:
+class DreamRelationTrain(io.ComfyNode):
     @classmethod
-    def INPUT_TYPES(cls):
+    def define_schema(cls) -> io.Schema:
         import folder_paths
 
-        return {
-            "required": {
-                "prepared": ("DREAMRELATION_PREPARED", {"tooltip": "encoded dataset (DreamRelation Prepare Dataset)"}),
-                "transformer": (folder_paths.get_filename_list("diffusion_models"),
-                                {"tooltip": "Mochi DiT weights (mochi_preview_dit_*.safetensors) to train on; loaded "
-                                            "for training only, ComfyUI's loaded models are freed first"}),
-                "name": ("STRING", {"default": "my_relation", "tooltip": "run name: the LoRA is saved as "
-                                    "loras/dreamrelation/<name>.safetensors, the run in output/dreamrelation/<name>/"}),
-                "steps": ("INT", {"default": 2000, "min": 1, "max": 100000, "tooltip": "training steps (paper: 1800-2000)"}),
-                "rank": ("INT", {"default": 16, "min": 1, "max": 256, "tooltip": "LoRA rank of every adapter"}),
-                "alpha": ("FLOAT", {"default": 16.0, "min": 0.01, "max": 1024.0, "step": 0.5, "tooltip": "LoRA alpha; scale = alpha / rank"}),
-                "learning_rate": ("FLOAT", {"default": 2e-4, "min": 1e-7, "max": 1e-1, "step": 1e-5, "round": False,
-                                            "tooltip": "AdamW learning rate (linear warm-up, then cosine to 0)"}),
-                "mask_weight": ("FLOAT", {"default": 50.0, "min": 0.0, "max": 1000.0, "step": 1.0,
-                                          "tooltip": "weight of the loss on the subjects' masks (hybrid mask training)"}),
-                "rcl_weight": ("FLOAT", {"default": 0.01, "min": 0.0, "max": 10.0, "step": 0.001,
-                                         "tooltip": "weight of the relational contrastive loss; 0 turns it off"}),
-                "positives_per_anchor": ("INT", {"default": 4, "min": 1, "max": 10,
-                                                 "tooltip": "contrastive positives per anchor (paper: 4 high-five, 1 shaking hands)"}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": "seed of every random choice in training"}),
-                "resume": ("BOOLEAN", {"default": True, "tooltip": "continue the run called <name> from its last checkpoint "
-                                       "if it exists; off: refuse to touch an existing run"}),
-            },
-            "optional": {
-                "warmup_steps": ("INT", {"default": 200, "min": 0, "max": 100000, "tooltip": "linear learning-rate warm-up steps"}),
-                "caption_dropout": ("FLOAT", {"default": 0.1, "min": 0.0, "max": 1.0, "step": 0.01,
-                                              "tooltip": "share of steps trained without text (makes CFG work)"}),
-                "checkpoint_every": ("INT", {"default": 200, "min": 1, "max": 100000, "tooltip": "steps between checkpoints"}),
-                "gradient_checkpointing": ("BOOLEAN", {"default": True, "tooltip": "less VRAM, about 30% slower"}),
-            },
-        }
+        return io.Schema(
+            node_id="DreamRelationTrain",
+            display_name="DreamRelation Train Relation LoRA",
+            category="DreamRelation/training",
+            description=("Train a Relation LoRA triplet (hybrid mask training + relational contrastive loss) and save the "
+                         "relation-only LoRA (subject LoRAs dropped) to models/loras/dreamrelation/."),
+            is_output_node=True,
+            inputs=[
+                Prepared.Input("prepared", tooltip="encoded dataset (DreamRelation Prepare Dataset)"),
+                io.Combo.Input("transformer", options=folder_paths.get_filename_list("diffusion_models"), tooltip=(
+                    "Mochi DiT weights (mochi_preview_dit_*.safetensors) to train on; loaded for training only, "
+                    "ComfyUI's loaded models are freed first")),
+                io.String.Input("name", default="my_relation", tooltip=(
+                    "run name: the LoRA is saved as loras/dreamrelation/<name>.safetensors, the run in "
+                    "output/dreamrelation/<name>/")),
+                io.Int.Input("steps", default=2000, min=1, max=100000, tooltip="training steps (paper: 1800-2000)"),
+                io.Int.Input("rank", default=16, min=1, max=256, tooltip="LoRA rank of every adapter"),
+                io.Float.Input("alpha", default=16.0, min=0.01, max=1024.0, step=0.5, tooltip="LoRA alpha; scale = alpha / rank"),
+                io.Float.Input("learning_rate", default=2e-4, min=1e-7, max=1e-1, step=1e-5, round=False,
+                               tooltip="AdamW learning rate (linear warm-up, then cosine to 0)"),
+                io.Float.Input("mask_weight", default=50.0, min=0.0, max=1000.0, step=1.0,
+                               tooltip="weight of the loss on the subjects' masks (hybrid mask training)"),
+                io.Float.Input("rcl_weight", default=0.01, min=0.0, max=10.0, step=0.001,
+                               tooltip="weight of the relational contrastive loss; 0 turns it off"),
+                io.Int.Input("positives_per_anchor", default=4, min=1, max=10,
+                             tooltip="contrastive positives per anchor (paper: 4 high-five, 1 shaking hands)"),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="seed of every random choice in training"),
+                io.Boolean.Input("resume", default=True, tooltip=(
+                    "continue the run called <name> from its last checkpoint if it exists; off: refuse to touch an "
+                    "existing run")),
+                io.Int.Input("warmup_steps", optional=True, default=200, min=0, max=100000,
+                             tooltip="linear learning-rate warm-up steps"),
+                io.Float.Input("caption_dropout", optional=True, default=0.1, min=0.0, max=1.0, step=0.01,
+                               tooltip="share of steps trained without text (makes CFG work)"),
+                io.Int.Input("checkpoint_every", optional=True, default=200, min=1, max=100000,
+                             tooltip="steps between checkpoints"),
+                io.Boolean.Input("gradient_checkpointing", optional=True, default=True,
+                                 tooltip="less VRAM, about 30% slower"),
+            ],
+            outputs=[
+                io.String.Output(display_name="lora_name"),
+                io.Image.Output(display_name="loss_plot"),
+                io.String.Output(display_name="report"),
+            ],
+        )
 
-    RETURN_TYPES = ("STRING", "IMAGE", "STRING")
-    RETURN_NAMES = ("lora_name", "loss_plot", "report")
-    OUTPUT_NODE = True
-    FUNCTION = "train"
-    CATEGORY = "DreamRelation/training"
-    DESCRIPTION = ("Train a Relation LoRA triplet (hybrid mask training + relational contrastive loss) and save the "
-                   "relation-only LoRA (subject LoRAs dropped) to models/loras/dreamrelation/.")
-
-    def train(self, prepared, transformer: str, name: str, steps: int, rank: int, alpha: float, learning_rate: float,
-              mask_weight: float, rcl_weight: float, positives_per_anchor: int, seed: int, resume: bool,
-              warmup_steps: int = 200, caption_dropout: float = 0.1, checkpoint_every: int = 200,
-              gradient_checkpointing: bool = True):
+    @classmethod
+    def execute(cls, prepared, transformer: str, name: str, steps: int, rank: int, alpha: float, learning_rate: float,
+                mask_weight: float, rcl_weight: float, positives_per_anchor: int, seed: int, resume: bool,
+                warmup_steps: int = 200, caption_dropout: float = 0.1, checkpoint_every: int = 200,
+                gradient_checkpointing: bool = True) -> io.NodeOutput:
         import shutil
 
         import comfy.model_management as mm
@@ -234,7 +246,7 @@ class DreamRelationTrain:
         last = result.history[-1] if result.history else {}
         report = (f"{result.status} at step {result.step}/{steps}; relation LoRA: loras/{RUN_SUBDIR}/{name}.safetensors; "
                   f"run folder (checkpoints, triplet): {run_dir}; last loss {last.get('total', float('nan')):.4f}")
-        return {"ui": {"text": [report]}, "result": (f"{RUN_SUBDIR}/{name}.safetensors", plot, report)}
+        return io.NodeOutput(f"{RUN_SUBDIR}/{name}.safetensors", plot, report, ui=ui.PreviewText(report))
 
 
 def _loss_plot(history, path: Path, name: str) -> torch.Tensor:
@@ -248,11 +260,4 @@ def _loss_plot(history, path: Path, name: str) -> torch.Tensor:
         return torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0)[None]
 
 
-NODE_CLASS_MAPPINGS = {
-    "DreamRelationPrepareDataset": DreamRelationPrepareDataset,
-    "DreamRelationTrain": DreamRelationTrain,
-}
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "DreamRelationPrepareDataset": "DreamRelation Prepare Dataset",
-    "DreamRelationTrain": "DreamRelation Train Relation LoRA",
-}
+NODES: list[type[io.ComfyNode]] = [DreamRelationPrepareDataset, DreamRelationTrain]

@@ -30,7 +30,8 @@ def comfyui() -> Path:
 
 
 @pytest.fixture(scope="session")
-def pack():
+def pack(comfyui):
+    """The pack as ComfyUI imports it (its nodes use ComfyUI's API, so ComfyUI comes first)."""
     return load_pack()
 
 

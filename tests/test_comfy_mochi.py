@@ -20,6 +20,7 @@ import torch
 from dreamrelation_core.lora import files as formats
 from dreamrelation_core.lora import genmo as comfy_keys
 from fixtures import comfy_mochi as cm
+from fixtures.comfy_nodes import node_classes, run_node
 from fixtures.loras import random_lora_set
 
 pytestmark = pytest.mark.comfyui
@@ -47,10 +48,15 @@ def env(comfyui, pack, tmp_path_factory):
     comfy_keys.save_comfy_lora(loras / "rel_stock.safetensors", lora, source="rel_triplet.safetensors")
     wrong = _random_lora(2, cfg["hidden_size_x"] + 2, cfg["hidden_size_y"])
     formats.save_triplet(loras / "wrong_width.safetensors", wrong)
-    loader = pack.NODE_CLASS_MAPPINGS["DreamRelationRelationLoraLoader"]()
-    loaded, report = loader.load(base, "rel_triplet.safetensors", 1.0)
-    yield dict(cfg=cfg, weights=weights, base=base, lora=lora, loras=loras, pack=pack, loader=loader,
-               loaded=loaded, report=report)
+    classes = node_classes(pack)
+
+    def load(model, lora_name: str, strength: float):
+        return run_node(classes["DreamRelationRelationLoraLoader"], model=model, lora_name=lora_name,
+                        strength=strength).outputs
+
+    loaded, report = load(base, "rel_triplet.safetensors", 1.0)
+    yield dict(cfg=cfg, weights=weights, base=base, lora=lora, loras=loras, pack=pack, load=load,
+               classes=classes, loaded=loaded, report=report)
     folder_paths.folder_names_and_paths["loras"][0][:] = saved
 
 
@@ -94,14 +100,24 @@ def test_loader_report_and_patches(env):
     assert not env["base"].patches  # the input MODEL is left alone
 
 
+def test_loader_reads_a_file_once_until_it_changes(env):
+    lora_module = env["pack"].nodes.lora
+    path = str(Path(env["loras"]) / "rel_only.safetensors")
+    first = lora_module.read_lora_cached(path)
+    assert lora_module.read_lora_cached(path) is first  # a module-level cache: V3 nodes have no instance
+    st = os.stat(path)
+    os.utime(path, (st.st_atime, st.st_mtime + 5))
+    assert lora_module.read_lora_cached(path) is not first
+
+
 def test_subject_loras_absent_in_comfy(env):
     import folder_paths
 
     huge = _random_lora(2, env["cfg"]["hidden_size_x"], env["cfg"]["hidden_size_y"], subject_gain=1e4)
     formats.save_triplet(Path(env["loras"]) / "huge_subjects.safetensors", huge)
     assert folder_paths.get_full_path("loras", "huge_subjects.safetensors")
-    a, _ = env["loader"].load(env["base"], "huge_subjects.safetensors", 1.0)
-    b, _ = env["loader"].load(env["base"], "rel_only.safetensors", 1.0)
+    a, _ = env["load"](env["base"], "huge_subjects.safetensors", 1.0)
+    b, _ = env["load"](env["base"], "rel_only.safetensors", 1.0)
     assert torch.equal(_pred(a), _pred(b))
 
 
@@ -112,21 +128,23 @@ def test_export_through_stock_lora_loader_equals_ours(env):
     stock = comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(env["base"], "rel_stock.safetensors", 1.0)[0]
     assert (_pred(stock) - ours).abs().max().item() <= 1e-5
     # the export node writes the same thing into the loras folder
-    exp = env["pack"].NODE_CLASS_MAPPINGS["DreamRelationExportRelationLora"]()
-    out = exp.export("rel_triplet.safetensors", "exported_node", "fp32", False)["result"][0]
-    assert Path(out).parent == env["loras"]
+    exp = env["classes"]["DreamRelationExportRelationLora"]
+    args = dict(lora_name="rel_triplet.safetensors", filename="exported_node", dtype="fp32", overwrite=False)
+    ran = run_node(exp, **args)
+    out = ran.outputs[0]
+    assert Path(out).parent == env["loras"] and ran.ui == {"text": [out]}
     stock2 = comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(env["base"], Path(out).name, 1.0)[0]
     assert (_pred(stock2) - ours).abs().max().item() <= 1e-5
     with pytest.raises(FileExistsError):
-        exp.export("rel_triplet.safetensors", "exported_node", "fp32", False)
+        run_node(exp, **args)
 
 
 def test_strength_zero_is_base_and_unpatch_restores_bits(env):
-    base, loader = env["base"], env["loader"]
+    base, load = env["base"], env["load"]
     # the weights as loaded from the "checkpoint", before any LoRA was merged
     original = {k[len("diffusion_model."):]: v for k, v in env["weights"].items()}
     base_out = _pred(base)
-    zero, _ = loader.load(base, "rel_triplet.safetensors", 0.0)
+    zero, _ = load(base, "rel_triplet.safetensors", 0.0)
     assert torch.equal(_pred(zero), base_out)
     patched_out = _pred(env["loaded"])  # ComfyUI merges the LoRA into the (shared) weights
     assert (patched_out - base_out).abs().max().item() > 1e-3
@@ -142,15 +160,15 @@ def test_loader_errors_name_file_key_and_shapes(env):
     import comfy.model_patcher
 
     with pytest.raises(comfy_keys_error(), match=r"wrong_width\.safetensors: key blocks\.0\.attn\.\w+: LoRA delta is \[\d+, \d+\].*the MODEL's .* is \[\d+, \d+\]"):
-        env["loader"].load(env["base"], "wrong_width.safetensors", 1.0)
+        env["load"](env["base"], "wrong_width.safetensors", 1.0)
     deep = _random_lora(3, env["cfg"]["hidden_size_x"], env["cfg"]["hidden_size_y"])
     formats.save_triplet(Path(env["loras"]) / "three_blocks.safetensors", deep)
     with pytest.raises(comfy_keys_error(), match=r"three_blocks\.safetensors: key blocks\.\d\.attn\.\w+ targets .*the LoRA has 3 blocks, the MODEL has 2 Mochi blocks"):
-        env["loader"].load(env["base"], "three_blocks.safetensors", 1.0)
+        env["load"](env["base"], "three_blocks.safetensors", 1.0)
     # not a Mochi: refused before anything is read from the model
     other = comfy.model_patcher.ModelPatcher(torch.nn.Linear(2, 2), torch.device("cpu"), torch.device("cpu"))
     with pytest.raises(ValueError, match=r"rel_triplet\.safetensors: a relation LoRA applies to ComfyUI's Mochi .* this MODEL is Linear"):
-        env["loader"].load(other, "rel_triplet.safetensors", 1.0)
+        env["load"](other, "rel_triplet.safetensors", 1.0)
 
 
 def comfy_keys_error():
@@ -192,10 +210,9 @@ def passes(env):
 
 
 def _patch(env, **kw):
-    node = env["pack"].NODE_CLASS_MAPPINGS["DreamRelationMochiSamplerPatch"]()
     args = dict(strength=1.0, start_percent=0.0, end_percent=1.0, apply_to="cond and uncond", attention_words="")
     args.update(kw)
-    return node.patch(env["loaded"], **args)
+    return run_node(env["classes"]["DreamRelationMochiSamplerPatch"], model=env["loaded"], **args).outputs
 
 
 def test_sampler_patch_defaults_equal_loader(env, passes):
@@ -230,16 +247,16 @@ def test_sampler_patch_cond_only_leaves_uncond_base(env, passes):
 
 def test_sampler_patch_strength_two_doubles_the_delta(env, passes):
     strong, _ = _patch(env, strength=2.0)
-    twice, _ = env["loader"].load(env["base"], "rel_triplet.safetensors", 2.0)
+    twice, _ = env["load"](env["base"], "rel_triplet.safetensors", 2.0)
     c, _ = _passes(strong)
     c2, _ = _passes(twice)
     assert (c - c2).abs().max().item() <= 1e-4
 
 
 def test_sampler_patch_needs_loader(env):
-    node = env["pack"].NODE_CLASS_MAPPINGS["DreamRelationMochiSamplerPatch"]()
     with pytest.raises(ValueError, match="connect 'DreamRelation Relation LoRA Loader'"):
-        node.patch(env["base"], 1.0, 0.0, 1.0, "cond only", "")
+        run_node(env["classes"]["DreamRelationMochiSamplerPatch"], model=env["base"], strength=1.0, start_percent=0.0,
+                 end_percent=1.0, apply_to="cond only", attention_words="")
 
 
 def test_ksampler_runs_with_patch_and_attention_maps(env):
@@ -253,7 +270,8 @@ def test_ksampler_runs_with_patch_and_attention_maps(env):
         model, rec = _patch(env, apply_to="cond only", start_percent=0.1, attention_words=word)
         out = comfy_nodes.KSampler().sample(model, 0, 3, 4.0, "euler", "simple", _cond(5, 11), _cond(4, 12), latent)[0]
         assert out["samples"].shape == latent["samples"].shape and torch.isfinite(out["samples"]).all()
-        img = env["pack"].NODE_CLASS_MAPPINGS["DreamRelationAttentionMaps"]().render(rec, out, "", "inferno", 1)[0]
+        img = run_node(env["classes"]["DreamRelationAttentionMaps"], attention=rec, samples=out, word="",
+                       colormap="inferno", upscale=1).outputs[0]
         T, H, W = latent["samples"].shape[-3:]
         assert img.shape == (T, H, W, 3) and float(img.min()) >= 0 and float(img.max()) <= 1
         assert rec.count == 3 * 2  # 3 steps x 2 blocks, conditional pass only

@@ -270,14 +270,24 @@ def test_describe_dataset_and_folder_stamp(data):
         describe_dataset(data, 19, SIZE)
 
 
-def test_dataset_node_in_the_pack(pack, data):
-    cls = pack.NODE_CLASS_MAPPINGS["DreamRelationDataset"]
-    assert pack.NODE_DISPLAY_NAME_MAPPINGS["DreamRelationDataset"] == "DreamRelation Dataset"
+def test_dataset_node_in_the_pack(pack, data, monkeypatch):
+    from fixtures.comfy_nodes import fingerprint, node_classes, run_node
+
+    cls = node_classes(pack)["DreamRelationDataset"]
+    assert cls.GET_SCHEMA().display_name == "DreamRelation Dataset"
     inputs = cls.INPUT_TYPES()["required"]
     assert inputs["frames"][1]["default"] == 61 and inputs["frames"][1]["step"] == 6
-    spec, report = getattr(cls(), cls.FUNCTION)(f" {data} ", F, 32, 32)
+    spec, report = run_node(cls, folder=f" {data} ", frames=F, height=32, width=32).outputs
     assert len(spec.entries) == 2 and report.startswith(str(data))
-    assert cls.IS_CHANGED(str(data), F, 32, 32) == cls.IS_CHANGED(str(data), F, 32, 32)
+    # ComfyUI runs the node again when the folder's content changes, and only then
+    args = dict(folder=str(data), frames=F, height=32, width=32)
+    before = fingerprint(monkeypatch, cls, **args)
+    assert fingerprint(monkeypatch, cls, **args) == before
+    (data / "clip0.txt").write_text("A cat is hugging a dog.")
+    changed = fingerprint(monkeypatch, cls, **args)
+    assert changed != before
+    assert fingerprint(monkeypatch, cls, **{**args, "frames": 19}) != changed  # the clip size counts too
     (data / "clip1.txt").unlink()
+    assert fingerprint(monkeypatch, cls, **args) != changed
     with pytest.raises(DatasetError, match="no caption file clip1.txt"):
-        getattr(cls(), cls.FUNCTION)(str(data), F, 32, 32)
+        run_node(cls, **args)

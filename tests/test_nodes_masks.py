@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import gc
+import os
+import weakref
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from fixtures.mask_models import two_subject_clip, write_hf_gdino, write_sam
+from dreamrelation_core.data import mask_files
+from fixtures.comfy_nodes import fingerprint, node_classes, run_node
+from fixtures.mask_models import tiny_sam2_overrides, two_subject_clip, write_hf_gdino, write_sam, write_sam2
 
 
 @pytest.fixture()
@@ -31,63 +37,165 @@ def nodes(comfyui, pack):
     return pack.nodes.masks
 
 
-def test_nodes_are_registered_with_tooltips(comfyui, pack) -> None:
-    m = pack.nodes.masks
+@pytest.fixture()
+def classes(pack):
+    return node_classes(pack)
+
+
+def test_nodes_are_registered_with_tooltips(comfyui, pack, classes) -> None:
+    assert not hasattr(pack, "NODE_CLASS_MAPPINGS")  # else ComfyUI would not call comfy_entrypoint
+    assert list(classes) == [  # every family's nodes, in menu order, ids as saved workflows name them
+        "DreamRelationSubjectMasks", "DreamRelationSaveMasks", "DreamRelationLoadMasks", "DreamRelationDataset",
+        "DreamRelationPrepareDataset", "DreamRelationTrain", "DreamRelationRelationLoraLoader",
+        "DreamRelationExportRelationLora", "DreamRelationMochiSamplerPatch", "DreamRelationAttentionMaps",
+        "DreamRelationScoreClip"]
     for key, title in (("DreamRelationSubjectMasks", "DreamRelation Subject Masks"),
                        ("DreamRelationSaveMasks", "DreamRelation Save Masks"),
                        ("DreamRelationLoadMasks", "DreamRelation Load Masks")):
-        assert pack.NODE_CLASS_MAPPINGS[key] is m.NODE_CLASS_MAPPINGS[key]
-        assert pack.NODE_DISPLAY_NAME_MAPPINGS[key] == title
-        cls = m.NODE_CLASS_MAPPINGS[key]
-        assert cls.CATEGORY == "DreamRelation/masks"
-        for name, spec in cls.INPUT_TYPES()["required"].items():
-            assert spec[1].get("tooltip"), f"{key}.{name} has no tooltip"
+        cls = classes[key]
+        assert cls in pack.nodes.masks.NODES
+        schema = cls.GET_SCHEMA()
+        assert schema.display_name == title and schema.category == "DreamRelation/masks"
+        for inp in schema.inputs:
+            assert inp.tooltip, f"{key}.{inp.id} has no tooltip"
     import folder_paths
 
     for name in ("grounding-dino", "sams", "sam2", "bert-base-uncased"):
         assert name in folder_paths.folder_names_and_paths
 
 
-def test_subject_masks_node_runs_and_masks_round_trip(models_dir: Path, nodes) -> None:
+def test_subject_masks_node_runs_and_masks_round_trip(models_dir: Path, nodes, classes) -> None:
     import comfy.model_management as mm
 
+    unload_all = mm.unload_all_models
     gd = write_hf_gdino(models_dir / "grounding-dino" / "gdino-tiny")
     write_sam(models_dir / "sams" / "sam_vit_b_01ec64.pth")
-    node = nodes.DreamRelationSubjectMasks()
-    spec = node.INPUT_TYPES()["required"]
-    assert spec["grounding_dino"][0] == ["gdino-tiny"] and "sam_vit_b_01ec64.pth" in spec["sam"][0]
+    masks_node = classes["DreamRelationSubjectMasks"]
+    spec = masks_node.INPUT_TYPES()["required"]
+    assert spec["grounding_dino"][1]["options"] == ["gdino-tiny"] and "sam_vit_b_01ec64.pth" in spec["sam"][1]["options"]
     images = torch.from_numpy(two_subject_clip(4)).float() / 255.0
-    s1, s2, rel, view = node.run(images, gd.name, "sam_vit_b_01ec64.pth", "none", "auto", "person", "person",
-                                 "left_first", 0.0, 0.0, 2, 0, 4)
+    args = dict(images=images, grounding_dino=gd.name, sam="sam_vit_b_01ec64.pth", sam2="none", mode="auto",
+                prompt1="person", prompt2="person", order="left_first", box_threshold=0.0, text_threshold=0.0,
+                detection_stride=2, dilation=0, max_frames_per_batch=4)
+    s1, s2, rel, view = run_node(masks_node, **args).outputs
     assert s1.shape == (4, 64, 96) and s1.dtype == torch.float32
     assert torch.equal(rel, torch.maximum(s1, s2))
     assert view.shape == (4, 64, 96, 3) and 0 <= view.min() and view.max() <= 1
-    assert nodes._CACHE  # models kept for the next run ...
-    mm.unload_all_models()
-    assert not nodes._CACHE  # ... until ComfyUI frees its models
 
-    saved = nodes.DreamRelationSaveMasks().save(s1, s2, "ds", "clip", nodes.LAYOUTS[1], True)
-    path = Path(saved["result"][0])
+    # The models are ComfyUI's to manage: loaded through model_management, kept for the next run ...
+    cached = dict(nodes._CACHE)
+    assert {k[0] for k in cached} == {"gdino", "sam"}
+    assert all(any(e.patcher is m for m in mm.loaded_models()) for e in cached.values())
+    again = run_node(masks_node, **args).outputs
+    assert torch.equal(again[0], s1) and all(nodes._CACHE[k] is cached[k] for k in cached)  # not read again
+    # ... until ComfyUI unloads them ("Free model and node cache", OOM retry, memory for another model).
+    mm.unload_all_models()
+    assert not nodes._CACHE
+    assert not any(e.patcher is m for e in cached.values() for m in mm.loaded_models())
+    assert mm.unload_all_models is unload_all  # ComfyUI's own function, not replaced
+
+    saved = run_node(classes["DreamRelationSaveMasks"], subject1=s1, subject2=s2, folder="ds", name="clip",
+                     layout=nodes.LAYOUTS[1], overwrite=True)
+    path = Path(saved.outputs[0])
+    assert saved.ui == {"text": [str(path)]}
     # a new dataset folder goes where exemplar videos are uploaded: ComfyUI's input folder
     assert path == models_dir / "input" / "ds" / "clip" and (path / "frame3.png").is_file()
-    l1, l2, lrel = nodes.DreamRelationLoadMasks().load(str(path))
+    load = classes["DreamRelationLoadMasks"]
+    l1, l2, lrel = run_node(load, path=str(path)).outputs
     assert torch.equal(l1, s1) and torch.equal(l2, s2 * (1 - s1))  # PNG: overlaps go to subject 1
     assert torch.equal(lrel, rel)
-    nodes.DreamRelationSaveMasks().save(s1, s2, "ds", "clip", nodes.LAYOUTS[0], True)
+    run_node(classes["DreamRelationSaveMasks"], subject1=s1, subject2=s2, folder="ds", name="clip",
+             layout=nodes.LAYOUTS[0], overwrite=True)
     (models_dir / "input" / "ds" / "clip.mp4").write_bytes(b"")
-    c1, c2, _ = nodes.DreamRelationLoadMasks().load(str(models_dir / "input" / "ds" / "clip.mp4"))
+    c1, c2, _ = run_node(load, path=str(models_dir / "input" / "ds" / "clip.mp4")).outputs
     assert torch.equal(c1, s1) and torch.equal(c2, s2)  # compact layout found beside the video, exact
 
 
-def test_missing_model_names_folder_and_files(models_dir: Path, nodes) -> None:
-    node = nodes.DreamRelationSubjectMasks()
-    assert node.INPUT_TYPES()["required"]["grounding_dino"][0] == ["groundingdino_swint_ogc.pth"]
+def test_subject_masks_node_with_sam2(models_dir: Path, nodes, classes) -> None:
+    """SAM 2 propagation under ComfyUI's model management (the predictor moved as ComfyUI loads it)."""
+    import comfy.model_management as mm
+    from omegaconf import OmegaConf
+
+    from dreamrelation_core.masks.sam import sam2_config_path
+
+    gd = write_hf_gdino(models_dir / "grounding-dino" / "gdino-tiny")
+    path = write_sam2(models_dir / "sam2" / "sam2.1_hiera_tiny.pt")
+    cfg = OmegaConf.load(sam2_config_path("sam2.1_hiera_t"))  # the tiny model's config beside it
+    for k, v in tiny_sam2_overrides().items():
+        OmegaConf.update(cfg, f"model.{k}", v, merge=True)
+    OmegaConf.save(cfg, str(path) + ".yaml")
+    s1, s2, rel, view = run_node(
+        classes["DreamRelationSubjectMasks"], images=torch.from_numpy(two_subject_clip(4)).float() / 255.0,
+        grounding_dino=gd.name, sam="none", sam2=path.name, mode="auto", prompt1="person", prompt2="person",
+        order="left_first", box_threshold=0.0, text_threshold=0.0, detection_stride=2, dilation=0,
+        max_frames_per_batch=4).outputs
+    assert s1.shape == s2.shape == rel.shape == (4, 64, 96) and view.shape == (4, 64, 96, 3)
+    assert {k[0] for k in nodes._CACHE} == {"gdino", "sam2"}
+    mm.unload_all_models()
+    assert not nodes._CACHE
+
+
+def test_models_reloaded_when_the_file_changes(models_dir: Path, nodes) -> None:
+    import comfy.model_management as mm
+
+    gd = write_hf_gdino(models_dir / "grounding-dino" / "gdino-tiny")
+    first, _, _ = nodes.get_models(gd.name, "none", "none")
+    nodes.load_on_device([first])
+    assert nodes.get_models(gd.name, "none", "none")[0] is first
+    first_patcher = weakref.ref(first.patcher)
+    del first
+    os.utime(gd, (gd.stat().st_atime, gd.stat().st_mtime + 10))
+    second, _, _ = nodes.get_models(gd.name, "none", "none")
+    assert list(nodes._CACHE.values()) == [second]
+    gc.collect()
+    # the stale model is let go, and ComfyUI's list of loaded models forgets it
+    assert first_patcher() is None and None not in mm.loaded_models()
+    nodes.load_on_device([second])
+    mm.unload_all_models()
+    assert not nodes._CACHE
+
+
+def test_relative_paths_look_in_input_then_output(models_dir: Path, monkeypatch, pack, classes) -> None:
+    """Save Masks, Load Masks and Dataset resolve a relative name the same way: input folder first."""
+    both = np.zeros((2, 8, 8), bool)
+    left, right = both.copy(), both.copy()
+    left[:, :, :4], right[:, :, 4:] = True, True
+    for where, (m1, m2) in (("input", (left, right)), ("output", (right, left))):
+        mask_files.save_compact_masks(models_dir / where / "ds" / f"clip{mask_files.COMPACT_SUFFIX}", m1, m2)
+    load = classes["DreamRelationLoadMasks"]
+    s1, _, _ = run_node(load, path=f"ds/clip{mask_files.COMPACT_SUFFIX}").outputs
+    assert torch.equal(s1, torch.from_numpy(left).float())  # input's copy, not output's
+    paths = pack.nodes.paths
+    assert paths.resolve_dataset_folder("ds") == str(models_dir / "input" / "ds")
+    only_out = models_dir / "output" / "made_elsewhere"
+    only_out.mkdir()
+    assert paths.resolve_dataset_folder("made_elsewhere") == str(only_out)  # output where only it has it
+    assert paths.resolve_dataset_folder("new") == str(models_dir / "input" / "new")
+    assert paths.resolve_dataset_folder(str(only_out)) == str(only_out)
+
+    # Load Masks runs again when the masks on disk change, not otherwise
+    name = f"ds/clip{mask_files.COMPACT_SUFFIX}"
+    before = fingerprint(monkeypatch, load, path=name)
+    assert fingerprint(monkeypatch, load, path=name) == before
+    target = models_dir / "input" / name
+    os.utime(target, (target.stat().st_atime, target.stat().st_mtime + 5))
+    assert fingerprint(monkeypatch, load, path=name) != before
+
+
+def test_missing_model_names_folder_and_files(models_dir: Path, nodes, classes) -> None:
+    masks_node = classes["DreamRelationSubjectMasks"]
+    assert masks_node.INPUT_TYPES()["required"]["grounding_dino"][1]["options"] == ["groundingdino_swint_ogc.pth"]
     images = torch.zeros(2, 16, 16, 3)
+    args = dict(images=images, grounding_dino="groundingdino_swint_ogc.pth", sam="sam_vit_h_4b8939.pth", sam2="none",
+                mode="auto", prompt1="person", prompt2="person", order="left_first", box_threshold=0.3,
+                text_threshold=0.25, detection_stride=6, dilation=0, max_frames_per_batch=8)
     with pytest.raises(FileNotFoundError) as e:
-        node.run(images, "groundingdino_swint_ogc.pth", "sam_vit_h_4b8939.pth", "none", "auto", "person",
-                 "person", "left_first", 0.3, 0.25, 6, 0, 8)
+        run_node(masks_node, **args)
     assert str(models_dir / "grounding-dino") in str(e.value) and "groundingdino_swinb_cogcoor.pth" in str(e.value)
     with pytest.raises(ValueError, match="choose a SAM model"):
-        node.run(images, "x", "none", "none", "auto", "person", "person", "left_first", 0.3, 0.25, 6, 0, 8)
+        run_node(masks_node, **{**args, "grounding_dino": "x", "sam": "none"})
     with pytest.raises(ValueError, match="subject1 is"):
-        nodes.DreamRelationSaveMasks().save(torch.zeros(2, 4, 4), torch.zeros(3, 4, 4), "d", "n", nodes.LAYOUTS[0], True)
+        run_node(classes["DreamRelationSaveMasks"], subject1=torch.zeros(2, 4, 4), subject2=torch.zeros(3, 4, 4),
+                 folder="d", name="n", layout=nodes.LAYOUTS[0], overwrite=True)
+    with pytest.raises(FileNotFoundError, match=r"masks 'nowhere' not found \(looked at .*input.*output"):
+        run_node(classes["DreamRelationLoadMasks"], path="nowhere")

@@ -11,6 +11,7 @@ from dreamrelation_core.data.synthetic import write_synthetic_dataset
 from dreamrelation_core.lora.files import load_lora_file
 from dreamrelation_core.mochi.dit_keys import diffusers_to_genmo
 from dreamrelation_core.mochi.tiny import tiny_text_encoder, tiny_tokenizer, tiny_transformer, tiny_vae
+from fixtures.comfy_nodes import node_classes, run_node
 
 FRAMES, SIZE = 7, (32, 32)
 
@@ -20,13 +21,19 @@ def comfy_dirs(comfyui, tmp_path_factory):
     import folder_paths
 
     root = tmp_path_factory.mktemp("comfy")
-    for kind in ("diffusion_models", "loras"):
-        (root / kind).mkdir()
-        folder_paths.add_model_folder_path(kind, str(root / kind), is_default=True)
-    folder_paths.set_output_directory(str(root / "output"))
-    sd = diffusers_to_genmo(tiny_transformer(num_layers=2).state_dict(), prefix="model.diffusion_model.")
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(root / "diffusion_models" / "mochi_tiny.safetensors"))
-    return root
+    kinds = ("diffusion_models", "loras")
+    with pytest.MonkeyPatch.context() as mp:  # ComfyUI's folders restored when this module ends
+        for kind in kinds:
+            (root / kind).mkdir()
+            paths, exts = folder_paths.folder_names_and_paths[kind]
+            # ours first: the nodes write into the first loras folder, never the user's
+            mp.setitem(folder_paths.folder_names_and_paths, kind, ([str(root / kind)] + list(paths), set(exts)))
+        mp.setattr(folder_paths, "output_directory", str(root / "output"))
+        sd = diffusers_to_genmo(tiny_transformer(num_layers=2).state_dict(), prefix="model.diffusion_model.")
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(root / "diffusion_models" / "mochi_tiny.safetensors"))
+        yield root
+    for kind in kinds:  # file lists cached with our folders in them
+        folder_paths.filename_list_cache.pop(kind, None)
 
 
 @pytest.fixture(scope="module")
@@ -42,17 +49,19 @@ def run_train(pack, prepared, **kw):
                 learning_rate=1e-3, mask_weight=50.0, rcl_weight=0.01, positives_per_anchor=1, seed=0, resume=True,
                 warmup_steps=1, caption_dropout=0.1, checkpoint_every=2, gradient_checkpointing=False)
     args.update(kw)
-    return pack.nodes.train.DreamRelationTrain().train(**args)
+    return run_node(node_classes(pack)["DreamRelationTrain"], **args)
 
 
 def test_schema_has_tooltips(pack, comfy_dirs):
-    for cls in (pack.nodes.train.DreamRelationTrain, pack.nodes.train.DreamRelationPrepareDataset):
-        spec = cls.INPUT_TYPES()
-        for group in spec.values():
-            for name, (_kind, *opts) in group.items():
-                assert opts and "tooltip" in opts[0], (cls.__name__, name)
-    assert "mochi_tiny.safetensors" in pack.nodes.train.DreamRelationTrain.INPUT_TYPES()["required"]["transformer"][0]
-    assert pack.NODE_CLASS_MAPPINGS["DreamRelationTrain"] is pack.nodes.train.DreamRelationTrain
+    classes = node_classes(pack)
+    for node_id in ("DreamRelationTrain", "DreamRelationPrepareDataset"):
+        schema = classes[node_id].GET_SCHEMA()
+        assert schema.category == "DreamRelation/training"
+        for inp in schema.inputs:
+            assert inp.tooltip, (node_id, inp.id)
+    train = classes["DreamRelationTrain"]
+    assert "mochi_tiny.safetensors" in train.INPUT_TYPES()["required"]["transformer"][1]["options"]
+    assert train in pack.nodes.train.NODES
 
 
 def test_train_cancel_resume(pack, comfy_dirs, prepared):
@@ -77,7 +86,8 @@ def test_train_cancel_resume(pack, comfy_dirs, prepared):
     with pytest.raises(ValueError, match="turn `resume` on"):
         run_train(pack, prepared, resume=False)
     out = run_train(pack, prepared)
-    lora_name, plot, report = out["result"]
+    lora_name, plot, report = out.outputs
+    assert out.ui == {"text": [report]}
     assert lora_name == "dreamrelation/hands.safetensors"
     lora = load_lora_file(comfy_dirs / "loras" / lora_name)
     assert set(lora.adapters) == {"relation", "ffn"} and lora.metadata["step"] == "6"
@@ -126,8 +136,9 @@ def test_prepare_node_with_comfy_encoders(pack, comfy_dirs, tmp_path):
     comfy_vae = comfy_tiny_vae([1, 2, 3])
     data = write_synthetic_dataset(tmp_path / "data", num_videos=1, num_frames=FRAMES, size=SIZE)
     spec = describe_dataset(data, FRAMES, SIZE)
-    prepared, report = pack.nodes.train.DreamRelationPrepareDataset().prepare(
-        spec, _ComfyVAE(comfy_vae), _ComfyCLIPAPI(), max_text_len=16, cache_dir=str(tmp_path / "cache"))
+    prepare = node_classes(pack)["DreamRelationPrepareDataset"]
+    prepared, report = run_node(prepare, dataset=spec, vae=_ComfyVAE(comfy_vae), clip=_ComfyCLIPAPI(), max_text_len=16,
+                                cache_dir=str(tmp_path / "cache")).outputs
     clip = load_prepared(prepared.cache_dir)[0]
     assert clip.y_feat.shape == (16, 32) and clip.y_mask.sum() == 12  # caption tokens + </s>, cut to 16
     # same latents (mean and variance) as the core's prepare with that VAE saved as ComfyUI's file
@@ -140,5 +151,5 @@ def test_prepare_node_with_comfy_encoders(pack, comfy_dirs, tmp_path):
     assert torch.equal(clip.mask1, ref.mask1) and torch.allclose(clip.y_feat, ref.y_feat, atol=1e-5)
     assert "1 clip(s)" in report
     with pytest.raises(ValueError, match="has no encoder weights"):
-        pack.nodes.train.DreamRelationPrepareDataset().prepare(
-            spec, _ComfyVAE(torch.nn.Linear(2, 2)), _ComfyCLIPAPI(), 16, str(tmp_path / "c2"))
+        run_node(prepare, dataset=spec, vae=_ComfyVAE(torch.nn.Linear(2, 2)), clip=_ComfyCLIPAPI(), max_text_len=16,
+                 cache_dir=str(tmp_path / "c2"))

@@ -44,6 +44,8 @@ PLACEHOLDERS = {
     "sam2": ["sam2.1_hiera_large.safetensors"],
 }
 INPUT_PLACEHOLDERS = ["handshake_01.mp4"]  # the masks workflow's example video
+# ComfyUI's own socket types our nodes use; our own all start with DREAMRELATION_
+COMFY_TYPES = {"MODEL", "CLIP", "VAE", "IMAGE", "MASK", "LATENT", "STRING", "INT", "FLOAT", "BOOLEAN", "COMBO"}
 
 
 def _ui_to_api_script() -> Path | None:
@@ -107,7 +109,7 @@ def server(tmp_path_factory):
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(120):
+        for _ in range(360):  # 180 s: a loaded shared CI machine can take minutes to start it
             if proc.poll() is not None:
                 pytest.fail(f"ComfyUI server exited: {(base / 'server.log').read_text()[-3000:]}")
             try:
@@ -116,7 +118,7 @@ def server(tmp_path_factory):
             except (urllib.error.URLError, ConnectionError, OSError):
                 time.sleep(0.5)
         else:
-            pytest.fail("ComfyUI server did not answer within 60 s")
+            pytest.fail("ComfyUI server did not answer within 180 s")
         yield url, script, base
     finally:
         proc.terminate()  # the server we started, by its own handle
@@ -133,32 +135,32 @@ def test_server_lists_our_nodes(server):
     for name in ("DreamRelationRelationLoraLoader", "DreamRelationExportRelationLora",
                  "DreamRelationMochiSamplerPatch", "DreamRelationAttentionMaps", "DreamRelationDataset",
                  "DreamRelationPrepareDataset", "DreamRelationTrain", "DreamRelationSubjectMasks",
-                 "DreamRelationSaveMasks", "DreamRelationLoadMasks"):
+                 "DreamRelationSaveMasks", "DreamRelationLoadMasks", "DreamRelationScoreClip"):
         assert name in info, f"{name} not registered"
-        for section in info[name]["input"].values():
-            for inp, spec in section.items():
+        for section, inputs in info[name]["input"].items():
+            if section == "hidden":  # filled in by ComfyUI (output nodes get prompt / extra_pnginfo)
+                continue
+            for inp, spec in inputs.items():
                 assert len(spec) > 1 and spec[1].get("tooltip"), f"{name}.{inp} has no tooltip"
+                assert spec[0] in COMFY_TYPES or spec[0].startswith("DREAMRELATION_"), f"{name}.{inp}: {spec[0]}"
+        for out in info[name]["output"]:
+            assert out in COMFY_TYPES or out.startswith("DREAMRELATION_"), f"{name} output type {out}"
 
 
-@pytest.mark.parametrize("name", sorted(WORKFLOWS))
-def test_workflow_converts_and_validates(server, name, tmp_path):
+def _convert(server, workflow: Path, tmp_path: Path) -> dict:
+    """The API prompt the real frontend makes of a UI-format workflow file."""
     url, script, _ = server
-    workflow = ROOT / "workflows" / name
     api = tmp_path / "api.json"
     proc = subprocess.run(["node", str(script), url, str(workflow), str(api), str(tmp_path / "shot.png")],
                           capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, f"ui-to-api failed ({proc.returncode}): {proc.stdout[-2000:]} {proc.stderr[-2000:]}"
     prompt = json.loads(api.read_text())
-    prompt = prompt.get("output", prompt)
-    types = {n["class_type"] for n in prompt.values()}
-    assert WORKFLOWS[name] <= types, f"lost in conversion: {WORKFLOWS[name] - types}"
-    if name == "dreamrelation_generate.json":
-        patch = next(n for n in prompt.values() if n["class_type"] == "DreamRelationMochiSamplerPatch")
-        assert patch["inputs"]["attention_words"] == "bear, raccoon" and isinstance(patch["inputs"]["clip"], list)
-    if name == "dreamrelation_train.json":
-        train = next(n for n in prompt.values() if n["class_type"] == "DreamRelationTrain")
-        assert train["inputs"]["steps"] == 2000 and train["inputs"]["resume"] is True
-        assert train["inputs"]["gradient_checkpointing"] is True  # optional widgets kept their places
+    return prompt.get("output", prompt)
+
+
+def _queue(server, prompt: dict) -> None:
+    """POST /prompt must accept the prompt (ComfyUI validates every node, input type and widget value)."""
+    url = server[0]
     req = urllib.request.Request(f"{url}/prompt", data=json.dumps({"prompt": prompt}).encode(),
                                  headers={"Content-Type": "application/json"})
     try:
@@ -169,3 +171,31 @@ def test_workflow_converts_and_validates(server, name, tmp_path):
     assert body.get("prompt_id") and not body.get("node_errors")
     # Execution would now try to load the empty placeholder models; stop it, validation is the point.
     urllib.request.urlopen(urllib.request.Request(f"{url}/interrupt", data=b"", method="POST"), timeout=10).close()
+
+
+@pytest.mark.parametrize("name", sorted(WORKFLOWS))
+def test_workflow_converts_and_validates(server, name, tmp_path):
+    prompt = _convert(server, ROOT / "workflows" / name, tmp_path)
+    types = {n["class_type"] for n in prompt.values()}
+    assert WORKFLOWS[name] <= types, f"lost in conversion: {WORKFLOWS[name] - types}"
+    if name == "dreamrelation_generate.json":
+        patch = next(n for n in prompt.values() if n["class_type"] == "DreamRelationMochiSamplerPatch")
+        assert patch["inputs"]["attention_words"] == "bear, raccoon" and isinstance(patch["inputs"]["clip"], list)
+    if name == "dreamrelation_train.json":
+        train = next(n for n in prompt.values() if n["class_type"] == "DreamRelationTrain")
+        assert train["inputs"]["steps"] == 2000 and train["inputs"]["resume"] is True
+        assert train["inputs"]["gradient_checkpointing"] is True  # optional widgets kept their places
+    _queue(server, prompt)
+
+
+def test_workflow_saved_with_the_old_type_name_still_loads(server, tmp_path):
+    """Graphs saved before the attention socket type was renamed (DR_ATTENTION) keep working."""
+    text = (ROOT / "workflows" / "dreamrelation_generate.json").read_text()
+    assert '"DREAMRELATION_ATTENTION"' in text
+    old = tmp_path / "generate_saved_earlier.json"
+    old.write_text(text.replace('"DREAMRELATION_ATTENTION"', '"DR_ATTENTION"'))
+    prompt = _convert(server, old, tmp_path)
+    maps = next(n for n in prompt.values() if n["class_type"] == "DreamRelationAttentionMaps")
+    patch_id = next(k for k, n in prompt.items() if n["class_type"] == "DreamRelationMochiSamplerPatch")
+    assert maps["inputs"]["attention"] == [patch_id, 1]  # the link survived
+    _queue(server, prompt)
