@@ -13,11 +13,16 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:
     sys.path.append(_HERE)
 
-if __package__:
+try:
+    import comfy_api  # noqa: F401  (present only inside ComfyUI)
+except ImportError:
+    comfy_api = None
+
+if __package__ and comfy_api is not None:
     from .nodes import comfy_entrypoint  # noqa: E402
 
     __all__ = ["comfy_entrypoint"]
 else:
-    # Imported as a plain module, not as ComfyUI imports a pack (e.g. pytest collecting a
-    # checkout whose folder name is no Python identifier): there is no package to load nodes from.
+    # Imported outside ComfyUI (e.g. pytest collecting the checkout as a package, or as a plain
+    # module when the folder name is no Python identifier): there are no nodes to offer.
     __all__ = []
