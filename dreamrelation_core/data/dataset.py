@@ -33,8 +33,8 @@ from ..errors import DatasetError
 from ..fileio import atomic_path
 from . import mask_files as mask_io
 from .encode import encode_captions, encode_frames, normalize_latents
-from .latent_masks import check_frame_count, latent_mask
-from .video import FRAME_SUFFIXES, VIDEO_SUFFIXES, VideoError, fit_clip, probe_video, read_video
+from .latent_masks import check_frame_count, latent_grid, latent_mask
+from .video import FRAME_SUFFIXES, VIDEO_SUFFIXES, VideoError, crop_masks, fit_clip, probe_video, read_video
 
 CACHE_FORMAT = "dreamrelation-prepared-1"
 MANIFEST = "manifest.json"
@@ -306,6 +306,7 @@ def _fingerprint(entry: VideoEntry, settings: dict, model_tags: tuple[str, str])
     stamp = {
         "video": _source_stamp(entry.video), "masks": _source_stamp(entry.masks), "caption": entry.caption,
         "settings": settings, "models": model_tags, "format": CACHE_FORMAT,
+        "latent_masks": "marked from the source-resolution crop",  # clips cached before are encoded again
     }
     return hashlib.sha256(json.dumps(stamp, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -347,8 +348,22 @@ def validate_for_training(entries: Iterable[VideoEntry], num_frames: int) -> Non
              if e.num_frames < num_frames]
     if short:
         raise DatasetError(f"{len(short)} video(s) too short:\n  - " + "\n  - ".join(short))
+    missing = []
     for e in entries:
-        _load_entry_masks(e)
+        m1, m2 = _load_entry_masks(e)
+        missing += _missing_subjects(e, m1[:num_frames], m2[:num_frames])
+    if missing:
+        raise DatasetError(f"{len(missing)} clip(s) with a subject missing on most frames:\n  - " + "\n  - ".join(missing))
+
+
+def _missing_subjects(entry: VideoEntry, m1: np.ndarray, m2: np.ndarray) -> list[str]:
+    """A subject whose mask is empty on most of the frames used for training cannot be learned."""
+    return [
+        f"{entry.masks} ({entry.video.name}): subject {c.subject} is empty on {len(c.empty)} of the {c.frames} "
+        f"frames used for training ({100 * c.share:.0f} %: frames {mask_io.frame_ranges(c.empty)}); make its masks "
+        "again (another prompt, a lower box threshold, per-frame mode)"
+        for c in mask_io.mask_coverage(m1, m2) if c.mostly_empty
+    ]
 
 
 @dataclass
@@ -378,10 +393,12 @@ def encode_entry(
     if frames.shape[1:3] != (entry.height, entry.width):
         raise DatasetError(f"{entry.video}: decoded frames are {frames.shape[1:3]}, probe said {(entry.height, entry.width)}")
     m1, m2 = _load_entry_masks(entry)
-    frames, (m1, m2) = fit_clip(frames, (m1[:num_frames], m2[:num_frames]), num_frames, size, source=str(entry.video))
+    frames, _ = fit_clip(frames, None, num_frames, size, source=str(entry.video))  # masks: checked against the video
     mean, logvar = encoders.encode_video(frames)  # [12, T, h, w] each
     y_feat, y_mask = encoders.encode_text([entry.caption], max_text_len)  # [1, L, D], [1, L]
-    lm1, lm2 = latent_mask(m1), latent_mask(m2)  # [T, h, w]
+    # Marked from the source-resolution masks after the frames' crop, straight onto the latent grid.
+    c1, c2 = crop_masks((m1, m2), num_frames, size, source=str(entry.video))
+    lm1, lm2 = latent_mask(c1, latent_grid(size)), latent_mask(c2, latent_grid(size))  # [T, h, w]
     if lm1.shape != mean.shape[1:]:
         raise DatasetError(f"{entry.video}: latent masks {tuple(lm1.shape)} do not match latents {tuple(mean.shape[1:])}")
     tensors = {"mean": mean, "logvar": logvar, "y_feat": y_feat[0], "y_mask": y_mask[0], "mask1": lm1, "mask2": lm2}
