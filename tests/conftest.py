@@ -1,11 +1,13 @@
 """Shared fixtures: the pack loaded as ComfyUI loads it, the real ComfyUI in-process (fixtures.comfyui).
 
 ComfyUI is found through COMFYUI_DIR, or because this pack sits in ComfyUI/custom_nodes/.
-Tests that need it take the `comfyui` fixture and skip, with the reason, where it is absent.
+Tests that need it take the `comfyui` fixture and skip, with the reason, where it is absent
+(and fail where CI is set: CI installs ComfyUI, so its tests must run there).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -16,10 +18,13 @@ from fixtures.comfyui import import_comfyui as _import_comfyui
 
 
 def import_comfyui() -> Path:
-    """The real ComfyUI on CPU (fixtures.comfyui); skips the test, with the reason, where it is absent."""
+    """The real ComfyUI on CPU (fixtures.comfyui); skips the test, with the reason, where it is absent
+    (in CI, which installs ComfyUI, its tests must run: there it fails instead)."""
     try:
         return _import_comfyui()
     except ComfyUINotFound as e:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the ComfyUI tests: {e}")
         pytest.skip(str(e))
 
 

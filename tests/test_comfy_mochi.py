@@ -69,8 +69,8 @@ def _pred(patcher, sigma: float = 0.6, seed: int = 1, tokens: int = 5) -> torch.
 # equivalence with the core (diffusers + peft), python -O subprocess
 
 
-def test_comfy_patched_prediction_equals_core_relation_only():
-    env_ = dict(os.environ)
+def test_comfy_patched_prediction_equals_core_relation_only(comfyui):
+    env_ = dict(os.environ, COMFYUI_DIR=str(comfyui))  # skipped above where there is no ComfyUI
     proc = subprocess.run([sys.executable, "-O", "-m", "fixtures.comfy_mochi", "twin"], capture_output=True,
                           text=True, timeout=300, env=env_, cwd=str(HERE.parent))
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]

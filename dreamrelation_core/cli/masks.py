@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from ..data import mask_files as mask_io
 from ..data.video import VIDEO_SUFFIXES, is_video_path, read_video
-from ..errors import NotEnoughSubjectsError
+from ..errors import MaskExtractionError
 from ..masks.extractor import MODES, SubjectMaskExtractor, SubjectMaskOptions, SubjectMasks
 from ..masks.grounding_dino import load_grounding_dino
 from ..masks.sam import load_sam1, load_sam2
@@ -52,9 +52,10 @@ def output_path(video: Path, out_dir: Path | None, png: bool) -> Path:
 
 
 def save_result(result: SubjectMasks, path: Path, png: bool) -> Path:
-    if png:
-        return mask_io.save_reference_masks(path, result.subject1, result.subject2)
-    return mask_io.save_compact_masks(path, result.subject1, result.subject2)
+    """Write the masks at `path` (a folder for --png); refuses empty masks and never replaces
+    saved masks by masks that miss a subject on most frames (mask_io.save_masks)."""
+    del png  # the path names the layout: <name>.masks.npz or a <name>/ folder
+    return mask_io.save_masks(path, result.subject1, result.subject2, overwrite=True)
 
 
 def load_extractor(gdino: str, bert: str | None, sam: str | None, sam2: str | None, device: str) -> SubjectMaskExtractor:
@@ -97,11 +98,16 @@ def cmd_masks(args: argparse.Namespace) -> int:
 
             try:
                 result = extractor.run(frames, opt, progress=progress)
-            except NotEnoughSubjectsError as e:
+            except MaskExtractionError as e:  # subjects not found / missing on most frames: the next video
                 failed += 1
                 tqdm.write(f"{video}: {e}")
                 continue
-        save_result(result, out, args.png)
+        try:
+            save_result(result, out, args.png)
+        except MaskExtractionError as e:
+            failed += 1
+            tqdm.write(f"{video}: {e}")
+            continue
         for note in result.notes:
             tqdm.write(f"{video.name}: {note}")
         print(f"{video}: {len(frames)} frames -> {out}")

@@ -16,20 +16,31 @@ def _report(result) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.progress == "jsonl":  # worker mode: every outcome, errors included, is an event on stdout
+        from ..training.worker import run_worker
+
+        return run_worker(args.config, output_dir=args.output_dir, resume=args.resume, overwrite=args.overwrite,
+                          control=args.control)
     from ..training.config import TrainConfig
-    from ..training.trainer import Trainer, list_checkpoints
+    from ..training.runs import execute, plan_run
 
     config = TrainConfig.load_yaml(args.config)
     if args.output_dir:
         config.output_dir = args.output_dir
-    if list_checkpoints(config.output_dir) and not args.overwrite:
-        raise ValueError(f"{config.output_dir} already holds checkpoints: use `resume {config.output_dir}` or --overwrite")
-    trainer = Trainer(config)
-    bar, update = training_bar(config.num_steps)
+    from ..training.worker import StopRequest
+
+    plan = plan_run(config, resume=args.resume, overwrite=args.overwrite)
+    print(plan.report())
+    stop = StopRequest()  # Ctrl+C: checkpoint at the current step, then exit (twice: at once)
+    stop.parent_pid = None
+    restore = stop.install_signal_handlers()
+    bar, update = training_bar(plan.config.num_steps, plan.step) if args.progress == "bar" else (None, None)
     try:
-        return _report(trainer.train(progress=update))
+        return _report(execute(plan, progress=update, should_cancel=stop))
     finally:
-        bar.close()
+        restore()
+        if bar is not None:
+            bar.close()
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
@@ -48,6 +59,15 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("config", help="YAML file of TrainConfig options (see README)")
     p.add_argument("--output-dir", help="override output_dir of the config")
     p.add_argument("--overwrite", action="store_true", help="start over even if output_dir has checkpoints")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in output_dir if there is one (settings that differ from the saved run are "
+                        "applied when safe - num_steps, checkpoint_every - or refused, each listed); else a new run")
+    p.add_argument("--progress", choices=("bar", "jsonl", "none"), default="bar",
+                   help="bar: a progress bar; jsonl: one JSON event per line on stdout (worker mode, see "
+                        "dreamrelation_core/training/worker.py); none: quiet")
+    p.add_argument("--control", choices=("none", "stdin"), default="none",
+                   help="stdin: read `cancel` lines on stdin (checkpoint at the current step, then exit) and stop "
+                        "the same way when stdin closes (the parent is gone); used by worker_client")
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("resume", help="continue an interrupted run from its last checkpoint")
     p.add_argument("run_dir", help="the run's output folder (holds config.yaml and checkpoints/)")

@@ -26,8 +26,8 @@ from ..fileio import atomic_path, save_safetensors
 from ..mochi.latents import LATENT_CHANNELS, normalize_latents
 from .dataset import VideoEntry, describe_dataset, load_entry_masks
 from .encode import encode_captions, encode_frames
-from .latent_masks import latent_mask
-from .video import fit_clip, read_video
+from .latent_masks import latent_grid, latent_mask
+from .video import crop_masks, fit_clip, read_video
 
 CACHE_FORMAT = "dreamrelation-prepared-1"
 MANIFEST = "manifest.json"
@@ -148,6 +148,7 @@ def _fingerprint(entry: VideoEntry, settings: dict, model_tags: tuple[str, str])
     stamp = {
         "video": _source_stamp(entry.video), "masks": _source_stamp(entry.masks), "caption": entry.caption,
         "settings": settings, "models": model_tags, "format": CACHE_FORMAT,
+        "latent_masks": "marked from the source-resolution crop",  # clips cached before are encoded again
     }
     return hashlib.sha256(json.dumps(stamp, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -196,10 +197,13 @@ def encode_entry(
     if frames.shape[1:3] != (entry.height, entry.width):
         raise DatasetError(f"{entry.video}: decoded frames are {frames.shape[1:3]}, probe said {(entry.height, entry.width)}")
     m1, m2 = load_entry_masks(entry)
-    frames, (m1, m2) = fit_clip(frames, (m1[:num_frames], m2[:num_frames]), num_frames, size, source=str(entry.video))
+    frames, _ = fit_clip(frames, None, num_frames, size, source=str(entry.video))  # masks: checked against the video
     mean, logvar = encoders.encode_video(frames)  # [12, T, h, w] each
     y_feat, y_mask = encoders.encode_text([entry.caption], max_text_len)  # [1, L, D], [1, L]
-    lm1, lm2 = latent_mask(m1), latent_mask(m2)  # [T, h, w]
+    # Marked from the source-resolution masks after the frames' crop, straight onto the latent grid
+    # (docs/method.md "Latent masks").
+    c1, c2 = crop_masks((m1, m2), num_frames, size, source=str(entry.video))
+    lm1, lm2 = latent_mask(c1, latent_grid(size)), latent_mask(c2, latent_grid(size))  # [T, h, w]
     if lm1.shape != mean.shape[1:]:
         raise DatasetError(f"{entry.video}: latent masks {tuple(lm1.shape)} do not match latents {tuple(mean.shape[1:])}")
     tensors = {"mean": mean, "logvar": logvar, "y_feat": y_feat[0], "y_mask": y_mask[0], "mask1": lm1, "mask2": lm2}

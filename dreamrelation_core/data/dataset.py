@@ -184,8 +184,22 @@ def _validate_for_training(entries: Iterable[VideoEntry], num_frames: int) -> No
              if e.num_frames < num_frames]
     if short:
         raise DatasetError(f"{len(short)} video(s) too short:\n  - " + "\n  - ".join(short))
+    missing = []
     for e in entries:
-        load_entry_masks(e)
+        m1, m2 = load_entry_masks(e)
+        missing += _missing_subjects(e, m1[:num_frames], m2[:num_frames])
+    if missing:
+        raise DatasetError(f"{len(missing)} clip(s) with a subject missing on most frames:\n  - " + "\n  - ".join(missing))
+
+
+def _missing_subjects(entry: VideoEntry, m1: np.ndarray, m2: np.ndarray) -> list[str]:
+    """A subject whose mask is empty on most of the frames used for training cannot be learned."""
+    return [
+        f"{entry.masks} ({entry.video.name}): subject {c.subject} is empty on {len(c.empty)} of the {c.frames} "
+        f"frames used for training ({100 * c.share:.0f} %: frames {mask_io.frame_ranges(c.empty)}); make its masks "
+        "again (another prompt, a lower box threshold, per-frame mode)"
+        for c in mask_io.mask_coverage(m1, m2) if c.mostly_empty
+    ]
 
 
 @dataclass(frozen=True)

@@ -14,14 +14,18 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from ..errors import MaskFormatError
+from ..errors import MaskExtractionError, MaskFormatError
 from ..fileio import atomic_path
 
+# A subject whose mask is empty on more than this share of the frames is "missing": mask extraction
+# fails, saving refuses to replace better masks with such masks, the dataset refuses the clip.
+MOSTLY_EMPTY = 0.5
 SUBJECT_COLOURS: tuple[tuple[int, int, int], tuple[int, int, int]] = ((102, 221, 225), (179, 62, 234))
 COMPACT_SUFFIX = ".masks.npz"
 _FRAME_RE = re.compile(r"^frame(\d+)\.png$", re.IGNORECASE)
@@ -149,3 +153,104 @@ def load_masks(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """Either layout -> (subject1, subject2) boolean [F, H, W]."""
     path = Path(path)
     return load_reference_masks(path) if path.is_dir() else load_compact_masks(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# empty masks
+
+
+def frame_ranges(frames: list[int] | tuple[int, ...] | np.ndarray, limit: int = 6) -> str:
+    """[0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8' (at most `limit` ranges, then '...')."""
+    runs: list[list[int]] = []
+    for f in (int(x) for x in frames):
+        if runs and f == runs[-1][1] + 1:
+            runs[-1][1] = f
+        else:
+            runs.append([f, f])
+    parts = [f"{a}-{b}" if b > a else f"{a}" for a, b in runs[:limit]]
+    return ", ".join(parts) + (", ..." if len(runs) > limit else "")
+
+
+@dataclass(frozen=True)
+class SubjectCoverage:
+    """On which frames one subject's mask is empty."""
+
+    subject: int  # 1 or 2
+    frames: int  # frames in all
+    empty: tuple[int, ...]  # indices of the frames where the mask has no pixel
+
+    @property
+    def share(self) -> float:
+        return len(self.empty) / self.frames if self.frames else 0.0
+
+    @property
+    def mostly_empty(self) -> bool:
+        return self.share > MOSTLY_EMPTY
+
+    @property
+    def all_empty(self) -> bool:
+        return self.frames > 0 and len(self.empty) == self.frames
+
+    def describe(self, label: str = "") -> str:
+        """'subject 2 ('person'): empty on 40 of 61 frames (66 %): 0-12, 20-46'."""
+        who = f"subject {self.subject}" + (f" ({label!r})" if label else "")
+        if not self.empty:
+            return f"{who}: present on all {self.frames} frames"
+        return (f"{who}: empty on {len(self.empty)} of {self.frames} frames ({100 * self.share:.0f} %): "
+                f"{frame_ranges(self.empty)}")
+
+
+def mask_coverage(subject1: np.ndarray, subject2: np.ndarray) -> tuple[SubjectCoverage, SubjectCoverage]:
+    """Per subject, the frames of a [F, H, W] mask stack that hold no pixel."""
+    out = []
+    for k, m in enumerate((subject1, subject2), 1):
+        m = np.asarray(m)
+        empty = np.flatnonzero(~m.reshape(len(m), -1).any(axis=1)) if m.ndim == 3 else np.array([], int)
+        out.append(SubjectCoverage(k, len(m), tuple(int(i) for i in empty)))
+    return out[0], out[1]
+
+
+def save_masks(path: str | os.PathLike, subject1: np.ndarray, subject2: np.ndarray, overwrite: bool = False) -> Path:
+    """Save masks in the layout the path names (`<name>.masks.npz` compact, else a reference
+    `frame{i}.png` folder), refusing masks that would spoil a dataset:
+
+    - a subject empty on every frame is never saved (MaskExtractionError);
+    - existing masks are kept unless `overwrite` (FileExistsError), and even then are never
+      replaced by masks that miss a subject on most frames where the saved ones did not
+      (MaskExtractionError saying how many frames each covers).
+    """
+    path = Path(path)
+    subject1, subject2 = np.asarray(subject1, bool), np.asarray(subject2, bool)
+    _check_stacks(subject1, subject2, str(path))
+    new = mask_coverage(subject1, subject2)
+    empty = [c for c in new if c.all_empty]
+    if empty:
+        raise MaskExtractionError(
+            f"{path}: not saved: " + "; ".join(f"subject {c.subject}'s mask is empty on all {c.frames} frames"
+                                                 for c in empty)
+            + ". Make the masks again: another prompt, a lower box threshold, or per-frame mode"
+        )
+    compact = path.name.endswith(COMPACT_SUFFIX)
+    exists = path.is_file() if compact else (path.is_dir() and any(_FRAME_RE.match(p.name) for p in path.iterdir()))
+    if exists:
+        if not overwrite:
+            raise FileExistsError(f"{path} already holds masks; turn overwrite on to replace them")
+        _refuse_worse(path, new)
+    if compact:
+        return save_compact_masks(path, subject1, subject2)
+    return save_reference_masks(path, subject1, subject2)
+
+
+def _refuse_worse(path: Path, new: tuple[SubjectCoverage, SubjectCoverage]) -> None:
+    try:
+        old = mask_coverage(*load_masks(path))
+    except MaskFormatError:
+        return  # unreadable masks are no good masks to keep
+    worse = [(o, n) for o, n in zip(old, new) if n.mostly_empty and not o.mostly_empty]
+    if worse:
+        raise MaskExtractionError(
+            f"{path}: not overwritten: the new masks miss "
+            + "; ".join(f"subject {n.subject} on {len(n.empty)} of {n.frames} frames ({frame_ranges(n.empty)}), "
+                        f"the saved ones on {len(o.empty)} of {o.frames}" for o, n in worse)
+            + ". Keep the saved masks, or delete them first to replace them anyway"
+        )

@@ -12,6 +12,8 @@ Accepted videos:
 `fit_clip` trims to the first `num_frames` frames, centre-crops to the target aspect ratio and
 resizes. Masks get exactly the same crop and resize geometry as their frames (nearest pixel
 centres for masks, area/bilinear for frames), which the reference implementation forgets.
+`crop_masks` gives the masks after the same trim and crop but still at the source resolution:
+the latent masks are marked from those, straight onto the latent grid (see latent_masks).
 """
 
 from __future__ import annotations
@@ -255,6 +257,20 @@ def _resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return F.interpolate(x, size=size, mode="nearest-exact")[:, 0].bool().numpy()
 
 
+def crop_masks(
+    masks: tuple[np.ndarray, np.ndarray], num_frames: int, size: tuple[int, int], source: str = "video"
+) -> tuple[np.ndarray, np.ndarray]:
+    """The first num_frames of bool [F, H0, W0] masks, centre-cropped to size's aspect ratio exactly
+    as fit_clip crops the frames, at the source resolution (no resize)."""
+    m1, m2 = (np.asarray(m, bool) for m in masks)
+    if m1.ndim != 3 or m1.shape != m2.shape:
+        raise VideoError(f"{source}: subject masks have shapes {m1.shape} and {m2.shape}, expected two [F, H, W]")
+    if m1.shape[0] < num_frames:
+        raise VideoError(f"{source}: masks cover {m1.shape[0]} frames, training needs {num_frames}")
+    top, left, ch, cw = crop_box(m1.shape[1], m1.shape[2], size)
+    return tuple(m[:num_frames, top : top + ch, left : left + cw] for m in (m1, m2))  # type: ignore[return-value]
+
+
 def fit_clip(
     frames: np.ndarray,
     masks: tuple[np.ndarray, np.ndarray] | None,
@@ -285,5 +301,5 @@ def fit_clip(
     out = _resize_frames(frames[:num_frames, top : top + ch, left : left + cw], size)
     if masks is None:
         return out, None
-    fitted = tuple(_resize_mask(np.asarray(m[:num_frames, top : top + ch, left : left + cw], bool), size) for m in masks)
+    fitted = tuple(_resize_mask(m, size) for m in crop_masks(masks, num_frames, size, source))
     return out, fitted  # type: ignore[return-value]

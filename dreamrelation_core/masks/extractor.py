@@ -12,6 +12,10 @@ Modes:
 Subject 1 is the left subject of the start frame (or the larger with `order="largest_first"`);
 with a different prompt per subject, subject k is what prompt k found.
 
+A subject missing on most frames (its mask empty on more than `max_empty_share` of them) is an
+error naming the prompt, the frames and what to try; the share of empty frames of each subject is
+in `SubjectMasks.coverage` and, where not zero, in the notes.
+
 No ComfyUI here: the node passes a progress callback and a cancel check.
 """
 
@@ -26,7 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import Cancelled, NotEnoughSubjectsError
+from ..data.mask_files import MOSTLY_EMPTY, SubjectCoverage, frame_ranges, mask_coverage
+from ..errors import Cancelled, MaskExtractionError, NotEnoughSubjectsError
 from .grounding_dino import DetectorOptions, GroundingDino
 from .sam import Sam2Propagator, SamSegmenter
 from .tracking import ORDERS, FrameDetections, describe_missing, pick_initial_pair, track_pair
@@ -51,6 +56,7 @@ class SubjectMaskOptions:
     max_frames_per_batch: int = 8  # frames per detector / SAM image-encoder forward pass
     detector_short_side: int = 800
     detector_max_side: int = 1333
+    max_empty_share: float = MOSTLY_EMPTY  # a subject empty on more of the frames is an error; 1.0: never
 
     def check(self) -> None:
         if self.mode not in MODES:
@@ -62,6 +68,8 @@ class SubjectMaskOptions:
                 f"detection_stride and max_frames_per_batch must be >= 1 and dilation >= 0; got "
                 f"{self.detection_stride}, {self.max_frames_per_batch}, {self.dilation}"
             )
+        if not 0.0 <= self.max_empty_share <= 1.0:
+            raise ValueError(f"max_empty_share must be in [0, 1], got {self.max_empty_share}")
         if not self.prompt1.strip() or not self.prompt2.strip():
             raise ValueError("both subject prompts must be non-empty (e.g. 'person')")
 
@@ -84,6 +92,7 @@ class SubjectMasks:
     mode: str
     notes: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    coverage: tuple[SubjectCoverage, ...] = ()  # per subject: the frames where its mask is empty
 
     @property
     def relation(self) -> np.ndarray:
@@ -191,6 +200,10 @@ class SubjectMaskExtractor:
         if opt.dilation:
             result.subject1 = dilate(result.subject1, opt.dilation)
             result.subject2 = dilate(result.subject2, opt.dilation)
+        result.coverage = mask_coverage(result.subject1, result.subject2)
+        prompts = (opt.prompt1.strip(), opt.prompt2.strip())
+        result.notes += [c.describe(prompts[c.subject - 1]) for c in result.coverage if c.empty]
+        check_coverage(result.coverage, opt, mode)
         return result
 
     def _detect(self, frames: np.ndarray, idx: list[int], opt: SubjectMaskOptions, rep: _Reporter,
@@ -272,12 +285,32 @@ class SubjectMaskExtractor:
         notes = []
         if len(det.boxes) > 2:
             notes.append(f"frame {det.frame}: {len(det.boxes) - 2} extra detection(s) ignored (third subject?)")
-        for s in range(2):
-            empty = np.flatnonzero(~masks[:, s].any((1, 2)))
-            if len(empty):
-                notes.append(f"subject {s + 1}: empty mask on {len(empty)} frame(s), first {int(empty[0])}")
         return SubjectMasks(
             subject1=masks[:, 0], subject2=masks[:, 1], boxes=boxes.astype(np.float32),
             scores=scores.astype(np.float32), detected=detected, start_frame=det.frame,
             mode="propagate", notes=notes, timings=timings,
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# Empty masks
+
+
+def check_coverage(coverage: tuple[SubjectCoverage, ...], opt: SubjectMaskOptions, mode: str) -> None:
+    """MaskExtractionError when a subject's mask is empty on more than opt.max_empty_share of the
+    frames: which prompt, which frames, and what to try in this mode."""
+    prompts = (opt.prompt1.strip(), opt.prompt2.strip())
+    missing = [c for c in coverage if c.share > opt.max_empty_share]
+    if not missing:
+        return
+    what = "; ".join(
+        f"subject {c.subject} ({prompts[c.subject - 1]!r}) is missing on {len(c.empty)} of {c.frames} frames "
+        f"({100 * c.share:.0f} %: frames {frame_ranges(c.empty)})" for c in missing
+    )
+    tries = [f"another prompt for subject {' and '.join(str(c.subject) for c in missing)} (a plainer word, "
+             "e.g. 'person')", f"a lower box threshold (now {opt.box_threshold})"]
+    if mode == "propagate":
+        tries.append("per_frame mode (detection and SAM on every frame instead of SAM 2 propagation)")
+    else:
+        tries.append(f"a smaller detection stride (now {opt.detection_stride}) or propagate mode with a SAM 2 model")
+    raise MaskExtractionError(f"{mode} mode: {what}. Try {', '.join(tries[:-1])}, or {tries[-1]}")

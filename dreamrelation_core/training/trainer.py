@@ -31,6 +31,7 @@ from ..mochi.latents import diffusers_timestep
 from .config import TrainConfig
 from .contrastive import RCLSettings, RelationalContrastiveLoss
 from .flow import masked_flow_loss, noisy
+from .outside_inference import make_trainable, normal_tree, without_inference_tensors
 
 log = logging.getLogger("dreamrelation")
 
@@ -107,8 +108,13 @@ def branch_mask(clips: Sequence[Clip], branch: str) -> torch.Tensor:
 
 
 class Trainer:
-    """Builds model, adapters, optimizer and banks from a TrainConfig; `train()` runs to num_steps."""
+    """Builds model, adapters, optimizer and banks from a TrainConfig; `train()` runs to num_steps.
 
+    Safe to build and run under `torch.inference_mode()` (ComfyUI runs nodes there): the methods
+    that create or update trainable state leave inference mode, and inference tensors handed in
+    (model weights, clip tensors) are replaced by normal copies (see outside_inference)."""
+
+    @torch.inference_mode(False)
     def __init__(
         self,
         config: TrainConfig,
@@ -122,13 +128,13 @@ class Trainer:
             ("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device
         )
         self.autocast = self.device.type == "cuda" and config.mixed_precision != "no"
-        self.clips = list(clips) if clips is not None else self._load_clips()
+        self.clips = [without_inference_tensors(c) for c in (clips if clips is not None else self._load_clips())]
         if not self.clips:
             raise TrainingError("no training clips: prepare a dataset first (python -m dreamrelation_core prepare)")
         self._check_clips()
         torch.manual_seed(config.seed)
         base_dtype = torch.bfloat16 if self.autocast else torch.float32
-        self.model = (model if model is not None else load_transformer(config, base_dtype)).to(self.device)
+        self.model = make_trainable(model if model is not None else load_transformer(config, base_dtype)).to(self.device)
         triplet.add_triplet(self.model, config.rank, config.alpha, config.dropout)
         for _, p in triplet.lora_parameters(self.model):
             p.data = p.data.float()  # fp32 master weights whatever the base dtype
@@ -153,6 +159,7 @@ class Trainer:
         self.rng = torch.Generator().manual_seed(config.seed)
         self.step = 0
         self.history: list[dict[str, Any]] = []
+        self.checkpoint_saved: Callable[[Path], None] | None = None  # called with each checkpoint written
 
     # -- data ----------------------------------------------------------------------------------
     def _load_clips(self) -> list[Clip]:
@@ -179,6 +186,7 @@ class Trainer:
         idx = torch.randint(len(self.clips), (self.config.batch_size,), generator=self.rng)
         return [self.clips[int(i)] for i in idx]
 
+    @torch.inference_mode(False)
     def train_step(self) -> tuple[str, dict[str, float]]:
         cfg, rng, dev = self.config, self.rng, self.device
         branch = triplet.draw_branch(rng)
@@ -205,9 +213,11 @@ class Trainer:
         terms = {"total": total, "mse": mse, "masked": masked, "rcl": rcl}
         for name, v in terms.items():
             if v is not None and not torch.isfinite(v):
+                kept = list_checkpoints(self.run_dir)
                 raise TrainingError(
-                    f"step {self.step + 1}: loss term {name!r} is {v.item()} (branch {branch}); training stopped, "
-                    f"the last good checkpoint in {self.run_dir / CHECKPOINT_DIR} is kept"
+                    f"step {self.step + 1}: loss term {name!r} is {v.item()} (branch {branch}); training stopped "
+                    f"(a lower learning_rate may help), "
+                    + (f"the last good checkpoint {kept[-1]} is kept" if kept else "no checkpoint had been written yet")
                 )
         total.backward()
         if cfg.grad_clip > 0:
@@ -251,6 +261,7 @@ class Trainer:
         return sums
 
     # -- loop ----------------------------------------------------------------------------------
+    @torch.inference_mode(False)
     def train(
         self,
         progress: Callable[[StepInfo], None] | None = None,
@@ -308,7 +319,9 @@ class Trainer:
             "rng": rng, "rcl": self.rcl.state_dict(), "history": self.history,
         }
 
+    @torch.inference_mode(False)
     def load_state_dict(self, state: dict[str, Any], source: str = "checkpoint") -> None:
+        state = normal_tree(state)  # loaded under inference mode, the optimizer state could not be updated
         params = dict(triplet.lora_parameters(self.model))
         missing = sorted(set(params) - set(state["lora"]))
         extra = sorted(set(state["lora"]) - set(params))
@@ -341,9 +354,12 @@ class Trainer:
         if keep > 0:
             for old in list_checkpoints(self.run_dir)[:-keep]:
                 old.unlink()
+        if self.checkpoint_saved is not None:
+            self.checkpoint_saved(path)
         return path
 
     @classmethod
+    @torch.inference_mode(False)  # optimizer state loaded here must not be inference tensors
     def resume(
         cls, run_dir: str | os.PathLike, clips: Sequence[Clip] | None = None, model: torch.nn.Module | None = None,
         checkpoint: str | os.PathLike | None = None,

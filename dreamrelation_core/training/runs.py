@@ -1,0 +1,364 @@
+"""A run folder and what `train` does with it: new run, resume, or "already finished" - and says so.
+
+`plan_run(config, resume)` decides from the run folder (`config.output_dir`) alone, before any
+model is loaded:
+- no checkpoint there: a new run (with `resume` on the report says that no run was found);
+- a run there and `resume` off: refused (`overwrite` starts over instead);
+- a run there and `resume` on: the new settings are compared with the saved run's. Settings
+  that only change how the rest of the run is carried out are applied and reported
+  (APPLIED_ON_RESUME: num_steps, checkpoint_every, ...); any other difference - rank, alpha,
+  learning rate, seed, the data, the base model, ... - refuses the resume with one message
+  listing every differing field with its saved and its new value;
+- a run that already reached num_steps: "already finished at step N" with its LoRA files, and
+  nothing is trained.
+
+`execute(plan)` carries it out. A run that fails (or is cancelled) before its first checkpoint
+leaves nothing behind: what it created in the run folder is removed again.
+
+The identity of the data (the prepared cache's clips and their source fingerprints) and of the
+base model file are stored in `run.json` when a run starts, so a resume with a re-prepared
+dataset under the same folder name is noticed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import TrainingError
+from ..fileio import atomic_path
+from .config import TrainConfig
+from .trainer import (
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    RELATION_FILE,
+    TRIPLET_FILE,
+    Clip,
+    StepInfo,
+    Trainer,
+    TrainResult,
+    list_checkpoints,
+    load_checkpoint,
+)
+
+log = logging.getLogger("dreamrelation")
+
+RUN_INFO = "run.json"
+HISTORY_FILE = "history.json"
+
+# Settings a resumed run takes from the new request, with what the change means. Everything else
+# must match the saved run. (Memory-only options belong here too: they do not change the result.)
+APPLIED_ON_RESUME: dict[str, str] = {
+    "num_steps": "the run continues to the new step count; the cosine learning-rate decay now ends there",
+    "checkpoint_every": "checkpoints from now on at the new interval",
+    "keep_checkpoints": "older checkpoints are pruned to the new count",
+    "save_dtype": "LoRA files are written in the new dtype",
+    "device": "training continues on the new device",
+    "gradient_checkpointing": "memory/speed only; the result is the same",
+}
+# Compared through run.json (content identity) instead of by path; by path where run.json is missing.
+_BY_IDENTITY = {"cache_dir": "data", "transformer": "transformer"}
+_NOT_COMPARED = ("output_dir",)  # the run folder is the run's name
+
+Progress = Callable[[StepInfo], None]
+
+
+@dataclass(frozen=True)
+class SettingChange:
+    field: str
+    saved: Any
+    new: Any
+
+    def __str__(self) -> str:
+        return f"{self.field}: saved {self.saved!r}, new {self.new!r}"
+
+
+@dataclass
+class RunPlan:
+    """What a training request will do with its run folder (see module docstring)."""
+
+    action: str  # "new" | "resume" | "finished"
+    run_dir: Path
+    config: TrainConfig  # the settings the run uses: the saved ones plus the applied changes
+    step: int  # the step training starts from (the saved step when resuming or finished)
+    checkpoint: Path | None  # the checkpoint resumed from
+    identity: dict[str, str]  # data and base-model identity, stored in run.json
+    applied: list[SettingChange] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    overwrite: bool = False  # a new run replacing an existing one
+    history: list[dict[str, Any]] = field(default_factory=list)  # the saved run's (finished runs)
+
+    def report(self) -> str:
+        return " ".join(self.notes)
+
+    @property
+    def lora_paths(self) -> tuple[Path, Path]:
+        return self.run_dir / TRIPLET_FILE, self.run_dir / RELATION_FILE
+
+
+# ---------------------------------------------------------------------------------------------
+# identities
+
+
+def _short_hash(parts: Sequence[Any]) -> str:
+    return hashlib.sha256(json.dumps(list(parts), sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def dataset_identity(cache_dir: str | os.PathLike) -> str:
+    """'<n> clip(s) #<hash>' of a prepared cache: its clip files and their source fingerprints
+    (prepare stores one per clip: sources, settings, encoders), file sizes where there is none."""
+    from safetensors import safe_open
+
+    cache_dir = Path(cache_dir)
+    files = sorted(cache_dir.glob("*.safetensors")) if cache_dir.is_dir() else []
+    if not files:
+        return f"no prepared clips in {cache_dir}"
+    parts = []
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                meta = sf.metadata() or {}
+        except Exception:  # unreadable: the trainer will say so; identity by size
+            meta = {}
+        parts.append((f.name, meta.get("fingerprint") or f.stat().st_size))
+    return f"{len(files)} clip(s) #{_short_hash(parts)}"
+
+
+def clips_identity(clips: Sequence[Clip]) -> str:
+    """Identity of in-memory clips: names, shapes and the values of their tensors."""
+    h = hashlib.sha256()
+    for c in clips:
+        h.update(str(getattr(c, "name", "?")).encode())
+        for name in ("mean", "logvar", "y_feat", "y_mask", "mask1", "mask2"):
+            t = getattr(c, name, None)
+            if isinstance(t, torch.Tensor):
+                h.update(f"{name}{tuple(t.shape)}".encode())
+                h.update(t.detach().cpu().to(torch.float32).numpy().tobytes())
+    return f"{len(clips)} clip(s) #{h.hexdigest()[:12]}"
+
+
+def transformer_identity(source: str) -> str:
+    """A base-model file by name and size (so a moved ComfyUI folder still matches), else the path."""
+    p = Path(source)
+    if p.is_file():
+        return f"{p.name} ({p.stat().st_size} bytes)"
+    return source
+
+
+def run_identity(config: TrainConfig, clips: Sequence[Clip] | None = None) -> dict[str, str]:
+    data = clips_identity(clips) if clips is not None else dataset_identity(config.cache_dir)
+    return {"data": data, "transformer": transformer_identity(config.transformer)}
+
+
+# ---------------------------------------------------------------------------------------------
+# planning
+
+
+def _saved_state(ckpt: Path) -> dict[str, Any]:
+    """A checkpoint's config, step and history; tensors memory-mapped, not read."""
+    try:
+        state = torch.load(str(ckpt), map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        state = load_checkpoint(ckpt)  # raises a TrainingError naming the file
+    if not isinstance(state, dict) or state.get("format") != "dreamrelation.checkpoint":
+        raise TrainingError(f"{ckpt}: not a DreamRelation training checkpoint")
+    return {"config": state["config"], "step": int(state["step"]), "history": list(state.get("history", []))}
+
+
+def _read_identity(run_dir: Path) -> dict[str, str] | None:
+    try:
+        data = json.loads((run_dir / RUN_INFO).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data.get("identity") if isinstance(data, dict) else None
+
+
+def compare_settings(
+    saved: TrainConfig, new: TrainConfig, saved_identity: dict[str, str] | None, new_identity: dict[str, str]
+) -> list[SettingChange]:
+    """Every setting in which `new` differs from `saved` (identity-compared fields by content)."""
+    changes: list[SettingChange] = []
+    a, b = saved.to_dict(), new.to_dict()
+    for name in a:
+        if name in _NOT_COMPARED or (name in _BY_IDENTITY and saved_identity is not None):
+            continue
+        if a[name] != b[name]:
+            changes.append(SettingChange(name, a[name], b[name]))
+    if saved_identity is not None:
+        for key in _BY_IDENTITY.values():
+            if key in saved_identity and saved_identity[key] != new_identity.get(key):
+                changes.append(SettingChange(key, saved_identity[key], new_identity.get(key)))
+    return changes
+
+
+def plan_run(
+    config: TrainConfig, resume: bool, overwrite: bool = False, clips: Sequence[Clip] | None = None
+) -> RunPlan:
+    """Decide what training `config` does with its run folder (module docstring). Reads files only.
+
+    Raises TrainingError when a run exists and `resume` is off, when the new settings differ
+    from the saved run in fields that cannot change mid-run (all listed), and when num_steps is
+    below the step the run already reached."""
+    run_dir = Path(config.output_dir)
+    identity = run_identity(config, clips)
+    ckpts = list_checkpoints(run_dir)
+    if not ckpts:
+        note = (f"No run found at {run_dir}: starting a new run." if resume
+                else f"Starting a new run in {run_dir}.")
+        return RunPlan("new", run_dir, config, 0, None, identity, notes=[note])
+    saved = _saved_state(ckpts[-1])
+    step = saved["step"]
+    if overwrite:
+        return RunPlan("new", run_dir, config, 0, None, identity, overwrite=True,
+                       notes=[f"Replacing the run at step {step} in {run_dir} with a new run (overwrite)."])
+    if not resume:
+        raise TrainingError(
+            f"{run_dir} already holds a run (step {step} of {saved['config'].get('num_steps')}): turn resume on "
+            "to continue it (CLI: train --resume), or choose another run name / output_dir"
+        )
+    saved_config = TrainConfig.from_dict(saved["config"], source=str(ckpts[-1]))
+    changes = compare_settings(saved_config, config, _read_identity(run_dir), identity)
+    refused = [c for c in changes if c.field not in APPLIED_ON_RESUME]
+    if refused:
+        raise TrainingError(
+            f"cannot resume the run in {run_dir} (step {step}): {len(refused)} setting(s) differ from the saved "
+            f"run - {'; '.join(map(str, refused))}. Set them back to continue this run, or choose another run "
+            "name to train with the new settings"
+        )
+    if config.num_steps < step:
+        raise TrainingError(
+            f"the run in {run_dir} is already at step {step}, past num_steps {config.num_steps}: "
+            f"set num_steps to {step} or more (or choose another run name)"
+        )
+    effective = dataclasses.replace(
+        saved_config, **{c.field: c.new for c in changes}, output_dir=config.output_dir, cache_dir=config.cache_dir,
+        transformer=config.transformer,
+    )
+    plan = RunPlan("resume", run_dir, effective, step, ckpts[-1], identity, applied=changes)
+    if step >= effective.num_steps:
+        plan.action, plan.history = "finished", saved["history"]
+        triplet, relation = plan.lora_paths
+        plan.notes.append(f"Run {run_dir.name} already finished at step {step}: nothing to train. "
+                          f"LoRA: {relation} (triplet: {triplet}).")
+        if changes:
+            plan.notes.append("Changed settings have no effect on a finished run: "
+                              + "; ".join(str(c) for c in changes) + ".")
+        return plan
+    plan.notes.append(f"Resuming run {run_dir.name} at step {step} of {effective.num_steps} "
+                      f"(checkpoint {ckpts[-1].name}).")
+    for c in changes:
+        plan.notes.append(f"Applied {c.field}: {c.saved!r} -> {c.new!r} ({APPLIED_ON_RESUME[c.field]}).")
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------
+# carrying a plan out
+
+
+def _write_run_info(run_dir: Path, identity: dict[str, str]) -> None:
+    with atomic_path(run_dir / RUN_INFO) as tmp:
+        tmp.write_text(json.dumps({"format": "dreamrelation.run", "identity": identity}, indent=2), encoding="utf-8")
+
+
+def write_history(run_dir: Path, history: list[dict[str, Any]]) -> Path:
+    """`history.json`: one entry per step (step, branch, lr, loss terms; NaN as null)."""
+    clean = [{k: (None if isinstance(v, float) and v != v else v) for k, v in h.items()} for h in history]
+    path = run_dir / HISTORY_FILE
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(clean), encoding="utf-8")
+    return path
+
+
+def _clear_run(run_dir: Path) -> None:
+    """Remove the files of an earlier run (overwrite): checkpoints, LoRAs, config, run info."""
+    shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
+    for name in (TRIPLET_FILE, RELATION_FILE, CONFIG_FILE, RUN_INFO, HISTORY_FILE):
+        (run_dir / name).unlink(missing_ok=True)
+
+
+class _Leftovers:
+    """Removes what a run created in its folder when it ends without any checkpoint."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.existed = run_dir.exists()
+        self.before = set(run_dir.iterdir()) if self.existed and run_dir.is_dir() else set()
+
+    def remove_if_no_checkpoint(self) -> bool:
+        if list_checkpoints(self.run_dir) or not self.run_dir.exists():
+            return False
+        if not self.existed:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+            return True
+        for p in set(self.run_dir.iterdir()) - self.before:
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        return True
+
+
+def execute(
+    plan: RunPlan,
+    clips: Sequence[Clip] | None = None,
+    model: torch.nn.Module | None = None,
+    progress: Progress | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+    on_checkpoint: Callable[[Path], None] | None = None,
+    max_steps: int | None = None,
+) -> TrainResult:
+    """Carry out a plan: train (new or resumed) or hand back a finished run's files.
+
+    Status of the result: "finished", "stopped" (max_steps), "cancelled", or "already finished".
+    A run that fails or is cancelled before it wrote its first checkpoint leaves no files."""
+    if plan.action == "finished":
+        result = _finished(plan, clips, model)
+        write_history(plan.run_dir, result.history)
+        return result
+    leftovers = _Leftovers(plan.run_dir)
+    try:
+        if plan.overwrite:
+            _clear_run(plan.run_dir)
+        trainer = Trainer(plan.config, clips=clips, model=model, run_dir=plan.run_dir)
+        if plan.action == "resume":
+            trainer.load_state_dict(load_checkpoint(plan.checkpoint), source=str(plan.checkpoint))
+        trainer.checkpoint_saved = on_checkpoint
+        plan.run_dir.mkdir(parents=True, exist_ok=True)
+        _write_run_info(plan.run_dir, plan.identity)
+        cancelled_at_start = should_cancel is not None and should_cancel()
+        if cancelled_at_start and plan.action == "new":
+            raise _CancelledBeforeStart
+        result = trainer.train(progress=progress, should_cancel=should_cancel, max_steps=max_steps)
+    except _CancelledBeforeStart:
+        leftovers.remove_if_no_checkpoint()
+        return TrainResult(plan.run_dir, 0, "cancelled", None, None, None, [])
+    except BaseException:
+        if leftovers.remove_if_no_checkpoint():
+            log.info("run failed before its first checkpoint: removed what it wrote in %s", plan.run_dir)
+        raise
+    write_history(plan.run_dir, result.history)
+    return result
+
+
+class _CancelledBeforeStart(Exception):
+    pass
+
+
+def _finished(plan: RunPlan, clips: Sequence[Clip] | None, model: torch.nn.Module | None) -> TrainResult:
+    triplet, relation = plan.lora_paths
+    if not (triplet.is_file() and relation.is_file()):
+        # The LoRA files were removed (or the run stopped between checkpoint and export): write them
+        # again from the last checkpoint; this loads the model but trains nothing.
+        trainer = Trainer(plan.config, clips=clips, model=model, run_dir=plan.run_dir)
+        trainer.load_state_dict(load_checkpoint(plan.checkpoint), source=str(plan.checkpoint))
+        triplet, relation = trainer.export()
+        plan.notes.append("Its LoRA files were missing and were written again from the last checkpoint.")
+    return TrainResult(plan.run_dir, plan.step, "already finished", plan.checkpoint, triplet, relation,
+                       list(plan.history))

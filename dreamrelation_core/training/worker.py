@@ -1,0 +1,350 @@
+"""Training as a worker process that reports on a JSON-lines channel (the worker side).
+
+Started as `python -m dreamrelation_core train CONFIG --progress jsonl --control stdin [--resume]`
+(the CLI's own entry point; `worker_client` starts it). It writes one JSON object per line on
+stdout and nothing else there: everything else the process prints goes to stderr (stdout is
+moved to stderr at start and the channel keeps a private copy of the original stdout).
+
+Events (keys absent where they do not apply; NaN losses are null):
+    {"event": "start", "protocol": 1, "pid", "action": "new"|"resume"|"finished", "step", "total",
+     "run_dir", "message"}                          # the plan (training.runs), before the model loads
+    {"event": "step", "step", "total", "branch", "losses": {"total", "mse", "masked", "rcl"}, "lr",
+     "step_s", "it_s", "eta_s"}                     # after every step
+    {"event": "checkpoint", "step", "total", "checkpoint"}   # after every checkpoint written
+    {"event": "done", "status": "finished"|"stopped"|"already finished", "step", "total", "run_dir",
+     "checkpoint", "lora": {"triplet", "relation"}, "history", "message"}          # exit code 0
+    {"event": "cancelled", "step", "total", "run_dir", "checkpoint", "lora", "history", "message"}
+                                                    # exit code 3
+    {"event": "error", "message", "step"?}          # one readable line; exit code 1
+The traceback of an unexpected error goes to stderr and to `<run_dir>/worker_error.log` (when the
+run folder remains).
+
+Stopping (`--control stdin`): the parent writes the line `cancel` on the worker's stdin. This works
+the same on Linux, macOS and Windows (sending SIGINT to one child process is not portable to
+Windows). SIGINT / SIGTERM (Ctrl+C in a terminal; SIGBREAK on Windows) are honoured too. Either
+way the worker finishes the step in progress, writes a checkpoint at that step and the LoRA files,
+and exits with a "cancelled" event: nothing is lost. If the parent dies, the worker's stdin reaches
+end-of-file (and, on POSIX, its parent pid changes): it stops the same way, with a checkpoint. A
+second SIGINT stops at once, without a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+from ..errors import DreamRelationError
+from .config import TrainConfig
+
+if TYPE_CHECKING:  # torch and the trainer load in run_worker: the client imports this module, light
+    from .trainer import StepInfo
+
+log = logging.getLogger("dreamrelation")
+
+PROTOCOL_VERSION = 1
+EXIT_OK, EXIT_ERROR, EXIT_CANCELLED = 0, 1, 3
+CANCEL_COMMAND = "cancel"
+ERROR_LOG = "worker_error.log"
+
+
+# ---------------------------------------------------------------------------------------------
+# the channel
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+class _Tolerant:
+    """A text stream whose writes never raise: once the parent is gone, stderr is a broken pipe,
+    and a warning printed then must not stop the worker before its checkpoint."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except (OSError, ValueError):
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except (OSError, ValueError):
+            pass
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+class Channel:
+    """JSON lines on a private copy of the process's stdout; stdout itself is moved to stderr so
+    that stray prints (libraries, warnings) cannot corrupt the channel. A closed pipe (parent gone)
+    is noted and further events are dropped: the worker still finishes its checkpoint."""
+
+    def __init__(self, stream: IO[str] | None = None) -> None:
+        if stream is None:
+            sys.stdout.flush()
+            fd = os.dup(1)
+            os.dup2(2, 1)  # fd 1 -> stderr: print() and C-level writes go there now
+            stream = os.fdopen(fd, "w", encoding="utf-8", newline="\n")
+            sys.stderr = _Tolerant(sys.stderr)
+            sys.stdout = sys.stderr
+        self.stream = stream
+        self.closed = False
+        self.lock = threading.Lock()
+
+    def emit(self, event: str, **fields: Any) -> None:
+        line = json.dumps(_json_safe({"event": event, **{k: v for k, v in fields.items() if v is not None}}),
+                          separators=(",", ":"), allow_nan=False)
+        with self.lock:
+            if self.closed:
+                return
+            try:
+                self.stream.write(line + "\n")
+                self.stream.flush()
+            except (OSError, ValueError):  # broken pipe / closed: the parent went away
+                self.closed = True
+
+
+# ---------------------------------------------------------------------------------------------
+# stop requests
+
+
+class StopRequest:
+    """Set once by whichever comes first: a `cancel` line, stdin closing, a signal, the parent gone."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.reason = ""
+        self.signals = 0
+        self.parent_pid = os.getppid() if os.name == "posix" else None
+
+    def set(self, reason: str) -> None:
+        if not self.event.is_set():
+            self.reason = reason
+            self.event.set()
+
+    def __call__(self) -> bool:
+        if self.parent_pid is not None and not self.event.is_set() and os.getppid() != self.parent_pid:
+            self.set("the parent process is gone")
+        return self.event.is_set()
+
+    def watch_stdin(self, stream: IO[str] | None = None) -> threading.Thread:
+        stream = stream or sys.stdin
+
+        def read() -> None:
+            try:
+                for line in stream:
+                    cmd = line.strip().lower()
+                    if cmd == CANCEL_COMMAND:
+                        self.set("cancel requested")
+                    elif cmd:
+                        print(f"worker: unknown control command {cmd!r} (expected {CANCEL_COMMAND!r})", file=sys.stderr)
+            except (OSError, ValueError):
+                pass
+            self.set("the control channel (stdin) closed: parent gone")
+
+        t = threading.Thread(target=read, name="dreamrelation-control", daemon=True)
+        t.start()
+        return t
+
+    def install_signal_handlers(self) -> Callable[[], None]:
+        """SIGINT / SIGTERM / SIGBREAK set the request (a second one stops at once). Returns a
+        function that puts the previous handlers back."""
+
+        def handler(signum, _frame) -> None:
+            self.signals += 1
+            if self.signals > 1:
+                raise KeyboardInterrupt  # asked twice: stop now
+            self.set(f"signal {signal.Signals(signum).name}")
+
+        previous = {}
+        for name in ("SIGINT", "SIGTERM", "SIGBREAK"):
+            if hasattr(signal, name):
+                sig = getattr(signal, name)
+                try:
+                    previous[sig] = signal.signal(sig, handler)
+                except (ValueError, OSError):  # not the main thread / not settable here
+                    pass
+
+        def restore() -> None:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+        return restore
+
+
+# ---------------------------------------------------------------------------------------------
+# errors as one line
+
+
+def one_line(message: str) -> str:
+    return " ".join(part.strip().lstrip("-").strip() for part in str(message).splitlines() if part.strip())
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    import torch
+
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
+    return isinstance(e, oom) or (isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
+
+
+def out_of_memory_advice(e: BaseException, config: TrainConfig | None, clip_shape: tuple | None, step: int | None) -> str:
+    """What ran out, at which settings, and what to lower."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    where = f" at step {step + 1}" if step is not None else " while loading / setting up"
+    now = []
+    if clip_shape is not None:  # latent [12, T, h, w]
+        t, h, w = clip_shape[-3:]
+        now.append(f"clips of {6 * (t - 1) + 1} frames at {8 * h}x{8 * w}")
+    if config is not None:
+        now.append(f"rank {config.rank}")
+        now.append(f"gradient_checkpointing {'on' if config.gradient_checkpointing else 'off'}")
+        if hasattr(config, "blocks_to_swap"):
+            now.append(f"blocks_to_swap {config.blocks_to_swap}")
+    ctx = f" ({', '.join(now)})" if now else ""
+    return (f"out of GPU memory{where}{ctx}: lower the frames or the size of the clips (Prepare Dataset), the LoRA "
+            f"rank, swap more transformer blocks to the CPU (blocks_to_swap), or turn gradient_checkpointing on; "
+            f"close other programs using the GPU. [{first}]")
+
+
+def describe_failure(e: BaseException, config: TrainConfig | None = None, clip_shape: tuple | None = None,
+                     step: int | None = None, log_file: Path | None = None) -> str:
+    """The error event's message: the library's own message for known errors, advice for OOM."""
+    if is_out_of_memory(e):
+        return out_of_memory_advice(e, config, clip_shape, step)
+    if isinstance(e, (DreamRelationError, ValueError, FileNotFoundError)):
+        return one_line(str(e))
+    if isinstance(e, KeyboardInterrupt):
+        return "stopped at once (interrupted twice): no checkpoint written for the step in progress"
+    where = f"; traceback in {log_file}" if log_file else "; traceback on the worker's stderr"
+    at = f" at step {step + 1}" if step is not None else ""
+    return one_line(f"unexpected error in the training worker{at}: {type(e).__name__}: {e}{where}")
+
+
+# ---------------------------------------------------------------------------------------------
+# the worker
+
+
+class _Rate:
+    """Steps per second over the last few steps."""
+
+    def __init__(self, window: int = 20) -> None:
+        self.times: deque[float] = deque(maxlen=window)
+
+    def add(self, seconds: float) -> float:
+        self.times.append(seconds)
+        total = sum(self.times)
+        return len(self.times) / total if total > 0 else 0.0
+
+
+def run_worker(
+    config_path: str | os.PathLike,
+    output_dir: str | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    control: str = "none",
+    channel: Channel | None = None,
+) -> int:
+    """Run one training request and report it on the channel; returns the process exit code."""
+    from .runs import execute, plan_run
+
+    channel = channel or Channel()
+    stop = StopRequest()
+    stop.install_signal_handlers()
+    if control == "stdin":
+        stop.watch_stdin()
+    else:
+        stop.parent_pid = None  # a terminal user: only signals stop the run
+    config: TrainConfig | None = None
+    plan = None
+    state: dict[str, Any] = {"step": None, "clip_shape": None}
+    try:
+        config = TrainConfig.load_yaml(config_path)
+        if output_dir:
+            config.output_dir = output_dir
+        plan = plan_run(config, resume=resume, overwrite=overwrite)
+        total = plan.config.num_steps
+        channel.emit("start", protocol=PROTOCOL_VERSION, pid=os.getpid(), action=plan.action, step=plan.step,
+                     total=total, run_dir=plan.run_dir, message=plan.report())
+        state["step"] = plan.step
+        rate = _Rate()
+
+        def progress(info: StepInfo) -> None:
+            state["step"] = info.step
+            channel.emit("step", step=info.step, total=info.num_steps, branch=info.branch, losses=info.losses,
+                         lr=info.lr, step_s=info.step_time, it_s=rate.add(info.step_time), eta_s=info.eta)
+
+        def checkpoint(path: Path) -> None:
+            channel.emit("checkpoint", step=state["step"], total=total, checkpoint=path)
+
+        result = execute(plan, progress=progress, should_cancel=stop, on_checkpoint=checkpoint)
+    except BaseException as e:  # noqa: B036 - every failure becomes the error event
+        log_file = _log_traceback(e, plan)
+        step = state["step"] if state["step"] is not None and plan is not None and plan.action != "finished" else None
+        shape = None
+        try:
+            if config is not None and config.cache_dir:
+                from safetensors import safe_open
+
+                first = next(iter(sorted(Path(config.cache_dir).glob("*.safetensors"))), None)
+                if first is not None:
+                    with safe_open(str(first), framework="pt") as f:
+                        shape = tuple(f.get_slice("mean").get_shape())
+        except Exception:
+            shape = None
+        channel.emit("error", message=describe_failure(e, plan.config if plan else config, shape, step, log_file),
+                     step=step)
+        return EXIT_ERROR
+    lora = {"triplet": result.triplet_path, "relation": result.relation_path} if result.relation_path else None
+    history = plan.run_dir / "history.json" if (plan.run_dir / "history.json").is_file() else None
+    fields = dict(step=result.step, total=plan.config.num_steps, run_dir=result.run_dir, checkpoint=result.checkpoint,
+                  lora=lora, history=history)
+    if result.status == "cancelled":
+        if result.checkpoint is None:
+            msg = f"cancelled before the first step ({stop.reason}): nothing was written"
+        else:
+            msg = (f"cancelled at step {result.step} ({stop.reason}): checkpoint {result.checkpoint.name} written; "
+                   f"resume continues from step {result.step}")
+        channel.emit("cancelled", message=msg, **fields)
+        return EXIT_CANCELLED
+    msg = (f"already finished at step {result.step}: nothing trained" if result.status == "already finished"
+           else f"{result.status} at step {result.step}")
+    channel.emit("done", status=result.status, message=msg, **fields)
+    return EXIT_OK
+
+
+def _log_traceback(e: BaseException, plan) -> Path | None:
+    """Traceback to stderr, and into the run folder when one remains (a failed new run leaves none)."""
+    text = "".join(traceback.format_exception(type(e), e, e.__traceback__))
+    print(text, file=sys.stderr, end="")
+    if isinstance(e, (DreamRelationError, ValueError, FileNotFoundError)) or plan is None or not plan.run_dir.is_dir():
+        return None
+    path = plan.run_dir / ERROR_LOG
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')}\n{text}")
+    except OSError:
+        return None
+    return path

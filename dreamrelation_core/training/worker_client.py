@@ -1,0 +1,331 @@
+"""Run training in a worker process and follow it (the parent side; the ComfyUI Train node uses it).
+
+    result = run_training_worker(config, resume=True, on_event=show, should_cancel=interrupted)
+
+starts `python -m dreamrelation_core train <config> --progress jsonl --control stdin [--resume]`
+with the parent's own interpreter (`sys.executable`), reads its events (see training.worker),
+hands each to `on_event` as a `WorkerEvent`, and returns a `WorkerResult` when the worker ends.
+
+- Cancel: when `should_cancel()` turns true, the worker is told (`cancel` on its stdin); it
+  finishes the step in progress, writes a checkpoint at that step and the LoRA files, and the
+  result has status "cancelled". When `on_event` raises (ComfyUI raises its interrupt from inside
+  the progress-bar update), the worker is cancelled the same way, the call waits for the
+  checkpoint, and the exception is re-raised.
+- Errors: the worker's error event becomes a TrainingError carrying its one-line message. A worker
+  that dies without one (killed, crashed) gives a TrainingError with its exit code and the last
+  line it wrote on stderr.
+- The worker stops by itself, with a checkpoint, if this process dies (its stdin closes).
+A training run's isolation is the point: an out-of-memory error or a crash ends the worker, not
+the caller, and all of the worker's GPU memory is returned when it exits.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import queue
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from ..errors import TrainingError
+from .config import TrainConfig
+from .worker import CANCEL_COMMAND, PROTOCOL_VERSION
+
+EVENTS = ("start", "step", "checkpoint", "done", "error", "cancelled")
+_PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding dreamrelation_core/
+# `python -m dreamrelation_core`, with the package's folder put on sys.path first: embedded Pythons
+# (ComfyUI's Windows portable build) ignore PYTHONPATH because of their `._pth` file.
+_BOOTSTRAP = ("import runpy, sys; sys.path.insert(0, sys.argv.pop(1)); "
+              "runpy.run_module('dreamrelation_core', run_name='__main__', alter_sys=True)")
+
+
+@dataclass
+class WorkerEvent:
+    """One line of the worker's channel. Fields the event does not carry are None."""
+
+    event: str
+    step: int | None = None
+    total: int | None = None
+    branch: str | None = None
+    losses: dict[str, float] | None = None  # total, mse, masked, rcl (NaN where not computed)
+    lr: float | None = None
+    step_s: float | None = None
+    it_s: float | None = None
+    eta_s: float | None = None
+    checkpoint: str | None = None
+    lora: dict[str, str] | None = None  # triplet, relation
+    run_dir: str | None = None
+    history: str | None = None  # path of history.json (done / cancelled)
+    action: str | None = None  # start: new / resume / finished
+    status: str | None = None  # done: finished / stopped / already finished
+    message: str | None = None
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, line: str) -> WorkerEvent:
+        data = json.loads(line)
+        if not isinstance(data, dict) or data.get("event") not in EVENTS:
+            raise ValueError(f"not a worker event: {line[:200]!r}")
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__ and k != "raw"}
+        ev = cls(**known, raw=data)
+        if ev.losses is not None:
+            ev.losses = {k: (math.nan if v is None else float(v)) for k, v in ev.losses.items()}
+        return ev
+
+    def history_entry(self) -> dict[str, Any]:
+        """A step event as a trainer history entry (step, branch, lr, loss terms)."""
+        return {"step": self.step, "branch": self.branch, "lr": self.lr, **(self.losses or {})}
+
+
+@dataclass
+class WorkerResult:
+    status: str  # "finished", "stopped", "already finished" or "cancelled"
+    step: int
+    total: int
+    action: str  # what the run did: "new", "resume" or "finished"
+    run_dir: Path
+    checkpoint: Path | None
+    triplet_path: Path | None
+    relation_path: Path | None
+    message: str  # the plan's report (new / resumed / already finished, changes applied) + the outcome
+    history: list[dict[str, Any]]  # every step of the run (earlier sessions too)
+    returncode: int
+
+
+def worker_command(config_path: str | os.PathLike, resume: bool = True, overwrite: bool = False,
+                   python: str | None = None) -> list[str]:
+    """The worker's command line: this interpreter, the CLI entry point, worker mode."""
+    cmd = [python or sys.executable, "-c", _BOOTSTRAP, str(_PACKAGE_ROOT), "train", str(config_path),
+           "--progress", "jsonl", "--control", "stdin"]
+    if resume:
+        cmd.append("--resume")
+    if overwrite:
+        cmd.append("--overwrite")
+    return cmd
+
+
+class TrainingWorker:
+    """One worker process and its channel: `start()`, `next_event()`, `cancel()`, `wait()`."""
+
+    def __init__(self, config: TrainConfig | str | os.PathLike, resume: bool = True, overwrite: bool = False,
+                 python: str | None = None, env: dict[str, str] | None = None,
+                 stderr_log: str | os.PathLike | None = None) -> None:
+        self.config = config
+        self.resume, self.overwrite, self.python = resume, overwrite, python
+        self.env = env
+        self.stderr_log = Path(stderr_log) if stderr_log else None
+        self.proc: subprocess.Popen | None = None
+        self.events: queue.Queue[WorkerEvent | None] = queue.Queue()
+        self.stderr_tail: deque[str] = deque(maxlen=40)
+        self._config_file: Path | None = None
+        self._threads: list[threading.Thread] = []
+        self.cancel_sent = False
+
+    # -- process --------------------------------------------------------------------------------
+    def start(self) -> TrainingWorker:
+        if isinstance(self.config, TrainConfig):
+            fd, name = tempfile.mkstemp(prefix="dreamrelation_train_", suffix=".yaml")
+            os.close(fd)
+            self._config_file = self.config.save_yaml(name)
+            path = self._config_file
+        else:
+            path = Path(self.config)
+        env = dict(os.environ if self.env is None else self.env)
+        env["PYTHONUNBUFFERED"] = "1"
+        env.setdefault("PYTHONIOENCODING", "utf-8")
+        self.proc = subprocess.Popen(
+            worker_command(path, self.resume, self.overwrite, self.python), stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True, encoding="utf-8", errors="replace",
+            bufsize=1,
+        )
+        self._threads = [
+            threading.Thread(target=self._read_stdout, name="dreamrelation-worker-out", daemon=True),
+            threading.Thread(target=self._read_stderr, name="dreamrelation-worker-err", daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+        return self
+
+    def _read_stdout(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        for line in self.proc.stdout:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                self.events.put(WorkerEvent.parse(line))
+            except ValueError:  # not ours: keep it with the diagnostics
+                self.stderr_tail.append(line)
+        self.events.put(None)  # end of the channel
+
+    def _read_stderr(self) -> None:
+        assert self.proc is not None and self.proc.stderr is not None
+        log: IO[str] | None = None
+        if self.stderr_log is not None:
+            self.stderr_log.parent.mkdir(parents=True, exist_ok=True)
+            log = open(self.stderr_log, "a", encoding="utf-8")
+        try:
+            for line in self.proc.stderr:
+                if log is not None:
+                    log.write(line)
+                if line.strip():
+                    self.stderr_tail.append(line.rstrip())
+        finally:
+            if log is not None:
+                log.close()
+
+    def next_event(self, timeout: float | None = None) -> WorkerEvent | None:
+        """The next event; None at the end of the channel. Raises queue.Empty on timeout."""
+        return self.events.get(timeout=timeout)
+
+    def cancel(self) -> None:
+        """Ask for a checkpoint at the current step and an exit (`cancel` on the worker's stdin)."""
+        if self.proc is None or self.proc.stdin is None or self.cancel_sent:
+            return
+        self.cancel_sent = True
+        try:
+            self.proc.stdin.write(CANCEL_COMMAND + "\n")
+            self.proc.stdin.flush()
+        except (OSError, ValueError):  # already gone
+            pass
+
+    def wait(self, timeout: float | None = None) -> int:
+        assert self.proc is not None
+        rc = self.proc.wait(timeout)
+        for t in self._threads:
+            t.join(timeout=5)
+        return rc
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+
+    def close(self) -> None:
+        if self.proc is not None:
+            for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+                try:
+                    if stream is not None:
+                        stream.close()
+                except OSError:
+                    pass
+        if self._config_file is not None:
+            self._config_file.unlink(missing_ok=True)
+            self._config_file = None
+
+    def last_stderr_line(self) -> str:
+        for line in reversed(self.stderr_tail):
+            if line.strip() and not line.startswith(" "):
+                return line.strip()
+        return ""
+
+
+def run_training_worker(
+    config: TrainConfig | str | os.PathLike,
+    resume: bool = True,
+    overwrite: bool = False,
+    on_event: Callable[[WorkerEvent], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+    poll_s: float = 0.1,
+    cancel_timeout_s: float = 900.0,
+    python: str | None = None,
+    env: dict[str, str] | None = None,
+    stderr_log: str | os.PathLike | None = None,
+) -> WorkerResult:
+    """Train `config` (a TrainConfig or a YAML path) in a worker process; see the module docstring.
+
+    `should_cancel` is polled every `poll_s` seconds; `cancel_timeout_s` bounds the wait for the
+    checkpoint after a cancel before the worker is killed."""
+    worker = TrainingWorker(config, resume, overwrite, python, env, stderr_log).start()
+    history: list[dict[str, Any]] = []
+    start: WorkerEvent | None = None
+    end: WorkerEvent | None = None
+    pending: BaseException | None = None  # raised by on_event: re-raised once the worker stopped
+    cancelled_at: float | None = None
+    killed = False
+    try:
+        while True:
+            if not worker.cancel_sent and should_cancel is not None and should_cancel():
+                worker.cancel()
+            if worker.cancel_sent:
+                cancelled_at = cancelled_at or time.monotonic()
+                if not killed and time.monotonic() - cancelled_at > cancel_timeout_s:
+                    worker.kill()
+                    killed = True
+            try:
+                ev = worker.next_event(timeout=poll_s)
+            except queue.Empty:
+                continue
+            if ev is None:
+                break
+            if ev.event == "start":
+                start = ev
+                if ev.raw.get("protocol") != PROTOCOL_VERSION:
+                    raise TrainingError(f"training worker speaks protocol {ev.raw.get('protocol')}, "
+                                        f"expected {PROTOCOL_VERSION}: the pack's files are from different versions")
+            elif ev.event == "step":
+                history.append(ev.history_entry())
+            elif ev.event in ("done", "cancelled", "error"):
+                end = ev
+            if on_event is not None and pending is None:
+                try:
+                    on_event(ev)
+                except BaseException as e:  # ComfyUI's interrupt arrives here: checkpoint first
+                    pending = e
+                    worker.cancel()
+        rc = worker.wait()
+    except BaseException:
+        # KeyboardInterrupt / a protocol error: stop the worker with a checkpoint, then go on raising.
+        worker.cancel()
+        try:
+            worker.wait(timeout=cancel_timeout_s)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+        worker.close()
+        raise
+    worker.close()
+    if pending is not None:
+        raise pending
+    if end is None:
+        detail = worker.last_stderr_line()
+        if killed:
+            how = f"did not stop within {cancel_timeout_s:.0f} s of the cancel and was killed"
+        elif rc < 0:
+            how = f"was killed by signal {-rc}" + (" (out of system memory?)" if rc == -9 else "")
+        else:
+            how = f"exited with code {rc}"
+        raise TrainingError(f"the training worker {how} without a result"
+                            + (f"; its last message: {detail}" if detail else ""))
+    if end.event == "error":
+        raise TrainingError(end.message or f"training failed (worker exit code {rc})")
+    return _result(end, start, history, rc)
+
+
+def _load_history(path: str | None, fallback: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    if not path:
+        return fallback
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return fallback
+    return [{k: (math.nan if v is None else v) for k, v in h.items()} for h in data]
+
+
+def _result(end: WorkerEvent, start: WorkerEvent | None, history: list[dict[str, Any]], rc: int) -> WorkerResult:
+    lora = end.lora or {}
+    message = " ".join(m for m in ((start.message if start else None), end.message) if m)
+    path = lambda p: Path(p) if p else None  # noqa: E731
+    return WorkerResult(
+        status=end.status or end.event, step=int(end.step or 0), total=int(end.total or 0),
+        action=(start.action if start else "") or "", run_dir=Path(end.run_dir or ""), checkpoint=path(end.checkpoint),
+        triplet_path=path(lora.get("triplet")), relation_path=path(lora.get("relation")), message=message,
+        history=_load_history(end.history, history), returncode=rc,
+    )
