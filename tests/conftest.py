@@ -44,3 +44,30 @@ def pack(comfyui):
 def _seed_and_threads():
     torch.manual_seed(0)
     yield
+
+
+# ---------------------------------------------------------------------------------------------
+# The real ComfyUI server (tests/_e2e_server.py): one per test session, started on first use.
+
+
+@pytest.fixture(scope="session")
+def comfy_server(tmp_path_factory):
+    """A running ComfyUI (CPU, `python -O`) with the pack and the tiny test loaders installed:
+    an `_e2e_server.ComfyServer` (url, base folder, queue/wait/run/interrupt/cancel/watch/to_api).
+    Skips without ComfyUI; fails instead in CI."""
+    from _e2e_server import missing, start_server
+
+    comfy = find_comfyui()
+    if comfy is None:
+        missing("ComfyUI not found: set COMFYUI_DIR")
+    with start_server(tmp_path_factory.mktemp("comfy_server"), comfy) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def tiny_models(comfy_server):
+    """Tiny DiT / T5 / VAE / LoRA / mask model files in the server's model folders
+    (`_e2e_models.TinyModels`: their names)."""
+    from _e2e_models import write_tiny_models
+
+    return write_tiny_models(comfy_server.base / "models")
