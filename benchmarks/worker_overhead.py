@@ -15,15 +15,22 @@ call to the first step's timestamp, less that step's own compute time (worker: i
 imports, model build; in-process: model build only). Rounds alternate the order of the two modes
 so that drift in machine load hits both alike; medians over rounds are compared.
 
-    python benchmarks/worker_overhead.py [--steps 40] [--rounds 5] [--layers 2] [--width 64]
+A last figure needs no model: the CPU cost of one step event through the channel itself (the
+worker's JSON encoding and pipe write, the parent's read, parse and queue), measured on a real
+pipe in this process - the share of a step it represents is the channel's overhead bound.
+
+    python benchmarks/worker_overhead.py [--steps 40] [--rounds 5] [--layers 2] [--width 64] [--threads N]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import queue
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -36,7 +43,34 @@ from dreamrelation_core.data.synthetic import write_synthetic_dataset  # noqa: E
 from dreamrelation_core.mochi.tiny import tiny_text_encoder, tiny_tokenizer, tiny_vae  # noqa: E402
 from dreamrelation_core.training.config import TrainConfig  # noqa: E402
 from dreamrelation_core.training.runs import execute, plan_run  # noqa: E402
-from dreamrelation_core.training.worker_client import run_training_worker  # noqa: E402
+from dreamrelation_core.training.worker import Channel  # noqa: E402
+from dreamrelation_core.training.worker_client import WorkerEvent, run_training_worker  # noqa: E402
+
+ENV: dict[str, str] | None = None  # the worker's environment (thread count), set in main
+
+
+def channel_cost(n: int = 5000) -> float:
+    """Seconds of CPU per step event: encode + write on one side, read + parse + queue on the other."""
+    r, w = os.pipe()
+    channel = Channel(os.fdopen(w, "w", encoding="utf-8", newline="\n"))
+    events: queue.Queue = queue.Queue()
+
+    def read() -> None:
+        with os.fdopen(r, "r", encoding="utf-8") as f:
+            for line in f:
+                events.put(WorkerEvent.parse(line))
+
+    t = threading.Thread(target=read, daemon=True)
+    t.start()
+    losses = {"total": 27.26859, "mse": 2.834226, "masked": 0.487330, "rcl": 6.785480}
+    c0 = time.process_time()
+    for i in range(n):
+        channel.emit("step", step=i + 1, total=n, branch="relation", losses=losses, lr=1.7e-4, step_s=0.42,
+                     it_s=2.38, eta_s=812.5)
+    channel.stream.close()
+    t.join()
+    assert events.qsize() == n
+    return (time.process_time() - c0) / n
 
 
 def steady_rate(stamps: list[float], warmup: int) -> float:
@@ -66,7 +100,7 @@ def run_worker(config: TrainConfig) -> tuple[list[float], list[float], float]:
             stamps.append(time.perf_counter())
             compute.append(ev.step_s)
 
-    run_training_worker(config, resume=False, on_event=on_event, poll_s=0.05)
+    run_training_worker(config, resume=False, on_event=on_event, poll_s=0.05, env=ENV)
     return stamps, compute, t0
 
 
@@ -79,7 +113,14 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=64, help="heads x head_dim of the tiny transformer (2 heads)")
     ap.add_argument("--frames", type=int, default=13)
     ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads in both modes (0: torch's default)")
     args = ap.parse_args()
+    global ENV
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        ENV = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
 
     root = Path(tempfile.mkdtemp(prefix="dr_worker_bench_"))
     data = write_synthetic_dataset(root / "data", num_videos=2, num_frames=args.frames, size=(args.size, args.size))
@@ -127,6 +168,9 @@ def main() -> None:
     print(f"time per step outside the step's compute (median): in-process {1e3 * om['in-process']:.3f} ms, "
           f"worker {1e3 * om['worker']:.3f} ms -> the channel adds {1e3 * extra:.3f} ms per step = "
           f"{100 * extra / step_time:.3f} % of a {1e3 * step_time:.1f} ms step")
+    cost = channel_cost()
+    print(f"channel CPU cost per step event (real pipe, both sides): {1e6 * cost:.1f} us = "
+          f"{100 * cost / step_time:.4f} % of a {1e3 * step_time:.1f} ms step")
     su = {m: statistics.median(v) for m, v in startup.items()}
     print(f"start-up to the first step (median): in-process {su['in-process']:.2f} s (model build), "
           f"worker {su['worker']:.2f} s (interpreter, imports, model build): +{su['worker'] - su['in-process']:.2f} s "
