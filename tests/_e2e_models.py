@@ -129,7 +129,7 @@ def write_vae(path: Path, seed: int = 0) -> None:
 
 
 def write_mask_models(models_dir: Path, names: TinyModels) -> None:
-    from _mask_models import write_original_gdino, write_sam, write_vocab
+    from fixtures.mask_models import write_original_gdino, write_sam, write_vocab
 
     write_original_gdino(models_dir / "grounding-dino" / names.grounding_dino)
     write_vocab(models_dir / "bert-base-uncased")
@@ -141,7 +141,7 @@ def write_mask_models(models_dir: Path, names: TinyModels) -> None:
 def write_sam2_seeing_objects(path: Path, seed: int = 0) -> None:
     """The tiny SAM 2 (+ its `.yaml` sidecar), its object-score head biased to "object present":
     with random weights SAM 2 reports no object on any frame and propagates empty masks."""
-    from _mask_models import tiny_sam2, tiny_sam2_overrides
+    from fixtures.mask_models import tiny_sam2, tiny_sam2_overrides
 
     model = tiny_sam2(seed)
     head = model.sam_mask_decoder.pred_obj_score_head

@@ -31,9 +31,9 @@ EXECUTED = {
     "dreamrelation_masks.json": "test_masks_workflow",
     "dreamrelation_train.json": "test_train_workflow_then_generate_with_its_lora",
 }
-INFERENCE_MODE = ("ComfyUI runs every node under torch.inference_mode(); the Train node trains in-process and fails "
-                  "on its first step ('element 0 of tensors does not require grad') until training moves to a "
-                  "worker process (issue 9, item 1)")
+CANCEL_IN_PROGRESS = ("ComfyUI raises its interrupt from inside the progress update, so the in-process trainer's "
+                      "save-on-cancel never runs: the run resumes from its last periodic checkpoint until training "
+                      "moves to a worker process that checkpoints at the current step (issue 9, item 1)")
 
 
 def tiny_prompt(server, tiny_models, workflow: str, tmp_path: Path) -> dict:
@@ -119,10 +119,10 @@ def test_masks_workflow(comfy_server, tiny_models, tmp_path):
     """Load Video -> components -> Subject Masks (tiny Grounding DINO / SAM / SAM 2) -> Save Masks + preview."""
     from _e2e_models import has_sam2
     from _e2e_server import missing
-    from _mask_models import two_subject_clip
 
     from dreamrelation_core.data.mask_files import load_masks
     from dreamrelation_core.data.synthetic import write_video
+    from fixtures.mask_models import two_subject_clip
 
     prompt = tiny_prompt(comfy_server, tiny_models, "dreamrelation_masks.json", tmp_path)
     if only(prompt, "DreamRelationSubjectMasks")["inputs"]["sam2"] != "none" and not has_sam2():
@@ -158,7 +158,6 @@ def lora_files(server) -> set[Path]:
     return set((server.base / "models" / "loras").rglob("*.safetensors"))
 
 
-@pytest.mark.xfail(strict=True, reason=INFERENCE_MODE)
 def test_train_workflow_then_generate_with_its_lora(comfy_server, tiny_models, tmp_path):
     """Dataset -> Prepare (tiny VAE + T5 through ComfyUI's loaders) -> Train: a relation LoRA on
     disk, the report and loss plot visible; then the generate workflow samples with that LoRA."""
@@ -181,7 +180,7 @@ def test_train_workflow_then_generate_with_its_lora(comfy_server, tiny_models, t
     assert_success(comfy_server.run(gen))
 
 
-@pytest.mark.xfail(strict=True, reason=INFERENCE_MODE + "; cancel must also checkpoint at the current step")
+@pytest.mark.xfail(strict=True, reason=CANCEL_IN_PROGRESS)
 def test_cancel_then_requeue_continues_where_it_stopped(comfy_server, tiny_models, tmp_path):
     """POST /interrupt at step k; the re-queued prompt resumes from the step the run had reached."""
     steps, k, name = 12, 3, unique("e2e_cancel")
