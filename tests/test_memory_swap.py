@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from dreamrelation_core.data.dataset import PreparedClip
+from dreamrelation_core.data.cache import PreparedClip
 from dreamrelation_core.lora import peft_triplet as triplet
 from dreamrelation_core.mochi.fp8 import frozen_linears
 from dreamrelation_core.training.config import TrainConfig

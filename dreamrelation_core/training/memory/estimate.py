@@ -1,4 +1,5 @@
-"""Analytic peak GPU memory of one training step of the relation LoRA triplet on Mochi.
+"""Analytic peak GPU memory of one training step of the relation LoRA triplet on Mochi
+(docs/method.md "Training memory").
 
 Every term is a tensor the step holds at its peak, counted from the model's dimensions
 (`MochiDims`, read from diffusers' `MochiTransformer3DModel` config) and the clip's token counts;

@@ -1,4 +1,5 @@
-"""Peak GPU memory of one training step, measured without a GPU: the real step on the meta device.
+"""Peak GPU memory of one training step, measured without a GPU: the real step on the meta device
+(docs/method.md "Training memory").
 
 The model is diffusers' `MochiTransformer3DModel` at any size, prepared exactly as the trainer
 prepares it (`setup.prepare_model`: frozen Linears in their storage dtype, the peft LoRA triplet,
@@ -39,7 +40,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from ...lora import peft_triplet as triplet
-from ..flow import diffusers_timestep, masked_flow_loss, noisy
+from ...mochi.latents import diffusers_timestep
+from ..flow import masked_flow_loss, noisy
 from .activations import ActivationOffload
 from .setup import MemoryOptions, prepare_model
 
