@@ -46,7 +46,7 @@ def test_nodes_are_registered_with_tooltips(comfyui, pack, classes) -> None:
     assert not hasattr(pack, "NODE_CLASS_MAPPINGS")  # else ComfyUI would not call comfy_entrypoint
     assert list(classes) == [  # every family's nodes, in menu order, ids as saved workflows name them
         "DreamRelationSubjectMasks", "DreamRelationSaveMasks", "DreamRelationLoadMasks", "DreamRelationDataset",
-        "DreamRelationPrepareDataset", "DreamRelationTrain", "DreamRelationRelationLoraLoader",
+        "DreamRelationAddToDataset", "DreamRelationPrepareDataset", "DreamRelationTrain", "DreamRelationRelationLoraLoader",
         "DreamRelationExportRelationLora", "DreamRelationMochiSamplerPatch", "DreamRelationAttentionMaps",
         "DreamRelationScoreClip"]
     for key, title in (("DreamRelationSubjectMasks", "DreamRelation Subject Masks"),
@@ -77,8 +77,9 @@ def test_subject_masks_node_runs_and_masks_round_trip(models_dir: Path, nodes, c
     args = dict(images=images, grounding_dino=gd.name, sam="sam_vit_b_01ec64.pth", sam2="none", mode="auto",
                 prompt1="person", prompt2="person", order="left_first", box_threshold=0.0, text_threshold=0.0,
                 detection_stride=2, dilation=0, max_frames_per_batch=4)
-    s1, s2, rel, view = run_node(masks_node, **args).outputs
+    s1, s2, rel, view, notes = run_node(masks_node, **args).outputs
     assert s1.shape == (4, 64, 96) and s1.dtype == torch.float32
+    assert "subject 1 ('person'): present on all 4 frames" in notes and "subject 2 ('person')" in notes
     assert torch.equal(rel, torch.maximum(s1, s2))
     assert view.shape == (4, 64, 96, 3) and 0 <= view.min() and view.max() <= 1
 
@@ -124,7 +125,7 @@ def test_subject_masks_node_with_sam2(models_dir: Path, nodes, classes) -> None:
     for k, v in tiny_sam2_overrides().items():
         OmegaConf.update(cfg, f"model.{k}", v, merge=True)
     OmegaConf.save(cfg, str(path) + ".yaml")
-    s1, s2, rel, view = run_node(
+    s1, s2, rel, view, _ = run_node(
         classes["DreamRelationSubjectMasks"], images=torch.from_numpy(two_subject_clip(4)).float() / 255.0,
         grounding_dino=gd.name, sam="none", sam2=path.name, mode="auto", prompt1="person", prompt2="person",
         order="left_first", box_threshold=0.0, text_threshold=0.0, detection_stride=2, dilation=0,
@@ -199,3 +200,27 @@ def test_missing_model_names_folder_and_files(models_dir: Path, nodes, classes) 
                  folder="d", name="n", layout=nodes.LAYOUTS[0], overwrite=True)
     with pytest.raises(FileNotFoundError, match=r"masks 'nowhere' not found \(looked at .*input.*output"):
         run_node(classes["DreamRelationLoadMasks"], path="nowhere")
+
+
+def test_add_to_dataset_node(models_dir: Path, classes) -> None:
+    """IMAGE + two MASKs + caption -> an exemplar in input/<dataset>/ the Dataset node accepts; added once."""
+    from dreamrelation_core.data.synthetic import synthetic_clip
+    from dreamrelation_core.errors import DatasetError
+
+    frames, m1, m2 = synthetic_clip(7, (32, 48))
+    add = classes["DreamRelationAddToDataset"]
+    args = dict(images=torch.from_numpy(frames).float() / 255.0, subject1_mask=torch.from_numpy(m1).float(),
+                subject2_mask=torch.from_numpy(m2).float(), caption="a square meets a disc",
+                dataset="rel/shake", clip_name="")
+    ran = run_node(add, **args)
+    name, report = ran.outputs
+    assert name == "rel/shake" and "added" in report and ran.ui == {"text": [report]}
+    folder = models_dir / "input" / "rel" / "shake"
+    spec = run_node(classes["DreamRelationDataset"], folder=name, frames=7, height=32, width=48).outputs[0]
+    assert len(spec.entries) == 1 and spec.entries[0].caption == "a square meets a disc"
+    assert (spec.entries[0].video / "frame0006.png").is_file() and spec.folder == folder
+    again = run_node(add, **args).outputs[1]
+    assert "already in the dataset" in again and len(list(folder.glob("*.txt"))) == 1
+    with pytest.raises(DatasetError, match="nearest valid lengths are 7 and 13"):
+        run_node(add, **{**args, "images": args["images"][:6], "subject1_mask": args["subject1_mask"][:6],
+                         "subject2_mask": args["subject2_mask"][:6]})

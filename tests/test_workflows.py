@@ -62,7 +62,8 @@ def test_server_lists_our_nodes(server):
     for name in ("DreamRelationRelationLoraLoader", "DreamRelationExportRelationLora",
                  "DreamRelationMochiSamplerPatch", "DreamRelationAttentionMaps", "DreamRelationDataset",
                  "DreamRelationPrepareDataset", "DreamRelationTrain", "DreamRelationSubjectMasks",
-                 "DreamRelationSaveMasks", "DreamRelationLoadMasks", "DreamRelationScoreClip"):
+                 "DreamRelationSaveMasks", "DreamRelationLoadMasks", "DreamRelationScoreClip",
+                 "DreamRelationAddToDataset"):
         assert name in info, f"{name} not registered"
         for section, inputs in info[name]["input"].items():
             if section == "hidden":  # filled in by ComfyUI (output nodes get prompt / extra_pnginfo)

@@ -12,9 +12,10 @@ import sys
 
 from ..errors import DreamRelationError
 from . import demo, evaluate, export, masks, prepare, train
+from . import memory as memory_cmd
 
 # in `--help` order
-_FAMILIES = (prepare, masks, train, export, demo, evaluate)
+_FAMILIES = (prepare, masks, train, export, demo, evaluate, memory_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -27,6 +27,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = TrainConfig.load_yaml(args.config)
     if args.output_dir:
         config.output_dir = args.output_dir
+    _memory_overrides(config, args)
     from ..training.worker import StopRequest
 
     plan = plan_run(config, resume=args.resume, overwrite=args.overwrite)
@@ -47,6 +48,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     from ..training.trainer import Trainer
 
     trainer = Trainer.resume(args.run_dir, checkpoint=args.checkpoint)
+    print(trainer.memory.summary())
     bar, update = training_bar(trainer.config.num_steps, trainer.step)
     try:
         return _report(trainer.train(progress=update))
@@ -54,9 +56,38 @@ def cmd_resume(args: argparse.Namespace) -> int:
         bar.close()
 
 
+def _memory_overrides(config, args: argparse.Namespace) -> None:
+    """--base-dtype, --blocks-to-swap, --gradient-checkpointing, --offload-activations over the YAML."""
+    for name in ("base_dtype", "blocks_to_swap", "gradient_checkpointing", "offload_activations"):
+        value = getattr(args, name, None)
+        if value is not None:
+            setattr(config, name, value)
+    config.validate()
+
+
+def _auto_int(text: str):
+    return "auto" if text == "auto" else int(text)
+
+
+def _auto_bool(text: str):
+    choices = {"auto": "auto", "on": True, "true": True, "off": False, "false": False}
+    if text.lower() not in choices:
+        raise argparse.ArgumentTypeError(f"expected auto, on or off, got {text!r}")
+    return choices[text.lower()]
+
+
+def _add_memory_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("memory (default: the config's; auto picks the fastest setting that fits the GPU)")
+    g.add_argument("--base-dtype", choices=("auto", "bf16", "fp8", "fp32"), help="storage of the frozen base weights")
+    g.add_argument("--blocks-to-swap", type=_auto_int, metavar="N|auto", help="blocks streamed from CPU memory")
+    g.add_argument("--gradient-checkpointing", type=_auto_bool, metavar="auto|on|off")
+    g.add_argument("--offload-activations", type=_auto_bool, metavar="auto|on|off")
+
+
 def add_cli(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a relation LoRA triplet from a YAML config")
     p.add_argument("config", help="YAML file of TrainConfig options (see README)")
+    _add_memory_args(p)
     p.add_argument("--output-dir", help="override output_dir of the config")
     p.add_argument("--overwrite", action="store_true", help="start over even if output_dir has checkpoints")
     p.add_argument("--resume", action="store_true",

@@ -95,16 +95,24 @@ def config_from_diffusers_state_dict(sd: dict[str, torch.Tensor]) -> dict:
 
 
 def load_genmo_file(path: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """A genmo / ComfyUI Mochi DiT `.safetensors` -> diffusers MochiTransformer3DModel."""
+    """A genmo / ComfyUI Mochi DiT `.safetensors` -> diffusers MochiTransformer3DModel.
+
+    Scaled fp8 files (ComfyUI's `mochi_preview_fp8_scaled.safetensors`) keep their fp8 Linear
+    weights with their scales (as `fp8.FrozenLinear`); every other tensor is cast to `dtype`."""
     from accelerate import init_empty_weights
     from diffusers import MochiTransformer3DModel
 
+    from . import fp8
+
     path = Path(path)
     raw = _load_safetensors(path)
+    raw, scales, _ = fp8.split_scales(raw, str(path))  # fp8 marker and scale keys out of the way
     try:
         sd = dit_keys.genmo_to_diffusers(raw)
+        module_scales = fp8.convert_scales(raw, scales, dit_keys.genmo_to_diffusers) if scales else {}
     except KeyLayoutError as e:
         raise ModelFileError(f"{path}: not a Mochi DiT in genmo/ComfyUI key layout: {e}") from e
+    del raw
     config = config_from_diffusers_state_dict(sd)
     with init_empty_weights():
         model = MochiTransformer3DModel(**config)
@@ -112,7 +120,19 @@ def load_genmo_file(path: str | Path, dtype: torch.dtype = torch.float32) -> tor
     for k, t in sd.items():
         if k in expected and expected[k].shape != t.shape:
             raise ModelFileError(f"{path}: {k} has shape {tuple(t.shape)}, a Mochi with config {config} expects {tuple(expected[k].shape)}")
-    model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=True, assign=True)
+    linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    for k in list(sd):
+        t, module = sd[k], k.rpartition(".")[0]
+        if fp8.is_fp8(t.dtype) and not (k.endswith(".weight") and module in linears):
+            # an fp8 tensor outside a Linear weight: dequantise it (scale 1 where none is given)
+            scale = module_scales.pop(module, None)
+            sd[k] = t.float() * (scale if scale is not None else 1.0)
+        if not fp8.is_fp8(sd[k].dtype):
+            sd[k] = sd[k].to(dtype)
+    model.load_state_dict(sd, strict=True, assign=True)
+    if any(fp8.is_fp8(t.dtype) for t in sd.values()):
+        fp8.attach_scales(model, module_scales, str(path))
+        fp8.freeze_linears(model)  # unscaled fp8 Linears (scale 1) and the rest: one Linear type
     return model.eval()
 
 

@@ -45,7 +45,6 @@ class TrainConfig:
     grad_clip: float = 0.0  # 0: no clipping (reference)
     batch_size: int = 1
     caption_dropout: float = 0.1
-    gradient_checkpointing: bool = False
     mixed_precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; or "bf16" / "no"
     device: str = "auto"  # auto: cuda if available
     seed: int = 0
@@ -53,6 +52,13 @@ class TrainConfig:
     checkpoint_every: int = 200
     keep_checkpoints: int = 3  # 0 keeps all
     save_dtype: str = "bf16"  # dtype of exported LoRA files: bf16 or fp32
+    # memory (`python -m dreamrelation_core memory` predicts a setting's peak GPU memory). "auto":
+    # on CUDA the fastest setting that fits the free GPU memory; on the CPU weights as loaded,
+    # no swap, no checkpointing, no offload.
+    base_dtype: str = "auto"  # frozen Linear weights: auto, bf16, fp8 (per-tensor scaled e4m3) or fp32
+    blocks_to_swap: int | str = "auto"  # blocks whose frozen weights stream from CPU memory: auto or 0..num_layers
+    gradient_checkpointing: bool | str = "auto"  # auto (on for CUDA), true or false
+    offload_activations: bool | str = "auto"  # checkpointed block inputs in CPU memory: auto, true or false
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -77,6 +83,18 @@ class TrainConfig:
         need(self.save_dtype in ("bf16", "fp32"), f"save_dtype must be bf16 or fp32, got {self.save_dtype!r}")
         need(self.positives_per_anchor >= 1, f"positives_per_anchor must be >= 1, got {self.positives_per_anchor}")
         need(self.rcl_temperature > 0, f"rcl_temperature must be > 0, got {self.rcl_temperature}")
+        self._validate_memory(need)
+
+    def _validate_memory(self, need) -> None:
+        need(self.base_dtype in ("auto", "bf16", "fp8", "fp32"), f"base_dtype must be auto, bf16, fp8 or fp32, got {self.base_dtype!r}")
+        swap = self.blocks_to_swap
+        need(swap == "auto" or (isinstance(swap, int) and not isinstance(swap, bool) and swap >= 0),
+             f"blocks_to_swap must be auto or an integer >= 0, got {swap!r}")
+        for name in ("gradient_checkpointing", "offload_activations"):
+            v = getattr(self, name)
+            need(v == "auto" or isinstance(v, bool), f"{name} must be auto, true or false, got {v!r}")
+        need(not (self.offload_activations is True and self.gradient_checkpointing is False),
+             "offload_activations needs gradient_checkpointing (it offloads the checkpointed block inputs)")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -65,6 +65,9 @@ APPLIED_ON_RESUME: dict[str, str] = {
     "save_dtype": "LoRA files are written in the new dtype",
     "device": "training continues on the new device",
     "gradient_checkpointing": "memory/speed only; the result is the same",
+    "blocks_to_swap": "memory/speed only; the result is the same",
+    "offload_activations": "memory/speed only; the result is the same",
+    "base_dtype": "the frozen base weights are stored in the new precision from now on",
 }
 # Compared through run.json (content identity) instead of by path; by path where run.json is missing.
 _BY_IDENTITY = {"cache_dir": "data", "transformer": "transformer"}

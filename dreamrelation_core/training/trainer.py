@@ -134,12 +134,8 @@ class Trainer:
         self._check_clips()
         torch.manual_seed(config.seed)
         base_dtype = torch.bfloat16 if self.autocast else torch.float32
-        self.model = make_trainable(model if model is not None else load_transformer(config, base_dtype)).to(self.device)
-        triplet.add_triplet(self.model, config.rank, config.alpha, config.dropout)
-        for _, p in triplet.lora_parameters(self.model):
-            p.data = p.data.float()  # fp32 master weights whatever the base dtype
-        if config.gradient_checkpointing:
-            self.model.enable_gradient_checkpointing()
+        self.model = make_trainable(model if model is not None else load_transformer(config, base_dtype))
+        self._prepare_memory()
         self.model.train()
         params = [p for _, p in triplet.lora_parameters(self.model)]
         self.optimizer = torch.optim.AdamW(
@@ -160,6 +156,22 @@ class Trainer:
         self.step = 0
         self.history: list[dict[str, Any]] = []
         self.checkpoint_saved: Callable[[Path], None] | None = None  # called with each checkpoint written
+
+    # -- memory (training/memory): options, estimate, fp8 storage, LoRA, swap, checkpointing ------
+    def _prepare_memory(self) -> None:
+        """Resolve the memory options (on CUDA: refuse before moving the model when they cannot
+        fit), then freeze the base in its storage dtype, add the LoRA triplet (fp32), set up block
+        swap, move to the device, enable checkpointing."""
+        from .memory.policy import resolve
+        from .memory.setup import prepare_model
+
+        cfg = self.config
+        t, h, w = self.clips[0].mask1.shape
+        self.memory = resolve(cfg, self.device, self.model, (int(t), int(h), int(w)))
+        log.info(self.memory.summary())
+        prepared = prepare_model(self.model, self.memory.options, self.device, rank=cfg.rank, alpha=cfg.alpha,
+                                 dropout=cfg.dropout)
+        self.swap, self.offload = prepared.swap, prepared.offload
 
     # -- data ----------------------------------------------------------------------------------
     def _load_clips(self) -> list[Clip]:

@@ -1,0 +1,84 @@
+"""`memory`: predicted peak GPU memory of a training step, and the fastest options that fit."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must be HEIGHTxWIDTH, e.g. 480x848, got {text!r}") from None
+    return h, w
+
+
+def _on_off(text: str) -> bool:
+    if text.lower() not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}")
+    return text.lower() == "on"
+
+
+def _dims(config_dir: str | None):
+    from ..training.memory.estimate import MochiDims
+
+    if not config_dir:
+        return MochiDims()  # Mochi 1's dimensions (equal to diffusers' defaults; tested)
+    path = Path(config_dir)
+    path = path / "config.json" if path.is_dir() else path
+    try:
+        cfg = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no transformer config.json") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    return MochiDims.from_config({k: v for k, v in cfg.items() if not k.startswith("_")})
+
+
+def options_text(options) -> str:
+    """The options as TrainConfig YAML lines."""
+    return (f"base_dtype: {options.base_dtype}\nblocks_to_swap: {options.blocks_to_swap}\n"
+            f"gradient_checkpointing: {str(options.gradient_checkpointing).lower()}\n"
+            f"offload_activations: {str(options.offload_activations).lower()}")
+
+
+def cmd_memory(args: argparse.Namespace) -> int:
+    from ..training.memory.estimate import estimate, fastest_fitting
+    from ..training.memory.setup import MemoryOptions
+
+    height, width = args.size
+    dims = _dims(args.transformer_config)
+    if args.fit is not None:
+        est = fastest_fitting(args.frames, height, width, args.fit, dims, args.rank)
+        if est is None:
+            print(f"no option set fits {args.fit} GiB at {args.frames} frames, {height}x{width}: "
+                  "use fewer frames or a smaller size")
+            return 1
+        print(f"fastest option set that fits {args.fit} GiB (peak x 1.05 + 0.6 GiB CUDA context):")
+        print(options_text(est.options))
+    else:
+        opts = MemoryOptions(args.base_dtype, args.blocks_to_swap, args.gradient_checkpointing, args.offload_activations)
+        est = estimate(args.frames, height, width, opts, dims, args.rank)
+    print(est.report())
+    print(f"peak_gib={est.peak_gib:.2f}")
+    return 0
+
+
+def add_cli(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "memory", help="predict the peak GPU memory of a training step; --fit GIB finds the fastest options that fit",
+        description="Analytic peak GPU memory of one training step (validated against a meta-device trace of the "
+                    "real step, see benchmarks/train_memory.py). The last line is peak_gib=<live tensors at the peak>.",
+    )
+    p.add_argument("--frames", type=int, required=True, help="clip length in frames (1 + 6k: 37, 61, ...)")
+    p.add_argument("--size", type=_size, required=True, help="HEIGHTxWIDTH of the clip, e.g. 480x848")
+    p.add_argument("--base-dtype", choices=("bf16", "fp8"), default="bf16", help="storage of the frozen weights")
+    p.add_argument("--blocks-to-swap", type=int, default=0, help="transformer blocks streamed from CPU memory")
+    p.add_argument("--gradient-checkpointing", type=_on_off, default=True, help="on (default) or off")
+    p.add_argument("--offload-activations", action="store_true", help="checkpointed block inputs in CPU memory")
+    p.add_argument("--fit", type=float, metavar="GIB", help="GPU memory in GiB: print the fastest option set that fits")
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
+    p.add_argument("--transformer-config", help="a diffusers transformer config.json (or its folder); default: Mochi 1")
+    p.set_defaults(func=cmd_memory)

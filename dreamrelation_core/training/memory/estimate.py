@@ -1,0 +1,306 @@
+"""Analytic peak GPU memory of one training step of the relation LoRA triplet on Mochi
+(docs/method.md "Training memory").
+
+Every term is a tensor the step holds at its peak, counted from the model's dimensions
+(`MochiDims`, read from diffusers' `MochiTransformer3DModel` config) and the clip's token counts;
+`trace.py` measures the same step on the meta device and the tests hold the two within 10 %.
+Notation: N visual tokens (T_lat * h/2 * w/2), L text tokens (256), S = N + L, d = 3072 visual
+width (24 heads x 128), c = 1536 text width, f = 8d/3 and fc = 8c/3 feed-forward widths.
+
+Where the peak is: in backward, at the RMSNorm backward of the last block's feed-forward
+output (its first backward op), when all that block's saved tensors are still alive and the norm's
+fp32 backward temporaries are at their largest. Before it: with gradient checkpointing the 48
+block inputs plus the last block recomputed; without, every block's saved tensors.
+
+What a block saves for backward under CUDA bf16 autocast (diffusers 0.42's Mochi block, frozen
+weights, LoRA on the attention projections; bytes per token):
+- each RMSNorm of the residual streams (norm1..4; norm1's only once the input needs a gradient,
+  i.e. not in block 0) saves its fp32 input copy: 4d;
+- the LoRA layers on Q/K/V save their common bf16 input: 2d (the frozen base saves nothing);
+- the Q and K RMSNorms save the fp32 copy and the bf16 input: 2 x 6d;
+- attention (a flash kernel) saves q, k, v and the output (bf16, S rows) and the log-sum-exp
+  (fp32 per head): 8d per row + 4 * heads; the output projections' LoRAs save the flattened
+  attention output: 2d per row;
+- the SwiGLU feed-forward saves its projection output (2f wide) and the SiLU output (f): 6f;
+- the text stream the same with c, fc and L (its Q/K norms are d wide; the last block has no
+  text feed-forward or output projection).
+Outside the blocks: RoPE cos/sin (fp32, [N, heads, 64] each: 4d), the output LayerNorm's fp32
+input (4d), the loss (a few [N, 48] tensors, ignored). Gradient checkpointing keeps the block
+inputs (bf16 hidden and text states: 2d per token + 2c per text token) instead; offloading
+keeps them on the host (the recomputed block's input comes back). The transient at the peak: the
+incoming bf16 gradient (2d) and five fp32 [N, d] temporaries of the norm backward (20d).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field, replace
+
+from ...errors import TrainingError
+from ...lora.layout import ADAPTER_MODULES, target_modules
+from .setup import MemoryOptions
+from .swap import _align
+
+GIB = 1024**3
+STORAGE_BYTES = {"fp32": 4, "bf16": 2, "fp8": 1}
+COMPUTE_BYTES = 2  # bf16 autocast on CUDA
+# What the CUDA context, cuBLAS workspaces and allocator fragmentation take beyond the peak
+# of live tensors (typical figures, not measured here: no GPU was available).
+CONTEXT_GIB = 0.6
+FRAGMENTATION = 0.05
+
+
+def latent_shape(frames: int, height: int, width: int) -> tuple[int, int, int]:
+    """(T, h, w) of Mochi's latents: 6x temporal with a causal first frame, 8x spatial."""
+    if frames < 1 or (frames - 1) % 6:
+        raise TrainingError(f"frames must be 1 + 6k (25, 31, 37, ..., 61, ...), got {frames}")
+    if height % 16 or width % 16:
+        raise TrainingError(f"size {height}x{width}: height and width must be multiples of 16")
+    return 1 + (frames - 1) // 6, height // 8, width // 8
+
+
+@dataclass(frozen=True)
+class MochiDims:
+    """The dimensions of a MochiTransformer3DModel config that set its memory."""
+
+    layers: int = 48
+    heads: int = 24
+    head_dim: int = 128
+    text_width: int = 1536  # pooled_projection_dim
+    text_embed_dim: int = 4096  # T5 features
+    time_embed_dim: int = 256
+    patch: int = 2
+    in_channels: int = 12
+    out_channels: int = 12
+    text_len: int = 256  # max_sequence_length
+
+    @property
+    def d(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def f(self) -> int:
+        return (4 * self.d * 2) // 3
+
+    @property
+    def fc(self) -> int:
+        return (4 * self.text_width * 2) // 3
+
+    @classmethod
+    def from_config(cls, config: dict | None = None) -> MochiDims:
+        """From MochiTransformer3DModel keyword arguments; missing ones take diffusers' defaults
+        (the full-size Mochi 1)."""
+        from diffusers import MochiTransformer3DModel
+
+        cfg = {k: p.default for k, p in inspect.signature(MochiTransformer3DModel.__init__).parameters.items()
+               if p.default is not inspect.Parameter.empty}
+        cfg.update(config or {})
+        return cls(
+            layers=cfg["num_layers"], heads=cfg["num_attention_heads"], head_dim=cfg["attention_head_dim"],
+            text_width=cfg["pooled_projection_dim"], text_embed_dim=cfg["text_embed_dim"],
+            time_embed_dim=cfg["time_embed_dim"], patch=cfg["patch_size"], in_channels=cfg["in_channels"],
+            out_channels=cfg["out_channels"] or cfg["in_channels"], text_len=cfg["max_sequence_length"],
+        )
+
+    # -- parameters ----------------------------------------------------------------------------
+    def block_linears(self, i: int) -> list[tuple[str, int, int, bool]]:
+        """(module, in, out, bias) of block i's Linears."""
+        d, c, last = self.d, self.text_width, i == self.layers - 1
+        out = [("norm1.linear", d, 4 * d, True),
+               ("norm1_context.linear_1", d, c, True) if last else ("norm1_context.linear", d, 4 * c, True)]
+        out += [(f"attn1.{n}", d, d, False) for n in ("to_q", "to_k", "to_v")]
+        out += [(f"attn1.{n}", c, d, False) for n in ("add_q_proj", "add_k_proj", "add_v_proj")]
+        out += [("attn1.to_out.0", d, d, True), ("ff.net.0.proj", d, 2 * self.f, False), ("ff.net.2", self.f, d, False)]
+        if not last:
+            out += [("attn1.to_add_out", d, c, True), ("ff_context.net.0.proj", c, 2 * self.fc, False),
+                    ("ff_context.net.2", self.fc, c, False)]
+        return out
+
+    def outer_linears(self) -> list[tuple[str, int, int, bool]]:
+        d, t = self.d, self.text_embed_dim
+        return [
+            ("time_embed.timestep_embedder.linear_1", self.time_embed_dim, d, True),
+            ("time_embed.timestep_embedder.linear_2", d, d, True),
+            ("time_embed.pooler.to_kv", t, 2 * t, True), ("time_embed.pooler.to_q", t, t, True),
+            ("time_embed.pooler.to_out", t, d, True), ("time_embed.caption_proj", t, self.text_width, True),
+            ("norm_out.linear", d, 2 * d, True), ("proj_out", d, self.patch**2 * self.out_channels, True),
+        ]
+
+    def other_params(self) -> int:
+        """Parameters that are not Linear weights or biases (norm weights, patch conv, RoPE)."""
+        per_block = 4 * self.head_dim  # norm_q, norm_k, norm_added_q, norm_added_k
+        conv = self.in_channels * self.patch**2 * self.d + self.d
+        return self.layers * per_block + conv + 3 * self.heads * (self.head_dim // 2)
+
+    def lora_params(self, rank: int) -> int:
+        return sum(self.lora_block_params(rank))
+
+    def lora_block_params(self, rank: int) -> list[int]:
+        """LoRA parameters of each block (the triplet's target modules, see lora.layout)."""
+        shapes = {"to_q": (self.d, self.d), "to_k": (self.d, self.d), "to_v": (self.d, self.d),
+                  "add_q_proj": (self.text_width, self.d), "add_k_proj": (self.text_width, self.d),
+                  "add_v_proj": (self.text_width, self.d), "to_out.0": (self.d, self.d),
+                  "to_add_out": (self.d, self.text_width)}
+        per_block = [0] * self.layers
+        for adapter in ADAPTER_MODULES:
+            for path in target_modules(adapter, self.layers):
+                block, sub = path.removeprefix("transformer_blocks.").split(".attn1.")
+                i, o = shapes[sub]
+                per_block[int(block)] += rank * (i + o)
+        return per_block
+
+
+@dataclass
+class Estimate:
+    options: MemoryOptions
+    frames: int
+    height: int
+    width: int
+    tokens: int
+    parts: dict[str, int] = field(default_factory=dict)  # bytes
+
+    @property
+    def peak(self) -> int:
+        return sum(self.parts.values())
+
+    @property
+    def peak_gib(self) -> float:
+        return self.peak / GIB
+
+    def needed_gib(self) -> float:
+        """GPU memory a run needs: the peak plus fragmentation and the CUDA context."""
+        return self.peak_gib * (1 + FRAGMENTATION) + CONTEXT_GIB
+
+    def report(self) -> str:
+        lines = [f"options: {self.options.label()}  ({self.frames} frames, {self.height}x{self.width}, {self.tokens} visual tokens)"]
+        for name, label in PART_LABELS.items():
+            lines.append(f"  {label:<24} {self.parts[name] / GIB:8.2f} GiB")
+        lines.append(f"  {'peak (live tensors)':<24} {self.peak_gib:8.2f} GiB")
+        lines.append(f"  {'GPU needed (+5 %, +ctx)':<24} {self.needed_gib():8.2f} GiB")
+        return "\n".join(lines)
+
+
+PART_LABELS = {
+    "weights": "weights resident", "swap_buffers": "swap buffers", "lora": "LoRA + optimizer",
+    "activations": "activations", "attention": "attention workspace",
+}
+
+
+def estimate(
+    frames: int, height: int, width: int, options: MemoryOptions, dims: MochiDims | None = None, rank: int = 16,
+) -> Estimate:
+    """Predicted peak GPU memory of one training step, split into PART_LABELS."""
+    est = estimate_latent(latent_shape(frames, height, width), options, dims, rank)
+    est.frames, est.height, est.width = frames, height, width
+    return est
+
+
+def estimate_latent(
+    latent: tuple[int, int, int], options: MemoryOptions, dims: MochiDims | None = None, rank: int = 16, batch: int = 1,
+) -> Estimate:
+    """`estimate` from the latent shape (T, h, w); a batch of B clips holds B times the
+    activations (an approximation for B > 1)."""
+    dims = dims or MochiDims()
+    if options.base_dtype not in ("bf16", "fp8"):
+        raise TrainingError(f"the GPU memory estimate covers base_dtype bf16 and fp8, not {options.base_dtype!r}")
+    t, h, w = latent
+    n = t * (h // dims.patch) * (w // dims.patch)
+    act, att, grads = _activations(dims, options, n, dims.text_len, rank)
+    act, att = act * batch, att * batch
+    parts = {
+        **_weights(dims, options),
+        # fp32 weights and AdamW's two moments; the gradients that exist at the peak
+        "lora": dims.lora_params(rank) * 4 * 3 + grads,
+        "activations": act, "attention": att,
+    }
+    return Estimate(options, 1 + 6 * (t - 1), 8 * h, 8 * w, n, {k: parts[k] for k in PART_LABELS})
+
+
+def _weights(dims: MochiDims, options: MemoryOptions) -> dict[str, int]:
+    wb, scale = STORAGE_BYTES[options.base_dtype], 4 if options.base_dtype == "fp8" else 0
+    swapped = set(range(min(options.blocks_to_swap, dims.layers)))
+
+    def linears_bytes(linears, resident_weights: bool) -> int:
+        return sum((i * o * wb if resident_weights else 0) + scale + (o * COMPUTE_BYTES if b else 0)
+                   for _, i, o, b in linears)
+
+    resident = linears_bytes(dims.outer_linears(), True) + dims.other_params() * COMPUTE_BYTES
+    resident += sum(linears_bytes(dims.block_linears(i), i not in swapped) for i in range(dims.layers))
+    slot = max((sum(_align(i * o * wb) for _, i, o, _ in dims.block_linears(b)) for b in swapped), default=0)
+    return {"weights": resident, "swap_buffers": slot * min(2, len(swapped))}
+
+
+def _block_saved(dims: MochiDims, i: int, n: int, l: int) -> tuple[int, int]:
+    """(activations, attention) bytes block i saves for backward (see the module docstring)."""
+    d, c, s, first, last = dims.d, dims.text_width, n + l, i == 0, i == dims.layers - 1
+    vis = (3 if first else 4) * 4 * d + 2 * d + 2 * 6 * d + 6 * dims.f
+    txt = 2 * c + 2 * 6 * d  # LoRA input, added Q/K norms
+    if last:
+        txt += 4 * c  # the text modulation norm (norm1_context); no text feed-forward
+    else:
+        txt += (3 if first else 4) * 4 * c + 6 * dims.fc
+    attention = s * (4 * 2 * d + 4 * dims.heads)
+    return n * vis + l * txt + s * 2 * d, attention
+
+
+def _activations(dims: MochiDims, options: MemoryOptions, n: int, l: int, rank: int) -> tuple[int, int, int]:
+    """(activations, attention, LoRA gradients) at the peak: the backward of the block i where
+    the sum is largest (i = last block, except with offloaded inputs, where the LoRA gradients of
+    the blocks done make block 1's backward the peak; block 0 saves less)."""
+    d, c, layers = dims.d, dims.text_width, dims.layers
+    rope = n * 4 * d  # cos and sin, fp32, shared by all blocks until the end of backward
+    transient = n * (2 * d + 5 * 4 * d)  # incoming bf16 gradient, five fp32 norm-backward temporaries
+    block_input = n * 2 * d + l * 2 * c  # a checkpoint keeps its block's inputs (bf16)
+    saved = [_block_saved(dims, i, n, l) for i in range(layers)]
+    lora = dims.lora_block_params(rank)
+    grads_after = [4 * sum(lora[i + 1:]) for i in range(layers)]  # fp32 gradients of the blocks done
+    best, held_act, held_att = (-1, 0, 0, 0), 0, 0
+    for i in range(layers):
+        held_act, held_att = held_act + saved[i][0], held_att + saved[i][1]
+        if options.gradient_checkpointing:  # block i recomputed; inputs of blocks 0..i still kept
+            act, att = saved[i]
+            act += 0 if options.offload_activations else (i + 1) * block_input
+        else:  # blocks 0..i still hold what they saved
+            act, att = held_act, held_att
+        total = act + att + grads_after[i]
+        if total > best[0]:
+            best = (total, act, att, grads_after[i])
+    return best[1] + rope + transient, best[2], best[3]
+
+
+# ---------------------------------------------------------------------------------------------
+# option search
+
+
+def option_ladder(layers: int = 48, both_dtypes: bool = False) -> list[MemoryOptions]:
+    """Option sets from fastest to slowest: bf16 < fp8 (cheap upcast), no checkpointing <
+    checkpointing (a second forward), then more and more blocks swapped, then the checkpointed
+    inputs offloaded as well (with 0..all blocks swapped). `both_dtypes` appends the bf16
+    versions of the swap/offload rungs (only reached when the user fixes base_dtype: bf16)."""
+    out = [MemoryOptions("bf16", 0, False), MemoryOptions("fp8", 0, False),
+           MemoryOptions("bf16", 0, True), MemoryOptions("fp8", 0, True)]
+    for dtype in ("fp8", "bf16") if both_dtypes else ("fp8",):
+        out += [MemoryOptions(dtype, k, True) for k in range(1, layers + 1)]
+        out += [MemoryOptions(dtype, k, True, True) for k in range(0, layers + 1)]
+    return out
+
+
+def fastest_fitting(
+    frames: int, height: int, width: int, budget_gib: float, dims: MochiDims | None = None, rank: int = 16,
+    allow_fp8: bool = True, context: bool = True,
+) -> Estimate | None:
+    """The first option set of `option_ladder` whose need fits `budget_gib` (context=False: the
+    budget is free memory measured in a running process, the CUDA context already paid)."""
+    dims = dims or MochiDims()
+    for opts in option_ladder(dims.layers):
+        if opts.base_dtype == "fp8" and not allow_fp8:
+            continue
+        est = estimate(frames, height, width, opts, dims, rank)
+        need = est.needed_gib() if context else est.peak_gib * (1 + FRAGMENTATION)
+        if need <= budget_gib:
+            return est
+    return None
+
+
+def with_options(est: Estimate, **changes) -> MemoryOptions:
+    return replace(est.options, **changes)
