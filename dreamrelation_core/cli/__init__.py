@@ -11,10 +11,10 @@ import logging
 import sys
 
 from ..errors import DreamRelationError
-from . import demo, export, masks, prepare, train
+from . import analyze, demo, export, masks, prepare, train
 
 # in `--help` order
-_FAMILIES = (prepare, masks, train, export, demo)
+_FAMILIES = (prepare, masks, train, export, demo, analyze)
 
 
 def build_parser() -> argparse.ArgumentParser:
