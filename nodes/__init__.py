@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import dataset, evaluation, lora, masks, sampler, train
+from . import analysis, dataset, evaluation, lora, masks, sampler, train
 
 # Families in menu order.
-FAMILIES = (masks, dataset, train, lora, sampler, evaluation)
+FAMILIES = (masks, dataset, train, lora, sampler, analysis, evaluation)
 
 
 def node_list() -> list[type[io.ComfyNode]]:

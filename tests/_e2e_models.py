@@ -135,21 +135,9 @@ def write_mask_models(models_dir: Path, names: TinyModels) -> None:
     write_vocab(models_dir / "bert-base-uncased")
     write_sam(models_dir / "sams" / names.sam)
     if has_sam2():
+        from fixtures.mask_models import write_sam2_seeing_objects
+
         write_sam2_seeing_objects(models_dir / "sam2" / names.sam2)
-
-
-def write_sam2_seeing_objects(path: Path, seed: int = 0) -> None:
-    """The tiny SAM 2 (+ its `.yaml` sidecar), its object-score head biased to "object present":
-    with random weights SAM 2 reports no object on any frame and propagates empty masks."""
-    from fixtures.mask_models import tiny_sam2, tiny_sam2_overrides
-
-    model = tiny_sam2(seed)
-    head = model.sam_mask_decoder.pred_obj_score_head
-    with torch.no_grad():
-        (head.layers[-1] if hasattr(head, "layers") else head).bias.fill_(10.0)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": model.state_dict()}, path)
-    write_sam2_sidecar(Path(str(path) + ".yaml"), tiny_sam2_overrides())
 
 
 def has_sam2() -> bool:
@@ -157,18 +145,6 @@ def has_sam2() -> bool:
     import importlib.util
 
     return all(importlib.util.find_spec(m) is not None for m in ("sam2", "hydra"))
-
-
-def write_sam2_sidecar(path: Path, overrides: dict) -> None:
-    """The tiny SAM 2's config beside its weights (the loader reads `<file>.yaml` when present)."""
-    from omegaconf import OmegaConf
-
-    from dreamrelation_core.masks.sam import sam2_config_path
-
-    cfg = OmegaConf.load(sam2_config_path("sam2.1_hiera_t"))
-    for key, value in overrides.items():
-        OmegaConf.update(cfg, f"model.{key}", value, merge=True, force_add=True)
-    OmegaConf.save(cfg, path)
 
 
 def write_tiny_models(models_dir: Path, names: TinyModels | None = None) -> TinyModels:

@@ -26,7 +26,7 @@ FLOORS: list[tuple[str, ...]] = [
     ("fileio", "dtypes", "statedict"),
     ("mochi",),
     ("lora", "data"),
-    ("training", "masks", "evaluation"),
+    ("training", "masks", "evaluation", "analysis"),
     ("generate",),
     ("cli",),
     ("__main__",),
@@ -73,12 +73,22 @@ def imports_of(module: str, path: Path) -> list[Import]:
                       str(path.relative_to(ROOT)))
 
 
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
 def imports_in(source: str, module: str, is_package: bool, rel: str) -> list[Import]:
     """Every import in the source, top level or nested, as absolute dotted names: `from X import y`
     gives X.y (a submodule or a name in X: `_core_target` tells which)."""
     tree = ast.parse(source, filename=rel)
+    # `if TYPE_CHECKING:` imports are for type checkers only: never executed, so no edge
+    typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If) and _is_type_checking(block.test)
+                   for stmt in block.body for n in ast.walk(stmt)}
     found: list[Import] = []
     for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.Import):
             found += [Import(module, a.name, rel, node.lineno) for a in node.names]
         elif isinstance(node, ast.ImportFrom):
