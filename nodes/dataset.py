@@ -1,18 +1,26 @@
-"""DreamRelation Dataset node: a relation dataset folder, validated for training.
+"""DreamRelation dataset nodes.
 
-Checks what `prepare` checks before encoding (captions, masks present and matching their
-videos, mask colours, clip length, size) and outputs a DREAMRELATION_DATASET object
-(`dreamrelation_core.data.dataset.DatasetSpec`) plus a readable report.
+Dataset: a relation dataset folder, validated for training. Checks what `prepare` checks before
+encoding (captions, masks present and matching their videos, mask colours, clip length, size) and
+outputs a DREAMRELATION_DATASET object (`dreamrelation_core.data.dataset.DatasetSpec`) plus a
+readable report.
+
+Add To Dataset: one exemplar (frames, two subject masks, caption) appended to a dataset folder in
+ComfyUI's input folder (`dreamrelation_core.data.exemplars.add_exemplar`), so a dataset is built
+in the graph without placing files by hand.
 """
 
 from __future__ import annotations
 
-from comfy_api.latest import io
+import numpy as np
+import torch
+from comfy_api.latest import io, ui
 
 from dreamrelation_core.data.dataset import describe_dataset, folder_stamp
+from dreamrelation_core.errors import DatasetError
 
 from .comfy_types import Dataset
-from .paths import resolve_dataset_folder
+from .paths import resolve_dataset_folder, resolve_dataset_path
 
 
 class DreamRelationDataset(io.ComfyNode):
@@ -52,4 +60,66 @@ class DreamRelationDataset(io.ComfyNode):
         return io.NodeOutput(spec, spec.report())
 
 
-NODES: list[type[io.ComfyNode]] = [DreamRelationDataset]
+def _uint8_frames(images: torch.Tensor) -> np.ndarray:
+    """IMAGE [F, H, W, 3] float 0..1 -> uint8 [F, H, W, 3] (rounded, as ComfyUI's image savers do)."""
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise DatasetError(f"images: expected IMAGE frames [F, H, W, 3], got shape {tuple(images.shape)}")
+    return (images.detach().cpu().float().clamp(0, 1) * 255.0).round().to(torch.uint8).numpy()
+
+
+def _bool_mask(mask: torch.Tensor, what: str) -> np.ndarray:
+    """MASK [F, H, W] (or one [H, W] frame) -> bool [F, H, W]."""
+    m = mask.detach().cpu()
+    if m.ndim == 2:
+        m = m[None]
+    if m.ndim != 3:
+        raise DatasetError(f"{what}: expected a MASK [frames, height, width], got shape {tuple(mask.shape)}")
+    return (m > 0.5).numpy()
+
+
+class DreamRelationAddToDataset(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DreamRelationAddToDataset",
+            display_name="DreamRelation Add To Dataset",
+            category="DreamRelation/training",
+            description=("Append one exemplar (video frames, the two subjects' masks, a caption) to a relation dataset "
+                         "folder in ComfyUI's input folder, checked as the Dataset node checks it; the same exemplar "
+                         "added twice is stored once."),
+            is_output_node=True,
+            inputs=[
+                io.Image.Input("images", tooltip=(
+                    "the video's frames (e.g. Load Video -> Get Video Components): 6k + 1 of them (7, 13, ..., 61); "
+                    "stored losslessly as <clip_name>/frame0000.png ...")),
+                io.Mask.Input("subject1_mask", tooltip="subject 1's mask on every frame (Subject Masks' subject1)"),
+                io.Mask.Input("subject2_mask", tooltip="subject 2's mask on every frame (Subject Masks' subject2)"),
+                io.String.Input("caption", default="", multiline=True, tooltip=(
+                    "what happens in the clip, e.g. 'a person shaking hands with another person'; saved as "
+                    "<clip_name>.txt")),
+                io.String.Input("dataset", default="relations/shaking_hands", tooltip=(
+                    "dataset folder, one per relation, inside ComfyUI's input folder (made if missing); feed the "
+                    "output to the Dataset node's folder")),
+                io.String.Input("clip_name", default="", tooltip=(
+                    "the exemplar's file name (letters, digits, . _ - space); empty: clip_<content hash>, so the "
+                    "same exemplar always gets the same name")),
+            ],
+            outputs=[
+                io.String.Output(display_name="dataset"),
+                io.String.Output(display_name="report"),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, images: torch.Tensor, subject1_mask: torch.Tensor, subject2_mask: torch.Tensor, caption: str,
+                dataset: str, clip_name: str) -> io.NodeOutput:
+        from dreamrelation_core.data.exemplars import add_exemplar, check_dataset_name
+
+        name = check_dataset_name(dataset)
+        folder = resolve_dataset_path(name)
+        added = add_exemplar(folder, clip_name, _uint8_frames(images), _bool_mask(subject1_mask, "subject1_mask"),
+                             _bool_mask(subject2_mask, "subject2_mask"), caption)
+        return io.NodeOutput(name, added.report, ui=ui.PreviewText(added.report))
+
+
+NODES: list[type[io.ComfyNode]] = [DreamRelationDataset, DreamRelationAddToDataset]

@@ -280,6 +280,8 @@ class DreamRelationSubjectMasks(io.ComfyNode):
                 io.Mask.Output(display_name="subject2"),
                 io.Mask.Output(display_name="relation"),
                 io.Image.Output(display_name="preview"),
+                io.String.Output(display_name="notes", tooltip=(
+                    "per subject, the frames where its mask is empty, and what else the extractor noticed")),
             ],
         )
 
@@ -315,7 +317,13 @@ class DreamRelationSubjectMasks(io.ComfyNode):
             log.info("DreamRelation Subject Masks: %s", note)
         view = torch.from_numpy(preview(frames, result)).float() / 255.0
         return io.NodeOutput(_tensor_masks(result.subject1), _tensor_masks(result.subject2),
-                             _tensor_masks(result.relation), view)
+                             _tensor_masks(result.relation), view, _notes(result, (prompt1, prompt2)))
+
+
+def _notes(result, prompts: tuple[str, str]) -> str:
+    """Coverage of each subject (always), then the extractor's other notes."""
+    lines = [c.describe(prompts[c.subject - 1]) for c in result.coverage]
+    return "\n".join(lines + [n for n in result.notes if n not in lines])
 
 
 def _stack(mask: torch.Tensor, what: str) -> np.ndarray:

@@ -116,31 +116,45 @@ def test_generate_workflow(comfy_server, tiny_models, tmp_path):
 
 
 def test_masks_workflow(comfy_server, tiny_models, tmp_path):
-    """Load Video -> components -> Subject Masks (tiny Grounding DINO / SAM / SAM 2) -> Save Masks + preview."""
-    from _e2e_models import has_sam2
-    from _e2e_server import missing
-
+    """Load Video -> components -> first 6k + 1 frames -> Subject Masks (tiny Grounding DINO + per-frame SAM, no
+    SAM 2) -> Add To Dataset (frames, masks, caption in input/<dataset>/) + preview + reports in Preview Any."""
+    from dreamrelation_core.data.dataset import describe_dataset
     from dreamrelation_core.data.mask_files import load_masks
     from dreamrelation_core.data.synthetic import write_video
+    from dreamrelation_core.data.video import read_video
     from fixtures.mask_models import two_subject_clip
 
     prompt = tiny_prompt(comfy_server, tiny_models, "dreamrelation_masks.json", tmp_path)
-    if only(prompt, "DreamRelationSubjectMasks")["inputs"]["sam2"] != "none" and not has_sam2():
-        missing("the masks workflow uses SAM 2: install the optional sam2 package")
+    assert only(prompt, "DreamRelationSubjectMasks")["inputs"]["sam2"] == "none"  # runs without the optional SAM 2
     clip = unique("e2e_clip")
-    write_video(comfy_server.input / clip, two_subject_clip(frames=4), "mp4")
+    write_video(comfy_server.input / clip, two_subject_clip(frames=7), "mp4")
     set_inputs(prompt, "LoadVideo", file=f"{clip}.mp4")
     folder = unique("e2e_masks")
-    set_inputs(prompt, "DreamRelationSaveMasks", folder=folder, name=clip)
+    set_inputs(prompt, "DreamRelationAddToDataset", dataset=folder, clip_name=clip)
     run = comfy_server.run(prompt, timeout=180)
     assert_success(run)
-    saved = comfy_server.input / folder / f"{clip}.masks.npz"
-    assert saved.is_file(), sorted(p.name for p in (comfy_server.input / folder).glob("*"))
-    m1, m2 = load_masks(saved)
-    assert m1.shape == m2.shape == (4, 64, 96)
-    assert m1.reshape(4, -1).any(1).all() and m2.reshape(4, -1).any(1).all(), "empty masks saved"
+    dataset = comfy_server.input / folder
+    assert (dataset / clip / "frame0006.png").is_file(), sorted(p.name for p in dataset.glob("*"))
+    m1, m2 = load_masks(dataset / f"{clip}.masks.npz")
+    assert m1.shape == m2.shape == (7, 64, 96)
+    assert m1.reshape(7, -1).any(1).all() and m2.reshape(7, -1).any(1).all(), "empty masks saved"
+    assert read_video(dataset / clip).shape == (7, 64, 96, 3)
+    assert (dataset / f"{clip}.txt").read_text().strip() == "a person shaking hands with another person"
+    spec = describe_dataset(dataset, 7, (32, 32))  # what the train workflow's Dataset node checks
+    assert [e.name for e in spec.entries] == [clip]
     preview_id = nodes_of(prompt, "PreviewImage")[0][0]
     assert run.outputs[preview_id]["images"]
+    shown = [run.outputs[i]["text"][0] for i, _ in nodes_of(prompt, "PreviewAny")]
+    assert any("added" in t and clip in t for t in shown), shown  # the Add To Dataset report
+    assert any("subject 1 ('person')" in t for t in shown), shown  # the Subject Masks notes
+
+    # The same exemplar queued again under another name is found, not stored twice.
+    set_inputs(prompt, "DreamRelationAddToDataset", clip_name=f"{clip}_again")
+    again = comfy_server.run(prompt, timeout=180)
+    assert_success(again)
+    shown = [again.outputs[i]["text"][0] for i, _ in nodes_of(prompt, "PreviewAny") if i in again.outputs]
+    assert any("already in the dataset" in t for t in shown), shown
+    assert sorted(p.name for p in dataset.glob("*.txt")) == [f"{clip}.txt"]
 
 
 # ---------------------------------------------------------------------------------------------

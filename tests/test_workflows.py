@@ -11,6 +11,8 @@ Needs: ComfyUI (COMFYUI_DIR), Node.js with playwright-core (NODE_PATH) and Chrom
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from _e2e_server import PromptRejected, frontend_problem, missing
 from conftest import ROOT
@@ -19,23 +21,32 @@ pytestmark = pytest.mark.comfyui
 # workflow -> node types it must keep after the frontend's conversion
 WORKFLOWS = {
     "dreamrelation_generate.json": {"DreamRelationRelationLoraLoader", "DreamRelationMochiSamplerPatch",
-                                    "DreamRelationAttentionMaps", "KSampler", "EmptyMochiLatentVideo", "CLIPLoader"},
+                                    "DreamRelationAttentionMaps", "KSampler", "EmptyMochiLatentVideo", "CLIPLoader",
+                                    "PreviewAny"},
     "dreamrelation_train.json": {"DreamRelationDataset", "DreamRelationPrepareDataset", "DreamRelationTrain",
-                                 "VAELoader", "CLIPLoader", "PreviewImage"},
-    "dreamrelation_masks.json": {"LoadVideo", "GetVideoComponents", "DreamRelationSubjectMasks",
-                                 "DreamRelationSaveMasks", "PreviewImage"},
+                                 "VAELoader", "CLIPLoader", "PreviewImage", "PreviewAny"},
+    "dreamrelation_masks.json": {"LoadVideo", "GetVideoComponents", "ImageFromBatch", "DreamRelationSubjectMasks",
+                                 "DreamRelationAddToDataset", "PreviewImage", "PreviewAny"},
+}
+# model files each workflow's canvas note must name (folder/file), ComfyUI's own Mochi example names first
+NOTE_NAMES = {
+    "dreamrelation_generate.json": ["diffusion_models/mochi_preview_bf16.safetensors", "mochi_preview_fp8_scaled",
+                                    "text_encoders/t5xxl_fp16.safetensors", "vae/mochi_vae.safetensors", "loras/"],
+    "dreamrelation_train.json": ["diffusion_models/mochi_preview_bf16.safetensors", "mochi_preview_fp8_scaled",
+                                 "text_encoders/t5xxl_fp16.safetensors", "t5xxl_fp8", "vae/mochi_vae.safetensors"],
+    "dreamrelation_masks.json": ["grounding-dino/groundingdino_swint_ogc.pth", "bert-base-uncased",
+                                 "sams/sam_vit_h_4b8939.pth", "models/sam2/", "pip install sam2"],
 }
 # model / input files the workflows name: empty placeholders are enough, validation only checks names
 # (tiny real models live under other names, see _e2e_models, so no stock loader meets one)
 PLACEHOLDERS = {
-    "diffusion_models": ["mochi_preview_dit_bf16.safetensors"],
+    "diffusion_models": ["mochi_preview_bf16.safetensors"],
     "text_encoders": ["t5xxl_fp16.safetensors"],
     "vae": ["mochi_vae.safetensors"],
     "loras": ["shaking_hands_relation.safetensors"],
     "grounding-dino": ["groundingdino_swint_ogc.pth"],
     "sams": ["sam_vit_h_4b8939.pth"],
-    "sam2": ["sam2.1_hiera_large.safetensors"],
-}
+}  # no SAM 2: the masks workflow must validate without the optional model
 INPUT_PLACEHOLDERS = ["handshake_01.mp4"]  # the masks workflow's example video
 # ComfyUI's own socket types our nodes use; our own all start with DREAMRELATION_
 COMFY_TYPES = {"MODEL", "CLIP", "VAE", "IMAGE", "MASK", "LATENT", "STRING", "INT", "FLOAT", "BOOLEAN", "COMBO"}
@@ -62,7 +73,7 @@ def test_server_lists_our_nodes(server):
     for name in ("DreamRelationRelationLoraLoader", "DreamRelationExportRelationLora",
                  "DreamRelationMochiSamplerPatch", "DreamRelationAttentionMaps", "DreamRelationDataset",
                  "DreamRelationPrepareDataset", "DreamRelationTrain", "DreamRelationSubjectMasks",
-                 "DreamRelationSaveMasks", "DreamRelationLoadMasks", "DreamRelationScoreClip",
+                 "DreamRelationSaveMasks", "DreamRelationLoadMasks", "DreamRelationScoreClip", "DreamRelationQKVAnalysis", "DreamRelationLoraAnalysis",
                  "DreamRelationAddToDataset"):
         assert name in info, f"{name} not registered"
         for section, inputs in info[name]["input"].items():
@@ -73,6 +84,36 @@ def test_server_lists_our_nodes(server):
                 assert spec[0] in COMFY_TYPES or spec[0].startswith("DREAMRELATION_"), f"{name}.{inp}: {spec[0]}"
         for out in info[name]["output"]:
             assert out in COMFY_TYPES or out.startswith("DREAMRELATION_"), f"{name} output type {out}"
+
+
+def _ui(name: str) -> dict:
+    return json.loads((ROOT / "workflows" / name).read_text())
+
+
+def test_every_workflow_is_listed():
+    assert {p.name for p in (ROOT / "workflows").glob("*.json")} == set(WORKFLOWS) == set(NOTE_NAMES)
+
+
+@pytest.mark.parametrize("name", sorted(WORKFLOWS))
+def test_reports_are_shown_and_a_note_names_the_models(name):
+    """Every STRING report / notes output feeds a Preview Any (the stock frontend shows no ui.text otherwise);
+    a Note on the canvas names each model file and its folder."""
+    wf = _ui(name)
+    by_id = {n["id"]: n for n in wf["nodes"]}
+    links = {lk[0]: lk for lk in wf["links"]}
+    for n in wf["nodes"]:
+        if not n["type"].startswith("DreamRelation"):
+            continue
+        for out in n.get("outputs", []):
+            if out["name"] in ("report", "notes"):
+                shown = [by_id[links[i][3]]["type"] for i in out.get("links") or []]
+                assert "PreviewAny" in shown, f"{name}: {n['type']}.{out['name']} is not shown (links to {shown})"
+    notes = [n["widgets_values"][0] for n in wf["nodes"] if n["type"] == "Note"]
+    assert notes, f"{name}: no Note on the canvas"
+    text = "\n".join(notes)
+    for wanted in NOTE_NAMES[name]:
+        assert wanted in text, f"{name}: the note does not name {wanted}"
+    assert "mochi_preview_dit_bf16" not in json.dumps(wf)
 
 
 @pytest.mark.parametrize("name", sorted(WORKFLOWS))
