@@ -31,9 +31,7 @@ EXECUTED = {
     "dreamrelation_masks.json": "test_masks_workflow",
     "dreamrelation_train.json": "test_train_workflow_then_generate_with_its_lora",
 }
-CANCEL_IN_PROGRESS = ("ComfyUI raises its interrupt from inside the progress update, so the in-process trainer's "
-                      "save-on-cancel never runs: the run resumes from its last periodic checkpoint until training "
-                      "moves to a worker process that checkpoints at the current step (issue 9, item 1)")
+
 
 
 def tiny_prompt(server, tiny_models, workflow: str, tmp_path: Path) -> dict:
@@ -157,6 +155,33 @@ def test_masks_workflow(comfy_server, tiny_models, tmp_path):
     assert sorted(p.name for p in dataset.glob("*.txt")) == [f"{clip}.txt"]
 
 
+@pytest.mark.parametrize("case", ["frames_not_6k_plus_1", "empty_caption", "path_in_clip_name"])
+def test_add_to_dataset_bad_input_is_reported_in_history(comfy_server, tiny_models, tmp_path, case):
+    """The masks workflow's Add To Dataset refuses what the Dataset node would refuse; the message names the
+    field and the valid choice; nothing is written."""
+    from dreamrelation_core.data.synthetic import write_video
+    from fixtures.mask_models import two_subject_clip
+
+    prompt = tiny_prompt(comfy_server, tiny_models, "dreamrelation_masks.json", tmp_path)
+    clip, folder = unique("e2e_bad_clip"), unique("e2e_bad_masks")
+    frames, inputs, expected = {
+        "frames_not_6k_plus_1": (10, {}, ("10 frames", "7 and 13")),
+        "empty_caption": (7, {"caption": "  "}, ("caption is empty",)),
+        "path_in_clip_name": (7, {"clip_name": "../escape"}, ("'../escape'", "plain name")),
+    }[case]
+    write_video(comfy_server.input / clip, two_subject_clip(frames=frames), "mp4")
+    set_inputs(prompt, "LoadVideo", file=f"{clip}.mp4")
+    set_inputs(prompt, "DreamRelationAddToDataset", dataset=folder, **{"clip_name": clip, **inputs})
+    run = comfy_server.run(prompt, timeout=180)
+    assert run.status == "error", run.describe()
+    assert run.error["node_type"] == "DreamRelationAddToDataset", run.describe()
+    message = run.error["exception_message"]
+    for word in expected:
+        assert word in message, f"{case}: {word!r} not in the message {message!r}"
+    assert "Traceback" not in message
+    assert not (comfy_server.input / folder).exists() or not any((comfy_server.input / folder).iterdir())
+
+
 # ---------------------------------------------------------------------------------------------
 # training
 
@@ -194,7 +219,6 @@ def test_train_workflow_then_generate_with_its_lora(comfy_server, tiny_models, t
     assert_success(comfy_server.run(gen))
 
 
-@pytest.mark.xfail(strict=True, reason=CANCEL_IN_PROGRESS)
 def test_cancel_then_requeue_continues_where_it_stopped(comfy_server, tiny_models, tmp_path):
     """POST /interrupt at step k; the re-queued prompt resumes from the step the run had reached."""
     steps, k, name = 12, 3, unique("e2e_cancel")
