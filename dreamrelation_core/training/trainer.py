@@ -166,7 +166,7 @@ class Trainer:
         from .memory.setup import prepare_model
 
         cfg = self.config
-        t, h, w = self.clips[0].mask1.shape
+        t, h, w = max((tuple(c.mask1.shape) for c in self.clips), key=lambda s: s[0] * s[1] * s[2])  # largest clip
         self.memory = resolve(cfg, self.device, self.model, (int(t), int(h), int(w)))
         log.info(self.memory.summary())
         prepared = prepare_model(self.model, self.memory.options, self.device, rank=cfg.rank, alpha=cfg.alpha,

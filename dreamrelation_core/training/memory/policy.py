@@ -58,6 +58,8 @@ def resolve(
         return Choice(MemoryOptions(dtype, swap or 0, bool(ckpt), bool(offload)), None, None)
     if free_bytes is None:
         free_bytes = torch.cuda.mem_get_info(device)[0]
+    if dtype == "fp32":  # fp32 weights on a GPU: outside the estimate (bf16 autocast runs); no check
+        return Choice(MemoryOptions("fp32", swap or 0, ckpt is not False, bool(offload)), None, free_bytes)
     if dtype is None and is_fp8_model(model):
         dtype = "fp8"  # the file is fp8: bf16 would only cost memory
     dims = MochiDims.from_config(dict(model.config)) if hasattr(model, "config") else MochiDims()
