@@ -3,8 +3,10 @@
 Prepare: DREAMRELATION_DATASET + VAE + CLIP -> DREAMRELATION_PREPARED (an encoded cache folder).
 Train:   DREAMRELATION_PREPARED + a Mochi DiT file from models/diffusion_models -> relation LoRA
          written to models/loras/dreamrelation/, the run folder under output/dreamrelation/, a loss
-         plot and a report. ComfyUI's progress bar shows the steps; Cancel stops at the next step
-         with a checkpoint written, and running the node again with `resume` on continues there.
+         plot and a report. Training runs in a worker process (dreamrelation_core's `train` command,
+         JSON-lines progress): ComfyUI's progress bar shows its steps with the loss curve as preview;
+         Cancel makes the worker checkpoint at the current step, and running the node again with
+         `resume` on continues there.
 """
 
 from __future__ import annotations
@@ -204,16 +206,17 @@ class DreamRelationTrain(io.ComfyNode):
         import shutil
 
         import comfy.model_management as mm
-        import comfy.utils
         import folder_paths
 
+        from dreamrelation_core.errors import TrainingError
         from dreamrelation_core.training.config import TrainConfig
-        from dreamrelation_core.training.trainer import Trainer, list_checkpoints
+        from dreamrelation_core.training.worker_client import run_training_worker
 
         name = name.strip()
         if not _NAME_RE.match(name):
-            raise ValueError(f"run name {name!r}: use letters, digits, '_', '-', '.' (at most 64, no path)")
+            raise TrainingError(f"name {name!r}: a run name uses letters, digits, '_', '-', '.' (at most 64, no path)")
         run_dir = Path(folder_paths.get_output_directory()) / RUN_SUBDIR / name
+        # Paths only: the worker reads the prepared cache from disk (upstream tensors are inference tensors).
         config = TrainConfig(
             cache_dir=str(prepared.cache_dir), output_dir=str(run_dir),
             transformer=folder_paths.get_full_path_or_raise("diffusion_models", transformer),
@@ -222,39 +225,102 @@ class DreamRelationTrain(io.ComfyNode):
             caption_dropout=caption_dropout, checkpoint_every=checkpoint_every,
             gradient_checkpointing=gradient_checkpointing, device=str(mm.get_torch_device()),
         )
-        mm.unload_all_models()  # the DiT being trained needs the memory
+        mm.unload_all_models()  # the worker loads the DiT being trained: it needs the memory
         mm.soft_empty_cache()
-        if list_checkpoints(run_dir):
-            if not resume:
-                raise ValueError(f"{run_dir} already holds a run: turn `resume` on to continue it, or choose another name")
-            trainer = Trainer.resume(run_dir)
-            trainer.config.num_steps = steps  # allow extending a finished run
-        else:
-            trainer = Trainer(config)
-        bar = comfy.utils.ProgressBar(steps)
-        bar.update_absolute(trainer.step, steps)
-        result = trainer.train(progress=lambda info: bar.update_absolute(info.step, steps),
-                               should_cancel=mm.processing_interrupted)
-        del trainer
-        mm.soft_empty_cache()
-        mm.throw_exception_if_processing_interrupted()  # cancelled: checkpoint written, stop the queue here
+        live = _LiveProgress(steps, name, Path(folder_paths.get_temp_directory()) / RUN_SUBDIR)
+        # The interrupt is raised inside the progress update (on_event): the client then has the worker
+        # checkpoint at the current step and re-raises it. should_cancel covers the time between updates.
+        result = run_training_worker(
+            config, resume=resume, overwrite=False, on_event=live, should_cancel=mm.processing_interrupted,
+            stderr_log=live.temp_dir / f"{name}_worker.log",
+        )
+        if result.status == "cancelled":
+            mm.throw_exception_if_processing_interrupted()  # checkpoint written: stop the queue here
+            raise TrainingError(f"run {name}: {result.message}")  # stopped by a signal, not by ComfyUI
+        if result.relation_path is None or not result.relation_path.is_file():
+            raise TrainingError(f"run {name}: the worker reported {result.status!r} but wrote no relation LoRA "
+                                f"in {result.run_dir}")
         lora_dir = Path(folder_paths.get_folder_paths("loras")[0]) / RUN_SUBDIR
         lora_dir.mkdir(parents=True, exist_ok=True)
-        target = lora_dir / f"{name}.safetensors"
-        shutil.copyfile(result.relation_path, target)
+        shutil.copyfile(result.relation_path, lora_dir / f"{name}.safetensors")
         plot = _loss_plot(result.history, run_dir / "loss_curve.png", name)
-        last = result.history[-1] if result.history else {}
-        report = (f"{result.status} at step {result.step}/{steps}; relation LoRA: loras/{RUN_SUBDIR}/{name}.safetensors; "
-                  f"run folder (checkpoints, triplet): {run_dir}; last loss {last.get('total', float('nan')):.4f}")
+        report = _report(result, name, run_dir)
         return io.NodeOutput(f"{RUN_SUBDIR}/{name}.safetensors", plot, report, ui=ui.PreviewText(report))
 
 
-def _loss_plot(history, path: Path, name: str) -> torch.Tensor:
-    """IMAGE [1, H, W, 3] float in [0, 1] of the loss curves."""
+PREVIEW_EVERY = 10  # previews per run (plus one at each checkpoint)
+
+
+class _LiveProgress:
+    """The worker's events on ComfyUI's progress bar, with the loss curve as the preview image now and then.
+
+    Called by the worker client for each event; ComfyUI's interrupt is raised from `update_absolute`."""
+
+    def __init__(self, total: int, name: str, temp_dir: Path) -> None:
+        import comfy.utils
+
+        self.bar = comfy.utils.ProgressBar(total)
+        self.total, self.name, self.temp_dir = total, name, temp_dir
+        self.history: list[dict] = []
+        self.last_preview = -1
+
+    def __call__(self, ev) -> None:
+        if ev.event == "start":
+            self.total = int(ev.total or self.total)
+            if ev.action == "resume" and ev.run_dir:
+                self.history = [h for h in _saved_history(Path(ev.run_dir)) if h.get("step", 0) <= (ev.step or 0)]
+            self.bar.update_absolute(int(ev.step or 0), self.total)
+        elif ev.event == "step":
+            self.history.append(ev.history_entry())
+            every = max(1, self.total // PREVIEW_EVERY)
+            due = ev.step % every == 0 or ev.step == self.total
+            self.bar.update_absolute(ev.step, self.total, self._preview(ev.step) if due else None)
+        elif ev.event == "checkpoint" and ev.step != self.last_preview:
+            self.bar.update_absolute(int(ev.step or 0), self.total, self._preview(int(ev.step or 0)))
+
+    def _preview(self, step: int):
+        """("PNG", PIL image, max size): the loss curve so far, as ComfyUI's progress previews are passed."""
+        from comfy.cli_args import args
+        from PIL import Image
+
+        from dreamrelation_core.training.plots import plot_losses
+
+        if not self.history:
+            return None
+        self.last_preview = step
+        path = plot_losses(self.history, self.temp_dir / f"{self.name}_live_loss.png",
+                           f"DreamRelation: {self.name} (step {step}/{self.total})")
+        with Image.open(path) as im:
+            return "PNG", im.convert("RGB"), args.preview_size
+
+
+def _saved_history(run_dir: Path) -> list[dict]:
+    """The history.json of an earlier session of the run (NaN as null), or nothing."""
+    import json
+
+    try:
+        data = json.loads((run_dir / "history.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    return [{k: (float("nan") if v is None else v) for k, v in h.items()} for h in data if isinstance(h, dict)]
+
+
+def _report(result, name: str, run_dir: Path) -> str:
+    """What the run did (the worker's plan and outcome), where its files are, its last loss."""
+    last = result.history[-1] if result.history else {}
+    loss = last.get("total", float("nan"))
+    return (f"{result.message} Step {result.step}/{result.total}. Relation LoRA: loras/{RUN_SUBDIR}/{name}.safetensors; "
+            f"run folder (checkpoints, triplet): {run_dir}; last loss {loss:.4f}")
+
+
+def _loss_plot(history: list[dict], path: Path, name: str) -> torch.Tensor:
+    """IMAGE [1, H, W, 3] float in [0, 1] of the loss curves (blank when there is no history)."""
     from PIL import Image
 
     from dreamrelation_core.training.plots import plot_losses
 
+    if not history:
+        return torch.ones(1, 64, 64, 3)
     plot_losses(history, path, f"DreamRelation: {name}")
     with Image.open(path) as im:
         return torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0)[None]

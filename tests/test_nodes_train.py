@@ -64,42 +64,46 @@ def test_schema_has_tooltips(pack, comfy_dirs):
     assert train in pack.nodes.train.NODES
 
 
-def test_train_cancel_resume(pack, comfy_dirs, prepared):
-    import comfy.model_management as mm
+def test_train_in_worker_reports_what_the_run_did(pack, comfy_dirs, prepared):
+    """New run through the worker: steps and loss-curve previews on ComfyUI's progress bar, the LoRA in
+    loras/dreamrelation/, the report; re-queued unchanged it is "already finished"; changed rank is refused.
+    (Cancel / re-queue through the real executor: tests/test_server_workflows.py.)"""
     import comfy.utils
+    import folder_paths
+    from PIL import Image
 
-    def cancel_at_3(value, total, preview, node_id=None):
-        if value >= 3:
-            mm.interrupt_current_processing(True)
+    from dreamrelation_core.errors import TrainingError
 
-    comfy.utils.set_progress_bar_global_hook(cancel_at_3)
+    updates: list[tuple[int, int, object]] = []
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: updates.append((value, total, preview)))
     try:
-        with pytest.raises(mm.InterruptProcessingException):
-            run_train(pack, prepared)
+        out = run_train(pack, prepared)
     finally:
         comfy.utils.set_progress_bar_global_hook(None)
-        mm.interrupt_current_processing(False)
-    run_dir = comfy_dirs / "output" / "dreamrelation" / "hands"
-    assert (run_dir / "checkpoints" / "checkpoint_000003.pt").exists()  # nothing lost on cancel
-    assert not (comfy_dirs / "loras" / "dreamrelation" / "hands.safetensors").exists()
-
-    with pytest.raises(ValueError, match="turn `resume` on"):
-        run_train(pack, prepared, resume=False)
-    out = run_train(pack, prepared)
     lora_name, plot, report = out.outputs
+    assert [v for v, _, _ in updates][0] == 0 and updates[-1][:2] == (6, 6)
+    previews = [p for _, _, p in updates if p is not None]
+    assert previews and all(p[0] == "PNG" and isinstance(p[1], Image.Image) for p in previews)
     assert out.ui == {"text": [report]}
     assert lora_name == "dreamrelation/hands.safetensors"
     lora = load_lora_file(comfy_dirs / "loras" / lora_name)
     assert set(lora.adapters) == {"relation", "ffn"} and lora.metadata["step"] == "6"
     assert plot.ndim == 4 and plot.shape[0] == 1 and plot.shape[-1] == 3 and 0 <= float(plot.min()) <= float(plot.max()) <= 1
-    assert "finished at step 6/6" in report
-    import folder_paths
-
+    assert "new run" in report and "finished at step 6" in report and "hands" in report
     assert lora_name in folder_paths.get_filename_list("loras")  # the loader node can list it
+
+    again = run_train(pack, prepared).outputs[2]
+    assert "already finished at step 6" in again
+    with pytest.raises(TrainingError, match=r"rank: saved 2, new 4"):
+        run_train(pack, prepared, rank=4)
+    with pytest.raises(TrainingError, match="turn resume on"):
+        run_train(pack, prepared, resume=False)
 
 
 def test_bad_run_name(pack, comfy_dirs, prepared):
-    with pytest.raises(ValueError, match="run name"):
+    from dreamrelation_core.errors import TrainingError
+
+    with pytest.raises(TrainingError, match="run name"):
         run_train(pack, prepared, name="../escape")
 
 

@@ -33,7 +33,6 @@ EXECUTED = {
 }
 
 
-
 def tiny_prompt(server, tiny_models, workflow: str, tmp_path: Path) -> dict:
     return shrink(use_tiny_models(server.to_api(WORKFLOWS / workflow, tmp_path), tiny_models))
 
