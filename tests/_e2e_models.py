@@ -54,6 +54,7 @@ class TinyModels:
     t5: str = "tiny_mochi_t5.safetensors"
     vae: str = "tiny_mochi_vae.safetensors"
     lora: str = "tiny_relation.safetensors"
+    reference: str = "tiny_model_2000.lora.pt"
     grounding_dino: str = "tiny_groundingdino.pth"
     sam: str = "tiny_sam.pth"
     sam2: str = "tiny_sam2.pt"
@@ -109,6 +110,38 @@ def write_relation_lora(path: Path, seed: int = 1) -> None:
     files.save_relation_only(path, peft_triplet.to_lora_set(model))
 
 
+# diffusers module of a joint-attention layer -> the reference implementation's key name
+_REFERENCE_NAMES = {"to_q": "to_q_x", "to_k": "to_k_x", "to_v": "to_v_x", "add_q_proj": "to_q_y",
+                    "add_k_proj": "to_k_y", "add_v_proj": "to_v_y", "to_out.0": "proj_x", "to_add_out": "proj_y"}
+
+
+def write_reference_checkpoint(path: Path, seed: int = 2) -> None:
+    """A checkpoint as the reference implementation saves it (`model_<step>.lora.pt`: bf16 tensors,
+    rank/alpha in its kwargs; docs/method.md "Reference checkpoint format") for the tiny DiT."""
+    from dreamrelation_core.lora import peft_triplet
+
+    rank = 2
+    model = peft_triplet.add_triplet(tiny_diffusers_dit(), rank=rank, alpha=float(rank))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in peft_triplet.lora_parameters(model):
+            p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    lora = peft_triplet.to_lora_set(model)
+    sd = {}
+    for adapter, modules in lora.weights.items():
+        for module, (a, b) in modules.items():
+            block, name = module.split(".attn1.")
+            key = f"blocks.{block.split('.')[-1]}.attn.{_REFERENCE_NAMES[name]}"
+            suffix = "" if adapter == "ffn" else f".{adapter}"
+            sd[f"{key}.lora_A{suffix}"] = a.to(torch.bfloat16)
+            sd[f"{key}.lora_B{suffix}"] = b.to(torch.bfloat16)
+    kwargs = {"qkv_proj_lora_rank": rank, "qkv_proj_lora_alpha": rank, "out_proj_lora_rank": rank,
+              "out_proj_lora_alpha": rank, "q_lora_names": ["relation"], "k_lora_names": ["relation"],
+              "v_lora_names": ["subject1", "subject2"], "test_lora_names": ["relation"]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": sd, "kwargs": kwargs}, path)
+
+
 def write_t5(path: Path, seed: int = 0) -> None:
     from transformers import T5Config, T5EncoderModel
 
@@ -153,6 +186,7 @@ def write_tiny_models(models_dir: Path, names: TinyModels | None = None) -> Tiny
     write_t5(models_dir / "text_encoders" / names.t5)
     write_vae(models_dir / "vae" / names.vae)
     write_relation_lora(models_dir / "loras" / names.lora)
+    write_reference_checkpoint(models_dir / "loras" / names.reference)
     write_mask_models(models_dir, names)
     return names
 

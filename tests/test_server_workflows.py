@@ -28,6 +28,7 @@ WORKFLOWS = ROOT / "workflows"
 # every workflow in workflows/ and the test that executes it
 EXECUTED = {
     "dreamrelation_generate.json": "test_generate_workflow",
+    "dreamrelation_reference_checkpoint.json": "test_reference_checkpoint_workflow",
     "dreamrelation_masks.json": "test_masks_workflow",
     "dreamrelation_train.json": "test_train_workflow_then_generate_with_its_lora",
 }
@@ -106,6 +107,19 @@ def test_generate_workflow(comfy_server, tiny_models, tmp_path):
     assert_success(plain)
     other = read_frames(next(p for p in plain.files(comfy_server.base) if p.suffix == ".webp"))
     assert np.abs(other.astype(int) - frames.astype(int)).max() > 0
+
+
+def test_reference_checkpoint_workflow(comfy_server, tiny_models, tmp_path):
+    """An official-format checkpoint (model_<step>.lora.pt) through the loader: imported with its own
+    rank/alpha, relation + FFN applied, subject LoRAs dropped and said so; the video is saved."""
+    prompt = tiny_prompt(comfy_server, tiny_models, "dreamrelation_reference_checkpoint.json", tmp_path)
+    only(prompt, "DreamRelationRelationLoraLoader")["inputs"]["lora_name"] = tiny_models.reference
+    only(prompt, "SaveAnimatedWEBP")["inputs"]["filename_prefix"] = unique("e2e/reference")
+    run = comfy_server.run(prompt)
+    assert_success(run)
+    assert [p for p in run.files(comfy_server.base) if p.suffix == ".webp"], run.outputs
+    report = "\n".join(run.texts())
+    assert "reference" in report and "relation" in report, report
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,6 +23,8 @@ WORKFLOWS = {
     "dreamrelation_generate.json": {"DreamRelationRelationLoraLoader", "DreamRelationMochiSamplerPatch",
                                     "DreamRelationAttentionMaps", "KSampler", "EmptyMochiLatentVideo", "CLIPLoader",
                                     "PreviewAny"},
+    "dreamrelation_reference_checkpoint.json": {"DreamRelationRelationLoraLoader", "DreamRelationMochiSamplerPatch",
+                                                "KSampler", "EmptyMochiLatentVideo", "CLIPLoader", "PreviewAny"},
     "dreamrelation_train.json": {"DreamRelationDataset", "DreamRelationPrepareDataset", "DreamRelationTrain",
                                  "VAELoader", "CLIPLoader", "PreviewImage", "PreviewAny"},
     "dreamrelation_masks.json": {"LoadVideo", "GetVideoComponents", "ImageFromBatch", "DreamRelationSubjectMasks",
@@ -32,6 +34,9 @@ WORKFLOWS = {
 NOTE_NAMES = {
     "dreamrelation_generate.json": ["diffusion_models/mochi_preview_bf16.safetensors", "mochi_preview_fp8_scaled",
                                     "text_encoders/t5xxl_fp16.safetensors", "vae/mochi_vae.safetensors", "loras/"],
+    "dreamrelation_reference_checkpoint.json": ["diffusion_models/mochi_preview_bf16.safetensors",
+                                                "mochi_preview_fp8_scaled", "text_encoders/t5xxl_fp16.safetensors",
+                                                "vae/mochi_vae.safetensors", "loras/model_2000.lora.pt"],
     "dreamrelation_train.json": ["diffusion_models/mochi_preview_bf16.safetensors", "mochi_preview_fp8_scaled",
                                  "text_encoders/t5xxl_fp16.safetensors", "t5xxl_fp8", "vae/mochi_vae.safetensors"],
     "dreamrelation_masks.json": ["grounding-dino/groundingdino_swint_ogc.pth", "bert-base-uncased",
@@ -43,7 +48,7 @@ PLACEHOLDERS = {
     "diffusion_models": ["mochi_preview_bf16.safetensors"],
     "text_encoders": ["t5xxl_fp16.safetensors"],
     "vae": ["mochi_vae.safetensors"],
-    "loras": ["shaking_hands_relation.safetensors"],
+    "loras": ["shaking_hands_relation.safetensors", "model_2000.lora.pt"],
     "grounding-dino": ["groundingdino_swint_ogc.pth"],
     "sams": ["sam_vit_h_4b8939.pth"],
 }  # no SAM 2: the masks workflow must validate without the optional model
