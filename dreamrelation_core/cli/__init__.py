@@ -11,10 +11,10 @@ import logging
 import sys
 
 from ..errors import DreamRelationError
-from . import demo, evaluate, export, masks, prepare, train
+from . import analyze, demo, evaluate, export, masks, prepare, train
 
 # in `--help` order
-_FAMILIES = (prepare, masks, train, export, demo, evaluate)
+_FAMILIES = (prepare, masks, train, export, demo, evaluate, analyze)
 
 
 def build_parser() -> argparse.ArgumentParser:

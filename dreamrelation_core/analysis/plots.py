@@ -1,0 +1,150 @@
+"""Pictures of the analysis: phi heat maps, a relation LoRA's picture, Q/K/V feature maps.
+
+matplotlib with the Agg backend (no display); every function writes one PNG and returns its path.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..fileio import atomic_path
+
+if TYPE_CHECKING:
+    from .lora_report import LoraAnalysis
+    from .sweep import QKVAnalysis
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
+    plt = _plt()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+    plt.close(fig)
+    return path
+
+
+def plot_similarity_heatmaps(analysis: QKVAnalysis, path: str | os.PathLike) -> Path:
+    """One row per branch, one panel per pair: the layer-averaged phi(i, j) over the size grid."""
+    from .subspace import random_baseline
+    from .sweep import PAIRS, pair_name
+
+    plt = _plt()
+    branches = list(analysis.branches.values())
+    fig, axes = plt.subplots(len(branches), len(PAIRS), figsize=(3.6 * len(PAIRS), 3.3 * len(branches)), squeeze=False)
+    im = None
+    for row, br in zip(axes, branches):
+        for ax, (a, b) in zip(row, PAIRS):
+            name = pair_name(a, b)
+            grid = br.grid(name)
+            if grid is None:
+                ax.set_axis_off()
+                ax.set_title(f"{br.branch}: {name} (unused)", fontsize=9)
+                continue
+            im = ax.imshow(grid.numpy(), vmin=0.0, vmax=1.0, cmap="viridis", origin="lower")
+            labels = [str(s) for s in br.sizes]
+            ax.set_xticks(range(len(labels)), labels, fontsize=7, rotation=90)
+            ax.set_yticks(range(len(labels)), labels, fontsize=7)
+            ax.set_xlabel(f"j ({b})", fontsize=8)
+            ax.set_ylabel(f"i ({a})", fontsize=8)
+            if len(labels) <= 10:
+                for y in range(len(labels)):
+                    for x in range(len(labels)):
+                        v = float(grid[y, x])
+                        ax.text(x, y, f"{v:.2f}", ha="center", va="center", fontsize=5.5,
+                                color="black" if v > 0.6 else "white")
+            mean = br.mean(name)
+            ax.set_title(
+                f"{br.branch}: {name}   φ({br.rank},{br.rank}) = {mean:.3f}\n"
+                f"random ≈ {random_baseline(br.rank, br.rank, br.dim):.3f}, {br.grid_count[name]} layers",
+                fontsize=8,
+            )
+    if im is not None:
+        fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="φ(i, j)")
+    fig.suptitle(f"Q/K/V subspace similarity ({analysis.side} singular vectors): {Path(analysis.source).name}", fontsize=10)
+    return _save(fig, path)
+
+
+def plot_lora_report(report: LoraAnalysis, path: str | os.PathLike) -> Path:
+    """Left: ||ΔW||_F per block for every adapter module. Right: mean phi(ΔW, base q/k/v/own weight)."""
+    plt = _plt()
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
+    groups: dict[tuple[str, str], list] = {}
+    for r in report.modules:
+        groups.setdefault((r.adapter, r.module), []).append(r)
+    for n, ((adapter, module), rows) in enumerate(sorted(groups.items())):
+        rows = sorted(rows, key=lambda r: r.block)
+        style = "--" if module.startswith("add_") or module == "to_add_out" else "-"
+        ax.plot([r.block for r in rows], [r.norm for r in rows], style, marker=".", color=f"C{n % 10}",
+                label=f"{adapter}: {module}")
+    ax.set_xlabel("block")
+    ax.set_ylabel("‖ΔW‖_F")
+    ax.set_title("adapter strength per block (dashed: text branch)", fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    adapters = report.adapters
+    cols = ("q", "k", "v", "self")
+    width = 0.8 / len(cols)
+    for c, col in enumerate(cols):
+        vals = [report.mean_phi(a, col) for a in adapters]
+        ax2.bar([i + c * width for i in range(len(adapters))], [v if v is not None else 0.0 for v in vals],
+                width=width, label=f"base {col}" if col != "self" else "own base weight")
+    ax2.axhline(report.random_baseline(), color="grey", lw=0.8, ls=":", label="random subspaces")
+    ax2.set_xticks([i + 0.4 - width / 2 for i in range(len(adapters))], adapters)
+    ax2.set_ylim(0, 1)
+    ax2.set_ylabel(f"φ(r, {report.rank}) of ΔW vs base")
+    ax2.set_title(f"where the LoRA writes ({report.side} singular vectors)", fontsize=9)
+    ax2.legend(fontsize=7)
+    fig.suptitle(f"Relation LoRA: {Path(report.lora).name} on {Path(report.base).name}", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_feature_maps(maps: dict[str, dict[str, torch.Tensor]], path: str | os.PathLike, title: str = "") -> Path:
+    """Rows: one per run (e.g. "base", "lora"), plus their difference when there are two;
+    columns: Q, K, V. Each panel has its own colour scale."""
+    plt = _plt()
+    runs = list(maps)
+    rows = [(run, maps[run], "viridis") for run in runs]
+    if len(runs) == 2:
+        a, b = runs
+        rows.append((f"{b} − {a}", {r: maps[b][r] - maps[a][r] for r in maps[a]}, "RdBu_r"))
+    roles = list(maps[runs[0]])
+    fig, axes = plt.subplots(len(rows), len(roles), figsize=(3.4 * len(roles), 2.8 * len(rows)), squeeze=False)
+    for ax_row, (label, m, cmap) in zip(axes, rows):
+        for ax, role in zip(ax_row, roles):
+            img = m[role].float().numpy()
+            kw = {}
+            if cmap == "RdBu_r":
+                lim = float(abs(img).max()) or 1.0
+                kw = {"vmin": -lim, "vmax": lim}
+            im = ax.imshow(img, cmap=cmap, **kw)
+            ax.set_title(f"{label}: {role.upper()}", fontsize=9)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            fig.colorbar(im, ax=ax, shrink=0.8)
+    fig.suptitle(title or "Q/K/V features of the visual tokens (mean over heads, layers and frames)", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def png_to_image_tensor(path: str | os.PathLike) -> torch.Tensor:
+    """A PNG as ComfyUI's IMAGE: float [1, H, W, 3] in [0, 1]."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as im:
+        arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(arr)[None]
