@@ -8,18 +8,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from _analysis_models import (
+from safetensors.torch import save_file
+
+from dreamrelation_core.analysis.sweep import analyze_qkv, write_qkv_report
+from dreamrelation_core.analysis.weights import TensorRef, WeightFile, detect_layout
+from dreamrelation_core.errors import DreamRelationError, ModelFileError, ModelFileNotFoundError
+from fixtures.analysis_models import (
     tiny_mochi_state,
     write_genmo,
     write_genmo_fp8_scaled,
     write_tiny_hunyuan,
     write_tiny_wan,
 )
-from safetensors.torch import save_file
-
-from dreamrelation_core.analysis.sweep import analyze_qkv, write_qkv_report
-from dreamrelation_core.analysis.weights import TensorRef, WeightFile, detect_layout
-from dreamrelation_core.errors import DreamRelationError, ModelFileError, ModelFileNotFoundError
 
 RANK = 8  # tiny widths are 64: random baseline 8 / 64
 

@@ -26,7 +26,7 @@ FLOORS: list[tuple[str, ...]] = [
     ("fileio", "dtypes", "statedict"),
     ("mochi",),
     ("lora", "data"),
-    ("training", "masks", "evaluation"),
+    ("training", "masks", "evaluation", "analysis"),
     ("generate",),
     ("cli",),
     ("__main__",),

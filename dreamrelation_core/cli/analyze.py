@@ -42,7 +42,7 @@ def _features(args: argparse.Namespace, model_file: str, lora_file: str | None, 
     import torch
 
     from ..analysis.features import feature_maps_with_lora, write_feature_report
-    from ..data.dataset import load_clip
+    from ..data.cache import load_clip
     from ..lora.files import load_lora_file
     from ..mochi.loading import load_transformer
 
