@@ -38,7 +38,8 @@ def plot_similarity_heatmaps(rows: list[dict], path: str | os.PathLike, title: s
     "grid": [len(sizes)]^2 tensor or None (not computed), "title": str}]}]."""
     plt = _plt()
     ncols = max(len(r["panels"]) for r in rows)
-    fig, axes = plt.subplots(len(rows), ncols, figsize=(3.6 * ncols, 3.3 * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(len(rows), ncols, figsize=(3.8 * ncols, 3.4 * len(rows)), squeeze=False)
+    fig.subplots_adjust(wspace=0.45, hspace=0.5)  # room for each panel's axis labels and two-line title
     im = None
     for ax_row, row in zip(axes, rows):
         labels = [str(s) for s in row["sizes"]]
