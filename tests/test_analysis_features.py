@@ -9,8 +9,8 @@ import torch
 from safetensors import safe_open
 
 from dreamrelation_core.analysis.features import feature_maps_with_lora, qkv_feature_maps, write_feature_report
-from dreamrelation_core.lora import peft_triplet as triplet
 from dreamrelation_core.mochi.tiny import tiny_transformer
+from fixtures.loras import random_lora_set
 
 T, H, W = 3, 8, 8  # latent frames and size: tokens (3, 4, 4) after patch 2
 
@@ -22,14 +22,7 @@ def _inputs(seed: int = 0):
 
 
 def _random_lora(num_layers: int, seed: int = 1):
-    donor = tiny_transformer(num_layers=num_layers)
-    triplet.add_triplet(donor, rank=4, alpha=4)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in donor.named_parameters():
-            if "lora_" in name:
-                p.copy_(0.2 * torch.randn(p.shape, generator=g))
-    return triplet.to_lora_set(donor)
+    return random_lora_set(num_layers, 64, 64, rank=4, gain=0.2, seed=seed)
 
 
 def test_maps_follow_token_order_time_height_width() -> None:

@@ -11,11 +11,11 @@ import torch
 
 from dreamrelation_core.analysis.lora_report import analyze_lora, write_lora_report
 from dreamrelation_core.errors import KeyLayoutError, LoraFormatError
-from dreamrelation_core.lora import peft_triplet as triplet
 from dreamrelation_core.lora.files import save_triplet
 from dreamrelation_core.lora.layout import LoraSet, module_path
 from dreamrelation_core.mochi.tiny import tiny_transformer
 from fixtures.analysis_models import tiny_mochi_state, write_genmo, write_tiny_wan
+from fixtures.loras import random_lora_set
 
 R, RANK, ALPHA = 4, 8, 8.0  # LoRA rank, base subspace size, scale 2
 
@@ -31,9 +31,7 @@ def setup(tmp_path_factory) -> tuple[Path, Path, dict[str, torch.Tensor], LoraSe
     d = tmp_path_factory.mktemp("lora")
     sd = tiny_mochi_state(num_layers=3)
     base = write_genmo(d / "mochi_tiny.safetensors", sd, dtype=torch.float32)
-    model = tiny_transformer(num_layers=3)
-    triplet.add_triplet(model, rank=R, alpha=ALPHA)
-    lora = triplet.to_lora_set(model)
+    lora = random_lora_set(3, 64, 64, rank=R, alpha=ALPHA, seed=5)
     g = torch.Generator().manual_seed(5)
     for adapter, mods in lora.weights.items():
         for path, (a, b) in list(mods.items()):

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from dreamrelation_core.lora import peft_triplet as triplet
 from dreamrelation_core.lora.files import save_triplet
-from dreamrelation_core.mochi.tiny import tiny_transformer
 from fixtures.analysis_models import tiny_mochi_state, write_genmo
+from fixtures.comfy_nodes import fingerprint, run_node
+from fixtures.loras import random_lora_set
 
 
 @pytest.fixture(scope="module")
@@ -20,14 +20,8 @@ def model_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("comfy_models")
     (root / "diffusion_models").mkdir()
     write_genmo(root / "diffusion_models" / "mochi_tiny_bf16.safetensors", tiny_mochi_state(num_layers=2))
-    model = tiny_transformer(num_layers=2)
-    triplet.add_triplet(model, rank=4, alpha=4)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.1)
     (root / "loras").mkdir()
-    save_triplet(root / "loras" / "handshake.safetensors", triplet.to_lora_set(model))
+    save_triplet(root / "loras" / "handshake.safetensors", random_lora_set(2, 64, 64, rank=4, gain=0.1))
     return root
 
 
@@ -62,9 +56,10 @@ def test_schemas_list_local_files_and_validate(node) -> None:
     assert inputs["model_name"].options == ["mochi_tiny_bf16.safetensors"]
 
 
-def test_qkv_node_shows_heat_map_and_saves_report(node, tmp_path: Path) -> None:
-    out = node.DreamRelationQKVAnalysis.execute("mochi_tiny_bf16.safetensors", 8, "left", True)
-    image, summary = out.args
+def test_qkv_node_shows_heat_map_and_saves_report(node, tmp_path: Path, monkeypatch) -> None:
+    inputs = dict(model_name="mochi_tiny_bf16.safetensors", rank=8, side="left", save_report=True)
+    ran = run_node(node.DreamRelationQKVAnalysis, **inputs)  # through ComfyUI's executor
+    image, summary = ran.outputs
     assert image.ndim == 4 and image.shape[0] == 1 and image.shape[-1] == 3
     assert image.dtype == torch.float32 and 0.0 <= float(image.min()) and float(image.max()) <= 1.0
     assert image.shape[1] > 300 and image.shape[2] > 600  # a readable picture
@@ -72,19 +67,31 @@ def test_qkv_node_shows_heat_map_and_saves_report(node, tmp_path: Path) -> None:
     report = tmp_path / "output" / "dreamrelation_analysis" / "mochi_tiny_bf16"
     js = json.loads((report / "qkv_similarity.json").read_text())
     assert js["phi"]["text"]["q-k"] == pytest.approx(1.0, abs=0.02)
-    shown = out.ui.as_dict()["images"]
-    assert len(shown) == 1 and (tmp_path / "temp" / shown[0].subfolder / shown[0].filename).is_file()
-    assert node.DreamRelationQKVAnalysis.fingerprint_inputs("mochi_tiny_bf16.safetensors", 8, "left", True).startswith(
-        "mochi_tiny_bf16.safetensors|")
+    shown = ran.ui["images"]
+    assert len(shown) == 1 and shown[0]["type"] == "temp"
+    assert (tmp_path / "temp" / shown[0]["subfolder"] / shown[0]["filename"]).is_file()
+    # a changed file runs the node again
+    before = fingerprint(monkeypatch, node.DreamRelationQKVAnalysis, **inputs)
+    model = node_model_path(tmp_path)
+    import os
+
+    os.utime(model, (model.stat().st_atime, model.stat().st_mtime + 10))
+    assert fingerprint(monkeypatch, node.DreamRelationQKVAnalysis, **inputs) != before
 
 
 def test_lora_node_picture_without_saving(node, tmp_path: Path) -> None:
-    out = node.DreamRelationLoraAnalysis.execute("handshake.safetensors", "mochi_tiny_bf16.safetensors", 8, "left", False)
-    image, summary = out.args
+    image, summary = run_node(node.DreamRelationLoraAnalysis, lora_name="handshake.safetensors",
+                              model_name="mochi_tiny_bf16.safetensors", rank=8, side="left", save_report=False).outputs
     assert image.shape[0] == 1 and image.shape[-1] == 3
     for adapter in ("relation", "subject1", "subject2", "ffn"):
         assert f"\n{adapter}: " in summary
     assert not (tmp_path / "output" / "dreamrelation_analysis").exists()
+
+
+def node_model_path(tmp_path: Path) -> Path:
+    import folder_paths
+
+    return Path(folder_paths.get_full_path("diffusion_models", "mochi_tiny_bf16.safetensors"))
 
 
 def test_missing_model_is_named(node) -> None:

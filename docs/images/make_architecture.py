@@ -55,7 +55,7 @@ def draw() -> Path:
     colours = ["#e8e8e8", "#dfe9f5", "#c9def3", "#cfe8c9", "#f6dcc0", "#f3c9c9", "#e2d3f0", "#f0f0d0", "#ffffff"]
     width, row_h, box_h = 10.0, 1.0, 0.55
     fig, ax = plt.subplots(figsize=(9.5, 0.78 * len(floors) + 0.9))
-    ax.set_xlim(-1.6, width)
+    ax.set_xlim(-1.6, width + 0.2)  # room for the rounded edge of a full row
     ax.set_ylim(-0.6, len(floors) * row_h)
     ax.axis("off")
     centre: dict[str, tuple[float, float, float]] = {}  # part -> (x, y, box width)

@@ -22,6 +22,8 @@ import torch
 from ..fileio import atomic_path
 from ..lora import peft_triplet as triplet
 from ..lora.layout import ADAPTERS, INFERENCE_ADAPTERS, LoraSet
+from ..mochi.latents import diffusers_timestep
+from .plots import plot_feature_maps
 
 JOINT_QKV_RE = re.compile(r"^transformer_blocks\.(\d+)\.attn1\.(to_q|to_k|to_v)$")
 ROLE_OF = {"to_q": "q", "to_k": "k", "to_v": "v"}
@@ -67,7 +69,7 @@ def qkv_feature_maps(
     g = torch.Generator().manual_seed(seed)
     eps = torch.randn(latents.shape, generator=g, dtype=torch.float32)
     x = ((1.0 - sigma) * latents.float() + sigma * eps).to(dev, dtype)
-    timestep = torch.full((1,), 1000.0 * (1.0 - sigma), device=dev)
+    timestep = diffusers_timestep(torch.full((1,), float(sigma), device=dev))
 
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
@@ -138,7 +140,6 @@ def write_feature_report(maps: dict[str, dict[str, torch.Tensor]], out_dir, titl
     """qkv_features.safetensors (`<run>.<role>` -> map) and qkv_features.png in `out_dir`."""
     from safetensors.torch import save_file
 
-    from .plots import plot_feature_maps
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,7 @@ from ..errors import LoraFormatError
 from ..fileio import atomic_path
 from ..lora.files import load_lora_file
 from ..lora.layout import LoraSet, parse_module_path
+from .plots import plot_lora_report
 from .subspace import lowrank_singular_vectors, random_baseline, similarity_grid, singular_vectors
 from .weights import WeightFile, mochi_module_ref
 
@@ -188,7 +189,15 @@ def write_lora_report(report: LoraAnalysis, out_dir: str | os.PathLike, plot: bo
             row = asdict(r) | {"rel_norm": r.rel_norm}
             w.writerow(["" if row[c] is None else (f"{row[c]:.6g}" if isinstance(row[c], float) else row[c]) for c in cols])
     if plot:
-        from .plots import plot_lora_report
-
-        paths["png"] = plot_lora_report(report, out / "lora_report.png")
+        norms: dict[str, tuple[list[int], list[float], bool]] = {}
+        for r in sorted(report.modules, key=lambda r: r.block):
+            blocks, values, _ = norms.setdefault(f"{r.adapter}: {r.module}", ([], [], r.branch == "text"))
+            blocks.append(r.block)
+            values.append(r.norm)
+        phis = {a: {c: report.mean_phi(a, c) for c in ("q", "k", "v", "self")} for a in report.adapters}
+        paths["png"] = plot_lora_report(
+            norms, phis, report.random_baseline(), out / "lora_report.png",
+            f"Relation LoRA: {Path(report.lora).name} on {Path(report.base).name} ({report.side} singular vectors)",
+            f"φ(r, {report.rank}) of ΔW vs base",
+        )
     return paths

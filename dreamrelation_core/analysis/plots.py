@@ -1,21 +1,17 @@
 """Pictures of the analysis: phi heat maps, a relation LoRA's picture, Q/K/V feature maps.
 
-matplotlib with the Agg backend (no display); every function writes one PNG and returns its path.
+matplotlib with the Agg backend (no display); every function takes plain data, writes one PNG and
+returns its path (the analysis modules assemble the data: nothing here imports them).
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from ..fileio import atomic_path
-
-if TYPE_CHECKING:
-    from .lora_report import LoraAnalysis
-    from .sweep import QKVAnalysis
 
 
 def _plt():
@@ -37,24 +33,24 @@ def _save(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
     return path
 
 
-def plot_similarity_heatmaps(analysis: QKVAnalysis, path: str | os.PathLike) -> Path:
-    """One row per branch, one panel per pair: the layer-averaged phi(i, j) over the size grid."""
-    from .subspace import PAIRS, pair_name, random_baseline
-
+def plot_similarity_heatmaps(rows: list[dict], path: str | os.PathLike, title: str) -> Path:
+    """One row of panels per branch: rows = [{"branch", "sizes": [i...], "panels": [{"pair": "q-k",
+    "grid": [len(sizes)]^2 tensor or None (not computed), "title": str}]}]."""
     plt = _plt()
-    branches = list(analysis.branches.values())
-    fig, axes = plt.subplots(len(branches), len(PAIRS), figsize=(3.6 * len(PAIRS), 3.3 * len(branches)), squeeze=False)
+    ncols = max(len(r["panels"]) for r in rows)
+    fig, axes = plt.subplots(len(rows), ncols, figsize=(3.8 * ncols, 3.4 * len(rows)), squeeze=False)
+    fig.subplots_adjust(wspace=0.45, hspace=0.5)  # room for each panel's axis labels and two-line title
     im = None
-    for row, br in zip(axes, branches):
-        for ax, (a, b) in zip(row, PAIRS):
-            name = pair_name(a, b)
-            grid = br.grid(name)
+    for ax_row, row in zip(axes, rows):
+        labels = [str(s) for s in row["sizes"]]
+        for ax, panel in zip(ax_row, row["panels"]):
+            a, b = panel["pair"].split("-")
+            grid = panel["grid"]
             if grid is None:
                 ax.set_axis_off()
-                ax.set_title(f"{br.branch}: {name} (unused)", fontsize=9)
+                ax.set_title(panel["title"], fontsize=8)
                 continue
             im = ax.imshow(grid.numpy(), vmin=0.0, vmax=1.0, cmap="viridis", origin="lower")
-            labels = [str(s) for s in br.sizes]
             ax.set_xticks(range(len(labels)), labels, fontsize=7, rotation=90)
             ax.set_yticks(range(len(labels)), labels, fontsize=7)
             ax.set_xlabel(f"j ({b})", fontsize=8)
@@ -65,48 +61,40 @@ def plot_similarity_heatmaps(analysis: QKVAnalysis, path: str | os.PathLike) -> 
                         v = float(grid[y, x])
                         ax.text(x, y, f"{v:.2f}", ha="center", va="center", fontsize=5.5,
                                 color="black" if v > 0.6 else "white")
-            mean = br.mean(name)
-            ax.set_title(
-                f"{br.branch}: {name}   φ({br.rank},{br.rank}) = {mean:.3f}\n"
-                f"random ≈ {random_baseline(br.rank, br.rank, br.dim):.3f}, {br.grid_count[name]} layers",
-                fontsize=8,
-            )
+            ax.set_title(panel["title"], fontsize=8)
     if im is not None:
         fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="φ(i, j)")
-    fig.suptitle(f"Q/K/V subspace similarity ({analysis.side} singular vectors): {Path(analysis.source).name}", fontsize=10)
+    fig.suptitle(title, fontsize=10)
     return _save(fig, path)
 
 
-def plot_lora_report(report: LoraAnalysis, path: str | os.PathLike) -> Path:
-    """Left: ||ΔW||_F per block for every adapter module. Right: mean phi(ΔW, base q/k/v/own weight)."""
+def plot_lora_report(norms: dict[str, tuple[list[int], list[float], bool]], phis: dict[str, dict[str, float | None]],
+                     baseline: float, path: str | os.PathLike, title: str, phi_label: str) -> Path:
+    """Left: norms[label] = (blocks, ||dW||_F per block, text branch?) as lines (dashed: text).
+    Right: phis[adapter][column] as grouped bars, with the random-subspace level `baseline`."""
     plt = _plt()
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
-    groups: dict[tuple[str, str], list] = {}
-    for r in report.modules:
-        groups.setdefault((r.adapter, r.module), []).append(r)
-    for n, ((adapter, module), rows) in enumerate(sorted(groups.items())):
-        rows = sorted(rows, key=lambda r: r.block)
-        style = "--" if module.startswith("add_") or module == "to_add_out" else "-"
-        ax.plot([r.block for r in rows], [r.norm for r in rows], style, marker=".", color=f"C{n % 10}",
-                label=f"{adapter}: {module}")
+    for n, (label, (blocks, values, text)) in enumerate(sorted(norms.items())):
+        ax.plot(blocks, values, "--" if text else "-", marker=".", color=f"C{n % 10}", label=label)
     ax.set_xlabel("block")
     ax.set_ylabel("‖ΔW‖_F")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_title("adapter strength per block (dashed: text branch)", fontsize=9)
     ax.legend(fontsize=7, ncol=2)
-    adapters = report.adapters
-    cols = ("q", "k", "v", "self")
-    width = 0.8 / len(cols)
+    adapters = list(phis)
+    cols = list(next(iter(phis.values()), {}))
+    width = 0.8 / max(len(cols), 1)
     for c, col in enumerate(cols):
-        vals = [report.mean_phi(a, col) for a in adapters]
+        vals = [phis[a][col] for a in adapters]
         ax2.bar([i + c * width for i in range(len(adapters))], [v if v is not None else 0.0 for v in vals],
                 width=width, label=f"base {col}" if col != "self" else "own base weight")
-    ax2.axhline(report.random_baseline(), color="grey", lw=0.8, ls=":", label="random subspaces")
+    ax2.axhline(baseline, color="grey", lw=0.8, ls=":", label="random subspaces")
     ax2.set_xticks([i + 0.4 - width / 2 for i in range(len(adapters))], adapters)
     ax2.set_ylim(0, 1)
-    ax2.set_ylabel(f"φ(r, {report.rank}) of ΔW vs base")
-    ax2.set_title(f"where the LoRA writes ({report.side} singular vectors)", fontsize=9)
+    ax2.set_ylabel(phi_label)
+    ax2.set_title("where the LoRA writes", fontsize=9)
     ax2.legend(fontsize=7)
-    fig.suptitle(f"Relation LoRA: {Path(report.lora).name} on {Path(report.base).name}", fontsize=10)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
 

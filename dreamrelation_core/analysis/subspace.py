@@ -80,10 +80,3 @@ def phi(a: torch.Tensor, b: torch.Tensor, i: int, j: int | None = None, side: st
 def random_baseline(i: int, j: int, d: int) -> float:
     """Expected phi(i, j) of independent random subspaces of R^d: max(i, j) / d."""
     return max(i, j) / d
-
-
-PAIRS = (("q", "k"), ("q", "v"), ("k", "v"))  # the projections compared, as in the paper's Figure 5
-
-
-def pair_name(a: str, b: str) -> str:
-    return f"{a}-{b}"

@@ -21,13 +21,19 @@ from pathlib import Path
 import torch
 
 from ..fileio import atomic_path
-from .subspace import PAIRS, pair_name, random_baseline, similarity_grid, singular_vectors
+from .plots import plot_similarity_heatmaps
+from .subspace import random_baseline, similarity_grid, singular_vectors
 from .weights import ROLES, AttentionQKV, WeightFile, detect_layout
 
+PAIRS = (("q", "k"), ("q", "v"), ("k", "v"))
 DEFAULT_RANK = 64
 DEFAULT_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 Progress = Callable[[int, int, str], None]
+
+
+def pair_name(a: str, b: str) -> str:
+    return f"{a}-{b}"
 
 
 @dataclass
@@ -198,7 +204,22 @@ def write_qkv_report(analysis: QKVAnalysis, out_dir: str | os.PathLike, plot: bo
                 w.writerow([b, lr.layer, lr.name, r.rank,
                             *("" if lr.phi[pair_name(*p)] is None else f"{lr.phi[pair_name(*p)]:.6f}" for p in PAIRS)])
     if plot:
-        from .plots import plot_similarity_heatmaps
-
-        paths["png"] = plot_similarity_heatmaps(analysis, out / "qkv_similarity.png")
+        paths["png"] = plot_similarity_heatmaps(_heatmap_rows(analysis), out / "qkv_similarity.png",
+                                                f"Q/K/V subspace similarity ({analysis.side} singular vectors): "
+                                                f"{Path(analysis.source).name}")
     return paths
+
+
+def _heatmap_rows(analysis: QKVAnalysis) -> list[dict]:
+    rows = []
+    for br in analysis.branches.values():
+        panels = []
+        for a, b in PAIRS:
+            name = pair_name(a, b)
+            grid, mean = br.grid(name), br.mean(name)
+            head = f"{br.branch}: {name}"
+            panels.append({"pair": name, "grid": grid, "title": f"{head} (q unused)" if grid is None else (
+                f"{head}   φ({br.rank},{br.rank}) = {mean:.3f}\n"
+                f"random ≈ {random_baseline(br.rank, br.rank, br.dim):.3f}, {br.grid_count[name]} layers")})
+        rows.append({"branch": br.branch, "sizes": br.sizes, "panels": panels})
+    return rows
