@@ -84,7 +84,7 @@ class BlockSwap:
         self.cuda = self.device.type == "cuda"
         pin = self.cuda if pin_memory is None else pin_memory
         self.layouts = {i: _layout(self.blocks[i]) for i in self.indices}
-        self.store: dict[int, torch.Tensor] = {}
+        self.store: dict[int, torch.Tensor | list[torch.Tensor]] = {}
         for i in self.indices:
             self.store[i] = self._take_out(self.layouts[i], pin, torch.device(store_device or "cpu"))
         size = max((lay.nbytes for lay in self.layouts.values()), default=0)
@@ -102,16 +102,26 @@ class BlockSwap:
 
     # -- setup ---------------------------------------------------------------------------------
     @staticmethod
-    def _take_out(layout: _Layout, pin: bool, store_device: torch.device) -> torch.Tensor:
-        """Copy the block's weights into one flat host tensor; leave size-0 stand-ins in the model."""
-        flat = torch.empty(layout.nbytes, dtype=torch.uint8, device=store_device, pin_memory=pin)
+    def _take_out(layout: _Layout, pin: bool, store_device: torch.device) -> torch.Tensor | list[torch.Tensor]:
+        """Move the block's weights out of the model (size-0 stand-ins stay in it).
+
+        Pinned (CUDA): one flat pinned tensor per block, copied with one DMA. Otherwise the
+        weights as loaded are the store (no copy: on the CPU a second copy of 10 GB of fp8
+        weights would double the memory the swap is there to save)."""
+        flat = None
+        if pin or any(m.weight.device != store_device for m in layout.modules):
+            flat = torch.empty(layout.nbytes, dtype=torch.uint8, device=store_device, pin_memory=pin)
+        kept = []
         for m, off in zip(layout.modules, layout.offsets):
             w = m.weight.data
-            n = w.numel() * w.element_size()
-            flat[off: off + n].copy_(w.contiguous().reshape(-1).view(torch.uint8))
             m._swap_shape = tuple(w.shape)
+            if flat is not None:
+                n = w.numel() * w.element_size()
+                flat[off: off + n].copy_(w.contiguous().reshape(-1).view(torch.uint8))
+            else:
+                kept.append(w.contiguous())
             m.weight.data = torch.empty(0, dtype=w.dtype, device=w.device)
-        return flat
+        return flat if flat is not None else kept
 
     @property
     def buffer_bytes(self) -> int:
@@ -119,7 +129,7 @@ class BlockSwap:
 
     @property
     def store_bytes(self) -> int:
-        return sum(t.numel() for t in self.store.values())
+        return sum(t.numel() * t.element_size() for v in self.store.values() for t in (v if isinstance(v, list) else [v]))
 
     def remove(self) -> None:
         for h in self._handles:
@@ -183,14 +193,21 @@ class BlockSwap:
         if self.cuda:
             self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))  # readers of the old block first
             with torch.cuda.stream(self.copy_stream):
-                slot.buffer[:n].copy_(src, non_blocking=True)
+                self._copy(src, slot, i, n, non_blocking=True)
                 slot.ready = torch.cuda.Event()
                 slot.ready.record(self.copy_stream)
         else:
-            slot.buffer[:n].copy_(src)
+            self._copy(src, slot, i, n, non_blocking=False)
         slot.block = i
         self.copies += 1
         return slot
+
+    def _copy(self, src, slot: _Slot, i: int, n: int, non_blocking: bool) -> None:
+        if isinstance(src, list):  # the loaded weights themselves: one copy per weight
+            for view, w in zip(self._views(slot, i), src):
+                view.copy_(w, non_blocking=non_blocking)
+        else:
+            slot.buffer[:n].copy_(src, non_blocking=non_blocking)
 
     def prefetch(self, i: int, keep: int) -> None:
         """Start copying block i (if swapped and not loaded) without touching block `keep`."""
