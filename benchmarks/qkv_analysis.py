@@ -25,6 +25,7 @@ import struct
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -126,18 +127,50 @@ def write_sparse_mochi(path: Path, blocks: int, fp8: bool, seed: int = 0) -> tup
     return base + offset, time.perf_counter() - t0
 
 
-def run_analysis(model: Path, out: Path, extra: list[str]) -> tuple[float, float, dict]:
-    """(wall seconds, child peak RSS in GB, JSON) of `python -m dreamrelation_core analyze-qkv`."""
-    cmd = [sys.executable, "-m", "dreamrelation_core", "analyze-qkv", str(model), "--out", str(out), *extra]
+@dataclass
+class ChildRun:
+    wall: float  # seconds
+    peak_rss: float  # GB, ru_maxrss: includes the pages of torch's shared libraries
+    peak_anon: float  # GB, largest RssAnon seen (sampled every 50 ms): the process's own data
+
+
+def run_child(cmd: list[str]) -> ChildRun:
+    """Run `cmd` from the repository root; its wall time, peak RSS and peak anonymous memory."""
     t = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    peak_anon = 0
+    status_file = Path(f"/proc/{proc.pid}/status")
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        try:
+            for line in status_file.read_text().splitlines():
+                if line.startswith("RssAnon:"):
+                    peak_anon = max(peak_anon, int(line.split()[1]))
+        except OSError:
+            pass
+        time.sleep(0.05)
     wall = time.perf_counter() - t
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode:
-        raise RuntimeError(f"{' '.join(cmd)} failed with exit code {proc.returncode}")
-    peak_gb = usage.ru_maxrss / 1024**2  # ru_maxrss is in KiB on Linux
-    return wall, peak_gb, json.loads((out / "qkv_similarity.json").read_text())
+    code = os.waitstatus_to_exitcode(status)
+    if code:
+        raise RuntimeError(f"{' '.join(cmd)} failed with exit code {code}: {proc.stderr.read().decode()[-2000:]}")
+    return ChildRun(wall, usage.ru_maxrss / 1024**2, peak_anon / 1024**2)  # KiB -> GB
+
+
+def run_analysis(model: Path, out: Path, extra: list[str]) -> tuple[ChildRun, dict]:
+    """`python -m dreamrelation_core analyze-qkv` on `model`: its ChildRun and the JSON it wrote."""
+    run = run_child([sys.executable, "-m", "dreamrelation_core", "analyze-qkv", str(model), "--out", str(out), *extra])
+    return run, json.loads((out / "qkv_similarity.json").read_text())
+
+
+READ_ALL = """
+import sys
+from dreamrelation_core.analysis.weights import ROLES, WeightFile, detect_layout
+wf = WeightFile(sys.argv[1])
+for att in detect_layout(wf).attentions:
+    ws = wf.read_many([att.ref(r) for r in ROLES])
+"""
 
 
 def report_json(js: dict) -> None:
@@ -171,6 +204,9 @@ def main() -> None:
     print(f"\n2. full-size Mochi file, {args.blocks} blocks, in {work} ({free:.0f} GB free, ~{need:.1f} GB will be written)")
     blocks = list(range(args.blocks)) if args.layers == "all" else [b for b in _layers(args.layers) if b < args.blocks]
     extra = [] if args.layers == "all" else ["--layers", ",".join(map(str, blocks))]
+    t = time.perf_counter()
+    singular_vectors(torch.randn(3, 3072, 3072), 64)
+    print(f"  calibration: one batched SVD of 3 x [3072, 3072] takes {time.perf_counter() - t:.1f} s on this machine now")
     variants = [("bf16", False)] + ([("fp8-scaled", True)] if args.fp8 else [])
     try:
         for label, fp8 in variants:
@@ -178,11 +214,15 @@ def main() -> None:
             size, dt = write_sparse_mochi(model, args.blocks, fp8=fp8)
             print(f"  wrote {model.name}: {size / 1e9:.1f} GB apparent, {model.stat().st_blocks * 512 / 1e9:.1f} GB on "
                   f"disk (attention q/k/v only), {dt:.0f} s")
-            wall, peak, js = run_analysis(model, work / f"out_{label}", extra)
-            per = wall / len(blocks)
+            read = run_child([sys.executable, "-c", READ_ALL, str(model)])
+            print(f"  reading every q/k/v of all {args.blocks} blocks as float32 (no SVD): {read.wall:.0f} s, "
+                  f"peak RSS {read.peak_rss:.2f} GB (own data {read.peak_anon:.2f} GB)")
+            run, js = run_analysis(model, work / f"out_{label}", extra)
+            per = run.wall / len(blocks)
             scaled = "" if len(blocks) == args.blocks else f" -> ~{per * args.blocks / 60:.0f} min for all {args.blocks} (scaled)"
-            print(f"  analyze-qkv ({label}, {len(blocks)} of {args.blocks} blocks x visual+text): {wall:.0f} s wall, "
-                  f"{per:.1f} s per block{scaled}; child peak RSS {peak:.2f} GB; load average now {os.getloadavg()[0]:.1f}")
+            print(f"  analyze-qkv ({label}, {len(blocks)} of {args.blocks} blocks x visual+text): {run.wall:.0f} s wall, "
+                  f"{per:.1f} s per block{scaled}; peak RSS {run.peak_rss:.2f} GB (own data {run.peak_anon:.2f} GB); "
+                  f"load average now {os.getloadavg()[0]:.1f}")
             report_json(js)
             if not args.keep:
                 model.unlink()
@@ -190,7 +230,8 @@ def main() -> None:
         if not args.keep:
             for p in work.glob("*.safetensors"):
                 p.unlink()
-    print(f"\nreference: peak RSS of `python -c 'import torch'` alone: {_import_torch_rss():.2f} GB")
+    base = run_child([sys.executable, "-c", "import torch"])
+    print(f"\nreference: `python -c 'import torch'` alone: peak RSS {base.peak_rss:.2f} GB (own data {base.peak_anon:.2f} GB)")
 
 
 def _layers(text: str) -> list[int]:
@@ -199,12 +240,6 @@ def _layers(text: str) -> list[int]:
         a, _, b = part.partition("-")
         out.extend(range(int(a), int(b or a) + 1))
     return out
-
-
-def _import_torch_rss() -> float:
-    proc = subprocess.Popen([sys.executable, "-c", "import torch"])
-    _, _, usage = os.wait4(proc.pid, 0)
-    return usage.ru_maxrss / 1024**2
 
 
 if __name__ == "__main__":
