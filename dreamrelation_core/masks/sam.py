@@ -249,7 +249,7 @@ def _sam2_has_c_extension() -> bool:
 
 def build_sam2_model(config: str | os.PathLike, overrides: dict | None = None):
     """SAM2VideoPredictor from a shipped config name or a yaml path, random weights, eval mode."""
-    _require_sam2()
+    _require_sam2()  # optional: hydra-core and omegaconf come with sam2; the error says how to install it
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
