@@ -229,6 +229,17 @@ def vae_from_genmo_state_dict(state_dict: dict[str, torch.Tensor], dtype: torch.
     return _vae_from_genmo(Path(source), dict(state_dict), dtype).eval()
 
 
+def _from_folder(path: Path, sub: str, cls, name: str, expected: str, **kwargs):
+    """`cls.from_pretrained` on a local folder holding config.json, directly or in `sub/`."""
+    folder = path if (path / "config.json").is_file() else path / sub
+    if not (folder / "config.json").is_file():
+        raise ModelFileError(f"{path}: no config.json here or in {sub}/; expected {expected} folder")
+    try:
+        return cls.from_pretrained(str(folder), local_files_only=True, **kwargs)
+    except Exception as e:
+        raise ModelFileError(f"{folder}: cannot load as {name} ({type(e).__name__}: {e})") from e
+
+
 def load_vae(
     path: str | os.PathLike,
     config_dir: str | os.PathLike | None = None,
@@ -245,13 +256,8 @@ def load_vae(
     path = Path(path)
     _require(path, "a Mochi VAE: a diffusers folder (config.json + weights) or a .safetensors file")
     if path.is_dir():
-        folder = path if (path / "config.json").is_file() else path / "vae"
-        if not (folder / "config.json").is_file():
-            raise ModelFileError(f"{path}: no config.json here or in vae/; expected a diffusers AutoencoderKLMochi folder")
-        try:
-            vae = AutoencoderKLMochi.from_pretrained(str(folder), local_files_only=True, torch_dtype=dtype)
-        except Exception as e:
-            raise ModelFileError(f"{folder}: cannot load as AutoencoderKLMochi ({type(e).__name__}: {e})") from e
+        vae = _from_folder(path, "vae", AutoencoderKLMochi, "AutoencoderKLMochi", "a diffusers AutoencoderKLMochi",
+                           torch_dtype=dtype)
         return vae.to(device).eval()
 
     if path.suffix.lower() != ".safetensors":
@@ -336,13 +342,7 @@ def load_text_encoder(
     _require(path, "a T5 encoder: a transformers folder or a .safetensors file (e.g. t5xxl_fp16.safetensors)")
     tokenizer = load_t5_tokenizer(tokenizer_dir)
     if path.is_dir():
-        folder = path if (path / "config.json").is_file() else path / "text_encoder"
-        if not (folder / "config.json").is_file():
-            raise ModelFileError(f"{path}: no config.json here or in text_encoder/; expected a T5EncoderModel folder")
-        try:
-            model = T5EncoderModel.from_pretrained(str(folder), local_files_only=True, dtype=dtype)
-        except Exception as e:
-            raise ModelFileError(f"{folder}: cannot load as T5EncoderModel ({type(e).__name__}: {e})") from e
+        model = _from_folder(path, "text_encoder", T5EncoderModel, "T5EncoderModel", "a T5EncoderModel", dtype=dtype)
     elif path.suffix.lower() == ".safetensors":
         cfg_dir = _config_folder(
             [Path(config_dir) if config_dir else None, Path(tokenizer_dir), path.parent],
