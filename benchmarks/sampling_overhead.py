@@ -79,7 +79,7 @@ def main() -> None:
     import folder_paths
     import torch
 
-    from dreamrelation_core.lora import files as formats
+    from dreamrelation_core.lora import files as lora_files
     from fixtures import comfy_mochi as cm
     from fixtures.comfy_nodes import node_classes, run_node
     from fixtures.comfyui import load_pack
@@ -89,7 +89,7 @@ def main() -> None:
     nodes = node_classes(pack)
     with tempfile.TemporaryDirectory() as d:
         folder_paths.add_model_folder_path("loras", d, is_default=True)
-        formats.save_triplet(Path(d) / "bench.safetensors", relation_lora(cfg))
+        lora_files.save_triplet(Path(d) / "bench.safetensors", relation_lora(cfg))
         loaded, _ = run_node(nodes["DreamRelationRelationLoraLoader"], model=base, lora_name="bench.safetensors",
                              strength=1.0).outputs
     patch = dict(strength=1.0, start_percent=0.0, end_percent=1.0)

@@ -1,5 +1,6 @@
 """Command line: every command has --help; the file commands work and fail cleanly."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +34,30 @@ def test_help_lists_and_each_command_has_help(capsys):
 def test_module_entry_point_runs():
     r = subprocess.run([sys.executable, "-m", "dreamrelation_core", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0 and "export-relation" in r.stdout
+
+
+def test_one_progress_bar_for_every_long_command(capsys):
+    """prepare / analyze call it (done, total, name), masks (done, total), evaluate once per message."""
+    from dreamrelation_core.cli.progress import progress_bar, say
+
+    bar, update = progress_bar("prepare", "video", total=3)
+    update(2, 3, "clip_b")
+    assert (bar.n, bar.total) == (2, 3) and "clip_b" in str(bar)
+    update(label="FVD: 4")  # no count: one step on
+    assert bar.n == 3 and "FVD: 4" in str(bar)
+    update(5, 10)  # the work learned its length late (mask extraction)
+    assert (bar.n, bar.total) == (5, 10)
+    say("a note above the bar")
+    bar.close()
+    assert "a note above the bar" in capsys.readouterr().out
+    quiet, update = progress_bar("evaluate", "step", quiet=True)
+    update(label="CLIP: a.mp4")
+    quiet.close()
+    assert capsys.readouterr().err == ""
+    cli = ROOT / "dreamrelation_core" / "cli"
+    own_bars = [p.name for p in sorted(cli.glob("*.py"))
+                if p.name != "progress.py" and re.search(r"^\s*(from|import) tqdm", p.read_text(), re.M)]
+    assert not own_bars, f"{own_bars}: use cli/progress.py's bar"
 
 
 @pytest.fixture()

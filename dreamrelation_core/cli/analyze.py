@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from ..dtypes import DTYPES
+from .progress import progress_bar
 
 
 def _int_list(text: str, what: str) -> list[int]:
@@ -22,19 +23,6 @@ def _int_list(text: str, what: str) -> list[int]:
     except ValueError:
         raise ValueError(f"{what} {text!r}: expected numbers such as '1,2,4' or ranges such as '0-7'") from None
     return out
-
-
-def _bar(desc: str):
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=1, desc=desc, unit="layer", dynamic_ncols=True)
-
-    def update(done: int, total: int, label: str) -> None:
-        bar.total = total
-        bar.update(done - bar.n)
-        bar.set_postfix_str(label)
-
-    return bar, update
 
 
 def _features(args: argparse.Namespace, model_file: str, lora_file: str | None, out: Path) -> dict[str, Path]:
@@ -61,7 +49,7 @@ def cmd_analyze_qkv(args: argparse.Namespace) -> int:
     from ..analysis.sweep import analyze_qkv, write_qkv_report
 
     out = Path(args.out)
-    bar, update = _bar("analyze-qkv")
+    bar, update = progress_bar("analyze-qkv", "layer")
     try:
         analysis = analyze_qkv(
             args.model, rank=args.rank, sizes=_int_list(args.sizes, "--sizes"), side=args.side, device=args.device,
@@ -86,7 +74,7 @@ def cmd_analyze_lora(args: argparse.Namespace) -> int:
     from ..analysis.lora_report import analyze_lora, write_lora_report
 
     out = Path(args.out)
-    bar, update = _bar("analyze-lora")
+    bar, update = progress_bar("analyze-lora", "layer")
     try:
         report = analyze_lora(args.lora, args.base, rank=args.rank, side=args.side, device=args.device, progress=update)
     finally:

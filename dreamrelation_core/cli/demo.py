@@ -45,7 +45,7 @@ def run_demo(out_dir: str | Path = "demo_output", steps: int = 200, seed: int = 
     from ..data.encode import encode_captions
     from ..data.synthetic import write_synthetic_dataset
     from ..generate import add_relation_lora, generate_latents
-    from ..lora import files as formats
+    from ..lora import files as lora_files
     from ..mochi.tiny import tiny_text_encoder, tiny_tokenizer, tiny_transformer, tiny_vae
     from ..training.config import TrainConfig
     from ..training.plots import plot_losses
@@ -77,7 +77,7 @@ def run_demo(out_dir: str | Path = "demo_output", steps: int = 200, seed: int = 
     after = trainer.evaluate()
     plot = plot_losses(result.history, out / "loss_curve.png", "DreamRelation demo (tiny random Mochi, synthetic clip)")
 
-    lora = formats.load_lora_file(result.relation_path)
+    lora = lora_files.load_lora_file(result.relation_path)
     model = add_relation_lora(tiny_transformer(seed=seed), lora)
     y, ym = encode_captions(text_encoder, tokenizer, [DEMO_PROMPT], text_len)
     latent_shape = tuple(clips[0].mean.shape[1:])

@@ -8,25 +8,19 @@ from pathlib import Path
 
 from ..evaluation import runner
 from ..evaluation.fvd import FVD_FRAMES, FVD_SIZE
+from .progress import progress_bar
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
     settings = runner.EvalSettings(
         clip=args.clip, clip_tokenizer=args.clip_tokenizer, no_clip_t=args.no_clip_t, i3d=args.i3d,
         reference=args.reference, judge=args.judge, exemplars=args.exemplars, device=_device(args.device),
         fvd_frames=args.fvd_frames, fvd_stride=args.fvd_stride, fvd_size=args.fvd_size,
         fvd_ddof=0 if args.fvd_biased_cov else 1, judge_frames=args.judge_frames, exemplar_frames=args.exemplar_frames,
     )
-    bar = tqdm(desc="evaluate", unit="step", dynamic_ncols=True, disable=args.quiet)
-
-    def progress(msg: str) -> None:
-        bar.update(1)
-        bar.set_postfix_str(msg[-60:])
-
-    try:
-        result = runner.evaluate(args.videos, args.prompts, settings, progress)
+    bar, update = progress_bar("evaluate", "step", quiet=args.quiet)
+    try:  # one step per message of the runner
+        result = runner.evaluate(args.videos, args.prompts, settings, lambda msg: update(label=msg[-60:]))
     finally:
         bar.close()
     out = runner.write_csv(result.rows, args.out)

@@ -7,29 +7,29 @@ import re
 from pathlib import Path
 
 from ..dtypes import DTYPES
-from ..lora import files as formats
+from ..lora import files as lora_files
 from ..lora.genmo import save_comfy_lora
 from ..lora.layout import ADAPTERS
 
 
 def cmd_export_relation(args: argparse.Namespace) -> int:
-    lora = formats.load_lora_file(args.input)
+    lora = lora_files.load_lora_file(args.input)
     step = int(lora.metadata.get("step", 0) or 0)
-    out = formats.save_relation_only(args.output, lora, step=step)
-    print(formats.describe(formats.load_lora_file(out)))
+    out = lora_files.save_relation_only(args.output, lora, step=step)
+    print(lora_files.describe(lora_files.load_lora_file(out)))
     print(f"wrote {out}")
     return 0
 
 
 def cmd_import_reference(args: argparse.Namespace) -> int:
-    lora = formats.import_reference(args.input)
-    print(formats.describe(lora))
+    lora = lora_files.import_reference(args.input)
+    print(lora_files.describe(lora))
     missing = [a for a in ADAPTERS if a not in lora.adapters]
     step = _step_from_name(Path(args.input).name)
     if missing or args.relation_only:
-        out = formats.save_relation_only(args.output, lora, step=step)
+        out = lora_files.save_relation_only(args.output, lora, step=step)
     else:
-        out = formats.save_triplet(args.output, lora, step=step)
+        out = lora_files.save_triplet(args.output, lora, step=step)
     print(f"wrote {out}")
     return 0
 
@@ -43,7 +43,7 @@ def export_comfy(src: str | Path, dst: str | Path, dtype: str = "fp32") -> Path:
     """Read any LoRA file we accept and write its relation + ffn part as a stock Mochi LoRA."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: expected one of {sorted(DTYPES)}")
-    lora = formats.load_lora_file(src)
+    lora = lora_files.load_lora_file(src)
     return save_comfy_lora(dst, lora, dtype=DTYPES[dtype], source=str(src))
 
 

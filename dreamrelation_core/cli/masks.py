@@ -6,7 +6,6 @@ import argparse
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from ..data import mask_files as mask_io
 from ..data.video import VIDEO_SUFFIXES, is_video_path, read_video
@@ -15,6 +14,7 @@ from ..masks.extractor import MODES, SubjectMaskExtractor, SubjectMaskOptions, S
 from ..masks.grounding_dino import load_grounding_dino
 from ..masks.sam import load_sam1, load_sam2
 from ..masks.tracking import ORDERS
+from .progress import progress_bar, say
 
 
 def video_inputs(paths: list[str]) -> list[Path]:
@@ -90,26 +90,23 @@ def cmd_masks(args: argparse.Namespace) -> int:
     failed = 0
     for video, out in todo:
         frames = read_video(video)
-        with tqdm(total=1, desc=video.name, unit="step", leave=True) as bar:
-            def progress(done: int, total: int) -> None:
-                bar.total = total
-                bar.n = done
-                bar.refresh()
-
-            try:
-                result = extractor.run(frames, opt, progress=progress)
-            except MaskExtractionError as e:  # subjects not found / missing on most frames: the next video
-                failed += 1
-                tqdm.write(f"{video}: {e}")
-                continue
+        bar, update = progress_bar(video.name, "step")
+        try:
+            result = extractor.run(frames, opt, progress=update)
+        except MaskExtractionError as e:  # subjects not found / missing on most frames: the next video
+            failed += 1
+            say(f"{video}: {e}")
+            continue
+        finally:
+            bar.close()
         try:
             save_result(result, out, args.png)
         except MaskExtractionError as e:
             failed += 1
-            tqdm.write(f"{video}: {e}")
+            say(f"{video}: {e}")
             continue
         for note in result.notes:
-            tqdm.write(f"{video.name}: {note}")
+            say(f"{video.name}: {note}")
         print(f"{video}: {len(frames)} frames -> {out}")
     return 1 if failed else 0
 

@@ -12,6 +12,7 @@ from ..data.cache import DEFAULT_CACHE, MANIFEST, prepare_dataset
 from ..data.dataset import describe_dataset
 from ..dtypes import DTYPES
 from ..mochi.loading import load_text_encoder, load_vae
+from .progress import progress_bar
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -23,8 +24,6 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def run_prepare(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     cache = Path(args.cache) if args.cache else Path(args.data_dir) / DEFAULT_CACHE
@@ -35,14 +34,10 @@ def run_prepare(args: argparse.Namespace) -> int:
     if args.vae_tiling:
         vae.enable_tiling()
     te, tok = load_text_encoder(args.text_encoder, args.tokenizer, args.text_encoder_config, dtype=dtype, device=device)
-    bar = tqdm(total=len(entries), desc="prepare", unit="video")
-
-    def progress(done: int, total: int, name: str) -> None:
-        bar.set_postfix_str(name)
-        bar.update(done - bar.n)
-
+    bar, update = progress_bar("prepare", "video", len(entries))
     try:
-        paths = prepare_dataset(args.data_dir, cache, vae, te, tok, args.frames, args.size, args.max_text_len, progress)
+        paths = prepare_dataset(args.data_dir, cache, vae, te, tok, args.frames, args.size, args.max_text_len,
+                                progress=update)
     finally:
         bar.close()
     print(f"prepared {len(paths)} clip(s) in {cache} (manifest: {cache / MANIFEST})")

@@ -224,14 +224,26 @@ def prepare_dataset(
     num_frames: int,
     size: tuple[int, int],
     max_text_len: int = 256,
+    *,
     progress: Progress | None = None,
-    encoders: Encoders | None = None,
 ) -> list[Path]:
-    """Encode every video of `folder` once into `<cache_dir>/<name>.safetensors`; returns those paths.
+    """Encode every video of `folder` once into `<cache_dir>/<name>.safetensors` with a diffusers
+    VAE and a transformers T5; returns those paths."""
+    return prepare_with_encoders(folder, cache_dir, Encoders.from_models(vae, text_encoder, tokenizer), num_frames,
+                                 size, max_text_len, progress=progress)
 
-    `encoders` replaces vae / text_encoder / tokenizer (pass None for those then)."""
-    if encoders is None:
-        encoders = Encoders.from_models(vae, text_encoder, tokenizer)
+
+def prepare_with_encoders(
+    folder: str | os.PathLike,
+    cache_dir: str | os.PathLike,
+    encoders: Encoders,
+    num_frames: int,
+    size: tuple[int, int],
+    max_text_len: int = 256,
+    *,
+    progress: Progress | None = None,
+) -> list[Path]:
+    """`prepare_dataset` with any encoders (the ComfyUI nodes pass ComfyUI's own VAE and CLIP)."""
     spec = describe_dataset(folder, num_frames, size)
     entries, size = spec.entries, spec.size
     cache_dir = Path(cache_dir)

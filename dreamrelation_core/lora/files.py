@@ -283,7 +283,8 @@ def import_reference(path: str | os.PathLike) -> LoraSet:
     return _parse_reference(path, sd, kwargs)
 
 
-def _ref_int(path: Path, kwargs: dict, key: str) -> float:
+def _ref_number(path: Path, kwargs: dict, key: str) -> int | float:
+    """A rank or alpha from a reference checkpoint's kwargs (missing: an error, never a default)."""
     if key not in kwargs or kwargs[key] is None:
         raise LoraFormatError(f"{path}: kwargs has no {key!r}: rank and alpha are read from the file, never assumed")
     return kwargs[key]
@@ -292,10 +293,10 @@ def _ref_int(path: Path, kwargs: dict, key: str) -> float:
 def _parse_reference(path: Path, sd: dict[str, torch.Tensor], kwargs: dict | None) -> LoraSet:
     if kwargs is None:
         raise LoraFormatError(f"{path}: reference-style keys but no 'kwargs' metadata: rank and alpha unknown")
-    qkv_rank, qkv_alpha = int(_ref_int(path, kwargs, "qkv_proj_lora_rank")), float(_ref_int(path, kwargs, "qkv_proj_lora_alpha"))
+    qkv_rank, qkv_alpha = int(_ref_number(path, kwargs, "qkv_proj_lora_rank")), float(_ref_number(path, kwargs, "qkv_proj_lora_alpha"))
     has_proj = any(".proj_" in k for k in sd)
-    out_rank = int(_ref_int(path, kwargs, "out_proj_lora_rank")) if has_proj else 0
-    out_alpha = float(_ref_int(path, kwargs, "out_proj_lora_alpha")) if has_proj else 0.0
+    out_rank = int(_ref_number(path, kwargs, "out_proj_lora_rank")) if has_proj else 0
+    out_alpha = float(_ref_number(path, kwargs, "out_proj_lora_alpha")) if has_proj else 0.0
     lora = LoraSet(metadata={"format": FORMAT_REFERENCE, "source": str(path), "kwargs": json.dumps(kwargs, default=str)})
     pending: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     keynames: dict[tuple[str, str], str] = {}

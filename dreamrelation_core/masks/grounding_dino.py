@@ -473,7 +473,7 @@ class GroundingDino:
         return FrameDetections(frame, xyxy[k], sc[k], lab[k] if labelled else None)
 
 
-def find_hf_weights(folder: Path) -> bool:
+def has_hf_weights(folder: Path) -> bool:
     return any((folder / n).is_file() for n in ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json"))
 
 
@@ -486,7 +486,7 @@ def load_grounding_dino(
     """A detector from an HF folder or an original checkpoint file (+ vocab from `bert_dir`)."""
     path = Path(path)
     if path.is_dir():
-        if not (path / "config.json").is_file() or not find_hf_weights(path):
+        if not (path / "config.json").is_file() or not has_hf_weights(path):
             raise ModelFileError(
                 f"{path}: expected a Hugging Face Grounding DINO folder with config.json and "
                 f"model.safetensors (or pytorch_model.bin); found {sorted(p.name for p in path.iterdir())[:10]}"

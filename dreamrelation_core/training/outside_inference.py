@@ -24,12 +24,6 @@ def is_inference(x: object) -> bool:
 
 
 @torch.inference_mode(False)
-def normal_tensor(t: torch.Tensor) -> torch.Tensor:
-    """`t` itself, or a normal copy of it when it is an inference tensor."""
-    return t.clone() if t.is_inference() else t
-
-
-@torch.inference_mode(False)
 def make_trainable(model: torch.nn.Module) -> torch.nn.Module:
     """Replace, in place, every inference-tensor parameter and buffer of `model` by a normal copy.
 

@@ -25,7 +25,7 @@ import torch
 from ..data.latent_masks import relation_mask
 from ..errors import TrainingError
 from ..fileio import atomic_path
-from ..lora import files as formats
+from ..lora import files as lora_files
 from ..lora import peft_triplet as triplet
 from ..mochi.latents import diffusers_timestep
 from .config import TrainConfig
@@ -316,8 +316,8 @@ class Trainer:
         lora = triplet.to_lora_set(self.model)
         dtype = torch.bfloat16 if self.config.save_dtype == "bf16" else torch.float32
         cfg = self.config.to_dict()
-        t = formats.save_triplet(self.run_dir / TRIPLET_FILE, lora, step=self.step, config=cfg, dtype=dtype)
-        r = formats.save_relation_only(self.run_dir / RELATION_FILE, lora, step=self.step, config=cfg, dtype=dtype)
+        t = lora_files.save_triplet(self.run_dir / TRIPLET_FILE, lora, step=self.step, config=cfg, dtype=dtype)
+        r = lora_files.save_relation_only(self.run_dir / RELATION_FILE, lora, step=self.step, config=cfg, dtype=dtype)
         return t, r
 
     def state_dict(self) -> dict[str, Any]:

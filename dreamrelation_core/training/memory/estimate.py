@@ -34,7 +34,7 @@ incoming bf16 gradient (2d) and five fp32 [N, d] temporaries of the norm backwar
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from ...errors import TrainingError
 from ...lora.layout import ADAPTER_MODULES, target_modules
@@ -300,7 +300,3 @@ def fastest_fitting(
         if need <= budget_gib:
             return est
     return None
-
-
-def with_options(est: Estimate, **changes) -> MemoryOptions:
-    return replace(est.options, **changes)
