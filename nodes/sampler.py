@@ -54,12 +54,14 @@ class AttentionRecorder(_Shared):
         self.sum: torch.Tensor | None = None  # [n_words, N] float32, CPU
         self.count = 0
         self.grid: tuple[int, int, int] | None = None  # token grid (T, h, w)
+        self.patch_size = 1  # latent pixels per token side, the model's own (Mochi: 2)
 
-    def add(self, q: torch.Tensor, k: torch.Tensor, n_visual: int, rows: list[int], grid: tuple[int, int, int]) -> None:
+    def add(self, q: torch.Tensor, k: torch.Tensor, n_visual: int, rows: list[int], grid: tuple[int, int, int],
+            patch_size: int) -> None:
         """q, k: [B, heads, N + L, D] as Mochi's joint attention builds them (visual tokens first)."""
-        if self.grid is not None and self.grid != grid:
+        if self.grid is not None and (self.grid, self.patch_size) != (grid, patch_size):
             self.reset()  # a new video size: start over
-        self.grid = grid
+        self.grid, self.patch_size = grid, patch_size
         n_text = k.shape[2] - n_visual
         if n_text <= 0 or not rows:
             return
@@ -81,6 +83,13 @@ class AttentionRecorder(_Shared):
         if self.sum is None or self.grid is None:
             raise RuntimeError("no attention recorded: run a sampler with the patched MODEL before the Attention Maps node")
         return (self.sum / self.count).reshape(len(self.words), *self.grid)
+
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(T, H, W) of the latent video the maps were recorded on."""
+        if self.grid is None:
+            raise RuntimeError("no attention recorded: run a sampler with the patched MODEL before the Attention Maps node")
+        T, h, w = self.grid
+        return T, h * self.patch_size, w * self.patch_size
 
 
 def token_positions(tokenize, prompt: str, words: list[str]) -> list[list[int]]:
@@ -201,13 +210,13 @@ class RelationSamplerPatch(_Shared):
 
     # --- attention override
 
-    def _attention_override(self, n_visual: int, grid: tuple[int, int, int], rows: list[int]):
+    def _attention_override(self, n_visual: int, grid: tuple[int, int, int], patch_size: int, rows: list[int]):
         recorder = self.recorder
 
         def override(func, q, k, v, heads, *args, **kwargs):
             if kwargs.get("skip_reshape") and q.ndim == 4 and q.shape[2] > n_visual:
                 with torch.no_grad():
-                    recorder.add(q, k, n_visual, rows, grid)
+                    recorder.add(q, k, n_visual, rows, grid, patch_size)
             return func(q, k, v, heads, *args, **kwargs)
 
         return override
@@ -239,7 +248,7 @@ class RelationSamplerPatch(_Shared):
         if not rows:
             return transformer_options
         to = dict(transformer_options)
-        to["optimized_attention_override"] = self._attention_override(grid[0] * grid[1] * grid[2], grid, rows)
+        to["optimized_attention_override"] = self._attention_override(grid[0] * grid[1] * grid[2], grid, p, rows)
         return to
 
     def outer_sample(self, executor, *args, **kwargs):
@@ -372,11 +381,11 @@ class AttentionMaps(io.ComfyNode):
             if word.strip() not in attention.words:
                 raise ValueError(f"word {word!r} was not recorded; recorded: {attention.words}")
             i = attention.words.index(word.strip())
-        T, h, w = maps.shape[1:]
-        lat = samples["samples"].shape
-        if (lat[-3], lat[-2], lat[-1]) != (T, 2 * h, 2 * w):
-            raise ValueError(f"recorded attention is for a latent video {T}x{2 * h}x{2 * w}, samples are {tuple(lat[-3:])}")
-        return io.NodeOutput(heatmap_frames(maps[i], 2, upscale, colormap))
+        recorded = attention.latent_shape()
+        lat = tuple(samples["samples"].shape[-3:])
+        if lat != recorded:
+            raise ValueError(f"recorded attention is for a latent video {'x'.join(map(str, recorded))}, samples are {lat}")
+        return io.NodeOutput(heatmap_frames(maps[i], attention.patch_size, upscale, colormap))
 
 
 NODES: list[type[io.ComfyNode]] = [MochiSamplerPatch, AttentionMaps]

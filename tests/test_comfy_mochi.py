@@ -278,6 +278,11 @@ def test_ksampler_runs_with_patch_and_attention_maps(env):
         maps[word] = rec.maps()
     assert (maps["#1"] - maps["#3"]).abs().max().item() > 1e-4
     assert maps["#1"].shape == (1, 2, 2, 3)  # (words, T, h, w) token grid of the 2x4x6 latent
+    # the patch size comes with the recording, read from the model it ran on
+    assert rec.patch_size == 2 and rec.latent_shape() == (2, 4, 6)
+    with pytest.raises(ValueError, match=r"recorded attention is for a latent video 2x4x6, samples are \(2, 8, 6\)"):
+        run_node(env["classes"]["DreamRelationAttentionMaps"], attention=rec, samples={"samples": torch.zeros(1, 12, 2, 8, 6)},
+                 word="", colormap="gray", upscale=1)
 
 
 def test_token_positions_with_real_mochi_tokenizer(comfyui):

@@ -38,6 +38,12 @@ def nodes(comfyui, pack):
 
 
 @pytest.fixture()
+def models(comfyui, pack):
+    """The mask models' folders and ComfyUI-managed cache."""
+    return pack.nodes.mask_models
+
+
+@pytest.fixture()
 def classes(pack):
     return node_classes(pack)
 
@@ -64,7 +70,7 @@ def test_nodes_are_registered_with_tooltips(comfyui, pack, classes) -> None:
         assert name in folder_paths.folder_names_and_paths
 
 
-def test_subject_masks_node_runs_and_masks_round_trip(models_dir: Path, nodes, classes) -> None:
+def test_subject_masks_node_runs_and_masks_round_trip(models_dir: Path, nodes, models, classes) -> None:
     import comfy.model_management as mm
 
     unload_all = mm.unload_all_models
@@ -84,14 +90,14 @@ def test_subject_masks_node_runs_and_masks_round_trip(models_dir: Path, nodes, c
     assert view.shape == (4, 64, 96, 3) and 0 <= view.min() and view.max() <= 1
 
     # The models are ComfyUI's to manage: loaded through model_management, kept for the next run ...
-    cached = dict(nodes._CACHE)
+    cached = dict(models._CACHE)
     assert {k[0] for k in cached} == {"gdino", "sam"}
     assert all(any(e.patcher is m for m in mm.loaded_models()) for e in cached.values())
     again = run_node(masks_node, **args).outputs
-    assert torch.equal(again[0], s1) and all(nodes._CACHE[k] is cached[k] for k in cached)  # not read again
+    assert torch.equal(again[0], s1) and all(models._CACHE[k] is cached[k] for k in cached)  # not read again
     # ... until ComfyUI unloads them ("Free model and node cache", OOM retry, memory for another model).
     mm.unload_all_models()
-    assert not nodes._CACHE
+    assert not models._CACHE
     assert not any(e.patcher is m for e in cached.values() for m in mm.loaded_models())
     assert mm.unload_all_models is unload_all  # ComfyUI's own function, not replaced
 
@@ -112,7 +118,7 @@ def test_subject_masks_node_runs_and_masks_round_trip(models_dir: Path, nodes, c
     assert torch.equal(c1, s1) and torch.equal(c2, s2)  # compact layout found beside the video, exact
 
 
-def test_subject_masks_node_with_sam2(models_dir: Path, nodes, classes) -> None:
+def test_subject_masks_node_with_sam2(models_dir: Path, models, classes) -> None:
     """SAM 2 propagation under ComfyUI's model management (the predictor moved as ComfyUI loads it)."""
     import comfy.model_management as mm
 
@@ -128,29 +134,29 @@ def test_subject_masks_node_with_sam2(models_dir: Path, nodes, classes) -> None:
         order="left_first", box_threshold=0.0, text_threshold=0.0, detection_stride=2, dilation=0,
         max_frames_per_batch=4).outputs
     assert s1.shape == s2.shape == rel.shape == (4, 64, 96) and view.shape == (4, 64, 96, 3)
-    assert {k[0] for k in nodes._CACHE} == {"gdino", "sam2"}
+    assert {k[0] for k in models._CACHE} == {"gdino", "sam2"}
     mm.unload_all_models()
-    assert not nodes._CACHE
+    assert not models._CACHE
 
 
-def test_models_reloaded_when_the_file_changes(models_dir: Path, nodes) -> None:
+def test_models_reloaded_when_the_file_changes(models_dir: Path, models) -> None:
     import comfy.model_management as mm
 
     gd = write_hf_gdino(models_dir / "grounding-dino" / "gdino-tiny")
-    first, _, _ = nodes.get_models(gd.name, "none", "none")
-    nodes.load_on_device([first])
-    assert nodes.get_models(gd.name, "none", "none")[0] is first
+    first, _, _ = models.get_models(gd.name, "none", "none")
+    models.load_on_device([first])
+    assert models.get_models(gd.name, "none", "none")[0] is first
     first_patcher = weakref.ref(first.patcher)
     del first
     os.utime(gd, (gd.stat().st_atime, gd.stat().st_mtime + 10))
-    second, _, _ = nodes.get_models(gd.name, "none", "none")
-    assert list(nodes._CACHE.values()) == [second]
+    second, _, _ = models.get_models(gd.name, "none", "none")
+    assert list(models._CACHE.values()) == [second]
     gc.collect()
     # the stale model is let go, and ComfyUI's list of loaded models forgets it
     assert first_patcher() is None and None not in mm.loaded_models()
-    nodes.load_on_device([second])
+    models.load_on_device([second])
     mm.unload_all_models()
-    assert not nodes._CACHE
+    assert not models._CACHE
 
 
 def test_relative_paths_look_in_input_then_output(models_dir: Path, monkeypatch, pack, classes) -> None:
