@@ -72,20 +72,20 @@ class DreamRelationQKVAnalysis(io.ComfyNode):
             is_output_node=True,
             inputs=[
                 io.Combo.Input("model_name", options=_choices("diffusion_models"),
-                               tooltip="model file in models/diffusion_models (bf16, fp16, fp32 or fp8-scaled); read "
-                               "one tensor at a time, never loaded whole"),
+                               tooltip="A model file in models/diffusion_models (bf16, fp16, fp32 or fp8-scaled), read "
+                               "one tensor at a time, never loaded whole."),
                 io.Int.Input("rank", default=64, min=1, max=4096,
-                             tooltip="i = j at which phi is reported per branch and pair (the paper: 64)"),
+                             tooltip="The i = j at which phi is reported per branch and pair (the paper: 64)."),
                 io.Combo.Input("side", options=["left", "right"], default="left",
-                               tooltip="left: output-space singular vectors of each [out, in] weight (the paper's "
-                               "choice); right: input space (which features each projection reads)"),
+                               tooltip="'left': output-space singular vectors of each [out, in] weight (the paper's "
+                               "choice). 'right': input space (which features each projection reads)."),
                 io.Boolean.Input("save_report", default=True,
-                                 tooltip="also write qkv_similarity.json/.csv/.png to "
-                                 "output/dreamrelation_analysis/<model>/"),
+                                 tooltip="Also write qkv_similarity.json/.csv/.png to "
+                                 "output/dreamrelation_analysis/<model>/."),
             ],
             outputs=[
-                io.Image.Output("heat_map", tooltip="phi(i, j) heat maps, one row per branch, one panel per pair"),
-                io.String.Output("summary", tooltip="layer-averaged phi(rank, rank) per branch and pair"),
+                io.Image.Output("heat_map", tooltip="Heat maps of phi(i, j), one row per branch, one panel per pair."),
+                io.String.Output("summary", tooltip="Layer-averaged phi(rank, rank) per branch and pair."),
             ],
         )
 
@@ -130,20 +130,20 @@ class DreamRelationLoraAnalysis(io.ComfyNode):
             is_output_node=True,
             inputs=[
                 io.Combo.Input("lora_name", options=_choices("loras"),
-                               tooltip="relation LoRA in models/loras: our triplet or relation-only file, a reference "
-                               "checkpoint, or a genmo-key Mochi LoRA"),
+                               tooltip="A relation LoRA in models/loras: our triplet or relation-only file, a reference "
+                               "checkpoint, or a genmo-key Mochi LoRA."),
                 io.Combo.Input("model_name", options=_choices("diffusion_models"),
-                               tooltip="the Mochi base model file the LoRA was trained on"),
+                               tooltip="The Mochi base model file the LoRA was trained on."),
                 io.Int.Input("rank", default=64, min=1, max=4096,
-                             tooltip="number of base singular vectors each adapter's weight change is compared with"),
+                             tooltip="Number of base singular vectors each adapter's weight change is compared with."),
                 io.Combo.Input("side", options=["left", "right"], default="left",
-                               tooltip="left: output space (default); right: input space"),
+                               tooltip="'left': output space (the default). 'right': input space."),
                 io.Boolean.Input("save_report", default=True,
-                                 tooltip="also write lora_report.json/.csv/.png to output/dreamrelation_analysis/<lora>/"),
+                                 tooltip="Also write lora_report.json/.csv/.png to output/dreamrelation_analysis/<lora>/."),
             ],
             outputs=[
-                io.Image.Output("picture", tooltip="adapter norms per block and mean similarity to the base Q/K/V"),
-                io.String.Output("summary", tooltip="per adapter: modules, mean norm, mean phi to base q, k, v"),
+                io.Image.Output("picture", tooltip="Adapter norms per block and mean similarity to the base Q/K/V."),
+                io.String.Output("summary", tooltip="Per adapter: modules, mean norm, mean phi to the base q, k and v."),
             ],
         )
 

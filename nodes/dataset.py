@@ -33,15 +33,15 @@ class DreamRelationDataset(io.ComfyNode):
             description="Check a relation dataset folder (videos, captions, subject masks) for training at the given clip size.",
             inputs=[
                 io.String.Input("folder", default="", tooltip=(
-                    "dataset folder (absolute, or relative to ComfyUI's input folder, then its output folder), one "
-                    "per relation: <name>.mp4|.gif|<name>/ frames, <name>.txt caption, <name>.masks.npz or "
-                    "reference mask PNGs")),
+                    "The dataset folder, one per relation (absolute, or relative to ComfyUI's input folder, then its "
+                    "output folder): <name>.mp4|.gif|<name>/ frames, a <name>.txt caption, <name>.masks.npz or "
+                    "reference mask PNGs.")),
                 io.Int.Input("frames", default=61, min=7, max=301, step=6,
-                             tooltip="frames per training clip: 6k + 1 (61 in the paper)"),
+                             tooltip="Frames per training clip: 6k + 1 (61 in the paper)."),
                 io.Int.Input("height", default=480, min=16, max=2048, step=16,
-                             tooltip="training height in pixels, a multiple of 16 (Mochi: 480)"),
+                             tooltip="Training height in pixels, a multiple of 16 (Mochi: 480)."),
                 io.Int.Input("width", default=848, min=16, max=2048, step=16,
-                             tooltip="training width in pixels, a multiple of 16 (Mochi: 848)"),
+                             tooltip="Training width in pixels, a multiple of 16 (Mochi: 848)."),
             ],
             outputs=[
                 Dataset.Output(display_name="dataset"),
@@ -90,19 +90,19 @@ class DreamRelationAddToDataset(io.ComfyNode):
             is_output_node=True,
             inputs=[
                 io.Image.Input("images", tooltip=(
-                    "the video's frames (e.g. Load Video -> Get Video Components): 6k + 1 of them (7, 13, ..., 61); "
-                    "stored losslessly as <clip_name>/frame0000.png ...")),
-                io.Mask.Input("subject1_mask", tooltip="subject 1's mask on every frame (Subject Masks' subject1)"),
-                io.Mask.Input("subject2_mask", tooltip="subject 2's mask on every frame (Subject Masks' subject2)"),
+                    "The video's frames (e.g. Load Video -> Get Video Components), 6k + 1 of them (7, 13, ..., 61). "
+                    "They are stored losslessly as <clip_name>/frame0000.png and on.")),
+                io.Mask.Input("subject1_mask", tooltip="Subject 1's mask on every frame (Subject Masks' subject1)."),
+                io.Mask.Input("subject2_mask", tooltip="Subject 2's mask on every frame (Subject Masks' subject2)."),
                 io.String.Input("caption", default="", multiline=True, tooltip=(
-                    "what happens in the clip, e.g. 'a person shaking hands with another person'; saved as "
-                    "<clip_name>.txt")),
+                    "What happens in the clip, e.g. 'a person shaking hands with another person'. Saved as "
+                    "<clip_name>.txt.")),
                 io.String.Input("dataset", default="relations/shaking_hands", tooltip=(
-                    "dataset folder, one per relation, inside ComfyUI's input folder (made if missing); feed the "
-                    "output to the Dataset node's folder")),
+                    "The dataset folder, one per relation, inside ComfyUI's input folder (made if missing). Feed the "
+                    "output to the Dataset node's folder.")),
                 io.String.Input("clip_name", default="", tooltip=(
-                    "the exemplar's file name (letters, digits, . _ - space); empty: clip_<content hash>, so the "
-                    "same exemplar always gets the same name")),
+                    "The exemplar's file name (letters, digits, . _ - space). Empty: clip_<content hash>, so the "
+                    "same exemplar always gets the same name.")),
             ],
             outputs=[
                 io.String.Output(display_name="dataset"),

@@ -97,34 +97,35 @@ class ScoreClip(io.ComfyNode):
             "local vision-language model, appearance leakage towards the training exemplars.",
             is_output_node=True,
             inputs=[
-                io.Image.Input("images", tooltip="the generated clip, one IMAGE per frame (e.g. from VAE Decode)"),
+                io.Image.Input("images", tooltip="The generated clip, one IMAGE per frame (e.g. from VAE Decode)."),
                 io.String.Input("prompt", multiline=True, default="",
-                                tooltip="the prompt the clip was generated from (CLIP-T; the judge's question when "
-                                "subject A / relation / subject B are empty)"),
+                                tooltip="The prompt the clip was generated from (for CLIP-T, and the judge's question "
+                                "when subject A / relation / subject B are empty)."),
                 io.Combo.Input("clip_model", options=clip_choices(),
-                               tooltip="CLIP from models/clip_vision: a file, or a Hugging Face CLIP folder; none skips "
-                               "the CLIP metrics"),
+                               tooltip="CLIP from models/clip_vision: a file, or a Hugging Face CLIP folder. 'none' "
+                               "skips the CLIP metrics."),
                 io.Boolean.Input("compute_clip_t", default=True,
-                                 tooltip="compute CLIP-T (needs CLIP's text tower; ComfyUI's clip_vision files have "
-                                 "only the image tower: turn this off for them)"),
+                                 tooltip="Compute CLIP-T. It needs CLIP's text tower; ComfyUI's clip_vision files have "
+                                 "only the image tower, so turn this off for them."),
                 io.Combo.Input("judge_model", options=judge_choices(),
-                               tooltip="vision-language model folder in models/vlm (transformers image-text-to-text, "
-                               "e.g. Qwen2-VL-7B-Instruct); none skips relation accuracy. Loaded for the run, then freed"),
-                io.String.Input("subject_a", default="", tooltip="e.g. 'a bear' (optional)"),
-                io.String.Input("relation", default="", tooltip="e.g. 'shaking hands with' (optional)"),
-                io.String.Input("subject_b", default="", tooltip="e.g. 'a raccoon' (optional)"),
+                               tooltip="A vision-language model folder in models/vlm (transformers image-text-to-text, "
+                               "e.g. Qwen2-VL-7B-Instruct), loaded for the run, then freed. 'none' skips relation "
+                               "accuracy."),
+                io.String.Input("subject_a", default="", tooltip="Subject A for the judge, e.g. 'a bear' (optional)."),
+                io.String.Input("relation", default="", tooltip="The relation for the judge, e.g. 'shaking hands with' (optional)."),
+                io.String.Input("subject_b", default="", tooltip="Subject B for the judge, e.g. 'a raccoon' (optional)."),
                 io.Int.Input("judge_frames", default=8, min=1, max=64,
-                             tooltip="frames sampled uniformly over the clip for the judge"),
+                             tooltip="Frames sampled uniformly over the clip for the judge."),
                 io.String.Input("exemplars", default="",
-                                tooltip="folder of the training exemplar videos (absolute, or inside ComfyUI's input "
-                                "folder); empty skips appearance leakage"),
+                                tooltip="The folder of the training exemplar videos (absolute, or inside ComfyUI's input "
+                                "folder). Empty skips appearance leakage."),
             ],
             outputs=[
-                io.Float.Output("clip_t", tooltip="mean text-frame CLIP cosine similarity (NaN when not computed)"),
-                io.Float.Output("temporal_consistency", tooltip="mean CLIP cosine similarity of consecutive frames"),
-                io.Boolean.Output("relation_yes", tooltip="the judge answered yes (unclear counts as no)"),
-                io.Float.Output("leakage_max", tooltip="largest CLIP similarity of a frame to its nearest exemplar frame"),
-                io.String.Output("report", tooltip="all scores as text"),
+                io.Float.Output("clip_t", tooltip="Mean text-frame CLIP cosine similarity (NaN when not computed)."),
+                io.Float.Output("temporal_consistency", tooltip="Mean CLIP cosine similarity of consecutive frames."),
+                io.Boolean.Output("relation_yes", tooltip="True when the judge answered yes (unclear counts as no)."),
+                io.Float.Output("leakage_max", tooltip="Largest CLIP similarity of a frame to its nearest exemplar frame."),
+                io.String.Output("report", tooltip="All scores as text."),
             ],
         )
 

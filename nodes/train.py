@@ -110,14 +110,14 @@ class DreamRelationPrepareDataset(io.ComfyNode):
             category="DreamRelation/training",
             description="Encode every video (latents as ComfyUI's Mochi sees them), caption and mask of a dataset once.",
             inputs=[
-                Dataset.Input("dataset", tooltip="a checked dataset folder (DreamRelation Dataset node)"),
-                io.Vae.Input("vae", tooltip="Mochi VAE (Load VAE: mochi_vae.safetensors); its encoder weights "
-                                            "encode the videos with genmo's causal attention"),
-                io.Clip.Input("clip", tooltip="T5-XXL loaded by CLIPLoader with type 'mochi', to encode the captions"),
+                Dataset.Input("dataset", tooltip="A checked dataset folder (DreamRelation Dataset node)."),
+                io.Vae.Input("vae", tooltip="The Mochi VAE (Load VAE: mochi_vae.safetensors). Its encoder "
+                                            "weights encode the videos with genmo's causal attention."),
+                io.Clip.Input("clip", tooltip="T5-XXL loaded by CLIPLoader with type 'mochi': it encodes the captions."),
                 io.Int.Input("max_text_len", default=256, min=8, max=512,
-                             tooltip="text tokens per caption; Mochi uses 256"),
+                             tooltip="Text tokens per caption (Mochi uses 256)."),
                 io.String.Input("cache_dir", optional=True, default="", tooltip=(
-                    "where the encoded clips go; empty: <dataset folder>/.dreamrelation_cache. Unchanged clips are "
+                    "Where the encoded clips go. Empty: <dataset folder>/.dreamrelation_cache. Unchanged clips are "
                     "not encoded again.")),
             ],
             outputs=[
@@ -160,36 +160,36 @@ class DreamRelationTrain(io.ComfyNode):
                          "relation-only LoRA (subject LoRAs dropped) to models/loras/dreamrelation/."),
             is_output_node=True,
             inputs=[
-                Prepared.Input("prepared", tooltip="encoded dataset (DreamRelation Prepare Dataset)"),
+                Prepared.Input("prepared", tooltip="The encoded dataset (DreamRelation Prepare Dataset)."),
                 io.Combo.Input("transformer", options=folder_paths.get_filename_list("diffusion_models"), tooltip=(
-                    "Mochi DiT weights (mochi_preview_dit_*.safetensors) to train on; loaded for training only, "
-                    "ComfyUI's loaded models are freed first")),
+                    "Mochi DiT weights (mochi_preview_dit_*.safetensors) to train on. They are loaded for training "
+                    "only; ComfyUI's loaded models are freed first.")),
                 io.String.Input("name", default="my_relation", tooltip=(
-                    "run name: the LoRA is saved as loras/dreamrelation/<name>.safetensors, the run in "
-                    "output/dreamrelation/<name>/")),
-                io.Int.Input("steps", default=2000, min=1, max=100000, tooltip="training steps (paper: 1800-2000)"),
-                io.Int.Input("rank", default=16, min=1, max=256, tooltip="LoRA rank of every adapter"),
-                io.Float.Input("alpha", default=16.0, min=0.01, max=1024.0, step=0.5, tooltip="LoRA alpha; scale = alpha / rank"),
+                    "The run's name: the LoRA is saved as loras/dreamrelation/<name>.safetensors, the run in "
+                    "output/dreamrelation/<name>/.")),
+                io.Int.Input("steps", default=2000, min=1, max=100000, tooltip="Training steps (the paper: 1800-2000)."),
+                io.Int.Input("rank", default=16, min=1, max=256, tooltip="LoRA rank of every adapter."),
+                io.Float.Input("alpha", default=16.0, min=0.01, max=1024.0, step=0.5, tooltip="LoRA alpha: the scale is alpha / rank."),
                 io.Float.Input("learning_rate", default=2e-4, min=1e-7, max=1e-1, step=1e-5, round=False,
-                               tooltip="AdamW learning rate (linear warm-up, then cosine to 0)"),
+                               tooltip="AdamW learning rate (linear warm-up, then cosine to 0)."),
                 io.Float.Input("mask_weight", default=50.0, min=0.0, max=1000.0, step=1.0,
-                               tooltip="weight of the loss on the subjects' masks (hybrid mask training)"),
+                               tooltip="Weight of the loss on the subjects' masks (hybrid mask training)."),
                 io.Float.Input("rcl_weight", default=0.01, min=0.0, max=10.0, step=0.001,
-                               tooltip="weight of the relational contrastive loss; 0 turns it off"),
+                               tooltip="Weight of the relational contrastive loss (0 turns it off)."),
                 io.Int.Input("positives_per_anchor", default=4, min=1, max=10,
-                             tooltip="contrastive positives per anchor (paper: 4 high-five, 1 shaking hands)"),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="seed of every random choice in training"),
+                             tooltip="Contrastive positives per anchor (the paper: 4 for high-five, 1 for shaking hands)."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of every random choice in training."),
                 io.Boolean.Input("resume", default=True, tooltip=(
-                    "continue the run called <name> from its last checkpoint if it exists; off: refuse to touch an "
-                    "existing run")),
+                    "Continue the run called <name> from its last checkpoint if it exists. Off: refuse to touch an "
+                    "existing run.")),
                 io.Int.Input("warmup_steps", optional=True, default=200, min=0, max=100000,
-                             tooltip="linear learning-rate warm-up steps"),
+                             tooltip="Linear learning-rate warm-up steps."),
                 io.Float.Input("caption_dropout", optional=True, default=0.1, min=0.0, max=1.0, step=0.01,
-                               tooltip="share of steps trained without text (makes CFG work)"),
+                               tooltip="Share of steps trained without text (makes CFG work)."),
                 io.Int.Input("checkpoint_every", optional=True, default=200, min=1, max=100000,
-                             tooltip="steps between checkpoints"),
+                             tooltip="Steps between checkpoints."),
                 io.Boolean.Input("gradient_checkpointing", optional=True, default=True,
-                                 tooltip="less VRAM, about 30% slower"),
+                                 tooltip="Less VRAM, about 30% slower."),
             ],
             outputs=[
                 io.String.Output(display_name="lora_name"),
