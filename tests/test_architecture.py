@@ -13,25 +13,11 @@ import ast
 from dataclasses import dataclass
 from pathlib import Path
 
+import _floors as table
 import pytest
+from _floors import CORE, FLOOR_OF, FLOORS, ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
-CORE = "dreamrelation_core"
-
-# Floors, lowest first: a module may import its own subpackage and anything on a lower floor.
-# A new top-level piece of the core gets a row here (e.g. a second base model beside "mochi").
-# "" is the package's own __init__.py: it stays empty (importing it runs before any submodule).
-FLOORS: list[tuple[str, ...]] = [
-    ("", "errors"),
-    ("fileio", "dtypes", "statedict"),
-    ("mochi",),
-    ("lora", "data"),
-    ("training", "masks", "evaluation", "analysis"),
-    ("generate",),
-    ("cli",),
-    ("__main__",),
-]
-FLOOR_OF = {part: i for i, parts in enumerate(FLOORS) for part in parts}
+# The floor table (FLOORS, lowest first) is in _floors.py, which docs/ARCHITECTURE.md is generated from.
 
 # Top-level names of ComfyUI itself (its root folder) and of this pack's node layer.
 COMFY_NAMES = {"comfy", "comfy_extras", "comfy_api", "comfy_execution", "comfy_config", "folder_paths", "nodes",
@@ -161,7 +147,26 @@ def test_the_walk_sees_every_kind_of_import(graph):
 def test_every_part_of_the_core_has_a_floor(graph):
     modules, _ = graph
     unknown = sorted({part_of(m) for m in modules} - set(FLOOR_OF))
-    assert not unknown, f"{unknown}: not in the floor table of tests/test_architecture.py (and docs/ARCHITECTURE.md)"
+    assert not unknown, f"{unknown}: not in the floor table of tests/_floors.py (then run docs/images/make_architecture.py)"
+    gone = sorted(set(FLOOR_OF) - {part_of(m) for m in modules} - {""})
+    assert not gone, f"{gone}: in the floor table of tests/_floors.py but not in the core"
+
+
+def test_floor_table_names_every_module():
+    missing = table.unnamed_modules()
+    assert not missing, (f"{missing}: not named (in backticks) in their part's text in tests/_floors.py; name them, then "
+                         "run python docs/images/make_architecture.py")
+
+
+def test_architecture_page_shows_the_floor_table():
+    """docs/ARCHITECTURE.md carries the table generated from _floors.py, as it is now."""
+    assert len(table.PARTS) >= len(FLOORS) and FLOORS[FLOOR_OF["errors"]] == ("", "errors")
+    shown = table.page_table(table.PAGE.read_text(encoding="utf-8"))
+    assert shown is not None, f"{table.PAGE}: the generated floor table's markers are gone"
+    assert "`evaluation/`" in shown and "`worker_client`" in shown and "`memory/`" in shown
+    assert shown == table.floor_table(), f"{table.PAGE} is stale: run python docs/images/make_architecture.py"
+    stale = f"before\n{table.BEGIN}\n| 0 | `errors.py` | old |\n{table.END}\nafter"
+    assert table.with_table(stale) == f"before\n{table.floor_table()}\nafter"  # what the generator writes
 
 
 def floor_violations(edges: list[tuple[Import, str]]) -> list[str]:
@@ -279,3 +284,32 @@ def test_method_references_name_real_sections():
                     if name not in headings:
                         bad.append(f"{path.relative_to(ROOT)}: docs/method.md has no section {name!r}")
     assert seen > 0 and not bad, "\n".join(bad) + f"\nsections: {sorted(headings)}"
+
+
+def tooltip_faults(source: str, rel: str) -> list[str]:
+    """Tooltips that are not short full sentences: each starts with a capital letter (or a quoted
+    name, a number) and ends with a full stop. Only literal text is judged (f-strings by their ends)."""
+    bad = []
+    for node in ast.walk(ast.parse(source, filename=rel)):
+        if not isinstance(node, ast.Call):
+            continue
+        for kw in node.keywords:
+            if kw.arg != "tooltip":
+                continue
+            parts = kw.value.values if isinstance(kw.value, ast.JoinedStr) else [kw.value]
+            first, last = parts[0], parts[-1]
+            if not all(isinstance(p, ast.Constant) and isinstance(p.value, str) for p in (first, last)):
+                continue
+            head, tail = first.value.lstrip(), last.value.rstrip()
+            if not (head[:1].isupper() or head[:1] in "'\"0123456789") or not tail.endswith((".", ".)")):
+                bad.append(f"{rel}:{kw.value.lineno}: {(head[:40] + ' … ' + tail[-20:]) if len(head) > 60 else head!r}")
+    return bad
+
+
+def test_node_tooltips_in_one_voice():
+    bad = []
+    for path in sorted((ROOT / "nodes").glob("*.py")):
+        bad += tooltip_faults(path.read_text(encoding="utf-8"), str(path.relative_to(ROOT)))
+    assert tooltip_faults('io.Int.Input("x", tooltip="frames per batch")\nio.Int.Input("y", tooltip="Frames.")', "t.py") \
+        == ["t.py:1: 'frames per batch'"]
+    assert not bad, "tooltips are short full sentences, capitalised, ending with a full stop:\n" + "\n".join(bad)

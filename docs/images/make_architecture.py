@@ -1,8 +1,9 @@
-"""docs/images/architecture.png: the core's floors, drawn from the real import graph.
+"""docs/ARCHITECTURE.md's floor table and docs/images/architecture.png (the floors drawn from the
+real import graph), both from tests/_floors.py.
 
-Run from the repository root: python docs/images/make_architecture.py
-The floor table and the import scanner are the ones tests/test_architecture.py checks, so the
-picture shows exactly what the test enforces.
+Run from the repository root: python docs/images/make_architecture.py [--page-only]
+The floor table and the import scanner are the ones tests/test_architecture.py checks, so the page
+and the picture show exactly what the test enforces (and the test fails while the page is stale).
 """
 
 from __future__ import annotations
@@ -21,7 +22,15 @@ ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 
 
+def _floors():
+    """tests/_floors.py, the floor table (the architecture test imports it the same way)."""
+    if str(ROOT / "tests") not in sys.path:
+        sys.path.insert(0, str(ROOT / "tests"))
+    return importlib.import_module("_floors")
+
+
 def _rules():
+    _floors()  # on the path for the test's own import
     spec = importlib.util.spec_from_file_location("test_architecture", ROOT / "tests" / "test_architecture.py")
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # dataclasses look their module up while the file runs
@@ -107,6 +116,18 @@ def draw() -> Path:
     return out
 
 
+def write_page() -> Path:
+    """Replace the generated floor table in docs/ARCHITECTURE.md by the current one."""
+    floors = _floors()
+    text = floors.PAGE.read_text(encoding="utf-8")
+    new = floors.with_table(text)
+    if new != text:
+        floors.PAGE.write_text(new, encoding="utf-8")
+    return floors.PAGE
+
+
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
-    print(draw())
+    print(write_page())
+    if "--page-only" not in sys.argv[1:]:
+        print(draw())
