@@ -188,8 +188,7 @@ class DreamRelationTrain(io.ComfyNode):
                                tooltip="Share of steps trained without text (makes CFG work)."),
                 io.Int.Input("checkpoint_every", optional=True, default=200, min=1, max=100000,
                              tooltip="Steps between checkpoints."),
-                io.Boolean.Input("gradient_checkpointing", optional=True, default=True,
-                                 tooltip="Less VRAM, about 30% slower."),
+                *memory_inputs(),
             ],
             outputs=[
                 io.String.Output(display_name="lora_name"),
@@ -202,7 +201,8 @@ class DreamRelationTrain(io.ComfyNode):
     def execute(cls, prepared, transformer: str, name: str, steps: int, rank: int, alpha: float, learning_rate: float,
                 mask_weight: float, rcl_weight: float, positives_per_anchor: int, seed: int, resume: bool,
                 warmup_steps: int = 200, caption_dropout: float = 0.1, checkpoint_every: int = 200,
-                gradient_checkpointing: bool = True) -> io.NodeOutput:
+                base_dtype: str = "auto", blocks_to_swap: str = "auto", gradient_checkpointing: str = "auto",
+                offload_activations: str = "auto") -> io.NodeOutput:
         import shutil
 
         import comfy.model_management as mm
@@ -222,8 +222,8 @@ class DreamRelationTrain(io.ComfyNode):
             transformer=folder_paths.get_full_path_or_raise("diffusion_models", transformer),
             num_steps=steps, rank=rank, alpha=alpha, learning_rate=learning_rate, mask_weight=mask_weight,
             rcl_weight=rcl_weight, positives_per_anchor=positives_per_anchor, seed=seed, warmup_steps=warmup_steps,
-            caption_dropout=caption_dropout, checkpoint_every=checkpoint_every,
-            gradient_checkpointing=gradient_checkpointing, device=str(mm.get_torch_device()),
+            caption_dropout=caption_dropout, checkpoint_every=checkpoint_every, device=str(mm.get_torch_device()),
+            **memory_config(base_dtype, blocks_to_swap, gradient_checkpointing, offload_activations),
         )
         mm.unload_all_models()  # the worker loads the DiT being trained: it needs the memory
         mm.soft_empty_cache()
@@ -246,6 +246,49 @@ class DreamRelationTrain(io.ComfyNode):
         plot = _loss_plot(result.history, run_dir / "loss_curve.png", name)
         report = _report(result, name, run_dir)
         return io.NodeOutput(f"{RUN_SUBDIR}/{name}.safetensors", plot, report, ui=ui.PreviewText(report))
+
+
+# ---------------------------------------------------------------------------------------------
+# memory options (advanced inputs; 'auto' everywhere by default)
+
+MAX_SWAP = 48  # Mochi's transformer blocks
+ON_OFF = ("auto", "on", "off")
+
+
+def advanced(inp):
+    """Mark an input as advanced (shown folded away by frontends that know the flag; the V3 schema's
+    `advanced` option where this ComfyUI has it, else the same key in the input's options)."""
+    inp.extra_dict["advanced"] = True
+    return inp
+
+
+def memory_inputs() -> list:
+    return [advanced(i) for i in (
+        io.Combo.Input("base_dtype", options=["auto", "bf16", "fp8", "fp32"], default="auto", optional=True, tooltip=(
+            "Precision of the frozen base weights. Auto keeps an fp8 file in fp8 and picks bf16 or fp8 to fit "
+            "the GPU; fp8 halves their memory.")),
+        io.Combo.Input("blocks_to_swap", options=["auto"] + [str(i) for i in range(MAX_SWAP + 1)], default="auto",
+                       optional=True, tooltip=(
+                           "Transformer blocks whose weights wait in CPU memory and are copied in when needed. "
+                           "More saves GPU memory and costs speed; auto swaps only what the GPU needs.")),
+        io.Combo.Input("gradient_checkpointing", options=list(ON_OFF), default="auto", optional=True, tooltip=(
+            "Recompute activations in the backward pass: much less GPU memory, about 30 % slower. Auto turns it "
+            "on when the run would not fit without it.")),
+        io.Combo.Input("offload_activations", options=list(ON_OFF), default="auto", optional=True, tooltip=(
+            "Keep the checkpointed activations in CPU memory (needs gradient checkpointing). Auto turns it on "
+            "only when swapping blocks is not enough.")),
+    )]
+
+
+def memory_config(base_dtype: str, blocks_to_swap: str, gradient_checkpointing: str,
+                  offload_activations: str) -> dict:
+    """The node's memory inputs as TrainConfig fields ('auto', or a value)."""
+    def on_off(v):
+        return {"on": True, "off": False}.get(str(v), "auto") if not isinstance(v, bool) else v
+
+    swap = blocks_to_swap if blocks_to_swap == "auto" else int(blocks_to_swap)
+    return dict(base_dtype=base_dtype, blocks_to_swap=swap, gradient_checkpointing=on_off(gradient_checkpointing),
+                offload_activations=on_off(offload_activations))
 
 
 PREVIEW_EVERY = 10  # previews per run (plus one at each checkpoint)
@@ -306,11 +349,12 @@ def _saved_history(run_dir: Path) -> list[dict]:
 
 
 def _report(result, name: str, run_dir: Path) -> str:
-    """What the run did (the worker's plan and outcome), where its files are, its last loss."""
+    """What the run did (the worker's plan, its memory options and any out-of-memory retries, the
+    outcome), where its files are, its last loss."""
     last = result.history[-1] if result.history else {}
     loss = last.get("total", float("nan"))
-    return (f"{result.message} Step {result.step}/{result.total}. Relation LoRA: loras/{RUN_SUBDIR}/{name}.safetensors; "
-            f"run folder (checkpoints, triplet): {run_dir}; last loss {loss:.4f}")
+    return (f"{result.message} Step {result.step}/{result.total}. Relation LoRA: "
+            f"loras/{RUN_SUBDIR}/{name}.safetensors; run folder (checkpoints, triplet): {run_dir}; last loss {loss:.4f}")
 
 
 def _loss_plot(history: list[dict], path: Path, name: str) -> torch.Tensor:

@@ -180,8 +180,8 @@ def test_non_finite_loss_is_the_callers_error(cache, tmp_path):
 def test_out_of_memory_message_names_the_settings_and_what_to_lower():
     e = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.1 GiB total)\nmore")
     msg = describe_failure(e, TrainConfig(rank=32, gradient_checkpointing=False), (12, 11, 60, 106), step=4)
-    assert msg.startswith("out of GPU memory at step 5 (clips of 61 frames at 480x848, rank 32, "
-                          "gradient_checkpointing off")
+    assert msg.startswith("out of GPU memory at step 5 (clips of 61 frames at 480x848, rank 32, base_dtype auto, "
+                          "blocks_to_swap auto, gradient_checkpointing off")
     for advice in ("frames", "size", "rank", "blocks_to_swap", "gradient_checkpointing on"):
         assert advice in msg
     assert "Tried to allocate 2.00 GiB" in msg and "\n" not in msg

@@ -20,9 +20,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         from ..training.worker import run_worker
 
         return run_worker(args.config, output_dir=args.output_dir, resume=args.resume, overwrite=args.overwrite,
-                          control=args.control)
+                          control=args.control, overrides=_memory_flags(args))
     from ..training.config import TrainConfig
-    from ..training.runs import execute, plan_run
+    from ..training.fallback import execute_with_fallback
+    from ..training.runs import plan_run
 
     config = TrainConfig.load_yaml(args.config)
     if args.output_dir:
@@ -36,8 +37,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     stop.parent_pid = None
     restore = stop.install_signal_handlers()
     bar, update = training_bar(plan.config.num_steps, plan.step) if args.progress == "bar" else (None, None)
+
+    def say(text: str) -> None:
+        (bar.write if bar is not None else print)(text)
+
     try:
-        return _report(execute(plan, progress=update, should_cancel=stop))
+        return _report(execute_with_fallback(plan, progress=update, should_cancel=stop,
+                                             on_memory=lambda choice: say(choice.summary()),
+                                             on_retry=lambda message, _options: say(message)))
     finally:
         restore()
         if bar is not None:
@@ -56,12 +63,16 @@ def cmd_resume(args: argparse.Namespace) -> int:
         bar.close()
 
 
+def _memory_flags(args: argparse.Namespace) -> dict:
+    """The memory flags given on the command line (None: the config's value stays)."""
+    names = ("base_dtype", "blocks_to_swap", "gradient_checkpointing", "offload_activations")
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+
+
 def _memory_overrides(config, args: argparse.Namespace) -> None:
     """--base-dtype, --blocks-to-swap, --gradient-checkpointing, --offload-activations over the YAML."""
-    for name in ("base_dtype", "blocks_to_swap", "gradient_checkpointing", "offload_activations"):
-        value = getattr(args, name, None)
-        if value is not None:
-            setattr(config, name, value)
+    for name, value in _memory_flags(args).items():
+        setattr(config, name, value)
     config.validate()
 
 

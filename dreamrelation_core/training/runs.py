@@ -316,8 +316,10 @@ def execute(
     should_cancel: Callable[[], bool] | None = None,
     on_checkpoint: Callable[[Path], None] | None = None,
     max_steps: int | None = None,
+    on_memory: Callable[[Any], None] | None = None,
 ) -> TrainResult:
     """Carry out a plan: train (new or resumed) or hand back a finished run's files.
+    `on_memory` receives the resolved memory options before the model is set up (see Trainer).
 
     Status of the result: "finished", "stopped" (max_steps), "cancelled", or "already finished".
     A run that fails or is cancelled before it wrote its first checkpoint leaves no files."""
@@ -329,7 +331,7 @@ def execute(
     try:
         if plan.overwrite:
             _clear_run(plan.run_dir)
-        trainer = Trainer(plan.config, clips=clips, model=model, run_dir=plan.run_dir)
+        trainer = Trainer(plan.config, clips=clips, model=model, run_dir=plan.run_dir, on_memory=on_memory)
         if plan.action == "resume":
             trainer.load_state_dict(load_checkpoint(plan.checkpoint), source=str(plan.checkpoint))
         trainer.checkpoint_saved = on_checkpoint

@@ -121,8 +121,12 @@ class Trainer:
         clips: Sequence[Clip] | None = None,
         model: torch.nn.Module | None = None,
         run_dir: str | os.PathLike | None = None,
+        on_memory: Callable[[Any], None] | None = None,
     ):
+        """`on_memory` is called with the resolved memory options (memory.policy.Choice) before
+        the model is set up on the device."""
         self.config = config
+        self.on_memory = on_memory
         self.run_dir = Path(run_dir or config.output_dir)
         self.device = torch.device(
             ("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device
@@ -169,6 +173,8 @@ class Trainer:
         t, h, w = max((tuple(c.mask1.shape) for c in self.clips), key=lambda s: s[0] * s[1] * s[2])  # largest clip
         self.memory = resolve(cfg, self.device, self.model, (int(t), int(h), int(w)))
         log.info(self.memory.summary())
+        if self.on_memory is not None:
+            self.on_memory(self.memory)
         prepared = prepare_model(self.model, self.memory.options, self.device, rank=cfg.rank, alpha=cfg.alpha,
                                  dropout=cfg.dropout)
         self.swap, self.offload = prepared.swap, prepared.offload

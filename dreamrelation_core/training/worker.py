@@ -8,6 +8,9 @@ moved to stderr at start and the channel keeps a private copy of the original st
 Events (keys absent where they do not apply; NaN losses are null):
     {"event": "start", "protocol": 1, "pid", "action": "new"|"resume"|"finished", "step", "total",
      "run_dir", "message"}                          # the plan (training.runs), before the model loads
+    {"event": "memory", "message", "options": {base_dtype, blocks_to_swap, gradient_checkpointing,
+     offload_activations}, "retry": bool}           # the memory options chosen (estimate, free memory),
+                                                    # before step 1; again for each out-of-memory retry
     {"event": "step", "step", "total", "branch", "losses": {"total", "mse", "masked", "rcl"}, "lr",
      "step_s", "it_s", "eta_s"}                     # after every step
     {"event": "checkpoint", "step", "total", "checkpoint"}   # after every checkpoint written
@@ -204,14 +207,17 @@ def one_line(message: str) -> str:
 
 
 def is_out_of_memory(e: BaseException) -> bool:
-    import torch
+    from .fallback import is_out_of_memory as oom
 
-    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
-    return isinstance(e, oom) or (isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
+    return oom(e)
 
 
-def out_of_memory_advice(e: BaseException, config: TrainConfig | None, clip_shape: tuple | None, step: int | None) -> str:
-    """What ran out, at which settings, and what to lower."""
+def out_of_memory_advice(e: BaseException, config: TrainConfig | None, clip_shape: tuple | None, step: int | None,
+                         choice=None) -> str:
+    """What ran out, at which settings, and what to lower. `choice`: the resolved memory options
+    (memory.policy.Choice) when the run got that far; else the request's (possibly 'auto') values."""
+    from .memory.policy import MEMORY_OPTIONS, memory_advice, user_fixed
+
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     where = f" at step {step + 1}" if step is not None else " while loading / setting up"
     now = []
@@ -220,20 +226,24 @@ def out_of_memory_advice(e: BaseException, config: TrainConfig | None, clip_shap
         now.append(f"clips of {6 * (t - 1) + 1} frames at {8 * h}x{8 * w}")
     if config is not None:
         now.append(f"rank {config.rank}")
-        now.append(f"gradient_checkpointing {'on' if config.gradient_checkpointing else 'off'}")
-        if hasattr(config, "blocks_to_swap"):
-            now.append(f"blocks_to_swap {config.blocks_to_swap}")
+    options = choice.options if choice is not None else None
+    if options is not None:
+        now.append(f"memory options {options.label()}")
+    elif config is not None:
+        for name in MEMORY_OPTIONS:
+            value = getattr(config, name)
+            now.append(f"{name} {('on' if value else 'off') if isinstance(value, bool) else value}")
     ctx = f" ({', '.join(now)})" if now else ""
-    return (f"out of GPU memory{where}{ctx}: lower the frames or the size of the clips (Prepare Dataset), the LoRA "
-            f"rank, swap more transformer blocks to the CPU (blocks_to_swap), or turn gradient_checkpointing on; "
-            f"close other programs using the GPU. [{first}]")
+    fixed = user_fixed(config) if config is not None else set()
+    advice = memory_advice(options, fixed, choice.blocks if choice is not None else 0)
+    return f"out of GPU memory{where}{ctx}: {advice}. [{first}]"
 
 
 def describe_failure(e: BaseException, config: TrainConfig | None = None, clip_shape: tuple | None = None,
-                     step: int | None = None, log_file: Path | None = None) -> str:
+                     step: int | None = None, log_file: Path | None = None, choice=None) -> str:
     """The error event's message: the library's own message for known errors, advice for OOM."""
     if is_out_of_memory(e):
-        return out_of_memory_advice(e, config, clip_shape, step)
+        return out_of_memory_advice(e, config, clip_shape, step, choice)
     if isinstance(e, (DreamRelationError, ValueError, FileNotFoundError)):
         return one_line(str(e))
     if isinstance(e, KeyboardInterrupt):
@@ -266,9 +276,11 @@ def run_worker(
     overwrite: bool = False,
     control: str = "none",
     channel: Channel | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> int:
     """Run one training request and report it on the channel; returns the process exit code."""
-    from .runs import execute, plan_run
+    from .fallback import execute_with_fallback
+    from .runs import plan_run
 
     channel = channel or Channel()
     stop = StopRequest()
@@ -279,11 +291,14 @@ def run_worker(
         stop.parent_pid = None  # a terminal user: only signals stop the run
     config: TrainConfig | None = None
     plan = None
-    state: dict[str, Any] = {"step": None, "clip_shape": None}
+    state: dict[str, Any] = {"step": None, "clip_shape": None, "choice": None}
     try:
         config = TrainConfig.load_yaml(config_path)
         if output_dir:
             config.output_dir = output_dir
+        for name, value in (overrides or {}).items():  # the command line's memory flags
+            setattr(config, name, value)
+        config.validate()
         plan = plan_run(config, resume=resume, overwrite=overwrite)
         total = plan.config.num_steps
         channel.emit("start", protocol=PROTOCOL_VERSION, pid=os.getpid(), action=plan.action, step=plan.step,
@@ -299,7 +314,15 @@ def run_worker(
         def checkpoint(path: Path) -> None:
             channel.emit("checkpoint", step=state["step"], total=total, checkpoint=path)
 
-        result = execute(plan, progress=progress, should_cancel=stop, on_checkpoint=checkpoint)
+        def memory(choice) -> None:
+            state["choice"] = choice
+            channel.emit("memory", message=choice.summary(), options=_options_dict(choice.options), retry=False)
+
+        def retry(message: str, options) -> None:
+            channel.emit("memory", message=message, options=_options_dict(options), retry=True)
+
+        result = execute_with_fallback(plan, progress=progress, should_cancel=stop, on_checkpoint=checkpoint,
+                                       on_memory=memory, on_retry=retry)
     except BaseException as e:  # noqa: B036 - every failure becomes the error event
         log_file = _log_traceback(e, plan)
         step = state["step"] if state["step"] is not None and plan is not None and plan.action != "finished" else None
@@ -314,8 +337,8 @@ def run_worker(
                         shape = tuple(f.get_slice("mean").get_shape())
         except Exception:
             shape = None
-        channel.emit("error", message=describe_failure(e, plan.config if plan else config, shape, step, log_file),
-                     step=step)
+        channel.emit("error", message=describe_failure(e, plan.config if plan else config, shape, step, log_file,
+                                                       state["choice"]), step=step)
         return EXIT_ERROR
     lora = {"triplet": result.triplet_path, "relation": result.relation_path} if result.relation_path else None
     history = plan.run_dir / "history.json" if (plan.run_dir / "history.json").is_file() else None
@@ -333,6 +356,12 @@ def run_worker(
            else f"{result.status} at step {result.step}")
     channel.emit("done", status=result.status, message=msg, **fields)
     return EXIT_OK
+
+
+def _options_dict(options) -> dict[str, Any]:
+    return {"base_dtype": options.base_dtype, "blocks_to_swap": options.blocks_to_swap,
+            "gradient_checkpointing": options.gradient_checkpointing,
+            "offload_activations": options.offload_activations}
 
 
 def _log_traceback(e: BaseException, plan) -> Path | None:

@@ -40,7 +40,7 @@ from ..errors import TrainingError
 from .config import TrainConfig
 from .worker import CANCEL_COMMAND, PROTOCOL_VERSION
 
-EVENTS = ("start", "step", "checkpoint", "done", "error", "cancelled")
+EVENTS = ("start", "memory", "step", "checkpoint", "done", "error", "cancelled")
 _PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding dreamrelation_core/
 # `python -m dreamrelation_core`, with the package's folder put on sys.path first: embedded Pythons
 # (ComfyUI's Windows portable build) ignore PYTHONPATH because of their `._pth` file.
@@ -68,6 +68,8 @@ class WorkerEvent:
     action: str | None = None  # start: new / resume / finished
     status: str | None = None  # done: finished / stopped / already finished
     message: str | None = None
+    options: dict[str, Any] | None = None  # memory: the resolved memory options
+    retry: bool | None = None  # memory: an out-of-memory retry one rung down the ladder
     raw: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -96,9 +98,11 @@ class WorkerResult:
     checkpoint: Path | None
     triplet_path: Path | None
     relation_path: Path | None
-    message: str  # the plan's report (new / resumed / already finished, changes applied) + the outcome
+    message: str  # the plan's report (new / resumed / already finished, changes applied), the memory
+    # options and retries, the outcome
     history: list[dict[str, Any]]  # every step of the run (earlier sessions too)
     returncode: int
+    memory: list[str] = field(default_factory=list)  # the memory plan and each out-of-memory retry, in order
 
 
 def worker_command(config_path: str | os.PathLike, resume: bool = True, overwrite: bool = False,
@@ -246,6 +250,7 @@ def run_training_worker(
     checkpoint after a cancel before the worker is killed."""
     worker = TrainingWorker(config, resume, overwrite, python, env, stderr_log).start()
     history: list[dict[str, Any]] = []
+    memory: list[str] = []
     start: WorkerEvent | None = None
     end: WorkerEvent | None = None
     pending: BaseException | None = None  # raised by on_event: re-raised once the worker stopped
@@ -273,6 +278,8 @@ def run_training_worker(
                                         f"expected {PROTOCOL_VERSION}: the pack's files are from different versions")
             elif ev.event == "step":
                 history.append(ev.history_entry())
+            elif ev.event == "memory" and ev.message:
+                memory.append(ev.message)
             elif ev.event in ("done", "cancelled", "error"):
                 end = ev
             if on_event is not None and pending is None:
@@ -306,7 +313,7 @@ def run_training_worker(
                             + (f"; its last message: {detail}" if detail else ""))
     if end.event == "error":
         raise TrainingError(end.message or f"training failed (worker exit code {rc})")
-    return _result(end, start, history, rc)
+    return _result(end, start, history, rc, memory)
 
 
 def _load_history(path: str | None, fallback: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -319,13 +326,15 @@ def _load_history(path: str | None, fallback: list[dict[str, Any]]) -> list[dict
     return [{k: (math.nan if v is None else v) for k, v in h.items()} for h in data]
 
 
-def _result(end: WorkerEvent, start: WorkerEvent | None, history: list[dict[str, Any]], rc: int) -> WorkerResult:
+def _result(end: WorkerEvent, start: WorkerEvent | None, history: list[dict[str, Any]], rc: int,
+            memory: list[str]) -> WorkerResult:
     lora = end.lora or {}
-    message = " ".join(m for m in ((start.message if start else None), end.message) if m)
+    sentences = [f"{m[0].upper()}{m[1:]}{'' if m.endswith('.') else '.'}" for m in memory if m]
+    message = " ".join(m for m in ((start.message if start else None), *sentences, end.message) if m)
     path = lambda p: Path(p) if p else None  # noqa: E731
     return WorkerResult(
         status=end.status or end.event, step=int(end.step or 0), total=int(end.total or 0),
         action=(start.action if start else "") or "", run_dir=Path(end.run_dir or ""), checkpoint=path(end.checkpoint),
         triplet_path=path(lora.get("triplet")), relation_path=path(lora.get("relation")), message=message,
-        history=_load_history(end.history, history), returncode=rc,
+        history=_load_history(end.history, history), returncode=rc, memory=memory,
     )

@@ -4,11 +4,19 @@ On the CPU 'auto' keeps today's behaviour: weights as loaded (fp8 stays fp8), no
 checkpointing, no offload. On CUDA the estimator picks, among the option sets that agree with
 every option the user fixed, the fastest one whose peak fits the free GPU memory; a fully fixed
 set that does not fit is refused before the model is moved, with the set that would fit.
+
+When a step still runs out of GPU memory (the estimate cannot see everything), the run steps down
+the fallback LADDER, one rung per retry, changing only the options the user left on 'auto':
+    1. gradient checkpointing on
+    2. base weights in fp8 (from bf16)
+    3. more blocks swapped to CPU memory: a quarter, half, three quarters, then all of them
+    4. the checkpointed block inputs offloaded to CPU memory as well
+Below the last rung nothing is left to lower but the clips and the rank (`memory_advice`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -17,19 +25,86 @@ from ...mochi import fp8
 from .estimate import FRAGMENTATION, GIB, Estimate, MochiDims, estimate_latent, option_ladder
 from .setup import MemoryOptions
 
+MEMORY_OPTIONS = ("base_dtype", "blocks_to_swap", "gradient_checkpointing", "offload_activations")
+# the same options as the Train node's inputs and the `train` command's flags
+CLI_FLAGS = {name: "--" + name.replace("_", "-") for name in MEMORY_OPTIONS}
+
 
 @dataclass
 class Choice:
     options: MemoryOptions
     estimate: Estimate | None  # None on the CPU
     free_bytes: int | None
+    blocks: int = 0  # transformer blocks of the model (the swap rungs of the ladder)
 
     def summary(self) -> str:
         s = f"memory options: {self.options.label()}"
         if self.estimate is not None:
             s += (f"; predicted peak {self.estimate.peak_gib:.2f} GiB of {self.free_bytes / GIB:.2f} GiB free"
                   f" (+{int(FRAGMENTATION * 100)} % margin)")
+        elif self.free_bytes is not None:
+            s += f"; {self.free_bytes / GIB:.2f} GiB free (fp32 weights: no estimate)"
+        else:
+            s += " (on the CPU: no GPU memory estimate)"
         return s
+
+
+def user_fixed(config) -> set[str]:
+    """The memory options the user set (not 'auto'): the ladder never changes these."""
+    return {name for name in MEMORY_OPTIONS if getattr(config, name) != "auto"}
+
+
+def _swap_rungs(blocks: int) -> list[int]:
+    """A quarter, half, three quarters and all of the blocks (no repeats for small models)."""
+    return sorted({max(1, -(-blocks * k // 4)) for k in (1, 2, 3, 4)}) if blocks > 0 else []
+
+
+def next_rung(options: MemoryOptions, fixed: set[str], blocks: int) -> tuple[MemoryOptions, str] | None:
+    """The next rung of LADDER below `options` (module docstring), changing only options not in
+    `fixed`; None at the bottom."""
+    if not options.gradient_checkpointing and "gradient_checkpointing" not in fixed:
+        return replace(options, gradient_checkpointing=True), "gradient checkpointing on"
+    if options.base_dtype == "bf16" and "base_dtype" not in fixed:
+        return replace(options, base_dtype="fp8"), "base weights in fp8"
+    if "blocks_to_swap" not in fixed:
+        more = [k for k in _swap_rungs(blocks) if k > options.blocks_to_swap]
+        if more:
+            return replace(options, blocks_to_swap=more[0]), f"{more[0]} of {blocks} blocks swapped to CPU memory"
+    if options.gradient_checkpointing and not options.offload_activations and "offload_activations" not in fixed:
+        return replace(options, offload_activations=True), "checkpointed activations offloaded to CPU memory"
+    return None
+
+
+def with_memory_options(config, options: MemoryOptions):
+    """A copy of `config` with the four memory options set to `options` (no 'auto' left)."""
+    return replace(config, base_dtype=options.base_dtype, blocks_to_swap=options.blocks_to_swap,
+                   gradient_checkpointing=options.gradient_checkpointing,
+                   offload_activations=options.offload_activations)
+
+
+def memory_advice(options: MemoryOptions | None, fixed: set[str], blocks: int) -> str:
+    """What a user can still lower, in the names the Train node and the `train` command share."""
+    tips = []
+    if options is not None:
+        if not options.gradient_checkpointing:
+            tips.append("gradient_checkpointing on")
+        if options.base_dtype == "bf16":
+            tips.append("base_dtype fp8")
+        if blocks and options.blocks_to_swap < blocks:
+            tips.append(f"blocks_to_swap above {options.blocks_to_swap} (up to {blocks})")
+        if not options.offload_activations:
+            tips.append("offload_activations on")
+    else:  # not resolved yet (it failed while loading): every option
+        tips += ["gradient_checkpointing on", "base_dtype fp8", "more blocks_to_swap", "offload_activations on"]
+    tips.append("fewer frames or a smaller size for the clips (Dataset node, or prepare --frames/--size)")
+    tips.append("a lower rank")
+    text = "try " + ", ".join(tips)
+    if fixed:
+        text += (f"; {', '.join(sorted(fixed))} {'is' if len(fixed) == 1 else 'are'} fixed: set "
+                 f"{'it' if len(fixed) == 1 else 'them'} to auto to let training step down by itself")
+    text += (" (the Train node's inputs; the train command's " + ", ".join(CLI_FLAGS.values())
+             + "); close other programs using the GPU")
+    return text
 
 
 def _bool(value, name: str) -> bool | None:
@@ -38,6 +113,10 @@ def _bool(value, name: str) -> bool | None:
     if isinstance(value, bool):
         return value
     raise TrainingError(f"config: {name} must be auto, true or false, got {value!r}")
+
+
+def _blocks(model: torch.nn.Module) -> int:
+    return len(getattr(model, "transformer_blocks", ()))
 
 
 def is_fp8_model(model: torch.nn.Module) -> bool:
@@ -55,11 +134,11 @@ def resolve(
     dtype = None if config.base_dtype == "auto" else config.base_dtype
     if device.type != "cuda":
         dtype = dtype or ("fp8" if is_fp8_model(model) else "fp32")
-        return Choice(MemoryOptions(dtype, swap or 0, bool(ckpt), bool(offload)), None, None)
+        return Choice(MemoryOptions(dtype, swap or 0, bool(ckpt), bool(offload)), None, None, _blocks(model))
     if free_bytes is None:
         free_bytes = torch.cuda.mem_get_info(device)[0]
     if dtype == "fp32":  # fp32 weights on a GPU: outside the estimate (bf16 autocast runs); no check
-        return Choice(MemoryOptions("fp32", swap or 0, ckpt is not False, bool(offload)), None, free_bytes)
+        return Choice(MemoryOptions("fp32", swap or 0, ckpt is not False, bool(offload)), None, free_bytes, _blocks(model))
     if dtype is None and is_fp8_model(model):
         dtype = "fp8"  # the file is fp8: bf16 would only cost memory
     dims = MochiDims.from_config(dict(model.config)) if hasattr(model, "config") else MochiDims()
@@ -75,7 +154,7 @@ def resolve(
     for opts in candidates:
         est = estimate_latent(latent, opts, dims, config.rank, batch)
         if est.peak * (1 + FRAGMENTATION) <= free_bytes:
-            return Choice(opts, est, free_bytes)
+            return Choice(opts, est, free_bytes, _blocks(model))
     first = estimate_latent(latent, candidates[0], dims, config.rank, batch)
     advice = None
     for opts in option_ladder(dims.layers):
