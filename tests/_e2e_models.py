@@ -40,7 +40,7 @@ TINY_INPUTS: dict[str, dict] = {
     "DreamRelationDataset": {"frames": 7, "height": 32, "width": 32},
     "DreamRelationPrepareDataset": {"max_text_len": 16},
     "DreamRelationTrain": {"steps": 4, "rank": 2, "alpha": 2.0, "positives_per_anchor": 1, "warmup_steps": 1,
-                           "checkpoint_every": 2, "gradient_checkpointing": False},
+                           "checkpoint_every": 2},
     "DreamRelationSubjectMasks": {"box_threshold": 0.0, "text_threshold": 0.0, "detection_stride": 2,
                                   "max_frames_per_batch": 4},
 }

@@ -47,7 +47,7 @@ def prepared(pack, tmp_path_factory):
 def run_train(pack, prepared, **kw):
     args = dict(prepared=prepared, transformer="mochi_tiny.safetensors", name="hands", steps=6, rank=2, alpha=2.0,
                 learning_rate=1e-3, mask_weight=50.0, rcl_weight=0.01, positives_per_anchor=1, seed=0, resume=True,
-                warmup_steps=1, caption_dropout=0.1, checkpoint_every=2, gradient_checkpointing=False)
+                warmup_steps=1, caption_dropout=0.1, checkpoint_every=2, gradient_checkpointing="off")
     args.update(kw)
     return run_node(node_classes(pack)["DreamRelationTrain"], **args)
 

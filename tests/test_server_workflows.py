@@ -80,6 +80,19 @@ def test_tiny_loaders_stand_in_for_the_stock_ones(comfy_server):
         assert info[tiny]["output"] == info[stock]["output"], tiny
 
 
+def test_train_node_shows_its_memory_options(comfy_server):
+    """The four memory options are advanced optional inputs of the Train node, 'auto' by default, each with
+    the values the core accepts (what the frontend builds its widgets from)."""
+    optional = comfy_server.get("/object_info/DreamRelationTrain")["DreamRelationTrain"]["input"]["optional"]
+    expected = {"base_dtype": ["auto", "bf16", "fp8", "fp32"], "gradient_checkpointing": ["auto", "on", "off"],
+                "offload_activations": ["auto", "on", "off"], "blocks_to_swap": ["auto", *map(str, range(49))]}
+    for name, values in expected.items():
+        kind, options = optional[name]
+        assert (options.get("options") or kind) == values, name
+        assert options["default"] == "auto" and options["advanced"] is True, (name, options)
+        assert options["tooltip"].endswith("."), (name, options["tooltip"])
+
+
 # ---------------------------------------------------------------------------------------------
 # generation
 

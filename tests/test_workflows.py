@@ -132,7 +132,8 @@ def test_workflow_converts_and_validates(server, name, tmp_path):
     if name == "dreamrelation_train.json":
         train = next(n for n in prompt.values() if n["class_type"] == "DreamRelationTrain")
         assert train["inputs"]["steps"] == 2000 and train["inputs"]["resume"] is True
-        assert train["inputs"]["gradient_checkpointing"] is True  # optional widgets kept their places
+        for key in ("base_dtype", "blocks_to_swap", "gradient_checkpointing", "offload_activations"):
+            assert train["inputs"][key] == "auto", key  # optional widgets kept their places
     try:
         prompt_id = server.queue(prompt)  # validates every node, input type and widget value
     except PromptRejected as e:
