@@ -161,3 +161,46 @@ def test_worker_reports_the_memory_plan_and_each_retry(cache, tmp_path):
     assert result.memory == [e.message for e in memory]
     assert "Memory options: fp32 no-ckpt (on the CPU: no GPU memory estimate). Out of GPU memory at step 1" in result.message
     assert "retrying with gradient checkpointing on" in result.message and result.step == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# the worker process: allocator, warm-up, Windows flags
+
+
+def test_worker_environment_has_its_own_allocator_settings():
+    from dreamrelation_core.training.worker_client import worker_environment
+
+    parent = {"PYTORCH_CUDA_ALLOC_CONF": "backend:cudaMallocAsync", "OTHER": "x"}
+    linux = worker_environment(parent, "linux")
+    assert linux["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True" and linux["OTHER"] == "x"
+    assert parent["PYTORCH_CUDA_ALLOC_CONF"] == "backend:cudaMallocAsync"  # the parent's own is untouched
+    # other settings are kept; a parent's expandable_segments:False does not win
+    kept = worker_environment({"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:512,expandable_segments:False"}, "linux")
+    assert kept["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:512,expandable_segments:True"
+    newer = worker_environment({"PYTORCH_ALLOC_CONF": "backend:cudaMallocAsync,max_split_size_mb:64"}, "linux")
+    assert newer["PYTORCH_ALLOC_CONF"] == "max_split_size_mb:64,expandable_segments:True"
+    # Windows has no expandable segments: only the inherited backend goes
+    win = worker_environment(parent, "win32")
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in win and win["PYTHONUNBUFFERED"] == "1"
+
+
+def test_worker_process_has_no_console_window_on_windows():
+    from dreamrelation_core.training.worker_client import _process_options
+
+    flags = _process_options("win32")["creationflags"]
+    assert flags & 0x08000000 and flags & 0x00000200  # CREATE_NO_WINDOW, CREATE_NEW_PROCESS_GROUP
+    assert _process_options("linux") == {}
+
+
+def test_warm_up_runs_one_block_and_leaves_the_model_as_it_was():
+    from dreamrelation_core.mochi.tiny import tiny_transformer
+    from dreamrelation_core.training.memory.warmup import warm_up_block
+
+    model = tiny_transformer(seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calls = []
+    model.transformer_blocks[0].register_forward_hook(lambda *a: calls.append(1))  # the copy keeps the hook
+    warm_up_block(model, "cpu", autocast=True)
+    assert calls == [1]
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())

@@ -21,6 +21,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         return run_worker(args.config, output_dir=args.output_dir, resume=args.resume, overwrite=args.overwrite,
                           control=args.control, overrides=_memory_flags(args))
+    from ..training.allocator import apply_allocator_environment
+
+    apply_allocator_environment()  # the native allocator with expandable segments, before CUDA starts
     from ..training.config import TrainConfig
     from ..training.fallback import execute_with_fallback
     from ..training.runs import plan_run

@@ -11,7 +11,7 @@ first step, it stops with a TrainingError that names the options and what is lef
 
 Test seam: the environment variable DREAMRELATION_TEST_OOM_ATTEMPTS=N makes the first N
 attempts fail with torch.OutOfMemoryError just before their first step, so that the ladder can
-be walked on a CPU (docs/training.md "Memory fallback").
+be walked on a CPU (docs/method.md "Memory fallback").
 """
 
 from __future__ import annotations

@@ -279,9 +279,11 @@ def run_worker(
     overrides: dict[str, Any] | None = None,
 ) -> int:
     """Run one training request and report it on the channel; returns the process exit code."""
+    from .allocator import apply_allocator_environment
     from .fallback import execute_with_fallback
     from .runs import plan_run
 
+    apply_allocator_environment()  # before anything starts CUDA (the client's environment already has it)
     channel = channel or Channel()
     stop = StopRequest()
     stop.install_signal_handlers()

@@ -117,6 +117,27 @@ def worker_command(config_path: str | os.PathLike, resume: bool = True, overwrit
     return cmd
 
 
+def worker_environment(base: dict[str, str] | None = None, platform: str | None = None) -> dict[str, str]:
+    """The worker's environment: the parent's (or `base`), unbuffered UTF-8 output, and the
+    worker's own allocator settings (never the parent's cudaMallocAsync; see memory.warmup)."""
+    from .allocator import allocator_environment
+
+    env = allocator_environment(os.environ if base is None else base, platform)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("PYTHONIOENCODING", "utf-8")
+    return env
+
+
+def _process_options(platform: str | None = None) -> dict[str, Any]:
+    """Windows: no console window of its own for the worker (ComfyUI Desktop has none to share), and
+    its own process group, so that closing ComfyUI's console does not kill it before the
+    checkpoint (it notices the closed pipe, checkpoints and exits). Elsewhere nothing."""
+    if (platform or sys.platform) != "win32":
+        return {}
+    flags = getattr(subprocess, "CREATE_NO_WINDOW", 0x08000000) | getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0x200)
+    return {"creationflags": flags}
+
+
 class TrainingWorker:
     """One worker process and its channel: `start()`, `next_event()`, `cancel()`, `wait()`."""
 
@@ -143,13 +164,10 @@ class TrainingWorker:
             path = self._config_file
         else:
             path = Path(self.config)
-        env = dict(os.environ if self.env is None else self.env)
-        env["PYTHONUNBUFFERED"] = "1"
-        env.setdefault("PYTHONIOENCODING", "utf-8")
         self.proc = subprocess.Popen(
             worker_command(path, self.resume, self.overwrite, self.python), stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True, encoding="utf-8", errors="replace",
-            bufsize=1,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=worker_environment(self.env), text=True,
+            encoding="utf-8", errors="replace", bufsize=1, **_process_options(),
         )
         self._threads = [
             threading.Thread(target=self._read_stdout, name="dreamrelation-worker-out", daemon=True),

@@ -24,6 +24,7 @@ from ...errors import TrainingError
 from ...mochi import fp8
 from .estimate import FRAGMENTATION, GIB, Estimate, MochiDims, estimate_latent, option_ladder
 from .setup import MemoryOptions
+from .warmup import warm_up_block
 
 MEMORY_OPTIONS = ("base_dtype", "blocks_to_swap", "gradient_checkpointing", "offload_activations")
 # the same options as the Train node's inputs and the `train` command's flags
@@ -136,6 +137,8 @@ def resolve(
         dtype = dtype or ("fp8" if is_fp8_model(model) else "fp32")
         return Choice(MemoryOptions(dtype, swap or 0, bool(ckpt), bool(offload)), None, None, _blocks(model))
     if free_bytes is None:
+        # kernels, handles and workspaces of one block first: the free memory read then is what a step has
+        warm_up_block(model, device, autocast=config.mixed_precision != "no")
         free_bytes = torch.cuda.mem_get_info(device)[0]
     if dtype == "fp32":  # fp32 weights on a GPU: outside the estimate (bf16 autocast runs); no check
         return Choice(MemoryOptions("fp32", swap or 0, ckpt is not False, bool(offload)), None, free_bytes, _blocks(model))
