@@ -38,13 +38,16 @@ class PreparedDataset:
 # ComfyUI VAE / CLIP as the core's encoders
 
 
-def comfy_encoders(vae, clip):
+def comfy_encoders(vae, clip, precision: str = "auto", tiling: str = "auto"):
     """`dataset.Encoders` from ComfyUI's VAE and CLIP objects.
 
-    Video: the weights of ComfyUI's Mochi VAE encoder are converted to diffusers'
-    AutoencoderKLMochi and encode there. That encoder keeps genmo's causal temporal attention
-    (ComfyUI's own VAE Encode runs it non-causally) and gives the posterior's mean and variance.
-    Text: ComfyUI's Mochi T5, with its attention mask, cut or padded to `max_len` tokens.
+    Text first, for every clip to encode: ComfyUI's Mochi T5 (loaded and freed by ComfyUI's own
+    memory management), with its attention mask, cut or padded to `max_len` tokens. Then every
+    model ComfyUI holds leaves the GPU (`release_comfy_models`), T5 included. Video: the weights of
+    ComfyUI's Mochi VAE encoder are converted to diffusers' AutoencoderKLMochi and encode there, in
+    bf16 with spatial tiling on a GPU (fp32 untiled on the CPU, where bf16 convolutions are slow);
+    that encoder keeps genmo's causal temporal attention (ComfyUI's own VAE Encode runs it
+    non-causally) and gives the posterior's mean and variance.
     """
     from dreamrelation_core.data.cache import Encoders, model_tag
     from dreamrelation_core.data.encode import encode_frames
@@ -54,7 +57,7 @@ def comfy_encoders(vae, clip):
     def encode_video(frames: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         nonlocal reference_vae
         if reference_vae is None:  # converted once per prepare run, on the first clip to encode
-            reference_vae = reference_vae_from_comfy(vae)
+            reference_vae = reference_vae_from_comfy(vae, precision, tiling)
         return encode_frames(reference_vae, frames)  # [12, T, h, w] each, raw latents
 
     def encode_text(captions: list[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,11 +72,19 @@ def comfy_encoders(vae, clip):
         return torch.stack(feats), torch.stack(masks)
 
     tags = (f"comfy-vae-{model_tag(vae.first_stage_model)}", f"comfy-clip-{model_tag(clip.cond_stage_model)}")
-    return Encoders(encode_video=encode_video, encode_text=encode_text, tags=tags)
+    return Encoders(encode_video=encode_video, encode_text=encode_text, tags=tags, after_text=release_comfy_models)
 
 
-def reference_vae_from_comfy(vae):
-    """diffusers AutoencoderKLMochi (encoder only) from the weights of ComfyUI's loaded Mochi VAE."""
+def encoding_settings(device: torch.device, precision: str = "auto", tiling: str = "auto") -> tuple[torch.dtype, bool]:
+    """(dtype, tiled) of the video encoder: auto is bf16 and tiled on a GPU, fp32 untiled on the CPU."""
+    gpu = device.type != "cpu"
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(precision, torch.bfloat16 if gpu else torch.float32)
+    return dtype, {"on": True, "off": False}.get(tiling, gpu)
+
+
+def reference_vae_from_comfy(vae, precision: str = "auto", tiling: str = "auto"):
+    """diffusers AutoencoderKLMochi (encoder only) from the weights of ComfyUI's loaded Mochi VAE,
+    on ComfyUI's device in the dtype and tiling of `encoding_settings`."""
     import comfy.model_management as mm
 
     from dreamrelation_core.mochi.loading import vae_from_genmo_state_dict
@@ -85,8 +96,69 @@ def reference_vae_from_comfy(vae):
     if not sd:
         raise ValueError(f"the vae input ({type(model).__name__}) has no encoder weights: load Mochi's VAE "
                          "(models/vae/mochi_vae.safetensors) with Load VAE")
-    ref = vae_from_genmo_state_dict(sd, torch.float32, source=f"the vae input ({type(model).__name__})")
-    return ref.to(mm.get_torch_device())
+    device = mm.get_torch_device()
+    dtype, tiled = encoding_settings(device, precision, tiling)
+    ref = vae_from_genmo_state_dict(sd, dtype, source=f"the vae input ({type(model).__name__})")
+    if tiled:
+        ref.enable_tiling()
+    return ref.to(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# ComfyUI's models off the GPU
+
+HELD_LIMIT = 1 << 30  # bytes ComfyUI may still hold on the GPU after unloading (latents, conditioning)
+
+
+def _vram_mode() -> str | None:
+    """The command-line flag that keeps ComfyUI's models on the GPU after use, or None."""
+    import comfy.model_management as mm
+    from comfy.cli_args import args
+
+    if getattr(args, "gpu_only", False):
+        return "--gpu-only"
+    if mm.vram_state == mm.VRAMState.HIGH_VRAM:
+        return "--highvram"
+    return None
+
+
+def _held_bytes(device: torch.device) -> int:
+    """GPU memory this process (ComfyUI) still has allocated."""
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+
+
+def release_comfy_models() -> str:
+    """Every model ComfyUI tracks leaves the GPU, whatever the VRAM mode: under --highvram /
+    --gpu-only a model's offload device is the GPU itself, so each is unloaded to the CPU instead
+    (its own offload device is put back afterwards; ComfyUI loads it again when a node needs it).
+    Refuses (TrainingError naming the mode) when ComfyUI still holds more than HELD_LIMIT there,
+    e.g. models that mode placed on the GPU without ever tracking them. Returns a report line."""
+    import comfy.model_management as mm
+
+    from dreamrelation_core.errors import TrainingError
+
+    device = mm.get_torch_device()
+    cpu = torch.device("cpu")
+    redirected = []
+    for loaded in list(mm.current_loaded_models):
+        patcher = loaded.model
+        if patcher is not None and torch.device(patcher.offload_device).type != "cpu":
+            redirected.append((patcher, patcher.offload_device))
+            patcher.offload_device = cpu
+    try:
+        mm.unload_all_models()
+    finally:
+        for patcher, offload in redirected:
+            patcher.offload_device = offload
+    mm.soft_empty_cache()
+    held, mode = _held_bytes(device), _vram_mode()
+    if mode is not None and held > HELD_LIMIT:
+        raise TrainingError(
+            f"ComfyUI runs with {mode} and still holds {held / 2**30:.1f} GiB on the GPU after unloading its models: "
+            f"training needs that memory. Restart ComfyUI without {mode} to prepare and train (its models then leave "
+            "the GPU after use), or run the `prepare` / `train` commands outside ComfyUI")
+    note = f" ({len(redirected)} moved to the CPU despite {mode})" if redirected and mode else ""
+    return f"ComfyUI's models unloaded{note}; ComfyUI holds {held / 2**30:.2f} GiB on {device}."
 
 
 def _fit_length(t: torch.Tensor, n: int, pad) -> torch.Tensor:
@@ -119,6 +191,12 @@ class DreamRelationPrepareDataset(io.ComfyNode):
                 io.String.Input("cache_dir", optional=True, default="", tooltip=(
                     "Where the encoded clips go. Empty: <dataset folder>/.dreamrelation_cache. Unchanged clips are "
                     "not encoded again.")),
+                advanced(io.Combo.Input("precision", options=["auto", "bf16", "fp32"], default="auto", optional=True,
+                                        tooltip=("Precision of the video encoder. Auto is bf16 on a GPU and fp32 on "
+                                                 "the CPU, where bf16 is slow."))),
+                advanced(io.Combo.Input("vae_tiling", options=list(ON_OFF), default="auto", optional=True,
+                                        tooltip=("Encode each video in overlapping spatial tiles: much less GPU "
+                                                 "memory. Auto tiles on a GPU, not on the CPU."))),
             ],
             outputs=[
                 Prepared.Output(display_name="prepared"),
@@ -127,7 +205,8 @@ class DreamRelationPrepareDataset(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, dataset, vae, clip, max_text_len: int, cache_dir: str = "") -> io.NodeOutput:
+    def execute(cls, dataset, vae, clip, max_text_len: int, cache_dir: str = "", precision: str = "auto",
+                vae_tiling: str = "auto") -> io.NodeOutput:
         import comfy.model_management as mm
         import comfy.utils
 
@@ -140,10 +219,14 @@ class DreamRelationPrepareDataset(io.ComfyNode):
             bar.update_absolute(done, total)
             mm.throw_exception_if_processing_interrupted()
 
-        prepare_with_encoders(dataset.folder, cache, comfy_encoders(vae, clip), dataset.num_frames, dataset.size,
-                              max_text_len, progress=progress)
+        release_comfy_models()  # other models (a DiT from an earlier run) leave the GPU before T5 and the VAE
+        prepare_with_encoders(dataset.folder, cache, comfy_encoders(vae, clip, precision, vae_tiling),
+                              dataset.num_frames, dataset.size, max_text_len, progress=progress)
         clips = load_prepared(cache)
-        report = f"{len(clips)} clip(s) encoded in {cache}: latents {tuple(clips[0].mean.shape)}, text {tuple(clips[0].y_feat.shape)}"
+        dtype, tiled = encoding_settings(mm.get_torch_device(), precision, vae_tiling)
+        report = (f"{len(clips)} clip(s) encoded in {cache}: latents {tuple(clips[0].mean.shape)}, text "
+                  f"{tuple(clips[0].y_feat.shape)}; video encoder {str(dtype).removeprefix('torch.')}, "
+                  f"{'tiled' if tiled else 'untiled'}")
         return io.NodeOutput(PreparedDataset(cache, len(clips), report), report)
 
 
@@ -225,8 +308,7 @@ class DreamRelationTrain(io.ComfyNode):
             caption_dropout=caption_dropout, checkpoint_every=checkpoint_every, device=str(mm.get_torch_device()),
             **memory_config(base_dtype, blocks_to_swap, gradient_checkpointing, offload_activations),
         )
-        mm.unload_all_models()  # the worker loads the DiT being trained: it needs the memory
-        mm.soft_empty_cache()
+        released = release_comfy_models()  # the worker loads the DiT being trained: it needs the memory
         live = _LiveProgress(steps, name, Path(folder_paths.get_temp_directory()) / RUN_SUBDIR)
         # The interrupt is raised inside the progress update (on_event): the client then has the worker
         # checkpoint at the current step and re-raises it. should_cancel covers the time between updates.
@@ -244,7 +326,7 @@ class DreamRelationTrain(io.ComfyNode):
         lora_dir.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(result.relation_path, lora_dir / f"{name}.safetensors")
         plot = _loss_plot(result.history, run_dir / "loss_curve.png", name)
-        report = _report(result, name, run_dir)
+        report = f"{released} {_report(result, name, run_dir)}"
         return io.NodeOutput(f"{RUN_SUBDIR}/{name}.safetensors", plot, report, ui=ui.PreviewText(report))
 
 

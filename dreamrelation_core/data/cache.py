@@ -179,6 +179,9 @@ class Encoders:
     encode_video: Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor]]  # uint8 [F,H,W,3] -> mean, logvar [12,T,h,w]
     encode_text: Callable[[list[str], int], tuple[torch.Tensor, torch.Tensor]]  # -> [N,L,D] float, [N,L] bool
     tags: tuple[str, str]  # identities of the two models: a change re-encodes the cache
+    # called once between the text pass (every caption to encode) and the video pass: the place to
+    # unload the text encoder so that the VAE has the memory to itself
+    after_text: Callable[[], None] | None = None
 
     @classmethod
     def from_models(cls, vae, text_encoder, tokenizer) -> Encoders:
@@ -190,16 +193,18 @@ class Encoders:
 
 
 def encode_entry(
-    entry: VideoEntry, encoders: Encoders, num_frames: int, size: tuple[int, int], max_text_len: int
+    entry: VideoEntry, encoders: Encoders, num_frames: int, size: tuple[int, int], max_text_len: int,
+    text: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Fit, encode and turn the masks of one entry into the tensors of its cache file."""
+    """Fit, encode and turn the masks of one entry into the tensors of its cache file (`text`: its
+    caption already encoded, [1, L, D] and [1, L])."""
     frames = read_video(entry.video, max_frames=num_frames)
     if frames.shape[1:3] != (entry.height, entry.width):
         raise DatasetError(f"{entry.video}: decoded frames are {frames.shape[1:3]}, probe said {(entry.height, entry.width)}")
     m1, m2 = load_entry_masks(entry)
     frames, _ = fit_clip(frames, None, num_frames, size, source=str(entry.video))  # masks: checked against the video
     mean, logvar = encoders.encode_video(frames)  # [12, T, h, w] each
-    y_feat, y_mask = encoders.encode_text([entry.caption], max_text_len)  # [1, L, D], [1, L]
+    y_feat, y_mask = text if text is not None else encoders.encode_text([entry.caption], max_text_len)  # [1, L, D], [1, L]
     # Marked from the source-resolution masks after the frames' crop, straight onto the latent grid
     # (docs/method.md "Latent masks").
     c1, c2 = crop_masks((m1, m2), num_frames, size, source=str(entry.video))
@@ -250,15 +255,18 @@ def prepare_with_encoders(
     cache_dir.mkdir(parents=True, exist_ok=True)
     settings = {"num_frames": num_frames, "size": list(size), "max_text_len": max_text_len}
     tags = encoders.tags
-    out: list[Path] = []
-    for i, entry in enumerate(entries):
-        path = cache_dir / f"{entry.name}.safetensors"
-        fp = _fingerprint(entry, settings, tags)
-        if not _up_to_date(path, fp):
-            tensors, meta = encode_entry(entry, encoders, num_frames, size, max_text_len)
-            meta["fingerprint"] = fp
+    out = [cache_dir / f"{entry.name}.safetensors" for entry in entries]
+    prints = [_fingerprint(entry, settings, tags) for entry in entries]
+    todo = [i for i, (path, fp) in enumerate(zip(out, prints)) if not _up_to_date(path, fp)]
+    # Two passes, so that the text encoder and the VAE never need memory at the same time.
+    texts = {i: encoders.encode_text([entries[i].caption], max_text_len) for i in todo}  # [1, L, D], [1, L]
+    if todo and encoders.after_text is not None:
+        encoders.after_text()
+    for i, (entry, path) in enumerate(zip(entries, out)):
+        if i in texts:
+            tensors, meta = encode_entry(entry, encoders, num_frames, size, max_text_len, texts.pop(i))
+            meta["fingerprint"] = prints[i]
             save_safetensors(path, tensors, meta)
-        out.append(path)
         if progress is not None:
             progress(i + 1, len(entries), entry.name)
     _json_write(cache_dir / MANIFEST, {
