@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import re
 from pathlib import Path
 
 import torch
 
-from ..data.cache import DEFAULT_CACHE, MANIFEST, prepare_dataset
+from ..data.cache import DEFAULT_CACHE, MANIFEST, Encoders, model_tag, prepare_with_encoders
 from ..data.dataset import describe_dataset
+from ..data.encode import encode_captions, encode_frames
 from ..dtypes import DTYPES
 from ..mochi.loading import load_text_encoder, load_vae
 from .progress import progress_bar
@@ -25,23 +27,61 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def run_prepare(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # bf16 on a GPU; fp32 on the CPU, where bf16 convolutions are slow (docs/method.md "Memory fallback")
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    tiling = {"on": True, "off": False}.get(args.vae_tiling, device.startswith("cuda"))
     cache = Path(args.cache) if args.cache else Path(args.data_dir) / DEFAULT_CACHE
     # Fail on the data before spending minutes loading T5-XXL.
     entries = describe_dataset(args.data_dir, args.frames, args.size).entries
-    print(f"{len(entries)} video(s) in {args.data_dir}; loading models on {device} ({args.dtype or 'auto'})")
-    vae = load_vae(args.vae, args.vae_config, dtype=dtype, device=device)
-    if args.vae_tiling:
-        vae.enable_tiling()
-    te, tok = load_text_encoder(args.text_encoder, args.tokenizer, args.text_encoder_config, dtype=dtype, device=device)
+    print(f"{len(entries)} video(s) in {args.data_dir}; models on {device} in {str(dtype).removeprefix('torch.')}, "
+          f"VAE {'tiled' if tiling else 'untiled'}")
+    encoders = _one_model_at_a_time(args, device, dtype, tiling)
     bar, update = progress_bar("prepare", "video", len(entries))
     try:
-        paths = prepare_dataset(args.data_dir, cache, vae, te, tok, args.frames, args.size, args.max_text_len,
-                                progress=update)
+        paths = prepare_with_encoders(args.data_dir, cache, encoders, args.frames, args.size, args.max_text_len,
+                                      progress=update)
     finally:
         bar.close()
     print(f"prepared {len(paths)} clip(s) in {cache} (manifest: {cache / MANIFEST})")
     return 0
+
+
+def _one_model_at_a_time(args: argparse.Namespace, device: str, dtype: torch.dtype, tiling: bool) -> Encoders:
+    """T5 encodes every caption first and is freed; then the VAE is loaded and encodes the videos
+    (the two never share the device's memory)."""
+    import gc
+
+    te, tok = load_text_encoder(args.text_encoder, args.tokenizer, args.text_encoder_config, dtype=dtype, device=device)
+    models: dict = {"te": te}
+
+    def free_text_encoder() -> None:
+        models.pop("te", None)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def vae():
+        if "vae" not in models:
+            models["vae"] = load_vae(args.vae, args.vae_config, dtype=dtype, device=device)
+            if tiling:
+                models["vae"].enable_tiling()
+        return models["vae"]
+
+    tags = (_file_tag(args.vae, args.vae_config), model_tag(te))  # the VAE is not loaded yet: its files name it
+    del te
+    return Encoders(encode_video=lambda frames: encode_frames(vae(), frames),
+                    encode_text=lambda captions, n: encode_captions(models["te"], tok, captions, n),
+                    tags=tags, after_text=free_text_encoder)
+
+
+def _file_tag(*paths: str | None) -> str:
+    """Identity of model files by name and size (a replaced file re-encodes the cache)."""
+    parts = []
+    for path in filter(None, paths):
+        p = Path(path)
+        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+        parts += [f"{f.name}:{f.stat().st_size if f.exists() else 0}" for f in files]
+    return "files:" + hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
@@ -65,5 +105,6 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-text-len", type=int, default=256, help="T5 tokens per caption (default 256)")
     p.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="model precision (default bf16 on cuda, fp32 on cpu)")
-    p.add_argument("--vae-tiling", action="store_true", help="encode in spatial tiles (less GPU memory)")
+    p.add_argument("--vae-tiling", nargs="?", const="on", default="auto", choices=("auto", "on", "off"),
+                   help="encode in spatial tiles, much less GPU memory (default auto: on a GPU, not on the CPU)")
     p.set_defaults(func=run_prepare)
