@@ -52,6 +52,7 @@ class TinyModels:
 
     dit: str = "tiny_mochi_dit.safetensors"
     t5: str = "tiny_mochi_t5.safetensors"
+    t5_fp8: str = "tiny_t5xxl_fp8_e4m3fn_scaled.safetensors"  # the layout of ComfyUI's t5xxl_fp8_e4m3fn_scaled
     vae: str = "tiny_mochi_vae.safetensors"
     lora: str = "tiny_relation.safetensors"
     reference: str = "tiny_model_2000.lora.pt"
@@ -151,6 +152,28 @@ def write_t5(path: Path, seed: int = 0) -> None:
     _save(path, sd)
 
 
+def write_t5_fp8_scaled(path: Path, seed: int = 0) -> None:
+    """The tiny T5 in the layout of t5xxl_fp8_e4m3fn_scaled.safetensors: every Linear weight in
+    float8_e4m3fn with its fp32 `scale_weight` (real weight = weight.float() * scale_weight), the
+    `scaled_fp8` marker key, everything else in fp16."""
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    model = T5EncoderModel(T5Config(**T5_KWARGS))
+    linears = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    sd: dict[str, torch.Tensor] = {"scaled_fp8": torch.zeros(0, dtype=torch.float8_e4m3fn)}
+    for key, value in model.state_dict().items():
+        if key == "encoder.embed_tokens.weight":
+            continue  # tied to shared.weight, as in write_t5
+        if key in linears:
+            scale = value.abs().max().float() / 448.0  # e4m3fn's largest value
+            sd[key] = (value / scale).to(torch.float8_e4m3fn)
+            sd[key.removesuffix("weight") + "scale_weight"] = scale.reshape(())
+        else:
+            sd[key] = value.to(torch.float16)
+    _save(path, sd)
+
+
 def write_vae(path: Path, seed: int = 0) -> None:
     """ComfyUI's genmo VAE classes at the tiny size (ComfyUI imported in this process)."""
     from conftest import import_comfyui
@@ -184,6 +207,7 @@ def write_tiny_models(models_dir: Path, names: TinyModels | None = None) -> Tiny
     names = names or TinyModels()
     write_dit(models_dir / "diffusion_models" / names.dit)
     write_t5(models_dir / "text_encoders" / names.t5)
+    write_t5_fp8_scaled(models_dir / "text_encoders" / names.t5_fp8)
     write_vae(models_dir / "vae" / names.vae)
     write_relation_lora(models_dir / "loras" / names.lora)
     write_reference_checkpoint(models_dir / "loras" / names.reference)

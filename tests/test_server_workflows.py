@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from _e2e_models import nodes_of, only, set_inputs, shrink, use_tiny_models
 from conftest import ROOT
 
@@ -30,7 +31,7 @@ EXECUTED = {
     "dreamrelation_generate.json": "test_generate_workflow",
     "dreamrelation_reference_checkpoint.json": "test_reference_checkpoint_workflow",
     "dreamrelation_masks.json": "test_masks_workflow",
-    "dreamrelation_train.json": "test_train_workflow_then_generate_with_its_lora",
+    "dreamrelation_train.json": "test_gui_chain_masks_dataset_prepare_train_generate",
 }
 
 
@@ -223,17 +224,36 @@ def lora_files(server) -> set[Path]:
     return set((server.base / "models" / "loras").rglob("*.safetensors"))
 
 
-def test_train_workflow_then_generate_with_its_lora(comfy_server, tiny_models, tmp_path):
-    """Dataset -> Prepare (tiny VAE + T5 through ComfyUI's loaders) -> Train: a relation LoRA on
-    disk, the report and loss plot visible; then the generate workflow samples with that LoRA."""
+def test_gui_chain_masks_dataset_prepare_train_generate(comfy_server, tiny_models, tmp_path):
+    """The whole GUI path on tiny models, each workflow reading only what the one before wrote:
+    masks workflow -> Add To Dataset (input/<folder>) -> train workflow: Dataset -> Prepare (the T5 in
+    ComfyUI's scaled-fp8 layout, t5xxl_fp8_e4m3fn_scaled, through CLIPLoader) -> Train (a relation LoRA in
+    models/loras, its report and loss plot) -> generate workflow sampling with that LoRA."""
+    from dreamrelation_core.data.cache import DEFAULT_CACHE, load_prepared
+    from dreamrelation_core.data.synthetic import write_video
+    from fixtures.mask_models import two_subject_clip
+
+    masks = tiny_prompt(comfy_server, tiny_models, "dreamrelation_masks.json", tmp_path)
+    clip, folder = unique("e2e_chain_clip"), unique("e2e_chain")
+    write_video(comfy_server.input / clip, two_subject_clip(frames=7), "mp4")
+    set_inputs(masks, "LoadVideo", file=f"{clip}.mp4")
+    set_inputs(masks, "DreamRelationAddToDataset", dataset=folder, clip_name=clip)
+    assert_success(comfy_server.run(masks, timeout=180))
+
     name = unique("e2e_run")
     before = lora_files(comfy_server)
-    prompt = train_prompt(comfy_server, tiny_models, tmp_path, write_dataset(comfy_server), name, steps=4)
+    prompt = train_prompt(comfy_server, tiny_models, tmp_path, folder, name, steps=2)
+    set_inputs(prompt, "TinyMochiCLIPLoader", clip_name=tiny_models.t5_fp8)
     run = comfy_server.run(prompt, timeout=300)
     assert_success(run)
+    prepared = load_prepared(comfy_server.input / folder / DEFAULT_CACHE)
+    assert [c.name for c in prepared] == [clip] and prepared[0].y_feat.shape == (16, 32)
+    assert torch.isfinite(prepared[0].y_feat).all() and prepared[0].y_feat.abs().sum() > 0
     new = lora_files(comfy_server) - before
     assert len(new) == 1 and name in new.pop().name, lora_files(comfy_server)
-    assert any(name in text for text in run.texts()), f"no report naming the run in the outputs: {run.outputs}"
+    report = next((t for t in run.texts() if name in t), None)
+    assert report is not None, f"no report naming the run in the outputs: {run.outputs}"
+    assert "ComfyUI's models unloaded" in report and "Memory options: fp32 no-ckpt" in report, report
     preview_id = nodes_of(prompt, "PreviewImage")[0][0]
     assert run.outputs[preview_id]["images"], "no loss plot"
 
@@ -242,7 +262,9 @@ def test_train_workflow_then_generate_with_its_lora(comfy_server, tiny_models, t
     set_inputs(gen, "DreamRelationRelationLoraLoader",
                lora_name=str(lora.relative_to(comfy_server.base / "models" / "loras")))
     only(gen, "SaveAnimatedWEBP")["inputs"]["filename_prefix"] = unique("e2e/trained")
-    assert_success(comfy_server.run(gen))
+    generated = comfy_server.run(gen)
+    assert_success(generated)
+    assert [p for p in generated.files(comfy_server.base) if p.suffix == ".webp"], generated.outputs
 
 
 def test_cancel_then_requeue_continues_where_it_stopped(comfy_server, tiny_models, tmp_path):

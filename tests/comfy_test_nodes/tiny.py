@@ -124,11 +124,13 @@ def load_tiny_mochi_clip(sd: dict[str, torch.Tensor], embedding_directory=None, 
     the T5 sized by ComfyUI's own `t5xxl_model_config` option, weights loaded by `CLIP.load_sd`."""
     import comfy.sd
     import comfy.text_encoders.genmo
+    import comfy.text_encoders.sd3_clip
     import comfy.utils
 
     class Target:
         params: dict = {}
-        clip = comfy.text_encoders.genmo.mochi_te()
+        # dtype and scaled-fp8 layout detected from the weights, as CLIPLoader does for type 'mochi'
+        clip = comfy.text_encoders.genmo.mochi_te(**comfy.text_encoders.sd3_clip.t5_xxl_detect(sd))
         tokenizer = comfy.text_encoders.genmo.MochiT5Tokenizer
 
     options = {**(model_options or {}), "t5xxl_model_config": t5_config(sd, what)}
