@@ -24,7 +24,6 @@ from dreamrelation_core.training.memory.setup import MemoryOptions
 from dreamrelation_core.training.runs import plan_run
 from dreamrelation_core.training.trainer import list_checkpoints, load_checkpoint
 from dreamrelation_core.training.worker import describe_failure
-from dreamrelation_core.training.worker_client import run_training_worker
 
 
 @pytest.fixture(scope="module")
@@ -145,51 +144,8 @@ def test_fixed_options_are_not_changed(cache, tmp_path, monkeypatch):
         execute_with_fallback(plan_run(config, resume=False))
 
 
-def test_worker_reports_the_memory_plan_and_each_retry(cache, tmp_path):
-    """Through the worker process (what the Train node runs): the report holds the options, each retry."""
-    import os
-
-    events = []
-    result = run_training_worker(cfg(cache, tmp_path / "run", num_steps=2), on_event=events.append,
-                                 env={**os.environ, OOM_SEAM_ENV: "1"})
-    memory = [e for e in events if e.event == "memory"]
-    assert [e.retry for e in memory] == [False, True, False]
-    assert memory[2].options == {"base_dtype": "fp32", "blocks_to_swap": 0, "gradient_checkpointing": True,
-                                 "offload_activations": False}
-    first_step = next(i for i, e in enumerate(events) if e.event == "step")
-    assert events.index(memory[-1]) < first_step  # stated before step 1
-    assert result.memory == [e.message for e in memory]
-    assert "Memory options: fp32 no-ckpt (on the CPU: no GPU memory estimate). Out of GPU memory at step 1" in result.message
-    assert "retrying with gradient checkpointing on" in result.message and result.step == 2
-
-
 # ---------------------------------------------------------------------------------------------
-# the worker process: allocator, warm-up, Windows flags
-
-
-def test_worker_environment_has_its_own_allocator_settings():
-    from dreamrelation_core.training.worker_client import worker_environment
-
-    parent = {"PYTORCH_CUDA_ALLOC_CONF": "backend:cudaMallocAsync", "OTHER": "x"}
-    linux = worker_environment(parent, "linux")
-    assert linux["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True" and linux["OTHER"] == "x"
-    assert parent["PYTORCH_CUDA_ALLOC_CONF"] == "backend:cudaMallocAsync"  # the parent's own is untouched
-    # other settings are kept; a parent's expandable_segments:False does not win
-    kept = worker_environment({"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:512,expandable_segments:False"}, "linux")
-    assert kept["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:512,expandable_segments:True"
-    newer = worker_environment({"PYTORCH_ALLOC_CONF": "backend:cudaMallocAsync,max_split_size_mb:64"}, "linux")
-    assert newer["PYTORCH_ALLOC_CONF"] == "max_split_size_mb:64,expandable_segments:True"
-    # Windows has no expandable segments: only the inherited backend goes
-    win = worker_environment(parent, "win32")
-    assert "PYTORCH_CUDA_ALLOC_CONF" not in win and win["PYTHONUNBUFFERED"] == "1"
-
-
-def test_worker_process_has_no_console_window_on_windows():
-    from dreamrelation_core.training.worker_client import _process_options
-
-    flags = _process_options("win32")["creationflags"]
-    assert flags & 0x08000000 and flags & 0x00000200  # CREATE_NO_WINDOW, CREATE_NEW_PROCESS_GROUP
-    assert _process_options("linux") == {}
+# before free memory is read
 
 
 def test_warm_up_runs_one_block_and_leaves_the_model_as_it_was():

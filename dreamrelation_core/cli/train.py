@@ -49,6 +49,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                                              on_memory=lambda choice: say(choice.summary()),
                                              on_retry=lambda message, _options: say(message)))
     finally:
+        stop.finished.set()  # the checkpoint is written: a console-close handler may let the process end
         restore()
         if bar is not None:
             bar.close()

@@ -139,6 +139,7 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.event = threading.Event()
+        self.finished = threading.Event()  # set once the run has stopped and its files are written
         self.reason = ""
         self.signals = 0
         self.parent_pid = os.getppid() if os.name == "posix" else None
@@ -191,11 +192,60 @@ class StopRequest:
                 except (ValueError, OSError):  # not the main thread / not settable here
                     pass
 
+        close_handler = install_console_close_handler(self)
+
         def restore() -> None:
             for sig, old in previous.items():
                 signal.signal(sig, old)
+            if close_handler is not None:
+                close_handler()
 
         return restore
+
+
+# Windows console events (wincon.h): Ctrl+C and Ctrl+Break reach the signal handlers above; closing
+# the console window, logging off and shutting down end the process once the handler returns, at
+# the latest about 5 s after the event (the system's limit).
+CTRL_C_EVENT, CTRL_BREAK_EVENT, CTRL_CLOSE_EVENT, CTRL_LOGOFF_EVENT, CTRL_SHUTDOWN_EVENT = 0, 1, 2, 5, 6
+CLOSE_WAIT_S = 4.5  # the part of those 5 s the worker uses to finish the step and write the checkpoint
+
+
+def console_event_handler(stop: StopRequest, finished: threading.Event,
+                          wait_s: float = CLOSE_WAIT_S) -> Callable[[int], bool]:
+    """The console control handler's logic: on close / log-off / shut-down, ask for a checkpoint
+    and hold the process open until it is written (`finished`) or `wait_s` runs out."""
+    names = {CTRL_CLOSE_EVENT: "the console window was closed", CTRL_LOGOFF_EVENT: "the user logged off",
+             CTRL_SHUTDOWN_EVENT: "the system is shutting down"}
+
+    def handle(event: int) -> bool:
+        if event not in names:
+            return False  # Ctrl+C / Ctrl+Break: the signal handlers
+        stop.set(names[event])
+        finished.wait(wait_s)
+        return True
+
+    return handle
+
+
+def install_console_close_handler(stop: StopRequest) -> Callable[[], None] | None:
+    """On Windows, `console_event_handler` as the process's console control handler (a worker
+    started by ComfyUI has no console of its own: closing ComfyUI's console closes its stdin
+    instead, and it checkpoints without a time limit). Returns the uninstaller; None elsewhere."""
+    if sys.platform != "win32":
+        return None
+    import ctypes
+    from ctypes import wintypes
+
+    kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+    routine = ctypes.WINFUNCTYPE(wintypes.BOOL, wintypes.DWORD)(console_event_handler(stop, stop.finished))
+    if not kernel32.SetConsoleCtrlHandler(routine, True):
+        return None
+
+    def remove() -> None:
+        kernel32.SetConsoleCtrlHandler(routine, False)
+
+    remove.routine = routine  # the C callback must outlive the registration
+    return remove
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,13 +330,23 @@ def run_worker(
 ) -> int:
     """Run one training request and report it on the channel; returns the process exit code."""
     from .allocator import apply_allocator_environment
-    from .fallback import execute_with_fallback
-    from .runs import plan_run
 
     apply_allocator_environment()  # before anything starts CUDA (the client's environment already has it)
     channel = channel or Channel()
     stop = StopRequest()
-    stop.install_signal_handlers()
+    restore = stop.install_signal_handlers()
+    try:
+        return _run(stop, config_path, output_dir, resume, overwrite, control, channel, overrides)
+    finally:
+        stop.finished.set()  # a console-close handler waiting for the checkpoint may let the process end
+        restore()
+
+
+def _run(stop: StopRequest, config_path, output_dir, resume: bool, overwrite: bool, control: str, channel: Channel,
+         overrides: dict[str, Any] | None) -> int:
+    from .fallback import execute_with_fallback
+    from .runs import plan_run
+
     if control == "stdin":
         stop.watch_stdin()
     else:
