@@ -160,3 +160,22 @@ def test_warm_up_runs_one_block_and_leaves_the_model_as_it_was():
     assert calls == [1]
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_train_command_walks_the_same_ladder_and_keeps_its_fixed_flags(cache, tmp_path, monkeypatch, capsys):
+    from dreamrelation_core.cli import main
+
+    monkeypatch.setenv(OOM_SEAM_ENV, "1")
+    path = cfg(cache, tmp_path / "run", num_steps=1).save_yaml(tmp_path / "config.yaml")
+    assert main(["train", str(path), "--progress", "none"]) == 0
+    out = capsys.readouterr().out
+    assert ("memory options: fp32 no-ckpt (on the CPU: no GPU memory estimate)\nOut of GPU memory at step 1 with fp32 "
+            "no-ckpt: retrying with gradient checkpointing on (fp32 ckpt), from the start.\nmemory options: fp32 ckpt") in out
+    assert "finished at step 1" in out
+
+    # the same request with the flags fixing every option: nothing to step down, the message says what is fixed
+    assert main(["train", str(path), "--progress", "none", "--output-dir", str(tmp_path / "fixed"),
+                 "--blocks-to-swap", "0", "--gradient-checkpointing", "off", "--offload-activations", "off"]) == 1
+    err = capsys.readouterr().err
+    assert "out of GPU memory at step 1 with fp32 no-ckpt: try gradient_checkpointing on" in err
+    assert "blocks_to_swap, gradient_checkpointing, offload_activations are fixed" in err
