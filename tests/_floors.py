@@ -49,7 +49,8 @@ PARTS: list[Part] = [
          "`worker_client` (training in a worker process that reports JSON lines, and the parent side that follows "
          "it), `outside_inference` (training under a caller's `torch.inference_mode()`), `memory/` (peak-memory "
          "estimate and its meta-device trace, gradient checkpointing, block swap, fp8 base; chosen by `TrainConfig`), "
-         "`plots`"),
+         "`fallback` (an out-of-memory at step 1 retried one rung down the memory ladder), `allocator` (the "
+         "training process's CUDA allocator settings), `plots`"),
     Part(4, ("masks",), "`grounding_dino`, `sam`, `tracking`, `extractor` (boxes → masks for a whole video), `images` "
          "(frame checks, normalisation), `preview`"),
     Part(4, ("evaluation",), "offline metrics of generated videos: `clip_metrics` (CLIP-T, temporal consistency), "
