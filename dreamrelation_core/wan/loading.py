@@ -1,0 +1,180 @@
+"""The frozen Wan models, from local files only: transformer, VAE, umT5 text encoder, tokenizer.
+
+Nothing here downloads: every loader takes local paths and fails with the path and what was
+expected when something is missing (docs/method.md "Wan 2.1 / 2.2").
+
+Transformer (diffusers `WanTransformer3DModel`), either
+- a ComfyUI single file (`wan2.1_t2v_1.3B_fp16.safetensors`, `wan2.1_t2v_14B_fp8_scaled.safetensors`,
+  `wan2.2_ti2v_5B_fp16.safetensors`, `wan2.2_t2v_{high,low}_noise_14B_fp8_scaled.safetensors` in
+  ComfyUI's `models/diffusion_models/`; original Wan keys, prefix optional): no config needed, the
+  shapes give it (`dit_keys.detect_variant`). bf16 / fp16 / fp32 files are cast to `dtype`; scaled
+  fp8 files keep their fp8 Linear weights with their per-tensor scales (`fp8.FrozenLinear`);
+- a single file in diffusers' key names (config from its shapes too);
+- a diffusers folder (`transformer/` of Wan-AI/Wan2.1-T2V-1.3B-Diffusers, or the pipeline folder);
+- "tiny": the random test model of `tiny`.
+As `from_pretrained` does, the modules diffusers keeps in float32 (time embedder, modulation
+tables, norms) stay float32 when `dtype` is bf16 / fp16.
+
+VAE (diffusers `AutoencoderKLWan`): ComfyUI's `wan_2.1_vae.safetensors` (original Wan keys,
+converted by `vae_keys`), a file in diffusers' keys, or a diffusers folder (`vae/`).
+
+Text encoder (transformers `UMT5EncoderModel`): ComfyUI's `umt5_xxl_fp16.safetensors` /
+`umt5_xxl_fp8_e4m3fn_scaled.safetensors` (Hugging Face T5 key names; fp8 weights are dequantised
+with their scales, the encoder runs once per caption at prepare time), or a transformers folder.
+Tokenizer: a local transformers tokenizer folder (`tokenizer/` of a Wan diffusers pipeline or
+google/umt5-xxl), or else the SentencePiece model ComfyUI's umT5 files carry (`spiece_model`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .. import fp8
+from ..errors import KeyLayoutError, ModelFileError, ModelFileNotFoundError
+from . import dit_keys
+
+# ---------------------------------------------------------------- files
+
+
+def _require(path: Path, what: str) -> None:
+    if not path.exists():
+        raise ModelFileNotFoundError(f"{path}: not found; expected {what}")
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as e:  # truncated/corrupt header or data
+        raise ModelFileError(f"{path}: not a readable .safetensors file ({type(e).__name__}: {e})") from e
+
+
+def _keep_fp32(key: str, names: list[str] | None) -> bool:
+    """diffusers' rule for `_keep_in_fp32_modules`: a module name among the key's path parts."""
+    return bool(names) and any(n in key.split(".") for n in names)
+
+
+def _cast(sd: dict[str, torch.Tensor], dtype: torch.dtype, keep_fp32: list[str] | None) -> dict[str, torch.Tensor]:
+    """Every non-fp8 tensor to `dtype`, except the modules diffusers keeps in float32."""
+    out = {}
+    for k, t in sd.items():
+        if fp8.is_fp8(t.dtype):
+            out[k] = t
+        elif dtype in (torch.float16, torch.bfloat16) and _keep_fp32(k, keep_fp32):
+            out[k] = t.float()
+        else:
+            out[k] = t.to(dtype)
+    return out
+
+
+# ---------------------------------------------------------------- transformer
+
+
+def _transformer_from_diffusers_sd(
+    path: Path, sd: dict[str, torch.Tensor], module_scales: dict[str, torch.Tensor],
+    variant: dit_keys.WanVariant, dtype: torch.dtype,
+):
+    """WanTransformer3DModel of `variant` holding `sd` (diffusers keys), fp8 Linears kept scaled."""
+    from accelerate import init_empty_weights
+    from diffusers import WanTransformer3DModel
+
+    config = dit_keys.diffusers_config(variant)
+    with init_empty_weights():
+        model = WanTransformer3DModel(**config)
+    expected = model.state_dict()
+    for k, t in sd.items():
+        if k in expected and expected[k].shape != t.shape:
+            raise ModelFileError(
+                f"{path}: {k} has shape {tuple(t.shape)}, a {variant.name} with config {config} expects "
+                f"{tuple(expected[k].shape)}"
+            )
+    linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    for k in list(sd):
+        t, module = sd[k], k.rpartition(".")[0]
+        if fp8.is_fp8(t.dtype) and not (k.endswith(".weight") and module in linears):
+            # an fp8 tensor outside a Linear weight: dequantise it (scale 1 where none is given)
+            scale = module_scales.pop(module, None)
+            sd[k] = t.float() * (scale if scale is not None else 1.0)
+    sd = _cast(sd, dtype, getattr(model, "_keep_in_fp32_modules", None))
+    try:
+        model.load_state_dict(sd, strict=True, assign=True)
+    except RuntimeError as e:  # missing / unexpected keys: the file and the config disagree
+        raise ModelFileError(f"{path}: weights do not fit WanTransformer3DModel({config}): {e}") from e
+    # buffers (the RoPE tables) are not in the file: init_empty_weights left them real, keep them
+    if any(fp8.is_fp8(t.dtype) for t in sd.values()):
+        fp8.attach_scales(model, module_scales, str(path))
+        fp8.freeze_linears(model)  # unscaled fp8 Linears (scale 1) and the rest: one Linear type
+    return model.eval()
+
+
+def load_comfy_file(path: str | Path, dtype: torch.dtype = torch.float32):
+    """A ComfyUI / original Wan DiT `.safetensors` -> diffusers WanTransformer3DModel (see the
+    module docstring: bf16 / fp16 / fp32 cast to `dtype`, scaled fp8 kept fp8 with its scales)."""
+    path = Path(path)
+    raw = _load_safetensors(path)
+    raw, scales, _ = fp8.split_scales(raw, str(path))  # fp8 marker and scale keys out of the way
+    try:
+        variant = dit_keys.detect_variant(raw, str(path))
+        sd = dit_keys.comfy_to_diffusers(raw)
+        module_scales = fp8.convert_scales(raw, scales, dit_keys.comfy_to_diffusers) if scales else {}
+    except KeyLayoutError as e:
+        raise ModelFileError(f"{path}: not a Wan transformer in ComfyUI's key layout: {e}") from e
+    del raw
+    return _transformer_from_diffusers_sd(path, sd, module_scales, variant, dtype)
+
+
+def load_diffusers_file(path: str | Path, dtype: torch.dtype = torch.float32):
+    """A single `.safetensors` in diffusers' WanTransformer3DModel key names, config from its shapes."""
+    path = Path(path)
+    raw = _load_safetensors(path)
+    raw, scales, _ = fp8.split_scales(raw, str(path))
+    try:
+        comfy = dit_keys.diffusers_to_comfy(raw)
+        variant = dit_keys.detect_variant(comfy, str(path))
+    except KeyLayoutError as e:
+        raise ModelFileError(f"{path}: not a Wan transformer in diffusers' key layout: {e}") from e
+    module_scales = {k[: -len(".weight")]: s for k, s in scales.items()}
+    return _transformer_from_diffusers_sd(path, raw, module_scales, variant, dtype)
+
+
+def load_transformer(source: str, config_dir: str = "", dtype: torch.dtype = torch.float32, seed: int = 0,
+                     tiny: dict | None = None):
+    """Frozen Wan transformer from `source` (see the module docstring). `config_dir` is accepted for
+    the same call as Mochi's loader; Wan single files need none (their shapes give the config)."""
+    from diffusers import WanTransformer3DModel
+
+    if source == "tiny":
+        from .tiny import tiny_transformer
+
+        model = tiny_transformer(seed=seed, **(tiny or {}))
+        return model if dtype == torch.float32 else model.to(dtype)
+    path = Path(source)
+    if path.is_dir():
+        folder = path if (path / "config.json").is_file() else path / "transformer"
+        if not (folder / "config.json").is_file():
+            raise ModelFileError(f"{path}: no config.json here or in transformer/; expected a diffusers "
+                                 "WanTransformer3DModel folder")
+        try:
+            return WanTransformer3DModel.from_pretrained(str(folder), local_files_only=True, torch_dtype=dtype).eval()
+        except Exception as e:
+            raise ModelFileError(f"{folder}: cannot load as WanTransformer3DModel ({type(e).__name__}: {e})") from e
+    if path.is_file():
+        layout = dit_keys.wan_layout(path)
+        if layout == "comfy":
+            return load_comfy_file(path, dtype)
+        if layout == "diffusers":
+            return load_diffusers_file(path, dtype)
+        raise ModelFileError(
+            f"{path}: not a Wan transformer (no '{dit_keys.MARKER}' key in ComfyUI's layout, nor diffusers' "
+            "WanTransformer3DModel keys); expected e.g. wan2.1_t2v_1.3B_fp16.safetensors"
+        )
+    raise ModelFileNotFoundError(f"transformer {source!r}: no such file or folder (expected a Wan .safetensors "
+                                 "or a diffusers folder)")
+
+
+def variant_of(model) -> dit_keys.WanVariant:
+    """The WanVariant (sizes, kind, latent channels) of a loaded WanTransformer3DModel."""
+    return dit_keys.variant_from_diffusers_config(model.config)
