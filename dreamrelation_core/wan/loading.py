@@ -178,3 +178,248 @@ def load_transformer(source: str, config_dir: str = "", dtype: torch.dtype = tor
 def variant_of(model) -> dit_keys.WanVariant:
     """The WanVariant (sizes, kind, latent channels) of a loaded WanTransformer3DModel."""
     return dit_keys.variant_from_diffusers_config(model.config)
+
+
+# ---------------------------------------------------------------- VAE
+
+
+def _vae_from_comfy(path: Path, sd: dict[str, torch.Tensor], dtype: torch.dtype):
+    """AutoencoderKLWan from Wan 2.1-layout (ComfyUI) weights, converted in memory, loaded strictly."""
+    from diffusers import AutoencoderKLWan
+
+    from . import vae_keys
+
+    try:
+        config = vae_keys.config_from_comfy(sd)
+        conv = vae_keys.comfy_to_diffusers(sd)
+    except KeyLayoutError as e:
+        raise ModelFileError(f"{path}: a Wan VAE in ComfyUI's layout that cannot be converted: {e}") from e
+    with torch.device("meta"):  # the file supplies every weight: no memory or time for a random init
+        vae = AutoencoderKLWan(**config)
+    expected = vae.state_dict()
+    for k, t in expected.items():
+        if k in conv and conv[k].shape != t.shape:
+            raise ModelFileError(f"{path}: converted key {k!r} has shape {tuple(conv[k].shape)}, "
+                                 f"AutoencoderKLWan({config}) expects {tuple(t.shape)}")
+    try:
+        vae.load_state_dict({k: v.to(dtype) for k, v in conv.items()}, strict=True, assign=True)
+    except RuntimeError as e:  # missing / unexpected keys: the converter and diffusers disagree
+        raise ModelFileError(f"{path}: converted weights do not fit AutoencoderKLWan: {e}") from e
+    return vae
+
+
+def load_vae(path: str | Path, config_dir: str | Path | None = None, dtype: torch.dtype = torch.float32,
+             device: str | torch.device = "cpu"):
+    """Wan VAE (`AutoencoderKLWan`) from a diffusers folder or one .safetensors file.
+
+    A file in ComfyUI's layout (`wan_2.1_vae.safetensors`) is converted, its config read from the
+    tensors; a file in diffusers' keys needs `config_dir` (or its own folder) with config.json.
+    The Wan 2.2 VAE loads from a diffusers folder only (see `vae_keys`)."""
+    from diffusers import AutoencoderKLWan
+
+    from . import vae_keys
+
+    path = Path(path)
+    _require(path, "a Wan VAE: wan_2.1_vae.safetensors or a diffusers folder (config.json + weights)")
+    if path.is_dir():
+        folder = path if (path / "config.json").is_file() else path / "vae"
+        if not (folder / "config.json").is_file():
+            raise ModelFileError(f"{path}: no config.json here or in vae/; expected a diffusers AutoencoderKLWan folder")
+        try:
+            vae = AutoencoderKLWan.from_pretrained(str(folder), local_files_only=True, torch_dtype=dtype)
+        except Exception as e:
+            raise ModelFileError(f"{folder}: cannot load as AutoencoderKLWan ({type(e).__name__}: {e})") from e
+        return vae.to(device).eval()
+    if path.suffix.lower() != ".safetensors":
+        raise ModelFileError(f"{path}: expected a .safetensors file or a diffusers folder, got {path.suffix!r}")
+    sd = _load_safetensors(path)
+    if vae_keys.is_comfy_wan_vae(sd):
+        if vae_keys.is_wan22_vae(sd):
+            raise ModelFileError(
+                f"{path}: this is the Wan 2.2 VAE (48 channels, ComfyUI's wan2.2_vae.safetensors); the pack reads "
+                "it from a diffusers folder only (vae/ of Wan-AI/Wan2.2-TI2V-5B-Diffusers)"
+            )
+        return _vae_from_comfy(path, sd, dtype).to(device).eval()
+    cfg = Path(config_dir) if config_dir else path.parent
+    folder = cfg if (cfg / "config.json").is_file() else cfg / "vae"
+    if not (folder / "config.json").is_file():
+        raise ModelFileError(
+            f"{path}: not a Wan VAE in ComfyUI's layout (no decoder.middle.0.residual.0.gamma), and no "
+            f"config.json for a diffusers-key file in {cfg} or {cfg / 'vae'}"
+        )
+    vae = AutoencoderKLWan.from_config(AutoencoderKLWan.load_config(str(folder), local_files_only=True))
+    expected = vae.state_dict()
+    missing = sorted(set(expected) - set(sd))
+    if missing:
+        raise ModelFileError(f"{path}: {len(missing)} weights of the VAE in {folder / 'config.json'} missing, "
+                             f"e.g. {missing[:3]}")
+    for k, t in expected.items():
+        if sd[k].shape != t.shape:
+            raise ModelFileError(f"{path}: key {k!r} has shape {tuple(sd[k].shape)}, the config expects {tuple(t.shape)}")
+    vae.load_state_dict({k: sd[k] for k in expected})
+    return vae.to(dtype).to(device).eval()
+
+
+# ---------------------------------------------------------------- umT5 and its tokenizer
+
+SPIECE_KEY = "spiece_model"  # ComfyUI's umT5 files carry their SentencePiece model under this key
+
+
+def _proto_field(data: bytes, field: int) -> bytes | None:
+    """The first length-delimited `field` of a protobuf message (enough to read a SentencePiece
+    model's normaliser without the protobuf package)."""
+    i = 0
+    while i < len(data):
+        key, i = _varint(data, i)
+        num, wire = key >> 3, key & 7
+        if wire == 0:
+            _, i = _varint(data, i)
+        elif wire == 1:
+            i += 8
+        elif wire == 5:
+            i += 4
+        elif wire == 2:
+            n, i = _varint(data, i)
+            if num == field:
+                return data[i:i + n]
+            i += n
+        else:
+            raise ValueError(f"protobuf wire type {wire} at byte {i}")
+    return None
+
+
+def _varint(data: bytes, i: int) -> tuple[int, int]:
+    shift = value = 0
+    while True:
+        b = data[i]
+        i += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, i
+        shift += 7
+
+
+def tokenizer_from_spiece(model: bytes | torch.Tensor, source: str = "spiece_model"):
+    """A transformers T5 tokenizer (umT5's conventions: pad 0, `</s>` 1 appended, unk 2) from a
+    SentencePiece model's bytes, e.g. the `spiece_model` tensor of ComfyUI's umT5 files. Its
+    pieces, scores and normaliser are the model's, as transformers' own conversion takes them."""
+    import sentencepiece
+    from transformers import T5Tokenizer
+
+    data = model.numpy().tobytes() if isinstance(model, torch.Tensor) else bytes(model)
+    try:
+        sp = sentencepiece.SentencePieceProcessor(model_proto=data)
+        normalizer = _proto_field(data, 3)  # ModelProto.normalizer_spec
+        charsmap = _proto_field(normalizer, 2) if normalizer else None  # NormalizerSpec.precompiled_charsmap
+    except Exception as e:
+        raise ModelFileError(f"{source}: not a readable SentencePiece model ({type(e).__name__}: {e})") from e
+    if (sp.pad_id(), sp.eos_id(), sp.unk_id()) != (0, 1, 2):
+        raise ModelFileError(f"{source}: SentencePiece model with pad/eos/unk ids {(sp.pad_id(), sp.eos_id(), sp.unk_id())}, "
+                             "umT5's are (0, 1, 2)")
+    vocab = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, _spm_precompiled_charsmap=charsmap or None)
+
+
+def load_umt5_tokenizer(tokenizer_dir: str | Path):
+    """A local transformers tokenizer folder (umT5's: tokenizer.json, or spiece.model with protobuf)."""
+    from transformers import AutoTokenizer
+
+    d = Path(tokenizer_dir)
+    _require(d, "a tokenizer folder (tokenizer_config.json + tokenizer.json), e.g. tokenizer/ of a Wan diffusers pipeline")
+    try:
+        return AutoTokenizer.from_pretrained(str(d), local_files_only=True)
+    except Exception as e:
+        raise ModelFileError(f"{d}: cannot load a tokenizer from this folder ({type(e).__name__}: {e})") from e
+
+
+def umt5_config_from_state_dict(sd: dict[str, torch.Tensor], source: str = "umT5 weights") -> dict:
+    """`UMT5Config` arguments read off Hugging Face T5-key umT5 encoder weights."""
+    from ..statedict import count_indexed
+
+    def shape(key: str) -> tuple[int, ...]:
+        if key not in sd:
+            raise ModelFileError(f"{source}: key {key!r} missing; expected a umT5 encoder in Hugging Face T5 key names "
+                                 "(e.g. umt5_xxl_fp16.safetensors)")
+        return tuple(sd[key].shape)
+
+    emb = "shared.weight" if "shared.weight" in sd else "encoder.embed_tokens.weight"
+    vocab, d_model = shape(emb)
+    buckets, heads = shape("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight")
+    return dict(
+        vocab_size=vocab, d_model=d_model, num_heads=heads, relative_attention_num_buckets=buckets,
+        d_kv=shape("encoder.block.0.layer.0.SelfAttention.q.weight")[0] // heads,
+        d_ff=shape("encoder.block.0.layer.1.DenseReluDense.wi_0.weight")[0],
+        num_layers=count_indexed(sd, "encoder.block.", source), feed_forward_proj="gated-gelu",
+        relative_attention_max_distance=128, layer_norm_epsilon=1e-6, pad_token_id=0, eos_token_id=1,
+        decoder_start_token_id=0, tie_word_embeddings=False,
+    )
+
+
+def umt5_from_state_dict(sd: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32, source: str = "umT5 weights"):
+    """UMT5EncoderModel from a ComfyUI umT5 state dict (fp8 scaled weights dequantised; the
+    `spiece_model` tensor, if any, is ignored here)."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    sd = {k: v for k, v in sd.items() if k != SPIECE_KEY}
+    weights, scales, _ = fp8.split_scales(sd, source)
+    sd = {}
+    for k, t in weights.items():
+        if fp8.is_fp8(t.dtype):  # run once per caption at prepare time: plain weights are simpler
+            t = t.float() * scales[k] if k in scales else t.float()
+        sd[k] = t
+    config = UMT5Config(**umt5_config_from_state_dict(sd, source))
+    with torch.device("meta"):
+        model = UMT5EncoderModel(config)
+    if "shared.weight" not in sd:
+        sd["shared.weight"] = sd["encoder.embed_tokens.weight"]
+    sd.setdefault("encoder.embed_tokens.weight", sd["shared.weight"])
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(sd))
+    extra = sorted(set(sd) - set(expected))
+    if missing or extra:
+        raise ModelFileError(f"{source}: not a umT5 encoder of config {config.to_diff_dict()}: "
+                             f"missing {missing[:3]}, unexpected {extra[:3]}")
+    for k, t in expected.items():
+        if sd[k].shape != t.shape:
+            raise ModelFileError(f"{source}: key {k!r} has shape {tuple(sd[k].shape)}, expected {tuple(t.shape)}")
+    model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=True, assign=True)
+    return model.eval()
+
+
+def load_text_encoder(path: str | Path, tokenizer_dir: str | Path | None = None, config_dir: str | Path | None = None,
+                      dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """-> (UMT5EncoderModel, tokenizer) from local files only (see the module docstring).
+
+    `config_dir` (a folder with config.json) is used for a transformers folder only: a single
+    file's config is read from its shapes. Without `tokenizer_dir`, a single file must carry
+    ComfyUI's `spiece_model`."""
+    from transformers import UMT5EncoderModel
+
+    path = Path(path)
+    _require(path, "a umT5 encoder: umt5_xxl_fp16.safetensors (or _fp8_e4m3fn_scaled) or a transformers folder")
+    spiece = None
+    if path.is_dir():
+        folder = Path(config_dir) if config_dir else path
+        folder = folder if (folder / "config.json").is_file() else path / "text_encoder"
+        if not (folder / "config.json").is_file():
+            raise ModelFileError(f"{path}: no config.json here or in text_encoder/; expected a UMT5EncoderModel folder")
+        try:
+            model = UMT5EncoderModel.from_pretrained(str(folder), local_files_only=True, dtype=dtype).eval()
+        except Exception as e:
+            raise ModelFileError(f"{folder}: cannot load as UMT5EncoderModel ({type(e).__name__}: {e})") from e
+    elif path.suffix.lower() == ".safetensors":
+        sd = _load_safetensors(path)
+        spiece = sd.get(SPIECE_KEY)
+        model = umt5_from_state_dict(sd, dtype, str(path))
+    else:
+        raise ModelFileError(f"{path}: expected a .safetensors file or a transformers folder, got {path.suffix!r}")
+    if tokenizer_dir:
+        tokenizer = load_umt5_tokenizer(tokenizer_dir)
+    elif spiece is not None:
+        tokenizer = tokenizer_from_spiece(spiece, f"{path}: {SPIECE_KEY}")
+    else:
+        raise ModelFileError(
+            f"{path}: no tokenizer: give a tokenizer folder (tokenizer/ of a Wan diffusers pipeline, or google/umt5-xxl), "
+            f"or use ComfyUI's umT5 file, which carries its SentencePiece model ({SPIECE_KEY!r})"
+        )
+    return model.to(device), tokenizer

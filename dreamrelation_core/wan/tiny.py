@@ -9,8 +9,9 @@ also load through ComfyUI's stock `UNETLoader` (docs/method.md "Wan 2.1 / 2.2"):
 - VAE: diffusers' `AutoencoderKLWan` with Wan's compression (8x space, 4x time, causal first
   frame) and few channels (ComfyUI builds its Wan VAE only at full size from a file);
 - umT5: transformers' `UMT5EncoderModel`, output width 4096 (what the transformer reads), one
-  narrow layer, and a word-level SentencePiece vocabulary of a few dozen words (ComfyUI builds
-  umT5 only at full size; its tokenizer is the SentencePiece model stored in the file).
+  narrow layer, and a unigram SentencePiece model of about 60 pieces trained on a few dozen words
+  (ComfyUI builds umT5 only at full size; its tokenizer is the SentencePiece model stored in the
+  file, so the tiny file carries the tiny one).
 """
 
 from __future__ import annotations
@@ -51,3 +52,80 @@ def tiny_transformer(seed: int = 0, **kw):
 
     torch.manual_seed(seed)
     return WanTransformer3DModel(**tiny_transformer_config(**kw)).eval()
+
+
+TINY_VAE = dict(  # AutoencoderKLWan: Wan 2.1's stages and compression, few channels
+    base_dim=8, z_dim=WAN21_CHANNELS, dim_mult=[1, 2, 4, 4], num_res_blocks=1, attn_scales=[],
+    temperal_downsample=[False, True, True], dropout=0.0,
+)
+
+
+def tiny_vae(seed: int = 0):
+    """Random `AutoencoderKLWan` with the Wan 2.1 VAE's compression (8x space, 4x time), 16 channels."""
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(seed)
+    return AutoencoderKLWan(**TINY_VAE).eval()
+
+
+TINY_VOCAB = [  # words of the demo's and the tests' captions
+    "a", "an", "the", "is", "are", "with", "and", "in", "on", "of", "two", "person", "people", "bear", "raccoon",
+    "cat", "dog", "shape", "square", "circle", "red", "blue", "shaking", "hands", "hugging", "high-fiving",
+    "touching", "approaching", "meadow", "room", ".",
+]
+
+
+def tiny_spiece_model() -> bytes:
+    """A unigram SentencePiece model (umT5's kind) trained on TINY_VOCAB, with umT5's special ids
+    (pad 0, `</s>` 1, unk 2) and no normalisation rule: what ComfyUI's umT5 file would carry as
+    `spiece_model`. About 60 pieces; deterministic."""
+    import io
+
+    import sentencepiece
+
+    sentences = [" ".join(TINY_VOCAB[i:] + TINY_VOCAB[:i]) for i in range(len(TINY_VOCAB))]
+    buf = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences), model_writer=buf, model_type="unigram", vocab_size=80,
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, normalization_rule_name="identity", num_threads=1,
+        minloglevel=2, hard_vocab_limit=False, character_coverage=1.0,
+    )
+    return buf.getvalue()
+
+
+def tiny_tokenizer():
+    """The transformers tokenizer of `tiny_spiece_model()` (the same ids as SentencePiece itself)."""
+    from .loading import tokenizer_from_spiece
+
+    return tokenizer_from_spiece(tiny_spiece_model(), "tiny SentencePiece model")
+
+
+def tiny_text_encoder_config(vocab_size: int, d_model: int = TEXT_DIM) -> dict:
+    """`UMT5Config` arguments: umT5's structure (gated GELU, a relative position bias in every
+    layer), output width `d_model` (4096: what ComfyUI's Wan reads), one narrow layer."""
+    return dict(
+        vocab_size=vocab_size, d_model=d_model, d_kv=16, d_ff=32, num_layers=1, num_heads=2,
+        relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
+        layer_norm_epsilon=1e-6, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, tie_word_embeddings=False,
+    )
+
+
+def tiny_text_encoder(seed: int = 0, d_model: int = TEXT_DIM, vocab_size: int | None = None):
+    """Random `UMT5EncoderModel` for the tiny vocabulary (output width d_model)."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    if vocab_size is None:
+        import sentencepiece
+
+        vocab_size = sentencepiece.SentencePieceProcessor(model_proto=tiny_spiece_model()).get_piece_size()
+    torch.manual_seed(seed)
+    return UMT5EncoderModel(UMT5Config(**tiny_text_encoder_config(vocab_size, d_model))).eval()
+
+
+def umt5_file_state_dict(model, spiece: bytes | None = None) -> dict[str, torch.Tensor]:
+    """A umT5 encoder's weights as ComfyUI's umT5 files hold them: Hugging Face T5 keys, the tied
+    `encoder.embed_tokens` left out, the SentencePiece model as a uint8 `spiece_model` tensor."""
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items() if k != "encoder.embed_tokens.weight"}
+    if spiece is not None:
+        sd["spiece_model"] = torch.frombuffer(bytearray(spiece), dtype=torch.uint8)
+    return sd
