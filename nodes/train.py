@@ -131,7 +131,7 @@ class DreamRelationPrepareDataset(io.ComfyNode):
         import comfy.model_management as mm
         import comfy.utils
 
-        from dreamrelation_core.data.cache import DEFAULT_CACHE, load_prepared, prepare_with_encoders
+        from dreamrelation_core.data.cache import DEFAULT_CACHE, load_prepared, prepare_dataset
 
         cache = Path(cache_dir.strip()) if cache_dir.strip() else Path(dataset.folder) / DEFAULT_CACHE
         bar = comfy.utils.ProgressBar(len(dataset.entries))
@@ -140,8 +140,8 @@ class DreamRelationPrepareDataset(io.ComfyNode):
             bar.update_absolute(done, total)
             mm.throw_exception_if_processing_interrupted()
 
-        prepare_with_encoders(dataset.folder, cache, comfy_encoders(vae, clip), dataset.num_frames, dataset.size,
-                              max_text_len, progress=progress)
+        prepare_dataset(dataset.folder, cache, comfy_encoders(vae, clip), dataset.num_frames, dataset.size, max_text_len,
+                        progress=progress)
         clips = load_prepared(cache)
         report = f"{len(clips)} clip(s) encoded in {cache}: latents {tuple(clips[0].mean.shape)}, text {tuple(clips[0].y_feat.shape)}"
         return io.NodeOutput(PreparedDataset(cache, len(clips), report), report)

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
+from ..base_models import spec_of_model
 from ..fileio import atomic_path
 from ..lora import peft_triplet as triplet
 from ..lora.layout import ADAPTERS, INFERENCE_ADAPTERS, LoraSet
-from ..mochi.latents import diffusers_timestep
 from .plots import plot_feature_maps
 
 JOINT_QKV_RE = re.compile(r"^transformer_blocks\.(\d+)\.attn1\.(to_q|to_k|to_v)$")
@@ -69,7 +69,8 @@ def qkv_feature_maps(
     g = torch.Generator().manual_seed(seed)
     eps = torch.randn(latents.shape, generator=g, dtype=torch.float32)
     x = ((1.0 - sigma) * latents.float() + sigma * eps).to(dev, dtype)
-    timestep = diffusers_timestep(torch.full((1,), float(sigma), device=dev))
+    spec = spec_of_model(model)
+    sigma_t = torch.full((1,), float(sigma), device=dev)
 
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
@@ -91,8 +92,7 @@ def qkv_feature_maps(
     if not handles:
         raise ValueError(f"no joint-attention to_q/to_k/to_v modules to hook (layers {list(layers or [])})")
     try:
-        model(hidden_states=x, encoder_hidden_states=y_feat.to(dev, dtype), timestep=timestep,
-              encoder_attention_mask=y_mask.to(dev).bool(), return_dict=False)
+        spec.predict(model, x, y_feat.to(dev, dtype), y_mask.to(dev).bool(), sigma_t)
     finally:
         for hd in handles:
             hd.remove()

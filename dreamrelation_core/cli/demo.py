@@ -41,7 +41,7 @@ def decode(vae, latents: torch.Tensor) -> np.ndarray:
 
 
 def run_demo(out_dir: str | Path = "demo_output", steps: int = 200, seed: int = 0, sample_steps: int = 16) -> dict[str, Path]:
-    from ..data.cache import load_prepared, prepare_dataset
+    from ..data.cache import Encoders, load_prepared, prepare_dataset
     from ..data.encode import encode_captions
     from ..data.synthetic import write_synthetic_dataset
     from ..generate import add_relation_lora, generate_latents
@@ -60,7 +60,7 @@ def run_demo(out_dir: str | Path = "demo_output", steps: int = 200, seed: int = 
     print(f"[demo] synthetic dataset (2 clips, {num_frames} frames {size[0]}x{size[1]}, exact masks): {data}")
     vae, text_encoder, tokenizer = tiny_vae(seed), tiny_text_encoder(seed), tiny_tokenizer(text_len)
     cache = out / "cache"
-    prepare_dataset(data, cache, vae, text_encoder, tokenizer, num_frames, size, max_text_len=text_len)
+    prepare_dataset(data, cache, Encoders.from_models(vae, text_encoder, tokenizer), num_frames, size, max_text_len=text_len)
     clips = load_prepared(cache)
     print(f"[demo] prepared {len(clips)} clips -> {cache} (latents {tuple(clips[0].mean.shape)})")
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..data.cache import DEFAULT_CACHE, MANIFEST, prepare_dataset
+from ..data.cache import DEFAULT_CACHE, MANIFEST, Encoders, prepare_dataset
 from ..data.dataset import describe_dataset
 from ..dtypes import DTYPES
 from ..mochi.loading import load_text_encoder, load_vae
@@ -36,8 +36,8 @@ def run_prepare(args: argparse.Namespace) -> int:
     te, tok = load_text_encoder(args.text_encoder, args.tokenizer, args.text_encoder_config, dtype=dtype, device=device)
     bar, update = progress_bar("prepare", "video", len(entries))
     try:
-        paths = prepare_dataset(args.data_dir, cache, vae, te, tok, args.frames, args.size, args.max_text_len,
-                                progress=update)
+        paths = prepare_dataset(args.data_dir, cache, Encoders.from_models(vae, te, tok), args.frames, args.size,
+                                args.max_text_len, progress=update)
     finally:
         bar.close()
     print(f"prepared {len(paths)} clip(s) in {cache} (manifest: {cache / MANIFEST})")

@@ -22,6 +22,8 @@ class TrainConfig:
     # diffusers config folder), or "tiny" for the built-in random test model
     transformer: str = "tiny"
     transformer_config: str = ""
+    # which base model (base_models.NAMES): auto detects it from the transformer file ("tiny": Mochi)
+    base_model: str = "auto"
     # Relation LoRA triplet
     rank: int = 16
     alpha: float = 16.0
@@ -70,6 +72,9 @@ class TrainConfig:
             if not ok:
                 raise ValueError(f"config: {msg}")
 
+        from ..base_models import NAMES
+
+        need(self.base_model in NAMES, f"base_model must be one of {list(NAMES)}, got {self.base_model!r}")
         need(self.rank >= 1, f"rank must be >= 1, got {self.rank}")
         need(self.alpha > 0, f"alpha must be > 0, got {self.alpha}")
         need(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")

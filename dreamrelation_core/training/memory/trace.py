@@ -39,8 +39,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
+from ...base_models import get_spec
 from ...lora import peft_triplet as triplet
-from ...mochi.latents import diffusers_timestep
 from ..flow import masked_flow_loss, noisy
 from .activations import ActivationOffload
 from .setup import MemoryOptions, prepare_model
@@ -271,6 +271,7 @@ def trace_step(
     keyword arguments), after a first step (AdamW's state exists, as in a run)."""
     from .estimate import latent_shape
 
+    spec = get_spec("mochi")
     t_lat, h_lat, w_lat = latent_shape(frames, height, width)
     text_len = text_len or config.get("max_sequence_length", 256)
     counter = counter or LiveBytes()
@@ -303,8 +304,7 @@ def trace_step(
             y = torch.randn(1, text_len, text_dim, device="meta")
             ym = torch.ones(1, text_len, dtype=torch.bool, device="meta")
             mask = torch.ones(1, t_lat, h_lat, w_lat, device="meta")
-            pred = model(hidden_states=x, encoder_hidden_states=y, timestep=diffusers_timestep(sigma),
-                         encoder_attention_mask=ym, return_dict=False)[0]
+            pred = spec.predict(model, x, y, ym, sigma)
             loss = masked_flow_loss(pred, u, mask, mask_weight)[0]
             del pred, x, u, z, eps, y, mask
             loss.backward()
