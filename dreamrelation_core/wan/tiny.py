@@ -95,7 +95,7 @@ def tiny_spiece_model() -> bytes:
 
 def tiny_tokenizer():
     """The transformers tokenizer of `tiny_spiece_model()` (the same ids as SentencePiece itself)."""
-    from .loading import tokenizer_from_spiece
+    from .tokenizer import tokenizer_from_spiece
 
     return tokenizer_from_spiece(tiny_spiece_model(), "tiny SentencePiece model")
 
