@@ -1,0 +1,148 @@
+"""Wan's VAE and umT5 in the core against ComfyUI's own classes (tiny random models, CPU):
+key conversion, loading from ComfyUI's file layouts, and equal outputs (docs/method.md "Wan 2.1 / 2.2")."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from dreamrelation_core import fp8
+from dreamrelation_core.errors import KeyLayoutError, ModelFileError
+from dreamrelation_core.wan import latents, loading, tiny, vae_keys
+from fixtures import wan as fw
+
+pytestmark = pytest.mark.comfyui
+
+
+# ---------------------------------------------------------------------------------------------
+# VAE
+
+
+@pytest.fixture(scope="module")
+def comfy_vae(comfyui):
+    return fw.comfy_tiny_vae(seed=0)
+
+
+def _save(path, sd) -> str:
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("res_blocks,mult", [(1, [1, 2, 4, 4]), (2, [1, 2, 4, 4]), (2, [1, 2, 2])])
+def test_vae_keys_round_trip_any_size(comfyui, res_blocks: int, mult: list[int]) -> None:
+    import comfy.ldm.wan.vae
+    from diffusers import AutoencoderKLWan
+    from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+
+    temporal = [False, True, True][: len(mult) - 1]
+    comfy = comfy.ldm.wan.vae.WanVAE(dim=8, z_dim=16, dim_mult=mult, num_res_blocks=res_blocks, attn_scales=[],
+                                     temperal_downsample=temporal, dropout=0.0)
+    sd = {k: torch.randn(v.shape) for k, v in comfy.state_dict().items()}
+    config = vae_keys.config_from_comfy(sd)
+    assert (config["dim_mult"], config["num_res_blocks"], config["temperal_downsample"]) == (mult, res_blocks, temporal)
+    conv = vae_keys.comfy_to_diffusers(sd)
+    with torch.device("meta"):
+        expected = AutoencoderKLWan(**config).state_dict()
+    assert {k: t.shape for k, t in conv.items()} == {k: t.shape for k, t in expected.items()}
+    back = vae_keys.diffusers_to_comfy(conv)
+    assert set(back) == set(sd) and all(back[k] is sd[k] for k in sd)
+    if res_blocks == 2:  # diffusers' one-way converter assumes Wan's two residual blocks per stage
+        theirs = convert_wan_vae_to_diffusers(dict(sd))
+        assert set(theirs) == set(conv) and all(torch.equal(theirs[k], conv[k]) for k in conv)
+
+
+def test_vae_from_comfy_file_encodes_and_decodes_like_comfyui(comfy_vae, tmp_path) -> None:
+    path = _save(tmp_path / "wan_2.1_vae_tiny.safetensors", comfy_vae.state_dict())
+    vae = loading.load_vae(path)
+    g = torch.Generator().manual_seed(0)
+    frames = torch.rand(1, 3, 5, 16, 32, generator=g) * 2 - 1  # [B, 3, F = 4k + 1, H, W] in [-1, 1]
+    with torch.no_grad():
+        z_comfy = comfy_vae.encode(frames)
+        z_core = vae.encode(frames).latent_dist.mode()
+        assert z_core.shape == (1, 16, latents.latent_frame_count(5), 16 // 8, 32 // 8)
+        assert (z_core - z_comfy).abs().max() < 1e-5 * z_comfy.abs().max()
+        x_comfy = comfy_vae.decode(z_comfy)
+        x_core = vae.decode(z_comfy).sample
+    assert x_core.shape == frames.shape
+    # diffusers clamps its output to [-1, 1]; ComfyUI clamps later, in its VAE wrapper
+    assert (x_core - x_comfy.clamp(-1, 1)).abs().max() < 1e-5
+
+
+def test_vae_errors(comfy_vae, tmp_path) -> None:
+    sd = comfy_vae.state_dict()
+    with pytest.raises(KeyLayoutError, match=r"outside the Wan 2\.1 VAE layout.*encoder\.extra\.weight"):
+        vae_keys.comfy_to_diffusers({**sd, "encoder.extra.weight": torch.zeros(1)})
+    wan22 = _save(tmp_path / "wan2.2_vae.safetensors", {**sd, vae_keys.WAN22_MARKER: torch.zeros(1)})
+    with pytest.raises(ModelFileError, match=r"wan2\.2_vae\.safetensors: this is the Wan 2\.2 VAE"):
+        loading.load_vae(wan22)
+    stray = _save(tmp_path / "other.safetensors", {"a.weight": torch.zeros(1)})
+    with pytest.raises(ModelFileError, match=r"other\.safetensors: not a Wan VAE in ComfyUI's layout"):
+        loading.load_vae(stray)
+
+
+# ---------------------------------------------------------------------------------------------
+# umT5 and its tokenizer
+
+
+@pytest.fixture(scope="module")
+def umt5_file(tmp_path_factory) -> tuple[str, dict]:
+    encoder = tiny.tiny_text_encoder(seed=0)
+    sd = tiny.umt5_file_state_dict(encoder, tiny.tiny_spiece_model())
+    path = tmp_path_factory.mktemp("te") / "umt5_tiny.safetensors"
+    return _save(path, sd), sd
+
+
+PROMPTS = ["a person shaking hands with a bear .", "Two people hugging in the meadow.", "a zebra is RED!"]
+
+
+def test_tokenizer_is_sentencepiece() -> None:
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_proto=tiny.tiny_spiece_model(), add_eos=True)
+    tok = tiny.tiny_tokenizer()
+    for p in PROMPTS:  # unknown words and capitals included
+        assert tok(p)["input_ids"] == sp.encode(p)
+    assert (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2)
+
+
+def _core_features(encoder, tokenizer, prompt: str) -> torch.Tensor:
+    ids = tokenizer([prompt], padding="max_length", max_length=latents.TEXT_LEN, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        feat = encoder(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"]).last_hidden_state
+    return feat * ids["attention_mask"][..., None]  # padding rows are zeros, as the transformer sees them
+
+
+def test_umt5_from_comfy_file_gives_comfyuis_text_features(comfyui, umt5_file) -> None:
+    path, sd = umt5_file
+    encoder, tokenizer = loading.load_text_encoder(path)  # tokenizer from the file's spiece_model
+    clip = fw.comfy_tiny_umt5(sd)
+    for prompt in PROMPTS:
+        comfy = fw.comfy_text_features(clip, prompt)
+        core = _core_features(encoder, tokenizer, prompt)
+        assert comfy.shape == core.shape == (1, latents.TEXT_LEN, tiny.TEXT_DIM)
+        n = int((core.abs().sum(-1) > 0).sum())
+        assert 3 <= n < 20 and comfy[0, n:].abs().max() == 0  # real tokens, then zero rows
+        assert (comfy - core).abs().max() < 1e-5 * core.abs().max()
+
+
+def test_umt5_fp8_scaled_file_and_errors(umt5_file, tmp_path) -> None:
+    path, sd = umt5_file
+    scaled = {"scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn)}
+    for k, v in sd.items():
+        if ".block." in k and v.ndim == 2 and "relative_attention_bias" not in k:
+            scaled[k], s = fp8.quantize_fp8(v)
+            scaled[k[: -len("weight")] + "scale_weight"] = s.reshape(1)
+        else:
+            scaled[k] = v
+    ref, tokenizer = loading.load_text_encoder(path)
+    model, _ = loading.load_text_encoder(_save(tmp_path / "umt5_fp8_scaled.safetensors", scaled))
+    a, b = (_core_features(m, tokenizer, PROMPTS[0]) for m in (ref, model))
+    assert 0 < (a - b).abs().max() < 0.05 * a.abs().max()  # fp8 rounding only: the scales were applied
+
+    no_spiece = _save(tmp_path / "umt5_no_tokenizer.safetensors", {k: v for k, v in sd.items() if k != "spiece_model"})
+    with pytest.raises(ModelFileError, match=r"umt5_no_tokenizer\.safetensors: no tokenizer"):
+        loading.load_text_encoder(no_spiece)
+    broken = {k: v for k, v in sd.items() if "layer.1.DenseReluDense.wo" not in k}
+    with pytest.raises(ModelFileError, match=r"DenseReluDense\.wo\.weight"):
+        loading.load_text_encoder(_save(tmp_path / "umt5_broken.safetensors", broken))
