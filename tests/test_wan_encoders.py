@@ -146,3 +146,30 @@ def test_umt5_fp8_scaled_file_and_errors(umt5_file, tmp_path) -> None:
     broken = {k: v for k, v in sd.items() if "layer.1.DenseReluDense.wo" not in k}
     with pytest.raises(ModelFileError, match=r"DenseReluDense\.wo\.weight"):
         loading.load_text_encoder(_save(tmp_path / "umt5_broken.safetensors", broken))
+
+
+# ---------------------------------------------------------------------------------------------
+# the test server's tiny loaders (ComfyUI builds umT5 and the Wan VAE only at full size)
+
+
+def test_test_server_loaders_take_the_tiny_files(comfyui, comfy_vae, umt5_file, tmp_path) -> None:
+    """tests/comfy_test_nodes loads the tiny Wan files through ComfyUI's own wrappers (`comfy.sd.CLIP`
+    type wan, `comfy.sd.VAE`'s Wan branch), and they agree with the core's models."""
+    from comfy_test_nodes.tiny import load_tiny_wan_clip, load_tiny_wan_vae
+
+    path, sd = umt5_file
+    clip = load_tiny_wan_clip(dict(sd))
+    encoder, tokenizer = loading.load_text_encoder(path)
+    core = _core_features(encoder, tokenizer, PROMPTS[1])
+    assert (fw.comfy_text_features(clip, PROMPTS[1]) - core).abs().max() < 1e-5 * core.abs().max()
+
+    vae = load_tiny_wan_vae(comfy_vae.state_dict())
+    assert (vae.latent_channels, vae.downscale_index_formula) == (16, (4, 8, 8))
+    g = torch.Generator().manual_seed(2)
+    images = torch.rand(5, 16, 32, 3, generator=g)  # ComfyUI IMAGE: [F, H, W, 3] in [0, 1]
+    z = vae.encode(images)  # raw latents; the model's latent format normalises them
+    core_vae = loading.load_vae(_save(tmp_path / "wan_vae_tiny.safetensors", comfy_vae.state_dict()))
+    with torch.no_grad():
+        want = core_vae.encode(images.movedim(-1, 0)[None] * 2 - 1).latent_dist.mode()
+    assert z.shape == want.shape == (1, 16, 2, 2, 4)
+    assert (z - want).abs().max() < 1e-5 * want.abs().max()
