@@ -22,12 +22,34 @@ def _mochi() -> BaseModelSpec:
     return MOCHI
 
 
-# name -> spec factory (aliases included); imported on first use
+def _wan21() -> BaseModelSpec:
+    from .wan.spec import WAN21
+
+    return WAN21
+
+
+def _wan22_5b() -> BaseModelSpec:
+    from .wan.spec import WAN22_5B
+
+    return WAN22_5B
+
+
+# name -> spec factory (aliases included); imported on first use. Wan before Mochi: detection
+# asks in this order, and both have `blocks.N.` keys.
 _FACTORIES = {
+    "wan2.1": _wan21,
+    "wan2.1-1.3b": _wan21,
+    "wan2.1-14b": _wan21,
+    "wan2.2-a14b": _wan21,  # each expert is a Wan 2.1 14B architecture on the Wan 2.1 VAE
+    "wan2.2-5b": _wan22_5b,
+    "wan2.2-ti2v-5b": _wan22_5b,
     "mochi": _mochi,
     "mochi-1-preview": _mochi,
 }
-NAMES = ("auto", "mochi")  # what TrainConfig.base_model and --base-model accept
+# adapter placements some base model knows (TrainConfig.lora_placement; each spec checks its own)
+PLACEMENTS = ("default", "self_attention")
+# what TrainConfig.base_model and --base-model accept
+NAMES = ("auto", "mochi", "wan2.1", "wan2.1-1.3b", "wan2.1-14b", "wan2.2-a14b", "wan2.2-5b")
 
 
 def all_specs() -> list[BaseModelSpec]:

@@ -132,5 +132,18 @@ class BaseModelSpec:
         """The frozen transformer from local files ("tiny": the random test model)."""
         raise NotImplementedError
 
+    def load_vae(self, path, config_dir=None, dtype: torch.dtype = torch.float32, device="cpu") -> torch.nn.Module:
+        """The frozen VAE (a diffusers model with `encode(x).latent_dist` and `decode(z).sample`)."""
+        raise NotImplementedError
+
+    def load_text_encoder(self, path, tokenizer_dir=None, config_dir=None, dtype: torch.dtype = torch.float32,
+                          device="cpu") -> tuple:
+        """(text encoder, tokenizer) from local files."""
+        raise NotImplementedError
+
+    def tiny_encoders(self, seed: int = 0, text_len: int = 16) -> tuple:
+        """(VAE, text encoder, tokenizer): the random tiny models of the demo and the tests."""
+        raise NotImplementedError
+
     def __repr__(self) -> str:
         return f"<base model {self.name}>"

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import torch
 
+from ..base_models import NAMES, get_spec
 from ..data.cache import DEFAULT_CACHE, MANIFEST, Encoders, prepare_dataset
 from ..data.dataset import describe_dataset
 from ..dtypes import DTYPES
-from ..mochi.loading import load_text_encoder, load_vae
-from .progress import progress_bar
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -28,16 +27,26 @@ def run_prepare(args: argparse.Namespace) -> int:
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     cache = Path(args.cache) if args.cache else Path(args.data_dir) / DEFAULT_CACHE
     # Fail on the data before spending minutes loading T5-XXL.
-    entries = describe_dataset(args.data_dir, args.frames, args.size).entries
-    print(f"{len(entries)} video(s) in {args.data_dir}; loading models on {device} ({args.dtype or 'auto'})")
-    vae = load_vae(args.vae, args.vae_config, dtype=dtype, device=device)
+    spec = get_spec(args.base_model)
+    frames = args.frames or (61 if spec.family == "mochi" else 81)
+    max_text_len = args.max_text_len or spec.text_len
+    entries = describe_dataset(args.data_dir, frames, args.size, spec).entries
+    print(f"{len(entries)} video(s) in {args.data_dir}; {spec.display_name}; loading models on {device} "
+          f"({args.dtype or 'auto'})")
+    vae = spec.load_vae(args.vae, args.vae_config, dtype=dtype, device=device)
     if args.vae_tiling:
         vae.enable_tiling()
-    te, tok = load_text_encoder(args.text_encoder, args.tokenizer, args.text_encoder_config, dtype=dtype, device=device)
-    bar, update = progress_bar("prepare", "video", len(entries))
+    te, tok = spec.load_text_encoder(args.text_encoder, args.tokenizer, args.text_encoder_config, dtype=dtype,
+                                     device=device)
+    bar = tqdm(total=len(entries), desc="prepare", unit="video")
+
+    def progress(done: int, total: int, name: str) -> None:
+        bar.set_postfix_str(name)
+        bar.update(done - bar.n)
+
     try:
-        paths = prepare_dataset(args.data_dir, cache, Encoders.from_models(vae, te, tok), args.frames, args.size,
-                                args.max_text_len, progress=update)
+        paths = prepare_dataset(args.data_dir, cache, Encoders.from_models(vae, te, tok, spec), frames, args.size,
+                                max_text_len, progress)
     finally:
         bar.close()
     print(f"prepared {len(paths)} clip(s) in {cache} (manifest: {cache / MANIFEST})")
@@ -60,9 +69,13 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
                    help="folder with T5's config.json for a single-file --text-encoder (default: --tokenizer folder)")
     p.add_argument("--tokenizer", required=True, help="T5 tokenizer folder (e.g. mochi-1-preview/tokenizer)")
     p.add_argument("--cache", default=None, help=f"cache folder (default DATA_DIR/{DEFAULT_CACHE})")
-    p.add_argument("--frames", type=int, default=61, help="frames per clip, 6k+1 (default 61)")
+    p.add_argument("--base-model", choices=[n for n in NAMES if n != "auto"], default="mochi",
+                   help="whose VAE and text encoder: mochi (default) or a Wan (wan2.1 for 2.1 1.3B/14B and the 2.2 "
+                   "A14B experts; wan2.2-5b for the TI2V 5B)")
+    p.add_argument("--frames", type=int, default=None, help="frames per clip: Mochi 6k+1 (default 61), Wan 4k+1 (default 81)")
     p.add_argument("--size", type=parse_size, default=(480, 848), help="HEIGHTxWIDTH, multiples of 16 (default 480x848)")
-    p.add_argument("--max-text-len", type=int, default=256, help="T5 tokens per caption (default 256)")
+    p.add_argument("--max-text-len", type=int, default=None,
+                   help="text tokens per caption (default: Mochi's T5 256, Wan's umT5 512)")
     p.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="model precision (default bf16 on cuda, fp32 on cpu)")
     p.add_argument("--vae-tiling", action="store_true", help="encode in spatial tiles (less GPU memory)")

@@ -91,5 +91,21 @@ class MochiSpec(BaseModelSpec):
 
         return load_transformer(source, config_dir, dtype, seed, tiny)
 
+    def load_vae(self, path, config_dir=None, dtype: torch.dtype = torch.float32, device="cpu") -> torch.nn.Module:
+        from .loading import load_vae
+
+        return load_vae(path, config_dir, dtype=dtype, device=device)
+
+    def load_text_encoder(self, path, tokenizer_dir=None, config_dir=None, dtype: torch.dtype = torch.float32,
+                          device="cpu") -> tuple:
+        from .loading import load_text_encoder
+
+        return load_text_encoder(path, tokenizer_dir, config_dir, dtype=dtype, device=device)
+
+    def tiny_encoders(self, seed: int = 0, text_len: int = 16) -> tuple:
+        from .tiny import tiny_text_encoder, tiny_tokenizer, tiny_vae
+
+        return tiny_vae(seed), tiny_text_encoder(seed), tiny_tokenizer(text_len)
+
 
 MOCHI = MochiSpec()

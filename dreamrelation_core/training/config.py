@@ -24,6 +24,10 @@ class TrainConfig:
     transformer_config: str = ""
     # which base model (base_models.NAMES): auto detects it from the transformer file ("tiny": Mochi)
     base_model: str = "auto"
+    # where the triplet sits on Wan (docs/method.md "Wan 2.1 / 2.2"): default = relation on self- and
+    # cross-attention Q, K, subjects on both V, shared on both output projections; self_attention =
+    # the same on the self-attention only. Mochi has one placement (default).
+    lora_placement: str = "default"
     # Relation LoRA triplet
     rank: int = 16
     alpha: float = 16.0
@@ -72,9 +76,10 @@ class TrainConfig:
             if not ok:
                 raise ValueError(f"config: {msg}")
 
-        from ..base_models import NAMES
+        from ..base_models import NAMES, PLACEMENTS
 
         need(self.base_model in NAMES, f"base_model must be one of {list(NAMES)}, got {self.base_model!r}")
+        need(self.lora_placement in PLACEMENTS, f"lora_placement must be one of {list(PLACEMENTS)}, got {self.lora_placement!r}")
         need(self.rank >= 1, f"rank must be >= 1, got {self.rank}")
         need(self.alpha > 0, f"alpha must be > 0, got {self.alpha}")
         need(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")

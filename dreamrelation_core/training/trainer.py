@@ -140,7 +140,8 @@ class Trainer:
         torch.manual_seed(config.seed)
         base_dtype = torch.bfloat16 if self.autocast else torch.float32
         self.model = make_trainable(model if model is not None else load_transformer(config, base_dtype))
-        self.spec = spec_of_model(self.model)  # predict(), blocks and LoRA placement of this base model
+        # predict(), blocks and LoRA placement of this base model
+        self.spec = spec_of_model(self.model).with_placement(config.lora_placement)
         self._check_clip_base_model()
         self._prepare_memory()
         self.model.train()
@@ -177,7 +178,7 @@ class Trainer:
         self.memory = resolve(cfg, self.device, self.model, (int(t), int(h), int(w)))
         log.info(self.memory.summary())
         prepared = prepare_model(self.model, self.memory.options, self.device, rank=cfg.rank, alpha=cfg.alpha,
-                                 dropout=cfg.dropout)
+                                 dropout=cfg.dropout, spec=self.spec)
         self.swap, self.offload = prepared.swap, prepared.offload
 
     # -- data ----------------------------------------------------------------------------------
@@ -323,6 +324,7 @@ class Trainer:
     def export(self) -> tuple[Path, Path]:
         """Write the triplet and the relation-only LoRA of the current weights into run_dir."""
         lora = triplet.to_lora_set(self.model)
+        lora.metadata["placement"] = self.spec.placement
         dtype = torch.bfloat16 if self.config.save_dtype == "bf16" else torch.float32
         cfg = self.config.to_dict()
         t = lora_files.save_triplet(self.run_dir / TRIPLET_FILE, lora, step=self.step, config=cfg, dtype=dtype)
