@@ -24,6 +24,11 @@ def comfy_vae(comfyui):
     return fw.comfy_tiny_vae(seed=0)
 
 
+@pytest.fixture(scope="module")
+def comfy_vae22(comfyui):
+    return fw.comfy_tiny_vae(seed=1, latent_channels=48)
+
+
 def _save(path, sd) -> str:
     save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
     return str(path)
@@ -52,30 +57,49 @@ def test_vae_keys_round_trip_any_size(comfyui, res_blocks: int, mult: list[int])
         assert set(theirs) == set(conv) and all(torch.equal(theirs[k], conv[k]) for k in conv)
 
 
-def test_vae_from_comfy_file_encodes_and_decodes_like_comfyui(comfy_vae, tmp_path) -> None:
-    path = _save(tmp_path / "wan_2.1_vae_tiny.safetensors", comfy_vae.state_dict())
+@pytest.mark.parametrize("channels", [16, 48])
+def test_vae_from_comfy_file_encodes_and_decodes_like_comfyui(comfy_vae, comfy_vae22, channels: int, tmp_path) -> None:
+    comfy = comfy_vae if channels == 16 else comfy_vae22
+    path = _save(tmp_path / "wan_vae_tiny.safetensors", comfy.state_dict())
     vae = loading.load_vae(path)
+    space = latents.spatial_compression(channels)  # 8 (2.1 VAE) or 16 (2.2 VAE)
     g = torch.Generator().manual_seed(0)
-    frames = torch.rand(1, 3, 5, 16, 32, generator=g) * 2 - 1  # [B, 3, F = 4k + 1, H, W] in [-1, 1]
+    frames = torch.rand(1, 3, 5, 32, 64, generator=g) * 2 - 1  # [B, 3, F = 4k + 1, H, W] in [-1, 1]
     with torch.no_grad():
-        z_comfy = comfy_vae.encode(frames)
+        z_comfy = comfy.encode(frames)
         z_core = vae.encode(frames).latent_dist.mode()
-        assert z_core.shape == (1, 16, latents.latent_frame_count(5), 16 // 8, 32 // 8)
+        assert z_core.shape == (1, channels, latents.latent_frame_count(5), 32 // space, 64 // space)
         assert (z_core - z_comfy).abs().max() < 1e-5 * z_comfy.abs().max()
-        x_comfy = comfy_vae.decode(z_comfy)
+        x_comfy = comfy.decode(z_comfy)
         x_core = vae.decode(z_comfy).sample
     assert x_core.shape == frames.shape
     # diffusers clamps its output to [-1, 1]; ComfyUI clamps later, in its VAE wrapper
     assert (x_core - x_comfy.clamp(-1, 1)).abs().max() < 1e-5
+    assert tuple(vae.config.latents_mean) == latents.latent_stats(channels)[0]
+
+
+def test_wan22_vae_keys_round_trip(comfy_vae22) -> None:
+    from diffusers import AutoencoderKLWan
+
+    sd = comfy_vae22.state_dict()
+    config = vae_keys.config_from_comfy(sd)
+    assert (config["z_dim"], config["is_residual"], config["patch_size"], config["decoder_base_dim"]) == (48, True, 2, 16)
+    conv = vae_keys.comfy_to_diffusers(sd)
+    assert "decoder.up_blocks.0.upsampler.time_conv.weight" in conv
+    with torch.device("meta"):
+        expected = AutoencoderKLWan(**config).state_dict()
+    assert {k: t.shape for k, t in conv.items()} == {k: t.shape for k, t in expected.items()}
+    back = vae_keys.diffusers_to_comfy(conv)
+    assert set(back) == set(sd) and all(back[k] is sd[k] for k in sd)
 
 
 def test_vae_errors(comfy_vae, tmp_path) -> None:
     sd = comfy_vae.state_dict()
     with pytest.raises(KeyLayoutError, match=r"outside the Wan 2\.1 VAE layout.*encoder\.extra\.weight"):
         vae_keys.comfy_to_diffusers({**sd, "encoder.extra.weight": torch.zeros(1)})
-    wan22 = _save(tmp_path / "wan2.2_vae.safetensors", {**sd, vae_keys.WAN22_MARKER: torch.zeros(1)})
-    with pytest.raises(ModelFileError, match=r"wan2\.2_vae\.safetensors: this is the Wan 2\.2 VAE"):
-        loading.load_vae(wan22)
+    mixed = _save(tmp_path / "wan2.2_vae.safetensors", {**sd, vae_keys.WAN22_MARKER: torch.zeros(1)})
+    with pytest.raises(ModelFileError, match=r"wan2\.2_vae\.safetensors: .*outside the Wan 2\.2 VAE layout"):
+        loading.load_vae(mixed)  # 2.1 keys under the 2.2 marker: named, not half-loaded
     stray = _save(tmp_path / "other.safetensors", {"a.weight": torch.zeros(1)})
     with pytest.raises(ModelFileError, match=r"other\.safetensors: not a Wan VAE in ComfyUI's layout"):
         loading.load_vae(stray)
@@ -152,7 +176,7 @@ def test_umt5_fp8_scaled_file_and_errors(umt5_file, tmp_path) -> None:
 # the test server's tiny loaders (ComfyUI builds umT5 and the Wan VAE only at full size)
 
 
-def test_test_server_loaders_take_the_tiny_files(comfyui, comfy_vae, umt5_file, tmp_path) -> None:
+def test_test_server_loaders_take_the_tiny_files(comfyui, comfy_vae, comfy_vae22, umt5_file, tmp_path) -> None:
     """tests/comfy_test_nodes loads the tiny Wan files through ComfyUI's own wrappers (`comfy.sd.CLIP`
     type wan, `comfy.sd.VAE`'s Wan branch), and they agree with the core's models."""
     from comfy_test_nodes.tiny import load_tiny_wan_clip, load_tiny_wan_vae
@@ -163,13 +187,16 @@ def test_test_server_loaders_take_the_tiny_files(comfyui, comfy_vae, umt5_file, 
     core = _core_features(encoder, tokenizer, PROMPTS[1])
     assert (fw.comfy_text_features(clip, PROMPTS[1]) - core).abs().max() < 1e-5 * core.abs().max()
 
-    vae = load_tiny_wan_vae(comfy_vae.state_dict())
-    assert (vae.latent_channels, vae.downscale_index_formula) == (16, (4, 8, 8))
-    g = torch.Generator().manual_seed(2)
-    images = torch.rand(5, 16, 32, 3, generator=g)  # ComfyUI IMAGE: [F, H, W, 3] in [0, 1]
-    z = vae.encode(images)  # raw latents; the model's latent format normalises them
-    core_vae = loading.load_vae(_save(tmp_path / "wan_vae_tiny.safetensors", comfy_vae.state_dict()))
-    with torch.no_grad():
-        want = core_vae.encode(images.movedim(-1, 0)[None] * 2 - 1).latent_dist.mode()
-    assert z.shape == want.shape == (1, 16, 2, 2, 4)
-    assert (z - want).abs().max() < 1e-5 * want.abs().max()
+    for comfy in (comfy_vae, comfy_vae22):
+        vae = load_tiny_wan_vae(comfy.state_dict())
+        channels = comfy.z_dim
+        space = latents.spatial_compression(channels)
+        assert (vae.latent_channels, vae.downscale_index_formula) == (channels, (4, space, space))
+        g = torch.Generator().manual_seed(2)
+        images = torch.rand(5, 32, 64, 3, generator=g)  # ComfyUI IMAGE: [F, H, W, 3] in [0, 1]
+        z = vae.encode(images)  # raw latents; the model's latent format normalises them
+        core_vae = loading.load_vae(_save(tmp_path / f"wan_vae_{channels}.safetensors", comfy.state_dict()))
+        with torch.no_grad():
+            want = core_vae.encode(images.movedim(-1, 0)[None] * 2 - 1).latent_dist.mode()
+        assert z.shape == want.shape == (1, channels, 2, 32 // space, 64 // space)
+        assert (z - want).abs().max() < 1e-5 * want.abs().max()

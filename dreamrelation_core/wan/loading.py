@@ -15,8 +15,8 @@ Transformer (diffusers `WanTransformer3DModel`), either
 As `from_pretrained` does, the modules diffusers keeps in float32 (time embedder, modulation
 tables, norms) stay float32 when `dtype` is bf16 / fp16.
 
-VAE (diffusers `AutoencoderKLWan`): ComfyUI's `wan_2.1_vae.safetensors` (original Wan keys,
-converted by `vae_keys`), a file in diffusers' keys, or a diffusers folder (`vae/`).
+VAE (diffusers `AutoencoderKLWan`): ComfyUI's `wan_2.1_vae.safetensors` or `wan2.2_vae.safetensors`
+(original Wan keys, converted by `vae_keys`), a file in diffusers' keys, or a diffusers folder (`vae/`).
 
 Text encoder (transformers `UMT5EncoderModel`): ComfyUI's `umt5_xxl_fp16.safetensors` /
 `umt5_xxl_fp8_e4m3fn_scaled.safetensors` (Hugging Face T5 key names; fp8 weights are dequantised
@@ -185,14 +185,14 @@ def variant_of(model) -> dit_keys.WanVariant:
 
 
 def _vae_from_comfy(path: Path, sd: dict[str, torch.Tensor], dtype: torch.dtype):
-    """AutoencoderKLWan from Wan 2.1-layout (ComfyUI) weights, converted in memory, loaded strictly."""
+    """AutoencoderKLWan from Wan 2.1- or 2.2-layout (ComfyUI) weights, converted in memory, loaded strictly."""
     from diffusers import AutoencoderKLWan
 
     from . import vae_keys
 
     try:
+        conv = vae_keys.comfy_to_diffusers(sd)  # unknown keys first: they explain a failing config best
         config = vae_keys.config_from_comfy(sd)
-        conv = vae_keys.comfy_to_diffusers(sd)
     except KeyLayoutError as e:
         raise ModelFileError(f"{path}: a Wan VAE in ComfyUI's layout that cannot be converted: {e}") from e
     with torch.device("meta"):  # the file supplies every weight: no memory or time for a random init
@@ -213,15 +213,15 @@ def load_vae(path: str | Path, config_dir: str | Path | None = None, dtype: torc
              device: str | torch.device = "cpu"):
     """Wan VAE (`AutoencoderKLWan`) from a diffusers folder or one .safetensors file.
 
-    A file in ComfyUI's layout (`wan_2.1_vae.safetensors`) is converted, its config read from the
-    tensors; a file in diffusers' keys needs `config_dir` (or its own folder) with config.json.
-    The Wan 2.2 VAE loads from a diffusers folder only (see `vae_keys`)."""
+    A file in ComfyUI's layout (`wan_2.1_vae.safetensors`, `wan2.2_vae.safetensors`) is converted,
+    its config read from the tensors; a file in diffusers' keys needs `config_dir` (or its own
+    folder) with config.json. The latent channels (16 or 48) tell the two VAEs apart afterwards."""
     from diffusers import AutoencoderKLWan
 
     from . import vae_keys
 
     path = Path(path)
-    _require(path, "a Wan VAE: wan_2.1_vae.safetensors or a diffusers folder (config.json + weights)")
+    _require(path, "a Wan VAE: wan_2.1_vae.safetensors / wan2.2_vae.safetensors or a diffusers folder")
     if path.is_dir():
         folder = path if (path / "config.json").is_file() else path / "vae"
         if not (folder / "config.json").is_file():
@@ -235,11 +235,6 @@ def load_vae(path: str | Path, config_dir: str | Path | None = None, dtype: torc
         raise ModelFileError(f"{path}: expected a .safetensors file or a diffusers folder, got {path.suffix!r}")
     sd = _load_safetensors(path)
     if vae_keys.is_comfy_wan_vae(sd):
-        if vae_keys.is_wan22_vae(sd):
-            raise ModelFileError(
-                f"{path}: this is the Wan 2.2 VAE (48 channels, ComfyUI's wan2.2_vae.safetensors); the pack reads "
-                "it from a diffusers folder only (vae/ of Wan-AI/Wan2.2-TI2V-5B-Diffusers)"
-            )
         return _vae_from_comfy(path, sd, dtype).to(device).eval()
     cfg = Path(config_dir) if config_dir else path.parent
     folder = cfg if (cfg / "config.json").is_file() else cfg / "vae"

@@ -6,8 +6,9 @@ also load through ComfyUI's stock `UNETLoader` (docs/method.md "Wan 2.1 / 2.2"):
 - transformer: ComfyUI reads dim, FFN width, depth and channels from the shapes but fixes the
   head width (128), the time-embedding width (256) and the text width (4096, umT5-XXL), so the
   tiny transformer keeps those three and is small elsewhere (dim 256 = 2 heads, FFN 256, 2 blocks);
-- VAE: diffusers' `AutoencoderKLWan` with Wan's compression (8x space, 4x time, causal first
-  frame) and few channels (ComfyUI builds its Wan VAE only at full size from a file);
+- VAE: diffusers' `AutoencoderKLWan` with the compression of Wan 2.1's VAE (8x space, 4x time,
+  causal first frame) or Wan 2.2's (16x space), few channels (ComfyUI builds its Wan VAEs only
+  at full size from a file);
 - umT5: transformers' `UMT5EncoderModel`, output width 4096 (what the transformer reads), one
   narrow layer, and a unigram SentencePiece model of about 60 pieces trained on a few dozen words
   (ComfyUI builds umT5 only at full size; its tokenizer is the SentencePiece model stored in the
@@ -58,14 +59,23 @@ TINY_VAE = dict(  # AutoencoderKLWan: Wan 2.1's stages and compression, few chan
     base_dim=8, z_dim=WAN21_CHANNELS, dim_mult=[1, 2, 4, 4], num_res_blocks=1, attn_scales=[],
     temperal_downsample=[False, True, True], dropout=0.0,
 )
+TINY_VAE22 = dict(  # the Wan 2.2 VAE: 2x2 pixel patches in, 48 channels, 16x space, its own decoder width
+    TINY_VAE, z_dim=WAN22_CHANNELS, decoder_base_dim=16, is_residual=True, in_channels=12, out_channels=12,
+    patch_size=2, scale_factor_spatial=16,
+)
 
 
-def tiny_vae(seed: int = 0):
-    """Random `AutoencoderKLWan` with the Wan 2.1 VAE's compression (8x space, 4x time), 16 channels."""
+def tiny_vae(seed: int = 0, latent_channels: int = WAN21_CHANNELS):
+    """Random `AutoencoderKLWan` with the compression of the Wan 2.1 VAE (16 channels: 8x space,
+    4x time) or of the Wan 2.2 VAE (48 channels: 16x space, 4x time)."""
     from diffusers import AutoencoderKLWan
 
+    from .latents import latent_stats
+
     torch.manual_seed(seed)
-    return AutoencoderKLWan(**TINY_VAE).eval()
+    config = TINY_VAE if latent_channels == WAN21_CHANNELS else TINY_VAE22
+    mean, std = latent_stats(latent_channels)
+    return AutoencoderKLWan(**config, latents_mean=list(mean), latents_std=list(std)).eval()
 
 
 TINY_VOCAB = [  # words of the demo's and the tests' captions

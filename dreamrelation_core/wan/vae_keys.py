@@ -1,7 +1,8 @@
-"""Wan 2.1 VAE weights: ComfyUI / original keys <-> diffusers `AutoencoderKLWan`, any size.
+"""Wan VAE weights: ComfyUI / original keys <-> diffusers `AutoencoderKLWan`, any size, 2.1 and 2.2.
 
-ComfyUI users have the Wan 2.1 VAE as `models/vae/wan_2.1_vae.safetensors`, in the original Wan
-layout (the modules of ComfyUI's `comfy/ldm/wan/vae.py`). This module renames the keys both ways
+ComfyUI users have the Wan 2.1 VAE as `models/vae/wan_2.1_vae.safetensors` and the Wan 2.2 VAE
+as `wan2.2_vae.safetensors`, in the original Wan layouts (the modules of ComfyUI's
+`comfy/ldm/wan/vae.py` and `vae2_2.py`). This module renames the keys both ways
 and reads the diffusers config (base width, channel multipliers, residual blocks per stage,
 which stages halve time, latent channels) from the tensors, so tiny test VAEs convert like the
 real one. Every tensor keeps its shape. No ComfyUI import: it only reads and renames tensors.
@@ -15,8 +16,11 @@ Layout (original -> diffusers), read from both model definitions:
   of a stage, then its resample; a resample with `time_conv` also halves time);
 - `decoder.upsamples.N` is flat, diffusers groups it: the residual blocks of stage b are
   `decoder.up_blocks.b.resnets.r`, the resample that closes the stage `up_blocks.b.upsamplers.0`.
-The Wan 2.2 VAE (`wan2.2_vae.safetensors`, 48 channels) has another layout and is not converted
-here: load it from a diffusers folder.
+The Wan 2.2 VAE (48 channels, 16x in space: frames are cut into 2x2 pixel patches before the
+encoder, so it sees 12 channels) nests its stages instead: `encoder.downsamples.i.downsamples.j`
+-> `encoder.down_blocks.i.resnets.j`, or `.downsampler` for the resample that ends the stage;
+`decoder.upsamples.i.upsamples.j` -> `decoder.up_blocks.i.resnets.j` / `.upsampler`; its decoder
+has its own base width (`decoder_base_dim`); diffusers builds it with `is_residual=True`.
 """
 
 from __future__ import annotations
@@ -112,8 +116,7 @@ def comfy_to_diffusers(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torc
     """Wan 2.1 VAE in the original / ComfyUI layout -> diffusers `AutoencoderKLWan` keys."""
     sd = strip_vae_prefix(state_dict)
     if is_wan22_vae(sd):
-        raise KeyLayoutError("Wan VAE: this is the Wan 2.2 VAE (48 channels); only the Wan 2.1 layout is converted "
-                             "here, load the 2.2 VAE from a diffusers folder (vae/ of Wan2.2-TI2V-5B-Diffusers)")
+        return _convert22(sd, forward=True)
     groups = _decoder_groups(sd)
     out, unknown = {}, []
     for k, v in sd.items():
@@ -131,6 +134,8 @@ def diffusers_to_comfy(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torc
     """diffusers `AutoencoderKLWan` (Wan 2.1 layout) -> the original / ComfyUI keys. Inverse of
     `comfy_to_diffusers`: the flat decoder list is rebuilt from the diffusers groups in order."""
     sd = dict(state_dict)
+    if any(".upsampler." in k or ".downsampler." in k for k in sd):
+        return _convert22(sd, forward=False)
     flat, n = {}, 0  # diffusers decoder prefix -> flat original index
     for b in indices(sd, "decoder.up_blocks."):
         for r in indices(sd, f"decoder.up_blocks.{b}.resnets."):
@@ -191,8 +196,10 @@ def _original_candidates(key: str, flat: dict[str, int]) -> list[str]:
 
 
 def config_from_comfy(state_dict: Mapping[str, torch.Tensor]) -> dict:
-    """`AutoencoderKLWan(**config)` for Wan 2.1-layout weights, read from their shapes."""
+    """`AutoencoderKLWan(**config)` for Wan 2.1- or 2.2-layout weights, read from their shapes."""
     sd = strip_vae_prefix(state_dict)
+    if is_wan22_vae(sd):
+        return _config22(sd)
 
     def shape(key: str) -> tuple[int, ...]:
         if key not in sd:
@@ -220,4 +227,84 @@ def config_from_comfy(state_dict: Mapping[str, torch.Tensor]) -> dict:
     return dict(
         base_dim=base, z_dim=z_dim, dim_mult=[c // base for _, c in stages], num_res_blocks=counts.pop(),
         attn_scales=[], temperal_downsample=temporal, dropout=0.0,
+    )
+
+
+# ---------------------------------------------------------------- the Wan 2.2 VAE
+
+
+def _rename22(key: str) -> str | None:
+    """diffusers name of one Wan 2.2-layout key (nested stages), or None."""
+    for part, inner, block, sampler in (("encoder", "downsamples", "down_blocks", "downsampler"),
+                                        ("decoder", "upsamples", "up_blocks", "upsampler")):
+        m = re.fullmatch(rf"{part}\.{inner}\.(\d+)\.{inner}\.(\d+)\.(.+)", key)
+        if m:
+            i, j, suffix = m.groups()
+            if suffix in _RES:
+                return f"{part}.{block}.{i}.resnets.{j}.{_RES[suffix]}"
+            if suffix in _RESAMPLE:
+                return f"{part}.{block}.{i}.{sampler}.{suffix}"
+            return None
+    if re.match(r"(encoder|decoder)\.(downsamples|upsamples)\.", key):
+        return None
+    return _rename(key, {})
+
+
+def _convert22(sd: Mapping[str, torch.Tensor], forward: bool) -> dict[str, torch.Tensor]:
+    what = "Wan 2.2 VAE" if forward else "diffusers Wan 2.2 VAE"
+    table = {k: (_rename22(k) if forward else _original22(k, sd)) for k in sd}
+    if not forward:  # keep only names that rename back to the same key: a true inverse
+        table = {k: (v if v is not None and _rename22(v) == k else None) for k, v in table.items()}
+    unknown = sorted(k for k, v in table.items() if v is None)
+    if unknown:
+        raise KeyLayoutError(f"{what}: {len(unknown)} key(s) outside the Wan 2.2 VAE layout, e.g. {unknown[:5]}")
+    return {table[k]: v for k, v in sd.items()}
+
+
+def _original22(key: str, sd: Mapping[str, torch.Tensor]) -> str | None:
+    """The original-layout name of one diffusers Wan 2.2 VAE key (None if it has none)."""
+    res_inv = {v: k for k, v in _RES.items()}
+    for part, inner, block, sampler in (("encoder", "downsamples", "down_blocks", "downsampler"),
+                                        ("decoder", "upsamples", "up_blocks", "upsampler")):
+        if m := re.fullmatch(rf"{part}\.{block}\.(\d+)\.resnets\.(\d+)\.(.+)", key):
+            i, j, suffix = m.groups()
+            return f"{part}.{inner}.{i}.{inner}.{j}.{res_inv.get(suffix, suffix)}"
+        if m := re.fullmatch(rf"{part}\.{block}\.(\d+)\.{sampler}\.(.+)", key):
+            i, suffix = m.groups()  # the resample closes its stage: its index follows the residual blocks
+            last = len(indices(sd, f"{part}.{block}.{i}.resnets."))
+            return f"{part}.{inner}.{i}.{inner}.{last}.{suffix}"
+    cands = _original_candidates(key, {})
+    return cands[0] if cands else None
+
+
+def _config22(sd: Mapping[str, torch.Tensor]) -> dict:
+    from .latents import WAN22_LATENTS_MEAN, WAN22_LATENTS_STD
+
+    def shape(key: str) -> tuple[int, ...]:
+        if key not in sd:
+            raise KeyLayoutError(f"Wan 2.2 VAE: key {key!r} missing")
+        return tuple(sd[key].shape)
+
+    base, in_ch = shape("encoder.conv1.weight")[:2]
+    stages = indices(sd, "encoder.downsamples.")
+    mult, temporal, res_blocks = [], [], set()
+    for i in stages:
+        p = f"encoder.downsamples.{i}.downsamples."
+        inner = indices(sd, p)
+        resnets = [j for j in inner if f"{p}{j}.residual.6.weight" in sd]
+        if not resnets:
+            raise KeyLayoutError(f"Wan 2.2 VAE: no residual blocks under {p}N. (keys {p}...)")
+        res_blocks.add(len(resnets))
+        mult.append(shape(f"{p}{resnets[-1]}.residual.6.weight")[0] // base)
+        if i != stages[-1]:
+            temporal.append(f"{p}{inner[-1]}.time_conv.weight" in sd)
+    if len(res_blocks) != 1:
+        raise KeyLayoutError(f"Wan 2.2 VAE: encoder stages have different numbers of residual blocks {sorted(res_blocks)}")
+    patch = round((in_ch / 3) ** 0.5)
+    return dict(
+        base_dim=base, decoder_base_dim=shape("decoder.conv1.weight")[0] // mult[-1], z_dim=shape("conv2.weight")[0],
+        dim_mult=mult, num_res_blocks=res_blocks.pop(), attn_scales=[], temperal_downsample=temporal, dropout=0.0,
+        is_residual=True, in_channels=in_ch, out_channels=shape("decoder.head.2.weight")[0], patch_size=patch,
+        scale_factor_temporal=4, scale_factor_spatial=patch * 2 ** (len(mult) - 1),
+        latents_mean=list(WAN22_LATENTS_MEAN), latents_std=list(WAN22_LATENTS_STD),
     )
