@@ -176,9 +176,10 @@ def test_umt5_fp8_scaled_file_and_errors(umt5_file, tmp_path) -> None:
 # the test server's tiny loaders (ComfyUI builds umT5 and the Wan VAE only at full size)
 
 
-def test_test_server_loaders_take_the_tiny_files(comfyui, comfy_vae, comfy_vae22, umt5_file, tmp_path) -> None:
+def test_test_server_loaders_take_the_tiny_files(comfyui, comfy_vae, comfy_vae22, umt5_file) -> None:
     """tests/comfy_test_nodes loads the tiny Wan files through ComfyUI's own wrappers (`comfy.sd.CLIP`
-    type wan, `comfy.sd.VAE`'s Wan branch), and they agree with the core's models."""
+    type wan, `comfy.sd.VAE`'s Wan branch), and they agree with the core's models; the core turns the
+    VAE ComfyUI has loaded back into its own (what the Prepare node does)."""
     from comfy_test_nodes.tiny import load_tiny_wan_clip, load_tiny_wan_vae
 
     path, sd = umt5_file
@@ -187,6 +188,8 @@ def test_test_server_loaders_take_the_tiny_files(comfyui, comfy_vae, comfy_vae22
     core = _core_features(encoder, tokenizer, PROMPTS[1])
     assert (fw.comfy_text_features(clip, PROMPTS[1]) - core).abs().max() < 1e-5 * core.abs().max()
 
+    with pytest.raises(ModelFileError, match="ComfyUI's VAE: not a Wan VAE"):
+        loading.vae_from_comfy_state_dict({"a.weight": torch.zeros(1)}, source="ComfyUI's VAE")
     for comfy in (comfy_vae, comfy_vae22):
         vae = load_tiny_wan_vae(comfy.state_dict())
         channels = comfy.z_dim
@@ -195,7 +198,7 @@ def test_test_server_loaders_take_the_tiny_files(comfyui, comfy_vae, comfy_vae22
         g = torch.Generator().manual_seed(2)
         images = torch.rand(5, 32, 64, 3, generator=g)  # ComfyUI IMAGE: [F, H, W, 3] in [0, 1]
         z = vae.encode(images)  # raw latents; the model's latent format normalises them
-        core_vae = loading.load_vae(_save(tmp_path / f"wan_vae_{channels}.safetensors", comfy.state_dict()))
+        core_vae = loading.vae_from_comfy_state_dict(vae.first_stage_model.state_dict(), source="ComfyUI's VAE")
         with torch.no_grad():
             want = core_vae.encode(images.movedim(-1, 0)[None] * 2 - 1).latent_dist.mode()
         assert z.shape == want.shape == (1, channels, 2, 32 // space, 64 // space)

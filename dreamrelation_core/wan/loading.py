@@ -209,6 +209,18 @@ def _vae_from_comfy(path: Path, sd: dict[str, torch.Tensor], dtype: torch.dtype)
     return vae
 
 
+def vae_from_comfy_state_dict(state_dict: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
+                              source: str = "state dict"):
+    """AutoencoderKLWan from Wan 2.1 / 2.2 VAE weights in ComfyUI's layout held in memory (e.g. the
+    `first_stage_model` of a VAE ComfyUI has loaded); `source` names them in errors."""
+    from . import vae_keys
+
+    sd = dict(state_dict)
+    if not vae_keys.is_comfy_wan_vae(sd):
+        raise ModelFileError(f"{source}: not a Wan VAE in ComfyUI's layout (no decoder.middle.0.residual.0.gamma)")
+    return _vae_from_comfy(Path(source), sd, dtype).eval()
+
+
 def load_vae(path: str | Path, config_dir: str | Path | None = None, dtype: torch.dtype = torch.float32,
              device: str | torch.device = "cpu"):
     """Wan VAE (`AutoencoderKLWan`) from a diffusers folder or one .safetensors file.
