@@ -31,6 +31,8 @@ EXECUTED = {
     "dreamrelation_reference_checkpoint.json": "test_reference_checkpoint_workflow",
     "dreamrelation_masks.json": "test_masks_workflow",
     "dreamrelation_train.json": "test_train_workflow_then_generate_with_its_lora",
+    "dreamrelation_generate_wan21.json": "test_generate_wan21_workflow_and_the_stock_lora_loader",
+    "dreamrelation_generate_wan22.json": "test_generate_wan22_two_experts_workflow",
 }
 
 
@@ -120,6 +122,76 @@ def test_reference_checkpoint_workflow(comfy_server, tiny_models, tmp_path):
     assert [p for p in run.files(comfy_server.base) if p.suffix == ".webp"], run.outputs
     report = "\n".join(run.texts())
     assert "reference" in report and "relation" in report, report
+
+
+# ---------------------------------------------------------------------------------------------
+# generation on Wan (ComfyUI's own Wan graphs; the DiT through ComfyUI's stock loading function)
+
+
+def test_generate_wan21_workflow_and_the_stock_lora_loader(comfy_server, tiny_wan_models, tmp_path):
+    """UNETLoader -> relation LoRA -> ModelSamplingSD3 -> KSampler -> VAE decode on a tiny Wan; then
+    the same graph with ComfyUI's own LoraLoaderModelOnly reading the LoRA's ComfyUI export gives
+    the same video, and strength 0 another one."""
+    prompt = tiny_prompt(comfy_server, tiny_wan_models, "dreamrelation_generate_wan21.json", tmp_path)
+    save = only(prompt, "SaveAnimatedWEBP")
+    save["inputs"]["filename_prefix"] = unique("e2e/wan21")
+    run = comfy_server.run(prompt)
+    assert_success(run)
+    frames = read_frames(next(p for p in run.files(comfy_server.base) if p.suffix == ".webp"))
+    assert frames.shape == (5, 32, 32, 3)  # EmptyHunyuanLatentVideo 5 x 32 x 32 through the tiny Wan VAE
+    report = "\n".join(run.texts())
+    assert "relation" in report, report
+
+    # ComfyUI's stock LoRA loader with the exported file: the node swapped in place, links kept
+    loader_id, loader = nodes_of(prompt, "DreamRelationRelationLoraLoader")[0]
+    stock = {"class_type": "LoraLoaderModelOnly", "inputs": {"model": loader["inputs"]["model"],
+             "lora_name": tiny_wan_models.lora_comfy, "strength_model": 1.0}}
+    prompt[loader_id] = stock
+    for i, _ in nodes_of(prompt, "PreviewAny"):  # the stock loader has no report output
+        del prompt[i]
+    save["inputs"]["filename_prefix"] = unique("e2e/wan21_stock")
+    stock_run = comfy_server.run(prompt)
+    assert_success(stock_run)
+    same = read_frames(next(p for p in stock_run.files(comfy_server.base) if p.suffix == ".webp"))
+    assert np.abs(same.astype(int) - frames.astype(int)).max() <= 1  # the same patches: the same video
+
+    stock["inputs"]["strength_model"] = 0.0
+    save["inputs"]["filename_prefix"] = unique("e2e/wan21_no_lora")
+    plain = comfy_server.run(prompt)
+    assert_success(plain)
+    other = read_frames(next(p for p in plain.files(comfy_server.base) if p.suffix == ".webp"))
+    assert np.abs(other.astype(int) - frames.astype(int)).max() > 1
+
+
+def test_generate_wan22_two_experts_workflow(comfy_server, tiny_wan_models, tmp_path):
+    """Wan 2.2 A14B's graph: two experts, the relation LoRA loaded into each, KSamplerAdvanced hands
+    the high-noise expert's latent to the low-noise expert; each expert is used (changing the
+    low-noise expert's file changes the video)."""
+    prompt = tiny_prompt(comfy_server, tiny_wan_models, "dreamrelation_generate_wan22.json", tmp_path)
+    loaders = nodes_of(prompt, "TinyMochiUNETLoader")
+    assert len(loaders) == 2
+    low = next(n for _, n in loaders if "low_noise" in n["_meta"]["title"].replace("-", "_").replace(" ", "_"))
+    low["inputs"]["unet_name"] = tiny_wan_models.dit_low
+    for _, k in nodes_of(prompt, "KSamplerAdvanced"):  # 4 steps: the experts switch at step 2
+        if k["inputs"]["add_noise"] == "enable":
+            k["inputs"]["end_at_step"] = 2
+        else:
+            k["inputs"]["start_at_step"] = 2
+    save = only(prompt, "SaveAnimatedWEBP")
+    save["inputs"]["filename_prefix"] = unique("e2e/wan22")
+    run = comfy_server.run(prompt)
+    assert_success(run)
+    frames = read_frames(next(p for p in run.files(comfy_server.base) if p.suffix == ".webp"))
+    assert frames.shape == (5, 32, 32, 3)
+    reports = [t for t in run.texts() if "relation" in t]
+    assert len(reports) == 2, run.texts()  # one per expert
+
+    low["inputs"]["unet_name"] = tiny_wan_models.dit  # the high-noise weights for both experts
+    save["inputs"]["filename_prefix"] = unique("e2e/wan22_one_expert")
+    one = comfy_server.run(prompt)
+    assert_success(one)
+    other = read_frames(next(p for p in one.files(comfy_server.base) if p.suffix == ".webp"))
+    assert np.abs(other.astype(int) - frames.astype(int)).max() > 1
 
 
 # ---------------------------------------------------------------------------------------------
