@@ -203,3 +203,28 @@ def test_test_server_loaders_take_the_tiny_files(comfyui, comfy_vae, comfy_vae22
             want = core_vae.encode(images.movedim(-1, 0)[None] * 2 - 1).latent_dist.mode()
         assert z.shape == want.shape == (1, channels, 2, 32 // space, 64 // space)
         assert (z - want).abs().max() < 1e-5 * want.abs().max()
+
+
+def test_folders_and_diffusers_key_files(comfy_vae, umt5_file, tmp_path) -> None:
+    """The other layouts a user may have: diffusers / transformers folders (a Wan pipeline's vae/,
+    text_encoder/, tokenizer/) and a VAE file in diffusers' keys beside its config."""
+    path, _ = umt5_file
+    encoder, tokenizer = loading.load_text_encoder(path)
+    pipeline = tmp_path / "Wan2.1-T2V-Diffusers"
+    encoder.save_pretrained(pipeline / "text_encoder")
+    tokenizer.save_pretrained(pipeline / "tokenizer")
+    vae = loading.load_vae(_save(tmp_path / "wan_vae.safetensors", comfy_vae.state_dict()))
+    vae.save_pretrained(pipeline / "vae")
+
+    enc2, tok2 = loading.load_text_encoder(pipeline, tokenizer_dir=pipeline / "tokenizer")
+    assert tok2(PROMPTS[1])["input_ids"] == tokenizer(PROMPTS[1])["input_ids"]
+    assert torch.equal(_core_features(enc2, tok2, PROMPTS[1]), _core_features(encoder, tokenizer, PROMPTS[1]))
+
+    frames = torch.rand(1, 3, 5, 16, 16) * 2 - 1
+    with torch.no_grad():
+        want = vae.encode(frames).latent_dist.mode()
+        assert torch.equal(loading.load_vae(pipeline).encode(frames).latent_dist.mode(), want)
+        single = _save(pipeline / "vae" / "weights_only.safetensors", vae.state_dict())
+        assert torch.equal(loading.load_vae(single).encode(frames).latent_dist.mode(), want)  # config beside it
+    with pytest.raises(ModelFileError, match="no config.json"):
+        loading.load_vae(_save(tmp_path / "lonely.safetensors", vae.state_dict()))

@@ -164,6 +164,7 @@ def test_loader_reads_comfy_diffusers_and_fp8_files(tmp_path) -> None:
     comfy = fw.comfy_weights(model)
     files = {
         "fp32": {k: v.contiguous() for k, v in comfy.items()},
+        "fp16": {k: v.half().contiguous() for k, v in comfy.items()},
         "fp8": _quantised(comfy),
         "diffusers": {k: v.contiguous() for k, v in model.state_dict().items()},
     }
@@ -174,6 +175,8 @@ def test_loader_reads_comfy_diffusers_and_fp8_files(tmp_path) -> None:
     exact = loading.load_transformer(str(tmp_path / "fp32.safetensors"))
     assert torch.equal(_velocity(exact, x, text, 0.6), ref)
     assert torch.equal(_velocity(loading.load_transformer(str(tmp_path / "diffusers.safetensors")), x, text, 0.6), ref)
+    fp16 = _velocity(loading.load_transformer(str(tmp_path / "fp16.safetensors")), x, text, 0.6)
+    assert 0 < (fp16 - ref).abs().max() < 0.01 * ref.abs().max()  # rounded to fp16 on disk, run in fp32
     assert torch.allclose(_velocity(loading.load_transformer(str(tmp_path / "folder")), x, text, 0.6), ref)
 
     scaled = loading.load_transformer(str(tmp_path / "fp8.safetensors"))
