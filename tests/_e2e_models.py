@@ -217,6 +217,7 @@ class TinyWanModels:
             ("VAELoader", "vae_name"): self.vae, ("TinyMochiVAELoader", "vae_name"): self.vae,
             ("DreamRelationRelationLoraLoader", "lora_name"): self.lora,
             ("LoraLoaderModelOnly", "lora_name"): self.lora_comfy,
+            ("DreamRelationTrain", "transformer"): self.dit,
         }
 
 

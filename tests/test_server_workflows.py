@@ -33,6 +33,7 @@ EXECUTED = {
     "dreamrelation_train.json": "test_train_workflow_then_generate_with_its_lora",
     "dreamrelation_generate_wan21.json": "test_generate_wan21_workflow_and_the_stock_lora_loader",
     "dreamrelation_generate_wan22.json": "test_generate_wan22_two_experts_workflow",
+    "dreamrelation_train_wan.json": "test_train_wan_workflow_then_generate_with_its_lora",
 }
 
 
@@ -301,6 +302,38 @@ def test_train_workflow_then_generate_with_its_lora(comfy_server, tiny_models, t
     set_inputs(gen, "DreamRelationRelationLoraLoader",
                lora_name=str(lora.relative_to(comfy_server.base / "models" / "loras")))
     only(gen, "SaveAnimatedWEBP")["inputs"]["filename_prefix"] = unique("e2e/trained")
+    assert_success(comfy_server.run(gen))
+
+
+def test_train_wan_workflow_then_generate_with_its_lora(comfy_server, tiny_wan_models, tmp_path):
+    """Dataset (Wan 2.1, 9 frames) -> Prepare (tiny Wan VAE + umT5 through ComfyUI's loaders) -> Train
+    (tiny Wan DiT file): a Wan relation LoRA on disk, report and loss plot shown; then the Wan 2.1
+    generate workflow samples with it."""
+    from dreamrelation_core.data.synthetic import write_synthetic_dataset
+    from dreamrelation_core.lora.files import load_lora_file
+    from dreamrelation_core.wan.spec import WAN21
+
+    dataset = unique("e2e_wan_dataset")
+    write_synthetic_dataset(comfy_server.input / dataset, num_videos=1, num_frames=9, size=(32, 32), spec=WAN21)
+    name = unique("e2e_wan_run")
+    before = lora_files(comfy_server)
+    prompt = tiny_prompt(comfy_server, tiny_wan_models, "dreamrelation_train_wan.json", tmp_path)
+    set_inputs(prompt, "DreamRelationDataset", folder=dataset, frames=9)
+    set_inputs(prompt, "DreamRelationTrain", name=name, seed=0, steps=4)
+    run = comfy_server.run(prompt, timeout=300)
+    assert_success(run)
+    new = lora_files(comfy_server) - before
+    assert len(new) == 1 and name in next(iter(new)).name, lora_files(comfy_server)
+    lora = new.pop()
+    meta = load_lora_file(lora).metadata
+    assert meta["base_model"] == "wan2.1" and meta["placement"] == "default", meta
+    assert any(name in text for text in run.texts()), f"no report naming the run in the outputs: {run.outputs}"
+    assert run.outputs[nodes_of(prompt, "PreviewImage")[0][0]]["images"], "no loss plot"
+
+    gen = tiny_prompt(comfy_server, tiny_wan_models, "dreamrelation_generate_wan21.json", tmp_path)
+    set_inputs(gen, "DreamRelationRelationLoraLoader",
+               lora_name=str(lora.relative_to(comfy_server.base / "models" / "loras")))
+    only(gen, "SaveAnimatedWEBP")["inputs"]["filename_prefix"] = unique("e2e/wan_trained")
     assert_success(comfy_server.run(gen))
 
 

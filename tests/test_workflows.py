@@ -35,6 +35,8 @@ WORKFLOWS = {
     "dreamrelation_generate_wan22.json": {"UNETLoader", "DreamRelationRelationLoraLoader", "ModelSamplingSD3",
                                           "KSamplerAdvanced", "EmptyHunyuanLatentVideo", "CLIPLoader", "VAELoader",
                                           "PreviewAny"},
+    "dreamrelation_train_wan.json": {"DreamRelationDataset", "DreamRelationPrepareDataset", "DreamRelationTrain",
+                                     "VAELoader", "CLIPLoader", "PreviewImage", "PreviewAny"},
 }
 # model files each workflow's canvas note must name (folder/file), ComfyUI's own Mochi example names first
 NOTE_NAMES = {
@@ -53,6 +55,9 @@ NOTE_NAMES = {
     "dreamrelation_generate_wan22.json": ["diffusion_models/wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors",
                                           "wan2.2_t2v_low_noise_14B_fp8_scaled", "text_encoders/umt5_xxl_fp8_e4m3fn_scaled",
                                           "vae/wan_2.1_vae.safetensors", "loras/"],
+    "dreamrelation_train_wan.json": ["diffusion_models/wan2.1_t2v_1.3B_fp16.safetensors", "wan2.1_t2v_14B_fp8_scaled",
+                                     "text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors", "umt5_xxl_fp16",
+                                     "vae/wan_2.1_vae.safetensors"],
 }
 # model / input files the workflows name: empty placeholders are enough, validation only checks names
 # (tiny real models live under other names, see _e2e_models, so no stock loader meets one)
@@ -146,6 +151,11 @@ def test_workflow_converts_and_validates(server, name, tmp_path):
         train = next(n for n in prompt.values() if n["class_type"] == "DreamRelationTrain")
         assert train["inputs"]["steps"] == 2000 and train["inputs"]["resume"] is True
         assert train["inputs"]["gradient_checkpointing"] is True  # optional widgets kept their places
+    if name == "dreamrelation_train_wan.json":
+        train = next(n for n in prompt.values() if n["class_type"] == "DreamRelationTrain")
+        assert train["inputs"]["lora_placement"] == "default" and train["inputs"]["gradient_checkpointing"] is True
+        dataset = next(n for n in prompt.values() if n["class_type"] == "DreamRelationDataset")
+        assert (dataset["inputs"]["base_model"], dataset["inputs"]["frames"]) == ("wan2.1", 81)
     try:
         prompt_id = server.queue(prompt)  # validates every node, input type and widget value
     except PromptRejected as e:
