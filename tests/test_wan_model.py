@@ -231,3 +231,26 @@ def test_comfyui_wan_gives_the_same_prediction(comfyui, channels: int) -> None:
         assert (comfy - (x + sigma * v)).abs().max() > 0.1 * scale
         mochi_time = _velocity(model, x, text, 1.0 - sigma)
         assert (comfy - latents.denoised_from_velocity(x, sigma, mochi_time)).abs().max() > 0.01 * scale
+
+
+@pytest.mark.comfyui
+@pytest.mark.parametrize("size,heads,ffn,layers,channels", [
+    ("1.3B", 12, 8960, 30, 16), ("14B", 40, 13824, 40, 16), ("5B", 24, 14336, 30, 48)])
+def test_full_sizes_read_as_comfyui_reads_them(comfyui, size, heads, ffn, layers, channels) -> None:
+    """The real models' shapes (on the meta device: no memory): our detection names them and agrees
+    with ComfyUI's on every size it reads, and with the model class ComfyUI picks."""
+    import comfy.model_detection
+    from diffusers import WanTransformer3DModel
+
+    with torch.device("meta"):
+        model = WanTransformer3DModel(**tiny.tiny_transformer_config(
+            num_layers=layers, heads=heads, ffn_dim=ffn, latent_channels=channels))
+    weights = dit_keys.diffusers_to_comfy(model.state_dict(), prefix="model.diffusion_model.")
+    variant = dit_keys.detect_variant(weights)
+    assert variant.name.endswith(size) and variant.version == ("2.2" if channels == 48 else "2.1")
+    theirs = comfy.model_detection.detect_unet_config(weights, "model.diffusion_model.")
+    ours = dict(dim=variant.dim, num_heads=variant.num_heads, ffn_dim=variant.ffn_dim, num_layers=variant.num_layers,
+                in_dim=variant.in_dim, out_dim=variant.out_dim, model_type=variant.model_type.replace("ti2v", "t2v"))
+    assert {k: theirs[k] for k in ours} == ours
+    picked = comfy.model_detection.model_config_from_unet_config(theirs, weights)
+    assert type(picked).__name__ == ("WAN22_T2V" if channels == 48 else "WAN21_T2V")
