@@ -130,9 +130,10 @@ def test_reference_checkpoint_workflow(comfy_server, tiny_models, tmp_path):
 
 
 def test_generate_wan21_workflow_and_the_stock_lora_loader(comfy_server, tiny_wan_models, tmp_path):
-    """UNETLoader -> relation LoRA -> ModelSamplingSD3 -> KSampler -> VAE decode on a tiny Wan; then
-    the same graph with ComfyUI's own LoraLoaderModelOnly reading the LoRA's ComfyUI export gives
-    the same video, and strength 0 another one."""
+    """UNETLoader -> relation LoRA -> sampler patch -> ModelSamplingSD3 -> KSampler -> VAE decode on a
+    tiny Wan, attention maps shown; then ComfyUI's own graph with its LoraLoaderModelOnly reading the
+    LoRA's ComfyUI export (no patch: its defaults change nothing) gives the same video, and
+    strength 0 another one."""
     prompt = tiny_prompt(comfy_server, tiny_wan_models, "dreamrelation_generate_wan21.json", tmp_path)
     save = only(prompt, "SaveAnimatedWEBP")
     save["inputs"]["filename_prefix"] = unique("e2e/wan21")
@@ -140,16 +141,19 @@ def test_generate_wan21_workflow_and_the_stock_lora_loader(comfy_server, tiny_wa
     assert_success(run)
     frames = read_frames(next(p for p in run.files(comfy_server.base) if p.suffix == ".webp"))
     assert frames.shape == (5, 32, 32, 3)  # EmptyHunyuanLatentVideo 5 x 32 x 32 through the tiny Wan VAE
-    report = "\n".join(run.texts())
-    assert "relation" in report, report
+    assert "relation" in "\n".join(run.texts()), run.texts()
+    maps = run.outputs[nodes_of(prompt, "PreviewImage")[0][0]]["images"]
+    assert maps and all((comfy_server.base / m["type"] / m["subfolder"] / m["filename"]).is_file() for m in maps)
 
-    # ComfyUI's stock LoRA loader with the exported file: the node swapped in place, links kept
+    # ComfyUI's own graph: the stock loader in the DreamRelation loader's place, ModelSamplingSD3 fed by it
     loader_id, loader = nodes_of(prompt, "DreamRelationRelationLoraLoader")[0]
     stock = {"class_type": "LoraLoaderModelOnly", "inputs": {"model": loader["inputs"]["model"],
              "lora_name": tiny_wan_models.lora_comfy, "strength_model": 1.0}}
     prompt[loader_id] = stock
-    for i, _ in nodes_of(prompt, "PreviewAny"):  # the stock loader has no report output
-        del prompt[i]
+    only(prompt, "ModelSamplingSD3")["inputs"]["model"] = [loader_id, 0]
+    for kind in ("DreamRelationMochiSamplerPatch", "DreamRelationAttentionMaps", "PreviewImage", "PreviewAny"):
+        for i, _ in nodes_of(prompt, kind):
+            del prompt[i]
     save["inputs"]["filename_prefix"] = unique("e2e/wan21_stock")
     stock_run = comfy_server.run(prompt)
     assert_success(stock_run)

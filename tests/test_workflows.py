@@ -30,8 +30,8 @@ WORKFLOWS = {
     "dreamrelation_masks.json": {"LoadVideo", "GetVideoComponents", "ImageFromBatch", "DreamRelationSubjectMasks",
                                  "DreamRelationAddToDataset", "PreviewImage", "PreviewAny"},
     "dreamrelation_generate_wan21.json": {"UNETLoader", "DreamRelationRelationLoraLoader", "ModelSamplingSD3",
-                                          "KSampler", "EmptyHunyuanLatentVideo", "CLIPLoader", "VAELoader",
-                                          "PreviewAny"},
+                                          "DreamRelationMochiSamplerPatch", "DreamRelationAttentionMaps", "KSampler",
+                                          "EmptyHunyuanLatentVideo", "CLIPLoader", "VAELoader", "PreviewAny"},
     "dreamrelation_generate_wan22.json": {"UNETLoader", "DreamRelationRelationLoraLoader", "ModelSamplingSD3",
                                           "KSamplerAdvanced", "EmptyHunyuanLatentVideo", "CLIPLoader", "VAELoader",
                                           "PreviewAny"},
@@ -144,7 +144,7 @@ def test_workflow_converts_and_validates(server, name, tmp_path):
     prompt = server.to_api(ROOT / "workflows" / name, tmp_path)
     types = {n["class_type"] for n in prompt.values()}
     assert WORKFLOWS[name] <= types, f"lost in conversion: {WORKFLOWS[name] - types}"
-    if name == "dreamrelation_generate.json":
+    if name in ("dreamrelation_generate.json", "dreamrelation_generate_wan21.json"):
         patch = next(n for n in prompt.values() if n["class_type"] == "DreamRelationMochiSamplerPatch")
         assert patch["inputs"]["attention_words"] == "bear, raccoon" and isinstance(patch["inputs"]["clip"], list)
     if name == "dreamrelation_train.json":
