@@ -49,7 +49,7 @@ _FACTORIES = {
 # adapter placements some base model knows (TrainConfig.lora_placement; each spec checks its own)
 PLACEMENTS = ("default", "self_attention")
 # what TrainConfig.base_model and --base-model accept
-NAMES = ("auto", "mochi", "wan2.1", "wan2.1-1.3b", "wan2.1-14b", "wan2.2-a14b", "wan2.2-5b")
+NAMES = ("auto", "mochi", "mochi-1-preview", "wan2.1", "wan2.1-1.3b", "wan2.1-14b", "wan2.2-a14b", "wan2.2-5b")
 
 
 def all_specs() -> list[BaseModelSpec]:

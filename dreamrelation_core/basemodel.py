@@ -141,6 +141,11 @@ class BaseModelSpec:
         """(text encoder, tokenizer) from local files."""
         raise NotImplementedError
 
+    def vae_from_comfy_state_dict(self, state_dict: dict, dtype: torch.dtype = torch.float32,
+                                  source: str = "state dict") -> torch.nn.Module:
+        """The diffusers VAE from the weights of a VAE ComfyUI has loaded (its `first_stage_model`)."""
+        raise NotImplementedError
+
     def tiny_encoders(self, seed: int = 0, text_len: int = 16) -> tuple:
         """(VAE, text encoder, tokenizer): the random tiny models of the demo and the tests."""
         raise NotImplementedError

@@ -276,7 +276,8 @@ def test_dataset_node_in_the_pack(pack, data, monkeypatch):
     cls = node_classes(pack)["DreamRelationDataset"]
     assert cls.GET_SCHEMA().display_name == "DreamRelation Dataset"
     inputs = cls.INPUT_TYPES()["required"]
-    assert inputs["frames"][1]["default"] == 61 and inputs["frames"][1]["step"] == 6
+    # odd steps: every Mochi 6k + 1 and every Wan 4k + 1 length is reachable
+    assert inputs["frames"][1]["default"] == 61 and inputs["frames"][1]["step"] == 2
     spec, report = run_node(cls, folder=f" {data} ", frames=F, height=32, width=32).outputs
     assert len(spec.entries) == 2 and report.startswith(str(data))
     # ComfyUI runs the node again when the folder's content changes, and only then

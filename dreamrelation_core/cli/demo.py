@@ -134,8 +134,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=200, help="training steps (default: 200)")
     p.add_argument("--sample-steps", type=int, default=16, help="sampling steps (default: 16)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.add_argument("--base-model", choices=("mochi", "wan2.1"), default="mochi",
-                   help="tiny random Mochi (default) or Wan 2.1")
+    p.add_argument("--base-model", choices=("mochi", "wan2.1", "wan2.2-5b"), default="mochi",
+                   help="tiny random Mochi (default), Wan 2.1, or Wan 2.2 TI2V 5B (its 48-channel VAE)")
     p.set_defaults(func=cmd_demo)
 
 

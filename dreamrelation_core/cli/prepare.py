@@ -28,6 +28,8 @@ def run_prepare(args: argparse.Namespace) -> int:
     cache = Path(args.cache) if args.cache else Path(args.data_dir) / DEFAULT_CACHE
     # Fail on the data before spending minutes loading T5-XXL.
     spec = get_spec(args.base_model)
+    if spec.family == "mochi" and not args.tokenizer:
+        raise SystemExit("prepare: --tokenizer (the T5 tokenizer folder) is needed for Mochi")
     frames = args.frames or (61 if spec.family == "mochi" else 81)
     max_text_len = args.max_text_len or spec.text_len
     entries = describe_dataset(args.data_dir, frames, args.size, spec).entries
@@ -67,7 +69,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--text-encoder", required=True, help="T5-XXL: transformers folder or .safetensors (t5xxl_fp16)")
     p.add_argument("--text-encoder-config", default=None,
                    help="folder with T5's config.json for a single-file --text-encoder (default: --tokenizer folder)")
-    p.add_argument("--tokenizer", required=True, help="T5 tokenizer folder (e.g. mochi-1-preview/tokenizer)")
+    p.add_argument("--tokenizer", default=None, help="T5 tokenizer folder (e.g. mochi-1-preview/tokenizer; needed for "
+                   "Mochi); Wan: optional, ComfyUI's umT5 files carry their tokenizer")
     p.add_argument("--cache", default=None, help=f"cache folder (default DATA_DIR/{DEFAULT_CACHE})")
     p.add_argument("--base-model", choices=[n for n in NAMES if n != "auto"], default="mochi",
                    help="whose VAE and text encoder: mochi (default) or a Wan (wan2.1 for 2.1 1.3B/14B and the 2.2 "

@@ -211,6 +211,7 @@ class DatasetSpec:
     entries: tuple[VideoEntry, ...]
     num_frames: int
     size: tuple[int, int]  # (H, W)
+    spec: BaseModelSpec | None = None  # the base model whose clip rules it was checked against (None: Mochi)
 
     def report(self) -> str:
         lines = [f"{self.folder}: {len(self.entries)} video(s), clips of {self.num_frames} frames at "
@@ -231,7 +232,7 @@ def describe_dataset(folder: str | os.PathLike, num_frames: int, size: tuple[int
     spec.check_training_size(size)
     entries = scan_dataset(folder)
     _validate_for_training(entries, num_frames)
-    return DatasetSpec(Path(folder), tuple(entries), num_frames, size)
+    return DatasetSpec(Path(folder), tuple(entries), num_frames, size, spec)
 
 
 def folder_stamp(folder: str | os.PathLike) -> str:

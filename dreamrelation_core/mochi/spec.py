@@ -102,6 +102,14 @@ class MochiSpec(BaseModelSpec):
 
         return load_text_encoder(path, tokenizer_dir, config_dir, dtype=dtype, device=device)
 
+    def vae_from_comfy_state_dict(self, state_dict: dict, dtype: torch.dtype = torch.float32,
+                                  source: str = "state dict") -> torch.nn.Module:
+        """Encoder only (the genmo keys `encoder.*`): training needs no decoder."""
+        from .loading import vae_from_genmo_state_dict
+
+        return vae_from_genmo_state_dict({k: v for k, v in state_dict.items() if k.startswith("encoder.")}, dtype,
+                                         source=source)
+
     def tiny_encoders(self, seed: int = 0, text_len: int = 16) -> tuple:
         from .tiny import tiny_text_encoder, tiny_tokenizer, tiny_vae
 

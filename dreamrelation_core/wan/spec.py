@@ -180,13 +180,17 @@ class WanSpec(BaseModelSpec):
 
         return load_text_encoder(path, tokenizer_dir, config_dir, dtype=dtype, device=device)
 
+    def vae_from_comfy_state_dict(self, state_dict: dict, dtype: torch.dtype = torch.float32,
+                                  source: str = "state dict") -> torch.nn.Module:
+        from .loading import vae_from_comfy_state_dict
+
+        return vae_from_comfy_state_dict(state_dict, dtype, source=source)
+
     def tiny_encoders(self, seed: int = 0, text_len: int = latents.TEXT_LEN) -> tuple:
-        """Tiny Wan 2.1 VAE (16 channels), umT5 and its SentencePiece tokenizer (the 2.2 VAE has no tiny)."""
+        """Tiny Wan VAE of this spec's latent format (2.1: 16 channels; 2.2: 48), umT5 and its tokenizer."""
         from .tiny import tiny_text_encoder, tiny_tokenizer, tiny_vae
 
-        if self.latent_channels != latents.WAN21_CHANNELS:
-            raise ValueError(f"{self.name}: no tiny VAE with {self.latent_channels} channels; use wan2.1")
-        return tiny_vae(seed), tiny_text_encoder(seed), tiny_tokenizer()
+        return tiny_vae(seed, latent_channels=self.latent_channels), tiny_text_encoder(seed), tiny_tokenizer()
 
 
 WAN21 = WanSpec("wan2.1", "Wan 2.1", latents.WAN21_CHANNELS)  # also each expert of Wan 2.2 A14B
