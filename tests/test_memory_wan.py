@@ -54,3 +54,23 @@ def test_memory_command_for_wan(capsys):
     sixteen = capsys.readouterr().out
     swapped = int(next(line for line in sixteen.splitlines() if line.startswith("blocks_to_swap")).split(": ")[1])
     assert swapped > int(next(line for line in out.splitlines() if line.startswith("blocks_to_swap")).split(": ")[1])
+
+
+def test_auto_options_on_cuda_use_wans_dims():
+    """The trainer's `auto` memory options read a Wan model's dims (decided before anything moves to the GPU)."""
+    import torch
+
+    from dreamrelation_core.training.config import TrainConfig
+    from dreamrelation_core.training.memory.policy import model_dims, resolve
+    from dreamrelation_core.wan.tiny import tiny_transformer
+
+    model = tiny_transformer(seed=0)
+    assert model_dims(model) == WanDims.from_config(dict(model.config))
+    cfg = TrainConfig(base_model="wan2.1")
+    roomy = resolve(cfg, torch.device("cuda"), model, (3, 8, 8), free_bytes=80 * 1024**3)
+    assert roomy.options.base_dtype == "bf16" and not roomy.options.gradient_checkpointing
+    from dreamrelation_core.training.memory.estimate import estimate_latent
+
+    full = estimate_latent((21, 60, 104), MemoryOptions("bf16", 0, False), model_dims(model))
+    tight = resolve(cfg, torch.device("cuda"), model, (21, 60, 104), free_bytes=int(full.peak * 0.7))
+    assert tight.options.gradient_checkpointing and tight.estimate.peak < full.peak * 0.7

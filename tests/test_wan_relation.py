@@ -146,3 +146,28 @@ def test_comfyui_wan_with_the_exported_lora_equals_the_core(comfyui, placement: 
         scale = comfy.abs().max()
         assert (comfy - (x + sigma * u)).abs().max() < 1e-5 * scale
         assert (comfy - (x + sigma * u_base)).abs().max() > 1e-3 * scale  # the LoRA changed the output
+
+
+def test_wan_resume_swap_checkpointing_and_expert_range(tmp_path, wan_run) -> None:
+    """A resumed Wan run repeats the uninterrupted one; block swap over Wan's blocks with gradient
+    checkpointing changes nothing; one A14B expert trains on its own noise levels only."""
+    trainer, result, clips = wan_run
+    resumed = Trainer.resume(result.run_dir, clips=clips, checkpoint=result.run_dir / "checkpoints" / "checkpoint_000002.pt")
+    resumed.train()
+    assert resumed.history[-1] == result.history[-1]
+
+    cfg = TrainConfig.from_dict({**trainer.config.to_dict(), "output_dir": str(tmp_path / "swap"),
+                                 "blocks_to_swap": 1, "gradient_checkpointing": True})
+    swapped = Trainer(cfg, clips=clips)
+    assert swapped.swap is not None and swapped.swap.indices == [0]
+    assert [repr(h) for h in swapped.train(max_steps=2).history] == [repr(h) for h in result.history[:2]]  # nan == nan
+
+    expert = Trainer(TrainConfig.from_dict({**trainer.config.to_dict(), "output_dir": str(tmp_path / "high"),
+                                            "sigma_range": [0.875, 1.0]}), clips=clips)
+    seen = []
+    expert.model.register_forward_pre_hook(lambda _m, _a, kw: seen.append(kw["timestep"].clone()), with_kwargs=True)
+    for _ in range(3):
+        expert.train_step()
+    assert all(875.0 <= float(t) <= 1000.0 for t in seen) and len(seen) == 3  # Wan's timestep is 1000 * sigma
+    with pytest.raises(ValueError, match="sigma_range"):
+        TrainConfig(sigma_range=[0.9, 0.5])

@@ -228,6 +228,9 @@ class Trainer:
         ym[drop] = False
         eps = torch.randn(z.shape, generator=rng)
         sigma = torch.rand(len(batch), generator=rng)
+        lo, hi = cfg.sigma_range
+        if (lo, hi) != (0.0, 1.0):  # one expert of Wan 2.2 A14B: its own noise levels only
+            sigma = lo + (hi - lo) * sigma
         x, u = noisy(z, eps, sigma)
         mask = branch_mask(batch, branch).to(dev)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.autocast):
