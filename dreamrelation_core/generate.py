@@ -25,7 +25,7 @@ def add_relation_lora(model: torch.nn.Module, lora: LoraSet) -> torch.nn.Module:
         raise LoraFormatError("the LoRA has no 'relation' adapter")
     ranks = {a: rel.rank.get(a, rel.rank["relation"]) for a in ADAPTERS}
     alphas = {a: rel.alpha.get(a, rel.alpha["relation"]) for a in ranks}
-    triplet.add_triplet(model, rank=ranks, alpha=alphas)
+    triplet.add_triplet(model, rank=ranks, alpha=alphas, spec=rel.spec)  # the placement it was trained with
     triplet.load_lora_set(model, rel)
     triplet.activate_inference(model)
     return model.eval()

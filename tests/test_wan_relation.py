@@ -171,3 +171,16 @@ def test_wan_resume_swap_checkpointing_and_expert_range(tmp_path, wan_run) -> No
     assert all(875.0 <= float(t) <= 1000.0 for t in seen) and len(seen) == 3  # Wan's timestep is 1000 * sigma
     with pytest.raises(ValueError, match="sigma_range"):
         TrainConfig(sigma_range=[0.9, 0.5])
+
+
+def test_qkv_feature_maps_on_wan(wan_run) -> None:
+    """Q/K/V feature maps hook Wan's self-attention (video tokens); with the trained LoRA they move."""
+    from dreamrelation_core.analysis.features import feature_maps_with_lora
+
+    _, result, clips = wan_run
+    lora = formats.load_lora_file(result.relation_path)
+    z = clips[0].sample_latents(torch.Generator().manual_seed(0))[None]  # [1, 16, 3, 4, 4]
+    maps = feature_maps_with_lora(tiny.tiny_transformer(seed=0), lora, z, clips[0].y_feat[None], clips[0].y_mask[None])
+    assert maps["base"]["q"].shape == (2, 2)  # the 4x4 latent grid in 2x2 patches
+    assert not torch.equal(maps["base"]["v"], maps["base"]["q"])
+    assert not torch.equal(maps["lora"]["q"], maps["base"]["q"])  # the shared LoRA always trains: later blocks see it
