@@ -130,6 +130,34 @@ def test_tokenizer_is_sentencepiece() -> None:
     assert (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2)
 
 
+def test_tokenizer_keeps_the_models_normaliser() -> None:
+    """umT5's SentencePiece model normalises text (NFKC): the tokenizer reads that rule from the
+    model's bytes (no protobuf package) and tokenises full-width or composed characters alike."""
+    import io
+
+    import sentencepiece
+    from transformers import T5Tokenizer
+
+    from dreamrelation_core.wan.tokenizer import tokenizer_from_spiece
+
+    buf = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter([" ".join(tiny.TINY_VOCAB[i:] + tiny.TINY_VOCAB[:i]) for i in range(len(tiny.TINY_VOCAB))]),
+        model_writer=buf, model_type="unigram", vocab_size=80, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+        normalization_rule_name="nmt_nfkc", num_threads=1, minloglevel=2, hard_vocab_limit=False, character_coverage=1.0,
+    )
+    model = buf.getvalue()
+    sp = sentencepiece.SentencePieceProcessor(model_proto=model, add_eos=True)
+    tok = tokenizer_from_spiece(model)
+    wide = "ａ ｂｅａｒ ｉｓ ｓｈａｋｉｎｇ ｈａｎｄｓ"  # full-width: NFKC makes it "a bear is shaking hands"
+    for p in (wide, "Ⅰ ﬁsh ① café", "a   bear\tis  hugging"):
+        assert tok(p)["input_ids"] == sp.encode(p)
+    assert sp.encode(wide) == sp.encode("a bear is shaking hands")
+    pieces = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
+    unnormalised = T5Tokenizer(vocab=pieces, extra_ids=0)  # what a converter without the rule would give
+    assert unnormalised(wide)["input_ids"] != sp.encode(wide)
+
+
 def _core_features(encoder, tokenizer, prompt: str) -> torch.Tensor:
     ids = tokenizer([prompt], padding="max_length", max_length=latents.TEXT_LEN, truncation=True, return_tensors="pt")
     with torch.no_grad():
