@@ -184,3 +184,21 @@ def test_qkv_feature_maps_on_wan(wan_run) -> None:
     assert maps["base"]["q"].shape == (2, 2)  # the 4x4 latent grid in 2x2 patches
     assert not torch.equal(maps["base"]["v"], maps["base"]["q"])
     assert not torch.equal(maps["lora"]["q"], maps["base"]["q"])  # the shared LoRA always trains: later blocks see it
+
+
+def test_wan_demo_writes_comfy_files(tmp_path) -> None:
+    """`demo --base-model wan2.1`: the tiny base in ComfyUI's Wan keys and the stock-loader export beside our files."""
+    from safetensors import safe_open
+
+    from dreamrelation_core.cli.demo import run_demo
+
+    files = run_demo(tmp_path / "demo", steps=2, seed=0, sample_steps=1, base_model="wan2.1")
+    assert {"base_model", "relation_comfy", "relation_only", "triplet", "sample"} <= set(files)
+    assert detect_spec(files["base_model"]) is WAN21
+    with safe_open(str(files["base_model"]), framework="pt") as f:
+        assert "model.diffusion_model.head.modulation" in f.keys()
+    with safe_open(str(files["relation_comfy"]), framework="pt") as f:
+        keys = set(f.keys())
+        assert f.metadata()["base_model"] == "wan2.1"
+    assert "diffusion_model.blocks.1.self_attn.q.lora_A.weight" in keys and not any(".v." in k for k in keys)
+    assert formats.load_lora_file(files["relation_only"]).spec is WAN21
