@@ -38,6 +38,7 @@ class BaseModelSpec:
     blocks_attr: str = "transformer_blocks"
     diffusers_class: str = ""
     adapter_modules: Mapping[str, tuple[str, ...]] = {}  # adapter -> submodules (of the placement)
+    keep_precision: tuple[str, ...] = ()  # module paths whose Linears are never stored in fp8
     placement: str = "default"  # which adapter placement adapter_modules is
     placements: tuple[str, ...] = ("default",)
     module_re: re.Pattern = re.compile(r"^$")

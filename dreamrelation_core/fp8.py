@@ -128,15 +128,23 @@ def frozen_linears(model: nn.Module) -> Iterator[tuple[str, FrozenLinear]]:
             yield name, m
 
 
-def freeze_linears(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+def freeze_linears(model: nn.Module, dtype: torch.dtype | None = None, keep: tuple[str, ...] = ()) -> nn.Module:
     """Make every Linear of `model` a `FrozenLinear` whose weight is stored in `dtype`, in place.
 
     None keeps each weight's dtype. Existing FrozenLinears are re-stored when their dtype differs
     (fp8 -> bf16 dequantises with the scale; bf16 -> fp8 quantises per tensor). Call before
-    adding LoRA adapters (peft then wraps the FrozenLinears).
+    adding LoRA adapters (peft then wraps the FrozenLinears). Linears under the module paths in
+    `keep` keep a compute dtype (their bias's, an fp8 weight dequantised): models that cast their
+    input to a module's parameter dtype (Wan's time embedder) need one.
     """
     targets = [(n, m) for n, m in model.named_modules() if type(m) in (nn.Linear, FrozenLinear)]
     for name, lin in targets:
+        if any(name == k or name.startswith(k + ".") for k in keep):
+            if is_fp8(lin.weight.dtype):
+                bias_dtype = lin.bias.dtype if lin.bias is not None else torch.bfloat16
+                w = lin.dequantized() if getattr(lin, "scale_weight", None) is not None else lin.weight
+                _set_module(model, name, FrozenLinear.from_weight(w.to(bias_dtype), lin.bias, None))
+            continue
         if isinstance(lin, FrozenLinear):
             if dtype is None or lin.weight.dtype == dtype:
                 continue

@@ -202,3 +202,28 @@ def test_wan_demo_writes_comfy_files(tmp_path) -> None:
         assert f.metadata()["base_model"] == "wan2.1"
     assert "diffusion_model.blocks.1.self_attn.q.lora_A.weight" in keys and not any(".v." in k for k in keys)
     assert formats.load_lora_file(files["relation_only"]).spec is WAN21
+
+
+def test_trains_from_comfyuis_fp8_scaled_wan_file(tmp_path, wan_run) -> None:
+    """A Wan DiT in ComfyUI's scaled-fp8 layout: base model read from the file, weights kept in fp8
+    (the time embedder, whose parameter dtype diffusers casts its input to, in a compute dtype)."""
+    from dreamrelation_core import fp8
+
+    _, _, clips = wan_run
+    sd = {"scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn)}
+    for k, v in fw.comfy_weights(_base()).items():
+        if ".blocks." in k and k.endswith(".weight") and v.ndim == 2:
+            sd[k], scale = fp8.quantize_fp8(v)
+            sd[k[: -len("weight")] + "scale_weight"] = scale.reshape(1)
+        else:
+            sd[k] = v
+    path = tmp_path / "wan2.1_t2v_tiny_fp8_scaled.safetensors"
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    trainer = Trainer(TrainConfig(transformer=str(path), output_dir=str(tmp_path / "run"), num_steps=1, rank=4,
+                                  device="cpu"), clips=clips)
+    assert trainer.spec is WAN21 and trainer.memory.options.base_dtype == "fp8"
+    kinds = {n: m.weight.dtype for n, m in fp8.frozen_linears(trainer.model)}
+    assert kinds["blocks.0.attn1.to_q.base_layer"] == torch.float8_e4m3fn
+    assert not any(fp8.is_fp8(d) for n, d in kinds.items() if "time_embedder" in n)
+    _, losses = trainer.train_step()
+    assert all(torch.isfinite(torch.tensor(v)) for k, v in losses.items() if k != "rcl")

@@ -50,6 +50,8 @@ class WanSpec(BaseModelSpec):
     diffusers_class = "WanTransformer3DModel"
     frame_rule = "4k + 1 frames (5, 9, ..., 49, ..., 81)"
     placements = tuple(PLACEMENTS)
+    # diffusers casts the time features to the time embedder's parameter dtype: it stays in a compute dtype
+    keep_precision = ("condition_embedder.time_embedder",)
     module_re = re.compile(r"^blocks\.(\d+)\.(attn[12]\.(?:to_q|to_k|to_v|to_out\.0))$")
 
     def __init__(self, name: str, display_name: str, latent_channels: int, placement: str = "default"):

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...base_models import spec_of_model
 from ...basemodel import BaseModelSpec
 from ...lora import peft_triplet as triplet
 from ...mochi import fp8
@@ -63,7 +64,8 @@ def prepare_model(
     fp32, block swap, move to `device`, gradient checkpointing. Changes `model` in place."""
     device = torch.device(device)
     storage = None if options.base_dtype == "fp32" else STORAGE_DTYPES[options.base_dtype]
-    fp8.freeze_linears(model, storage)
+    spec = spec or spec_of_model(model)
+    fp8.freeze_linears(model, storage, keep=spec.keep_precision)
     triplet.add_triplet(model, rank, alpha, dropout, spec=spec)
     for layer in triplet._tuner_layers(model):
         # peft would cast each LoRA input to fp32 (a full-size copy per layer, kept for backward

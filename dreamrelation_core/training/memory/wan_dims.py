@@ -82,8 +82,6 @@ class WanDims:
         return [
             ("condition_embedder.text_embedder.linear_1", self.text_dim, d, True),
             ("condition_embedder.text_embedder.linear_2", d, d, True),
-            ("condition_embedder.time_embedder.linear_1", self.freq_dim, d, True),
-            ("condition_embedder.time_embedder.linear_2", d, d, True),
             ("condition_embedder.time_proj", d, 6 * d, True),
             ("proj_out", d, self.out_channels * self.patch**2, True),
         ]
@@ -94,7 +92,8 @@ class WanDims:
         per_block = 4 * d + 2 * d + 6 * d  # q/k RMSNorms of both attentions, norm2's affine, scale_shift_table
         conv = self.in_channels * self.patch**2 * d + d
         rope = 2 * 1024 * self.head_dim  # RoPE's cos / sin tables (rope_max_seq_len 1024)
-        return self.layers * per_block + conv + 2 * d + rope
+        time_embedder = self.freq_dim * d + d + d * d + d  # its Linears keep the compute dtype (never fp8)
+        return self.layers * per_block + conv + 2 * d + rope + time_embedder
 
     def lora_block_params(self, rank: int, subs: tuple[str, ...] | None = None) -> list[int]:
         """LoRA parameters of each block: every adapter of the default placement sits on a d x d
