@@ -35,15 +35,15 @@ class DreamRelationDataset(io.ComfyNode):
             description="Check a relation dataset folder (videos, captions, subject masks) for training at the given clip size.",
             inputs=[
                 io.String.Input("folder", default="", tooltip=(
-                    "dataset folder (absolute, or relative to ComfyUI's input folder, then its output folder), one "
-                    "per relation: <name>.mp4|.gif|<name>/ frames, <name>.txt caption, <name>.masks.npz or "
-                    "reference mask PNGs")),
+                    "The dataset folder, one per relation (absolute, or relative to ComfyUI's input folder, then its "
+                    "output folder): <name>.mp4|.gif|<name>/ frames, a <name>.txt caption, <name>.masks.npz or "
+                    "reference mask PNGs.")),
                 io.Int.Input("frames", default=61, min=5, max=301, step=2,
                              tooltip="Frames per training clip: Mochi 6k + 1 (61 in the paper), Wan 4k + 1 (81)."),
                 io.Int.Input("height", default=480, min=16, max=2048, step=16,
                              tooltip="Training height in pixels, a multiple of 16 (Mochi: 480)."),
                 io.Int.Input("width", default=848, min=16, max=2048, step=16,
-                             tooltip="training width in pixels, a multiple of 16 (Mochi: 848)"),
+                             tooltip="Training width in pixels, a multiple of 16 (Mochi: 848)."),
                 io.Combo.Input("base_model", options=list(BASE_MODELS), default="mochi", optional=True,
                                tooltip=("The base model whose clip rules apply: mochi, wan2.1 (Wan 2.1 1.3B / 14B and "
                                         "the Wan 2.2 A14B experts) or wan2.2-5b (Wan 2.2 TI2V 5B, sizes in multiples "

@@ -57,12 +57,16 @@ class AttentionRecorder(_Shared):
     def add(self, q: torch.Tensor, k: torch.Tensor, n_visual: int, rows: list[int], grid: tuple[int, int, int],
             patch_size: int) -> None:
         """q, k: [B, heads, N + L, D] as Mochi's joint attention builds them (visual tokens first)."""
-        if self.grid is not None and (self.grid, self.patch_size) != (grid, patch_size):
-            self.reset()  # a new video size: start over
-        self.grid = grid
+        self.start(grid, patch_size)
         if k.shape[2] - n_visual <= 0 or not rows:
             return
         self.add_cross(q[:, :, :n_visual], k[:, :, n_visual:], rows)
+
+    def start(self, grid: tuple[int, int, int], patch_size: int) -> None:
+        """The token grid and patch size of this call; a new video size starts over."""
+        if self.grid is not None and (self.grid, self.patch_size) != (grid, patch_size):
+            self.reset()
+        self.grid, self.patch_size = grid, patch_size
 
     def add_cross(self, qv: torch.Tensor, kt: torch.Tensor, rows: list[int]) -> None:
         """qv: [B, heads, N, D] video queries, kt: [B, heads, L, D] text keys (grid set by the caller)."""
@@ -217,13 +221,11 @@ class RelationSamplerPatch(_Shared):
         def override(func, q, k, v, heads, *args, **kwargs):
             if kwargs.get("skip_reshape") and q.ndim == 4 and q.shape[2] > n_visual:  # Mochi's joint attention
                 with torch.no_grad():
-                    recorder.add(q, k, n_visual, rows, grid)
+                    recorder.add(q, k, n_visual, rows, grid, patch_size)
             elif not kwargs.get("skip_reshape") and q.ndim == 3 and q.shape[1] == n_visual and k.shape[1] != n_visual:
                 with torch.no_grad():  # Wan's cross-attention: [B, N, heads * D] queries, [B, L, heads * D] keys
                     b, d = q.shape[0], q.shape[-1] // heads
-                    if recorder.grid != grid:
-                        recorder.reset()
-                    recorder.grid = grid
+                    recorder.start(grid, patch_size)
                     recorder.add_cross(q.view(b, -1, heads, d).transpose(1, 2), k.view(b, -1, heads, d).transpose(1, 2),
                                        rows)
             return func(q, k, v, heads, *args, **kwargs)
@@ -258,7 +260,7 @@ class RelationSamplerPatch(_Shared):
         if not rows:
             return transformer_options
         to = dict(transformer_options)
-        to["optimized_attention_override"] = self._attention_override(grid[0] * grid[1] * grid[2], grid, p, rows)
+        to["optimized_attention_override"] = self._attention_override(grid[0] * grid[1] * grid[2], grid, ph, rows)
         return to
 
     def outer_sample(self, executor, *args, **kwargs):

@@ -128,13 +128,14 @@ class DreamRelationPrepareDataset(io.ComfyNode):
             category="DreamRelation/training",
             description="Encode every video (latents as ComfyUI's Mochi sees them), caption and mask of a dataset once.",
             inputs=[
-                Dataset.Input("dataset", tooltip="a checked dataset folder (DreamRelation Dataset node)"),
-                io.Vae.Input("vae", tooltip="Mochi VAE (Load VAE: mochi_vae.safetensors; its encoder encodes with genmo's "
-                                            "causal attention) or a Wan VAE (wan_2.1_vae / wan2.2_vae.safetensors)"),
-                io.Clip.Input("clip", tooltip="T5-XXL loaded by CLIPLoader with type 'mochi', or umT5 with type 'wan', "
-                                              "to encode the captions"),
+                Dataset.Input("dataset", tooltip="A checked dataset folder (DreamRelation Dataset node)."),
+                io.Vae.Input("vae", tooltip="The Mochi VAE (Load VAE: mochi_vae.safetensors; its encoder encodes with "
+                                            "genmo's causal attention) or a Wan VAE (wan_2.1_vae / wan2.2_vae."
+                                            "safetensors). It tells the base model."),
+                io.Clip.Input("clip", tooltip="T5-XXL loaded by CLIPLoader with type 'mochi', or umT5 with type 'wan': "
+                                              "it encodes the captions."),
                 io.Int.Input("max_text_len", default=256, min=8, max=512,
-                             tooltip="text tokens per caption; Mochi uses 256 (Wan always 512)"),
+                             tooltip="Text tokens per caption (Mochi uses 256; Wan always 512)."),
                 io.String.Input("cache_dir", optional=True, default="", tooltip=(
                     "Where the encoded clips go. Empty: <dataset folder>/.dreamrelation_cache. Unchanged clips are "
                     "not encoded again.")),
@@ -188,8 +189,8 @@ class DreamRelationTrain(io.ComfyNode):
                 Prepared.Input("prepared", tooltip="The encoded dataset (DreamRelation Prepare Dataset)."),
                 io.Combo.Input("transformer", options=folder_paths.get_filename_list("diffusion_models"), tooltip=(
                     "Mochi or Wan DiT weights (mochi_preview_*, wan2.1_t2v_*, wan2.2_*.safetensors; the base model is "
-                    "read from the file) to train on; loaded for training only, "
-                    "ComfyUI's loaded models are freed first")),
+                    "read from the file) to train on. They are loaded for training only; ComfyUI's loaded models are "
+                    "freed first.")),
                 io.String.Input("name", default="my_relation", tooltip=(
                     "The run's name: the LoRA is saved as loras/dreamrelation/<name>.safetensors, the run in "
                     "output/dreamrelation/<name>/.")),
@@ -215,7 +216,7 @@ class DreamRelationTrain(io.ComfyNode):
                 io.Int.Input("checkpoint_every", optional=True, default=200, min=1, max=100000,
                              tooltip="Steps between checkpoints."),
                 io.Boolean.Input("gradient_checkpointing", optional=True, default=True,
-                                 tooltip="less VRAM, about 30% slower"),
+                                 tooltip="Less VRAM, about 30% slower."),
                 io.Combo.Input("lora_placement", options=["default", "self_attention"], default="default", optional=True,
                                tooltip=("Where the triplet sits on Wan: default puts the relation LoRA on self- and "
                                         "cross-attention Q and K; self_attention on the self-attention only. Mochi: "

@@ -51,7 +51,7 @@ def run_demo(out_dir: str | Path = "demo_output", steps: int = 200, seed: int = 
     from ..data.encode import encode_captions
     from ..data.synthetic import write_synthetic_dataset
     from ..generate import add_relation_lora, generate_latents
-    from ..lora import files as formats
+    from ..lora import files as lora_files
     from ..training.config import TrainConfig
     from ..training.plots import plot_losses
     from ..training.trainer import Trainer
@@ -88,7 +88,7 @@ def run_demo(out_dir: str | Path = "demo_output", steps: int = 200, seed: int = 
     plot = plot_losses(result.history, out / "loss_curve.png",
                        f"DreamRelation demo (tiny random {spec.display_name}, synthetic clip)")
 
-    lora = formats.load_lora_file(result.relation_path)
+    lora = lora_files.load_lora_file(result.relation_path)
     model = add_relation_lora(spec.load_transformer("tiny", seed=seed), lora)
     y, ym = encode_captions(text_encoder, tokenizer, [DEMO_PROMPT], text_len)
     latent_shape = tuple(clips[0].mean.shape[1:])

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from ..dtypes import DTYPES
-from ..lora import files as formats
+from ..lora import files as lora_files
 from ..lora.comfy_export import save_comfy_lora
 from ..lora.layout import ADAPTERS
 
@@ -49,7 +49,7 @@ def export_comfy(src: str | Path, dst: str | Path, dtype: str = "fp32") -> Path:
 
 def cmd_export_comfy(args: argparse.Namespace) -> int:
     out = export_comfy(args.input, args.output, args.dtype)
-    base = formats.load_lora_file(args.input).spec
+    base = lora_files.load_lora_file(args.input).spec
     keys = "genmo keys" if base.family == "mochi" else "ComfyUI's Wan LoRA keys"
     print(f"wrote {out} (relation + ffn as a {base.display_name} LoRA in {keys}; load it with ComfyUI's "
           "LoraLoaderModelOnly)")

@@ -12,6 +12,7 @@ from ..base_models import NAMES, get_spec
 from ..data.cache import DEFAULT_CACHE, MANIFEST, Encoders, prepare_dataset
 from ..data.dataset import describe_dataset
 from ..dtypes import DTYPES
+from .progress import progress_bar
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -40,15 +41,10 @@ def run_prepare(args: argparse.Namespace) -> int:
         vae.enable_tiling()
     te, tok = spec.load_text_encoder(args.text_encoder, args.tokenizer, args.text_encoder_config, dtype=dtype,
                                      device=device)
-    bar = tqdm(total=len(entries), desc="prepare", unit="video")
-
-    def progress(done: int, total: int, name: str) -> None:
-        bar.set_postfix_str(name)
-        bar.update(done - bar.n)
-
+    bar, update = progress_bar("prepare", "video", len(entries))
     try:
         paths = prepare_dataset(args.data_dir, cache, Encoders.from_models(vae, te, tok, spec), frames, args.size,
-                                max_text_len, progress)
+                                max_text_len, progress=update)
     finally:
         bar.close()
     print(f"prepared {len(paths)} clip(s) in {cache} (manifest: {cache / MANIFEST})")
