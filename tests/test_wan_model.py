@@ -145,11 +145,12 @@ def _velocity(model, x, text, sigma: float) -> torch.Tensor:
         return model(x.to(dtype), t, text.to(dtype), return_dict=False)[0].float()
 
 
-def _quantised(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """ComfyUI's scaled fp8 layout: block Linear weights in fp8 e4m3fn with `scale_weight`, a marker."""
+def _quantised(sd: dict[str, torch.Tensor], everywhere: bool = False) -> dict[str, torch.Tensor]:
+    """ComfyUI's scaled fp8 layout: Linear weights (of the blocks, or `everywhere`) in fp8 e4m3fn
+    with `scale_weight`, a marker."""
     out = {"scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn)}
     for k, v in sd.items():
-        if ".blocks." in k and k.endswith(".weight") and v.ndim == 2:
+        if (everywhere or ".blocks." in k) and k.endswith(".weight") and v.ndim == 2:
             out[k], scale = fp8.quantize_fp8(v)
             out[k[: -len("weight")] + "scale_weight"] = scale.reshape(1)
         else:
@@ -166,6 +167,7 @@ def test_loader_reads_comfy_diffusers_and_fp8_files(tmp_path) -> None:
         "fp32": {k: v.contiguous() for k, v in comfy.items()},
         "fp16": {k: v.half().contiguous() for k, v in comfy.items()},
         "fp8": _quantised(comfy),
+        "fp8_everywhere": _quantised(comfy, everywhere=True),  # the time embedder too
         "diffusers": {k: v.contiguous() for k, v in model.state_dict().items()},
     }
     for name, sd in files.items():
@@ -185,6 +187,12 @@ def test_loader_reads_comfy_diffusers_and_fp8_files(tmp_path) -> None:
     assert torch.allclose(q.dequantized(), model.blocks[1].attn2.to_k.weight, rtol=0.07, atol=1e-3)
     err = (_velocity(scaled, x, text, 0.6) - ref).abs().max() / ref.abs().max()
     assert 0 < err < 0.03  # fp8 rounding, not a wrong scale (that would be O(1))
+
+    everywhere = loading.load_transformer(str(tmp_path / "fp8_everywhere.safetensors"))
+    assert everywhere.condition_embedder.time_embedder.linear_1.weight.dtype == torch.float32  # dequantised
+    assert everywhere.condition_embedder.text_embedder.linear_1.weight.dtype == torch.float8_e4m3fn
+    err = (_velocity(everywhere, x, text, 0.6) - ref).abs().max() / ref.abs().max()
+    assert 0 < err < 0.03
 
     half = loading.load_transformer(str(tmp_path / "fp32.safetensors"), dtype=torch.bfloat16)
     assert half.blocks[0].attn1.to_q.weight.dtype == torch.bfloat16

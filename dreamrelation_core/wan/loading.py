@@ -8,7 +8,8 @@ Transformer (diffusers `WanTransformer3DModel`), either
   `wan2.2_ti2v_5B_fp16.safetensors`, `wan2.2_t2v_{high,low}_noise_14B_fp8_scaled.safetensors` in
   ComfyUI's `models/diffusion_models/`; original Wan keys, prefix optional): no config needed, the
   shapes give it (`dit_keys.detect_variant`). bf16 / fp16 / fp32 files are cast to `dtype`; scaled
-  fp8 files keep their fp8 Linear weights with their per-tensor scales (`fp8.FrozenLinear`);
+  fp8 files keep their fp8 Linear weights with their per-tensor scales (`fp8.FrozenLinear`), except
+  the time embedder's, which are dequantised (`KEEP_PRECISION`);
 - a single file in diffusers' key names (config from its shapes too);
 - a diffusers folder (`transformer/` of Wan-AI/Wan2.1-T2V-1.3B-Diffusers, or the pipeline folder);
 - "tiny": the random test model of `tiny`.
@@ -73,6 +74,10 @@ def _cast(sd: dict[str, torch.Tensor], dtype: torch.dtype, keep_fp32: list[str] 
 
 # ---------------------------------------------------------------- transformer
 
+# diffusers' Wan casts the sinusoidal time features to the time embedder's parameter dtype, so
+# its Linears cannot stay in fp8 (ComfyUI's scaled files may store them so): they are dequantised.
+KEEP_PRECISION = ("condition_embedder.time_embedder",)
+
 
 def _transformer_from_diffusers_sd(
     path: Path, sd: dict[str, torch.Tensor], module_scales: dict[str, torch.Tensor],
@@ -107,7 +112,8 @@ def _transformer_from_diffusers_sd(
     # buffers (the RoPE tables) are not in the file: init_empty_weights left them real, keep them
     if any(fp8.is_fp8(t.dtype) for t in sd.values()):
         fp8.attach_scales(model, module_scales, str(path))
-        fp8.freeze_linears(model)  # unscaled fp8 Linears (scale 1) and the rest: one Linear type
+        # unscaled fp8 Linears (scale 1) and the rest: one Linear type; the time embedder dequantised
+        fp8.freeze_linears(model, keep=KEEP_PRECISION)
     return model.eval()
 
 
