@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 warnings.filterwarnings("ignore")
 
 from dreamrelation_core.data.cache import PreparedClip  # noqa: E402
-from dreamrelation_core.lora import peft_triplet as triplet  # noqa: E402
+from dreamrelation_core.lora.layout import target_modules  # noqa: E402
 from dreamrelation_core.mochi.latents import diffusers_timestep  # noqa: E402
 from dreamrelation_core.mochi.tiny import tiny_transformer  # noqa: E402
 from dreamrelation_core.training.config import TrainConfig  # noqa: E402
@@ -66,7 +66,7 @@ class PlainLoRA:
     def __init__(self, model, clips, rank: int, lr: float):
         from peft import LoraConfig
 
-        modules = sorted({p for a in ("relation", "subject1", "subject2", "ffn") for p in triplet.target_modules(a, len(model.transformer_blocks))})
+        modules = sorted({p for a in ("relation", "subject1", "subject2", "ffn") for p in target_modules(a, len(model.transformer_blocks))})
         model.requires_grad_(False)
         model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=modules), adapter_name="plain")
         self.model, self.clips = model.train(), clips

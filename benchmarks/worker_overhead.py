@@ -38,7 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 warnings.filterwarnings("ignore")
 
-from dreamrelation_core.data.cache import prepare_dataset  # noqa: E402
+from dreamrelation_core.data.cache import Encoders, prepare_dataset  # noqa: E402
 from dreamrelation_core.data.synthetic import write_synthetic_dataset  # noqa: E402
 from dreamrelation_core.mochi.tiny import tiny_text_encoder, tiny_tokenizer, tiny_vae  # noqa: E402
 from dreamrelation_core.training.config import TrainConfig  # noqa: E402
@@ -124,7 +124,7 @@ def main() -> None:
 
     root = Path(tempfile.mkdtemp(prefix="dr_worker_bench_"))
     data = write_synthetic_dataset(root / "data", num_videos=2, num_frames=args.frames, size=(args.size, args.size))
-    prepare_dataset(data, root / "cache", tiny_vae(), tiny_text_encoder(), tiny_tokenizer(16), args.frames,
+    prepare_dataset(data, root / "cache", Encoders.from_models(tiny_vae(), tiny_text_encoder(), tiny_tokenizer(16)), args.frames,
                     (args.size, args.size), max_text_len=16)
     tiny = {"num_layers": args.layers, "heads": 2, "head_dim": args.width // 2}
 

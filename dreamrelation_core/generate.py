@@ -10,10 +10,10 @@ from collections.abc import Callable
 
 import torch
 
+from .base_models import spec_of_model
 from .errors import LoraFormatError
 from .lora import peft_triplet as triplet
 from .lora.layout import ADAPTERS, INFERENCE_ADAPTERS, LoraSet
-from .mochi.latents import LATENT_CHANNELS, diffusers_timestep
 
 
 def add_relation_lora(model: torch.nn.Module, lora: LoraSet) -> torch.nn.Module:
@@ -25,7 +25,7 @@ def add_relation_lora(model: torch.nn.Module, lora: LoraSet) -> torch.nn.Module:
         raise LoraFormatError("the LoRA has no 'relation' adapter")
     ranks = {a: rel.rank.get(a, rel.rank["relation"]) for a in ADAPTERS}
     alphas = {a: rel.alpha.get(a, rel.alpha["relation"]) for a in ranks}
-    triplet.add_triplet(model, rank=ranks, alpha=alphas)
+    triplet.add_triplet(model, rank=ranks, alpha=alphas, spec=rel.spec)  # the placement it was trained with
     triplet.load_lora_set(model, rel)
     triplet.activate_inference(model)
     return model.eval()
@@ -82,17 +82,16 @@ def generate_latents(
     seed: int = 0,
     callback: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
-    """Normalised latents [1, 12, T, h, w] (ComfyUI's Mochi latent space)."""
+    """Normalised latents [1, C, T, h, w] (the latent space ComfyUI samples the base model in)."""
+    spec = spec_of_model(model)
     dev = next(model.parameters()).device
     g = torch.Generator().manual_seed(seed)
-    noise = torch.randn((1, LATENT_CHANNELS, *shape), generator=g).to(dev)
+    noise = torch.randn((1, spec.latent_channels, *shape), generator=g).to(dev)
     y = torch.cat([torch.zeros_like(y_feat), y_feat]).to(dev)  # [2, L, D]: uncond, cond
     ym = torch.cat([torch.zeros_like(y_mask), y_mask]).bool().to(dev)
 
     def velocity(x: torch.Tensor, sigma: float) -> torch.Tensor:
-        t = diffusers_timestep(torch.full((2,), sigma, device=dev))
-        u = model(hidden_states=torch.cat([x, x]), encoder_hidden_states=y, timestep=t,
-                  encoder_attention_mask=ym, return_dict=False)[0].float()
+        u = spec.predict(model, torch.cat([x, x]), y, ym, torch.full((2,), sigma, device=dev)).float()
         uncond, cond = u.chunk(2)
         return uncond + cfg * (cond - uncond)
 

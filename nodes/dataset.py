@@ -22,6 +22,8 @@ from dreamrelation_core.errors import DatasetError
 from .comfy_types import Dataset
 from .paths import resolve_dataset_folder, resolve_dataset_path
 
+BASE_MODELS = ("mochi", "wan2.1", "wan2.2-5b")
+
 
 class DreamRelationDataset(io.ComfyNode):
     @classmethod
@@ -36,12 +38,16 @@ class DreamRelationDataset(io.ComfyNode):
                     "The dataset folder, one per relation (absolute, or relative to ComfyUI's input folder, then its "
                     "output folder): <name>.mp4|.gif|<name>/ frames, a <name>.txt caption, <name>.masks.npz or "
                     "reference mask PNGs.")),
-                io.Int.Input("frames", default=61, min=7, max=301, step=6,
-                             tooltip="Frames per training clip: 6k + 1 (61 in the paper)."),
+                io.Int.Input("frames", default=61, min=5, max=301, step=2,
+                             tooltip="Frames per training clip: Mochi 6k + 1 (61 in the paper), Wan 4k + 1 (81)."),
                 io.Int.Input("height", default=480, min=16, max=2048, step=16,
                              tooltip="Training height in pixels, a multiple of 16 (Mochi: 480)."),
                 io.Int.Input("width", default=848, min=16, max=2048, step=16,
                              tooltip="Training width in pixels, a multiple of 16 (Mochi: 848)."),
+                io.Combo.Input("base_model", options=list(BASE_MODELS), default="mochi", optional=True,
+                               tooltip=("The base model whose clip rules apply: mochi, wan2.1 (Wan 2.1 1.3B / 14B and "
+                                        "the Wan 2.2 A14B experts) or wan2.2-5b (Wan 2.2 TI2V 5B, sizes in multiples "
+                                        "of 32).")),
             ],
             outputs=[
                 Dataset.Output(display_name="dataset"),
@@ -50,13 +56,15 @@ class DreamRelationDataset(io.ComfyNode):
         )
 
     @classmethod
-    def fingerprint_inputs(cls, folder: str, frames: int, height: int, width: int) -> str:
+    def fingerprint_inputs(cls, folder: str, frames: int, height: int, width: int, base_model: str = "mochi") -> str:
         # Re-validate when the folder's files change, not only when the inputs do.
-        return f"{folder_stamp(resolve_dataset_folder(folder))}|{frames}|{height}|{width}"
+        return f"{folder_stamp(resolve_dataset_folder(folder))}|{frames}|{height}|{width}|{base_model}"
 
     @classmethod
-    def execute(cls, folder: str, frames: int, height: int, width: int) -> io.NodeOutput:
-        spec = describe_dataset(resolve_dataset_folder(folder), frames, (height, width))
+    def execute(cls, folder: str, frames: int, height: int, width: int, base_model: str = "mochi") -> io.NodeOutput:
+        from dreamrelation_core.base_models import get_spec
+
+        spec = describe_dataset(resolve_dataset_folder(folder), frames, (height, width), get_spec(base_model))
         return io.NodeOutput(spec, spec.report())
 
 

@@ -1,10 +1,12 @@
-"""Relation LoRA on ComfyUI's native Mochi: loader and export nodes.
+"""Relation LoRA on ComfyUI's native Mochi and Wan: loader and export nodes.
 
 The loader turns our LoRA (triplet, relation-only export, reference checkpoint or a genmo-key
-Mochi LoRA) into a plain genmo-key LoRA state dict (Q and K stacked into one LoRA per fused
-`qkv_x` / `qkv_y`, see `dreamrelation_core.lora.genmo`) and hands it to ComfyUI's own
-`comfy.sd.load_lora_for_models`: the patches live in the ModelPatcher, so merging into the
-weights, low-VRAM loading, offloading, stacking with other LoRAs and unpatching are ComfyUI's.
+Mochi LoRA) into the plain LoRA state dict ComfyUI reads for that base model (Mochi: Q and K
+stacked into one LoRA per fused `qkv_x` / `qkv_y`, see `dreamrelation_core.lora.genmo`; Wan: one
+LoRA per `self_attn` / `cross_attn` projection, see `dreamrelation_core.lora.comfy_export`) and
+hands it to ComfyUI's own `comfy.sd.load_lora_for_models`: the patches live in the ModelPatcher,
+so merging into the weights, low-VRAM loading, offloading, stacking with other LoRAs and
+unpatching are ComfyUI's.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from comfy_api.latest import io, ui
 
 from dreamrelation_core.dtypes import DTYPES
 from dreamrelation_core.errors import LoraFormatError
+from dreamrelation_core.lora import comfy_export
 from dreamrelation_core.lora import genmo as comfy_keys
 from dreamrelation_core.lora.files import load_lora_file
 from dreamrelation_core.lora.layout import INFERENCE_ADAPTERS, LoraSet
@@ -47,6 +50,37 @@ def _is_mochi(model) -> bool:
     import comfy.model_base
 
     return isinstance(getattr(model, "model", None), comfy.model_base.GenmoMochi)
+
+
+def _is_wan(model) -> bool:
+    import comfy.model_base
+
+    return isinstance(getattr(model, "model", None), comfy.model_base.WAN21)  # WAN22 derives from it
+
+
+def _wan_fused(lora: LoraSet, model, source: str) -> tuple[dict[str, comfy_keys.FusedLora], dict]:
+    """Wan: ComfyUI module stem -> FusedLora (scale folded), checked against the model's weights; and
+    the state dict ComfyUI's LoRA loader reads."""
+    if lora.spec.family != "wan":
+        raise LoraFormatError(f"{source}: a {lora.spec.name} LoRA does not fit ComfyUI's Wan (this MODEL)")
+    sd = comfy_export.comfy_state_dict(lora, source=source)
+    dm = model.model.diffusion_model
+    fused = {}
+    for key in sd:
+        if not key.endswith(".lora_A.weight"):
+            continue
+        stem = key[len("diffusion_model."):-len(".lora_A.weight")]
+        down, up = sd[key], sd[key.replace("lora_A", "lora_B")]
+        try:
+            weight = dm.get_submodule(stem).weight
+        except AttributeError:
+            raise LoraFormatError(f"{source}: key {key} targets {stem}, which the MODEL does not have (the LoRA has "
+                                  f"{lora.num_blocks()} blocks, the MODEL {len(dm.blocks)})") from None
+        if tuple(weight.shape) != (up.shape[0], down.shape[1]):
+            raise LoraFormatError(f"{source}: key {stem}: LoRA delta is {[up.shape[0], down.shape[1]]} but the MODEL's "
+                                  f"{stem}.weight is {list(weight.shape)}: the LoRA was made for another Wan size")
+        fused[stem] = comfy_keys.FusedLora(down, up)
+    return fused, sd
 
 
 def _weight_shapes(model) -> dict[str, tuple[int, ...]]:
@@ -84,12 +118,18 @@ def patch_model_with_relation_lora(model, lora: LoraSet, strength: float, source
     (`dreamrelation_core.generate.add_relation_lora` is the diffusers counterpart.)"""
     import comfy.sd
 
-    if not _is_mochi(model):
+    if _is_wan(model):
+        fused, sd = _wan_fused(lora, model, source)
+    elif _is_mochi(model):
+        if lora.spec.family != "mochi":
+            raise LoraFormatError(f"{source}: a {lora.spec.name} LoRA does not fit ComfyUI's Mochi (this MODEL)")
+        fused = comfy_keys.fused_loras(lora, source=source)
+        comfy_keys.check_against_model(fused, _weight_shapes(model), source, model_name="the MODEL")
+        sd = comfy_keys.comfy_state_dict(lora, source=source)
+    else:
         kind = type(getattr(model, "model", model)).__name__
-        raise ValueError(f"{source}: a relation LoRA applies to ComfyUI's Mochi (GenmoMochi); this MODEL is {kind}")
-    fused = comfy_keys.fused_loras(lora, source=source)
-    comfy_keys.check_against_model(fused, _weight_shapes(model), source, model_name="the MODEL")
-    sd = comfy_keys.comfy_state_dict(lora, source=source)
+        raise ValueError(f"{source}: a relation LoRA applies to ComfyUI's Mochi (GenmoMochi) or Wan (WAN21 / WAN22); "
+                         f"this MODEL is {kind}")
     # ComfyUI's own LoRA path (what LoraLoaderModelOnly calls): key map, load_lora, add_patches.
     new_model, _ = comfy.sd.load_lora_for_models(model, None, sd, strength, 0)
     patched = len([k for k in new_model.patches if k not in model.patches or len(new_model.patches[k]) > len(model.patches[k])])
@@ -137,10 +177,11 @@ class RelationLoraLoader(io.ComfyNode):
             node_id="DreamRelationRelationLoraLoader",
             display_name="DreamRelation Relation LoRA Loader",
             category="DreamRelation/LoRA",
-            description="Apply a DreamRelation relation LoRA (relation + ffn; subject LoRAs dropped) to ComfyUI's Mochi.",
+            description=("Apply a DreamRelation relation LoRA (relation + ffn; subject LoRAs dropped) to ComfyUI's "
+                         "Mochi or Wan."),
             inputs=[
-                io.Model.Input("model", tooltip="ComfyUI's Mochi diffusion model (Load Diffusion Model with a "
-                                                "mochi_preview_dit file)."),
+                io.Model.Input("model", tooltip="ComfyUI's Mochi or Wan diffusion model (Load Diffusion Model with a "
+                                                "mochi_preview_dit or wan2.1 / wan2.2 file)."),
                 io.Combo.Input("lora_name", options=_lora_list(), tooltip=(
                     "Relation LoRA from the models/loras folder: a DreamRelation triplet or relation-only "
                     ".safetensors, a reference model_<step>.lora.pt / .safetensors, or a genmo-key Mochi LoRA. "
@@ -149,7 +190,7 @@ class RelationLoraLoader(io.ComfyNode):
                                tooltip="Multiplier of the relation and ffn LoRAs (1 = as trained, 0 = base model)."),
             ],
             outputs=[
-                io.Model.Output(display_name="model", tooltip="The Mochi model with the relation LoRA patched in "
+                io.Model.Output(display_name="model", tooltip="The model with the relation LoRA patched in "
                                                               "(ComfyUI merges it into the weights)."),
                 io.String.Output(display_name="report", tooltip="What was applied and dropped: adapters, modules, "
                                                                 "rank, scale, blocks."),
@@ -174,8 +215,9 @@ class ExportRelationLora(io.ComfyNode):
             node_id="DreamRelationExportRelationLora",
             display_name="DreamRelation Export Relation LoRA",
             category="DreamRelation/LoRA",
-            description=("Export the relation + ffn LoRAs as a standard Mochi LoRA (genmo keys) that ComfyUI's stock "
-                         "LoraLoaderModelOnly loads without this pack."),
+            description=("Export the relation + ffn LoRAs as a standard LoRA for its base model (Mochi: genmo keys; "
+                         "Wan: diffusion_model.blocks.N.self_attn.q keys) that ComfyUI's stock LoraLoaderModelOnly "
+                         "loads without this pack."),
             is_output_node=True,
             inputs=[
                 io.Combo.Input("lora_name", options=_lora_list(),
@@ -207,7 +249,7 @@ class ExportRelationLora(io.ComfyNode):
         if out.exists() and not overwrite:
             raise FileExistsError(f"{out} exists; choose another filename or set overwrite")
         lora = load_lora_file(src)
-        written = comfy_keys.save_comfy_lora(out, lora, dtype=DTYPES[dtype], source=src)
+        written = comfy_export.save_comfy_lora(out, lora, dtype=DTYPES[dtype], source=src)
         log.info("DreamRelation: exported %s -> %s", src, written)
         return io.NodeOutput(str(written), ui=ui.PreviewText(str(written)))
 

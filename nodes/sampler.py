@@ -1,4 +1,4 @@
-"""Sampling-time control of a relation LoRA on ComfyUI's Mochi, and attention maps.
+"""Sampling-time control of a relation LoRA on ComfyUI's Mochi and Wan, and attention maps.
 
 The loader merges the relation LoRA into the weights (no per-step cost). This patch changes its
 effective strength per model call without touching the merged weights: for the batch rows where
@@ -9,14 +9,13 @@ those rows only. The hooks live only for the duration of one `apply_model` call 
 APPLY_MODEL wrapper), so the model object is left as it was.
 
 Attention recording uses ComfyUI's `optimized_attention_override`: for each joint attention call
-it takes the visual queries against the text keys, softmax over the prompt tokens (the prompt
-"cross-attention" of every video token, cheap: N × L), keeps the chosen words' columns, averages
-heads, blocks and steps of the conditional pass, then calls the normal attention unchanged.
+(Mochi) or cross-attention call (Wan: video queries, umT5 keys) it takes the visual queries
+against the text keys, softmax over the prompt tokens (the prompt "cross-attention" of every
+video token, cheap: N × L), keeps the chosen words' columns, averages heads, blocks and steps of
+the conditional pass, then calls the normal attention unchanged.
 """
 
 from __future__ import annotations
-
-import re
 
 import torch
 from comfy_api.latest import io
@@ -26,7 +25,6 @@ from .lora import INFO_KEY, RelationLoraInfo
 
 WRAPPER_KEY = "dreamrelation_sampler_patch"
 APPLY_TO = ["cond and uncond", "cond only"]
-_STEM_RE = re.compile(r"^blocks\.(\d+)\.attn\.(qkv_x|qkv_y|proj_x|proj_y)$")
 
 
 class _Shared:
@@ -59,15 +57,23 @@ class AttentionRecorder(_Shared):
     def add(self, q: torch.Tensor, k: torch.Tensor, n_visual: int, rows: list[int], grid: tuple[int, int, int],
             patch_size: int) -> None:
         """q, k: [B, heads, N + L, D] as Mochi's joint attention builds them (visual tokens first)."""
-        if self.grid is not None and (self.grid, self.patch_size) != (grid, patch_size):
-            self.reset()  # a new video size: start over
-        self.grid, self.patch_size = grid, patch_size
-        n_text = k.shape[2] - n_visual
-        if n_text <= 0 or not rows:
+        self.start(grid, patch_size)
+        if k.shape[2] - n_visual <= 0 or not rows:
             return
-        idx = torch.tensor(rows, device=q.device)
-        qv = q.index_select(0, idx)[:, :, :n_visual]
-        kt = k.index_select(0, idx)[:, :, n_visual:]
+        self.add_cross(q[:, :, :n_visual], k[:, :, n_visual:], rows)
+
+    def start(self, grid: tuple[int, int, int], patch_size: int) -> None:
+        """The token grid and patch size of this call; a new video size starts over."""
+        if self.grid is not None and (self.grid, self.patch_size) != (grid, patch_size):
+            self.reset()
+        self.grid, self.patch_size = grid, patch_size
+
+    def add_cross(self, qv: torch.Tensor, kt: torch.Tensor, rows: list[int]) -> None:
+        """qv: [B, heads, N, D] video queries, kt: [B, heads, L, D] text keys (grid set by the caller)."""
+        n_text = kt.shape[2]
+        idx = torch.tensor(rows, device=qv.device)
+        q = qv.index_select(0, idx)
+        qv, kt = q, kt.index_select(0, idx)
         logits = torch.matmul(qv, kt.transpose(-1, -2)).float() * q.shape[-1] ** -0.5  # [b, h, N, L]
         probs = logits.softmax(dim=-1).mean(dim=(0, 1))  # [N, L]
         per_word = []
@@ -203,8 +209,7 @@ class RelationSamplerPatch(_Shared):
             if not bool(coef.any()):
                 continue
             for stem, f in info.fused.items():
-                m = _STEM_RE.match(stem)
-                module = getattr(diffusion_model.blocks[int(m.group(1))].attn, m.group(2))
+                module = diffusion_model.get_submodule(stem)  # Mochi `blocks.3.attn.qkv_x`, Wan `blocks.3.self_attn.q`
                 handles.append(module.register_forward_hook(self._hook(f, coef)))
         return handles
 
@@ -214,9 +219,15 @@ class RelationSamplerPatch(_Shared):
         recorder = self.recorder
 
         def override(func, q, k, v, heads, *args, **kwargs):
-            if kwargs.get("skip_reshape") and q.ndim == 4 and q.shape[2] > n_visual:
+            if kwargs.get("skip_reshape") and q.ndim == 4 and q.shape[2] > n_visual:  # Mochi's joint attention
                 with torch.no_grad():
                     recorder.add(q, k, n_visual, rows, grid, patch_size)
+            elif not kwargs.get("skip_reshape") and q.ndim == 3 and q.shape[1] == n_visual and k.shape[1] != n_visual:
+                with torch.no_grad():  # Wan's cross-attention: [B, N, heads * D] queries, [B, L, heads * D] keys
+                    b, d = q.shape[0], q.shape[-1] // heads
+                    recorder.start(grid, patch_size)
+                    recorder.add_cross(q.view(b, -1, heads, d).transpose(1, 2), k.view(b, -1, heads, d).transpose(1, 2),
+                                       rows)
             return func(q, k, v, heads, *args, **kwargs)
 
         return override
@@ -239,16 +250,17 @@ class RelationSamplerPatch(_Shared):
                 h.remove()
 
     def _with_recording(self, base_model, x, transformer_options: dict, cond_or_uncond) -> dict:
-        p = base_model.diffusion_model.patch_size
+        p = base_model.diffusion_model.patch_size  # Mochi: 2; Wan: (1, 2, 2)
+        pt, ph, pw = tuple(p) if isinstance(p, (tuple, list)) else (1, p, p)
         T, H, W = x.shape[-3:]
-        grid = (T, H // p, W // p)
+        grid = (T // pt, H // ph, W // pw)
         per = x.shape[0] // max(len(cond_or_uncond or [0]), 1)
         chunks = cond_or_uncond or [0]
         rows = [r for i, c in enumerate(chunks) if c == 0 for r in range(i * per, (i + 1) * per)]
         if not rows:
             return transformer_options
         to = dict(transformer_options)
-        to["optimized_attention_override"] = self._attention_override(grid[0] * grid[1] * grid[2], grid, p, rows)
+        to["optimized_attention_override"] = self._attention_override(grid[0] * grid[1] * grid[2], grid, ph, rows)
         return to
 
     def outer_sample(self, executor, *args, **kwargs):
@@ -290,7 +302,7 @@ class MochiSamplerPatch(io.ComfyNode):
             category="DreamRelation/sampling",
             description="Relation LoRA strength per denoising range and pass; optional attention recording of prompt words.",
             inputs=[
-                io.Model.Input("model", tooltip="Mochi MODEL from 'DreamRelation Relation LoRA Loader'."),
+                io.Model.Input("model", tooltip="Mochi or Wan MODEL from 'DreamRelation Relation LoRA Loader'."),
                 io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01,
                                tooltip="Relation LoRA strength inside the range, relative to the loader's (1 = as loaded)."),
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
@@ -304,7 +316,7 @@ class MochiSamplerPatch(io.ComfyNode):
                     "Comma-separated prompt words whose attention onto the video is recorded (needs clip and prompt), "
                     "or token indices like #3. Empty: no recording.")),
                 io.Clip.Input("clip", optional=True,
-                              tooltip="The Mochi CLIP (T5) used for the prompt: finds the words' tokens."),
+                              tooltip="The CLIP used for the prompt (Mochi's T5, Wan's umT5): finds the words' tokens."),
                 io.String.Input("prompt", optional=True, multiline=True, default="",
                                 tooltip="The positive prompt text, as given to CLIPTextEncode."),
             ],

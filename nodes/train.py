@@ -1,7 +1,7 @@
-"""Training nodes: encode a dataset with ComfyUI's own Mochi VAE and T5, train a relation LoRA.
+"""Training nodes: encode a dataset with ComfyUI's own VAE and text encoder (Mochi or Wan), train a relation LoRA.
 
 Prepare: DREAMRELATION_DATASET + VAE + CLIP -> DREAMRELATION_PREPARED (an encoded cache folder).
-Train:   DREAMRELATION_PREPARED + a Mochi DiT file from models/diffusion_models -> relation LoRA
+Train:   DREAMRELATION_PREPARED + a Mochi or Wan DiT file from models/diffusion_models -> relation LoRA
          written to models/loras/dreamrelation/, the run folder under output/dreamrelation/, a loss
          plot and a report. Training runs in a worker process (dreamrelation_core's `train` command,
          JSON-lines progress): ComfyUI's progress bar shows its steps with the loss curve as preview;
@@ -39,26 +39,28 @@ class PreparedDataset:
 
 
 def comfy_encoders(vae, clip, precision: str = "auto", tiling: str = "auto"):
-    """`dataset.Encoders` from ComfyUI's VAE and CLIP objects.
+    """`dataset.Encoders` from ComfyUI's VAE and CLIP objects; the VAE tells the base model.
 
-    Text first, for every clip to encode: ComfyUI's Mochi T5 (loaded and freed by ComfyUI's own
-    memory management), with its attention mask, cut or padded to `max_len` tokens. Then every
-    model ComfyUI holds leaves the GPU (`release_comfy_models`), T5 included. Video: the weights of
-    ComfyUI's Mochi VAE encoder are converted to diffusers' AutoencoderKLMochi and encode there, in
-    bf16 with spatial tiling on a GPU (fp32 untiled on the CPU, where bf16 convolutions are slow);
-    that encoder keeps genmo's causal temporal attention (ComfyUI's own VAE Encode runs it
-    non-causally) and gives the posterior's mean and variance.
+    Text first, for every clip to encode: ComfyUI's T5 (Mochi, with its attention mask) or umT5
+    (Wan: 512 rows, zeros past the caption), loaded and freed by ComfyUI's own memory management,
+    cut or padded to `max_len` tokens. Then every model ComfyUI holds leaves the GPU
+    (`release_comfy_models`), the text encoder included. Video: the weights of ComfyUI's VAE are
+    converted to diffusers' (Mochi: AutoencoderKLMochi's encoder, which keeps genmo's causal
+    temporal attention where ComfyUI's own VAE Encode runs it non-causally; Wan: AutoencoderKLWan)
+    and encode there, in bf16 with spatial tiling on a GPU (fp32 untiled on the CPU, where bf16
+    convolutions are slow), giving the posterior's mean and variance.
     """
     from dreamrelation_core.data.cache import Encoders, model_tag
     from dreamrelation_core.data.encode import encode_frames
 
+    spec = base_model_of_vae(vae)
     reference_vae = None
 
     def encode_video(frames: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         nonlocal reference_vae
         if reference_vae is None:  # converted once per prepare run, on the first clip to encode
-            reference_vae = reference_vae_from_comfy(vae, precision, tiling)
-        return encode_frames(reference_vae, frames)  # [12, T, h, w] each, raw latents
+            reference_vae = reference_vae_from_comfy(vae, spec, precision, tiling)
+        return encode_frames(reference_vae, frames, spec)  # [C, T, h, w] each, raw latents
 
     def encode_text(captions: list[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         feats, masks = [], []
@@ -72,7 +74,8 @@ def comfy_encoders(vae, clip, precision: str = "auto", tiling: str = "auto"):
         return torch.stack(feats), torch.stack(masks)
 
     tags = (f"comfy-vae-{model_tag(vae.first_stage_model)}", f"comfy-clip-{model_tag(clip.cond_stage_model)}")
-    return Encoders(encode_video=encode_video, encode_text=encode_text, tags=tags, after_text=release_comfy_models)
+    return Encoders(encode_video=encode_video, encode_text=encode_text, tags=tags, spec=spec,
+                    after_text=release_comfy_models)
 
 
 def encoding_settings(device: torch.device, precision: str = "auto", tiling: str = "auto") -> tuple[torch.dtype, bool]:
@@ -82,23 +85,38 @@ def encoding_settings(device: torch.device, precision: str = "auto", tiling: str
     return dtype, {"on": True, "off": False}.get(tiling, gpu)
 
 
-def reference_vae_from_comfy(vae, precision: str = "auto", tiling: str = "auto"):
-    """diffusers AutoencoderKLMochi (encoder only) from the weights of ComfyUI's loaded Mochi VAE,
-    on ComfyUI's device in the dtype and tiling of `encoding_settings`."""
+# latent channels of ComfyUI's VAE -> base model
+VAE_BASE_MODELS = {12: "mochi", 16: "wan2.1", 48: "wan2.2-5b"}
+
+
+def base_model_of_vae(vae):
+    """The base model spec of a ComfyUI VAE, from its latent channels (Mochi 12, Wan 2.1 16, Wan 2.2 48)."""
+    from dreamrelation_core.base_models import get_spec
+
+    if getattr(vae, "first_stage_model", None) is None:
+        raise ValueError(f"the vae input is a {type(vae).__name__}, not a ComfyUI VAE")
+    channels = getattr(vae, "latent_channels", 12)  # a VAE object that does not say: Mochi's, as before Wan
+    if channels not in VAE_BASE_MODELS:
+        raise ValueError(f"the vae input ({type(vae.first_stage_model).__name__}) has {channels} latent channels; "
+                         "training needs Mochi's VAE (12, mochi_vae.safetensors) or a Wan VAE (16, "
+                         "wan_2.1_vae.safetensors; 48, wan2.2_vae.safetensors)")
+    return get_spec(VAE_BASE_MODELS[channels])
+
+
+def reference_vae_from_comfy(vae, spec=None, precision: str = "auto", tiling: str = "auto"):
+    """diffusers VAE (Mochi: AutoencoderKLMochi, encoder only; Wan: AutoencoderKLWan) from the weights of
+    ComfyUI's loaded VAE, on ComfyUI's device in the dtype and tiling of `encoding_settings`."""
     import comfy.model_management as mm
 
-    from dreamrelation_core.mochi.loading import vae_from_genmo_state_dict
-
-    model = getattr(vae, "first_stage_model", None)
-    if model is None:
-        raise ValueError(f"the vae input is a {type(vae).__name__}, not a ComfyUI VAE")
-    sd = {k: v.detach().to("cpu") for k, v in model.state_dict().items() if k.startswith("encoder.")}
-    if not sd:
-        raise ValueError(f"the vae input ({type(model).__name__}) has no encoder weights: load Mochi's VAE "
-                         "(models/vae/mochi_vae.safetensors) with Load VAE")
+    spec = spec or base_model_of_vae(vae)
+    model = vae.first_stage_model
+    sd = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
+    if not any(k.startswith("encoder.") for k in sd):
+        raise ValueError(f"the vae input ({type(model).__name__}) has no encoder weights: load the full VAE "
+                         "(models/vae/mochi_vae.safetensors or wan_2.1_vae.safetensors) with Load VAE")
     device = mm.get_torch_device()
     dtype, tiled = encoding_settings(device, precision, tiling)
-    ref = vae_from_genmo_state_dict(sd, dtype, source=f"the vae input ({type(model).__name__})")
+    ref = spec.vae_from_comfy_state_dict(sd, dtype, source=f"the vae input ({type(model).__name__})")
     if tiled:
         ref.enable_tiling()
     return ref.to(device)
@@ -183,11 +201,13 @@ class DreamRelationPrepareDataset(io.ComfyNode):
             description="Encode every video (latents as ComfyUI's Mochi sees them), caption and mask of a dataset once.",
             inputs=[
                 Dataset.Input("dataset", tooltip="A checked dataset folder (DreamRelation Dataset node)."),
-                io.Vae.Input("vae", tooltip="The Mochi VAE (Load VAE: mochi_vae.safetensors). Its encoder "
-                                            "weights encode the videos with genmo's causal attention."),
-                io.Clip.Input("clip", tooltip="T5-XXL loaded by CLIPLoader with type 'mochi': it encodes the captions."),
+                io.Vae.Input("vae", tooltip="The Mochi VAE (Load VAE: mochi_vae.safetensors; its encoder encodes with "
+                                            "genmo's causal attention) or a Wan VAE (wan_2.1_vae / wan2.2_vae."
+                                            "safetensors). It tells the base model."),
+                io.Clip.Input("clip", tooltip="T5-XXL loaded by CLIPLoader with type 'mochi', or umT5 with type 'wan': "
+                                              "it encodes the captions."),
                 io.Int.Input("max_text_len", default=256, min=8, max=512,
-                             tooltip="Text tokens per caption (Mochi uses 256)."),
+                             tooltip="Text tokens per caption (Mochi uses 256; Wan always 512)."),
                 io.String.Input("cache_dir", optional=True, default="", tooltip=(
                     "Where the encoded clips go. Empty: <dataset folder>/.dreamrelation_cache. Unchanged clips are "
                     "not encoded again.")),
@@ -210,7 +230,7 @@ class DreamRelationPrepareDataset(io.ComfyNode):
         import comfy.model_management as mm
         import comfy.utils
 
-        from dreamrelation_core.data.cache import DEFAULT_CACHE, load_prepared, prepare_with_encoders
+        from dreamrelation_core.data.cache import DEFAULT_CACHE, load_prepared, prepare_dataset
 
         cache = Path(cache_dir.strip()) if cache_dir.strip() else Path(dataset.folder) / DEFAULT_CACHE
         bar = comfy.utils.ProgressBar(len(dataset.entries))
@@ -220,8 +240,14 @@ class DreamRelationPrepareDataset(io.ComfyNode):
             mm.throw_exception_if_processing_interrupted()
 
         release_comfy_models()  # other models (a DiT from an earlier run) leave the GPU before T5 and the VAE
-        prepare_with_encoders(dataset.folder, cache, comfy_encoders(vae, clip, precision, vae_tiling),
-                              dataset.num_frames, dataset.size, max_text_len, progress=progress)
+        encoders = comfy_encoders(vae, clip, precision, vae_tiling)
+        if dataset.spec is not None and dataset.spec.name != encoders.spec.name:
+            raise ValueError(f"the dataset was checked for {dataset.spec.name} but the vae input is {encoders.spec.name}'s; "
+                             "set the Dataset node's base_model to match the VAE")
+        if encoders.spec.family == "wan":
+            max_text_len = encoders.spec.text_len  # ComfyUI's Wan always reads 512 umT5 rows
+        prepare_dataset(dataset.folder, cache, encoders, dataset.num_frames, dataset.size, max_text_len,
+                        progress=progress)
         clips = load_prepared(cache)
         dtype, tiled = encoding_settings(mm.get_torch_device(), precision, vae_tiling)
         report = (f"{len(clips)} clip(s) encoded in {cache}: latents {tuple(clips[0].mean.shape)}, text "
@@ -245,8 +271,9 @@ class DreamRelationTrain(io.ComfyNode):
             inputs=[
                 Prepared.Input("prepared", tooltip="The encoded dataset (DreamRelation Prepare Dataset)."),
                 io.Combo.Input("transformer", options=folder_paths.get_filename_list("diffusion_models"), tooltip=(
-                    "Mochi DiT weights (mochi_preview_dit_*.safetensors) to train on. They are loaded for training "
-                    "only; ComfyUI's loaded models are freed first.")),
+                    "Mochi or Wan DiT weights (mochi_preview_*, wan2.1_t2v_*, wan2.2_*.safetensors; the base model is "
+                    "read from the file) to train on. They are loaded for training only; ComfyUI's loaded models are "
+                    "freed first.")),
                 io.String.Input("name", default="my_relation", tooltip=(
                     "The run's name: the LoRA is saved as loras/dreamrelation/<name>.safetensors, the run in "
                     "output/dreamrelation/<name>/.")),
@@ -272,6 +299,10 @@ class DreamRelationTrain(io.ComfyNode):
                 io.Int.Input("checkpoint_every", optional=True, default=200, min=1, max=100000,
                              tooltip="Steps between checkpoints."),
                 *memory_inputs(),
+                io.Combo.Input("lora_placement", options=["default", "self_attention"], default="default", optional=True,
+                               tooltip=("Where the triplet sits on Wan: default puts the relation LoRA on self- and "
+                                        "cross-attention Q and K; self_attention on the self-attention only. Mochi: "
+                                        "default only.")),
             ],
             outputs=[
                 io.String.Output(display_name="lora_name"),
@@ -285,7 +316,7 @@ class DreamRelationTrain(io.ComfyNode):
                 mask_weight: float, rcl_weight: float, positives_per_anchor: int, seed: int, resume: bool,
                 warmup_steps: int = 200, caption_dropout: float = 0.1, checkpoint_every: int = 200,
                 base_dtype: str = "auto", blocks_to_swap: str = "auto", gradient_checkpointing: str = "auto",
-                offload_activations: str = "auto") -> io.NodeOutput:
+                offload_activations: str = "auto", lora_placement: str = "default") -> io.NodeOutput:
         import shutil
 
         import comfy.model_management as mm
@@ -306,6 +337,7 @@ class DreamRelationTrain(io.ComfyNode):
             num_steps=steps, rank=rank, alpha=alpha, learning_rate=learning_rate, mask_weight=mask_weight,
             rcl_weight=rcl_weight, positives_per_anchor=positives_per_anchor, seed=seed, warmup_steps=warmup_steps,
             caption_dropout=caption_dropout, checkpoint_every=checkpoint_every, device=str(mm.get_torch_device()),
+            lora_placement=lora_placement,
             **memory_config(base_dtype, blocks_to_swap, gradient_checkpointing, offload_activations),
         )
         released = release_comfy_models()  # the worker loads the DiT being trained: it needs the memory

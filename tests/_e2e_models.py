@@ -36,7 +36,9 @@ T5_KWARGS = dict(  # transformers T5Config: T5-XXL's vocabulary (ComfyUI's token
 # clip sizes and step counts a CPU runs in seconds (node type -> input -> value)
 TINY_INPUTS: dict[str, dict] = {
     "EmptyMochiLatentVideo": {"width": 32, "height": 32, "length": 7, "batch_size": 1},
+    "EmptyHunyuanLatentVideo": {"width": 32, "height": 32, "length": 5, "batch_size": 1},  # Wan: 4k + 1 frames
     "KSampler": {"steps": 2},
+    "KSamplerAdvanced": {"steps": 4},
     "DreamRelationDataset": {"frames": 7, "height": 32, "width": 32},
     "DreamRelationPrepareDataset": {"max_text_len": 16},
     "DreamRelationTrain": {"steps": 4, "rank": 2, "alpha": 2.0, "positives_per_anchor": 1, "warmup_steps": 1,
@@ -212,6 +214,72 @@ def write_tiny_models(models_dir: Path, names: TinyModels | None = None) -> Tiny
     write_relation_lora(models_dir / "loras" / names.lora)
     write_reference_checkpoint(models_dir / "loras" / names.reference)
     write_mask_models(models_dir, names)
+    return names
+
+
+# ---------------------------------------------------------------------------------------------
+# Wan: the DiT in ComfyUI's keys (ComfyUI's stock loading function builds it at this size), umT5 with
+# its SentencePiece model inside, the Wan 2.1 VAE in ComfyUI's layout, and a relation LoRA for the DiT
+
+
+@dataclass(frozen=True)
+class TinyWanModels:
+    """File names of the tiny Wan models, as the server's loaders list them."""
+
+    dit: str = "tiny_wan_dit.safetensors"  # also the high-noise expert of the Wan 2.2 workflow
+    dit_low: str = "tiny_wan_dit_low_noise.safetensors"  # the low-noise expert (other weights)
+    umt5: str = "tiny_wan_umt5.safetensors"
+    vae: str = "tiny_wan_vae.safetensors"
+    lora: str = "tiny_wan_relation.safetensors"  # ours: relation + ffn, base model Wan 2.1
+    lora_comfy: str = "tiny_wan_relation_comfy.safetensors"  # its ComfyUI export (stock LoRA keys)
+
+    def model_inputs(self) -> dict[tuple[str, str], str]:
+        """(node type, input) -> the tiny file that input should name."""
+        return {
+            ("UNETLoader", "unet_name"): self.dit, ("TinyMochiUNETLoader", "unet_name"): self.dit,
+            ("CLIPLoader", "clip_name"): self.umt5, ("TinyMochiCLIPLoader", "clip_name"): self.umt5,
+            ("VAELoader", "vae_name"): self.vae, ("TinyMochiVAELoader", "vae_name"): self.vae,
+            ("DreamRelationRelationLoraLoader", "lora_name"): self.lora,
+            ("LoraLoaderModelOnly", "lora_name"): self.lora_comfy,
+            ("DreamRelationTrain", "transformer"): self.dit,
+        }
+
+
+def write_wan_relation_lora(path: Path, comfy_path: Path, seed: int = 1) -> None:
+    """A relation-only Wan LoRA for the tiny Wan DiT (non-zero: it changes the output), and its
+    ComfyUI export."""
+    from dreamrelation_core.lora import files, peft_triplet
+    from dreamrelation_core.lora.comfy_export import comfy_state_dict
+    from dreamrelation_core.wan import tiny
+    from dreamrelation_core.wan.spec import WAN21
+
+    model = peft_triplet.add_triplet(tiny.tiny_transformer(seed=0), rank=2, alpha=2.0, spec=WAN21)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in peft_triplet.lora_parameters(model):
+            p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    lora = peft_triplet.to_lora_set(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    files.save_relation_only(path, lora)
+    _save(comfy_path, comfy_state_dict(files.load_lora_file(path)))
+
+
+def write_tiny_wan_models(models_dir: Path, names: TinyWanModels | None = None) -> TinyWanModels:
+    from conftest import import_comfyui
+
+    from dreamrelation_core.wan import dit_keys, tiny
+
+    import_comfyui()
+    from fixtures.wan import comfy_tiny_vae
+
+    names = names or TinyWanModels()
+    for name, seed in ((names.dit, 0), (names.dit_low, 5)):
+        sd = dit_keys.diffusers_to_comfy(tiny.tiny_transformer(seed=seed).state_dict(), prefix="model.diffusion_model.")
+        _save(models_dir / "diffusion_models" / name, sd)
+    encoder = tiny.tiny_text_encoder(seed=0)
+    _save(models_dir / "text_encoders" / names.umt5, tiny.umt5_file_state_dict(encoder, tiny.tiny_spiece_model()))
+    _save(models_dir / "vae" / names.vae, comfy_tiny_vae(seed=0).state_dict())
+    write_wan_relation_lora(models_dir / "loras" / names.lora, models_dir / "loras" / names.lora_comfy)
     return names
 
 

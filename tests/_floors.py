@@ -34,35 +34,44 @@ PARTS: list[Part] = [
     Part(0, ("", "errors"), "`__init__.py` stays empty (importing it runs before any submodule); `errors.py`: the "
          "one error hierarchy, `DreamRelationError` and its subclasses; every message names the file / key / shape / "
          "field and what was expected"),
-    Part(1, ("fileio", "dtypes", "statedict"), "atomic writes (`atomic_path`, `save_safetensors`); precision names → "
-         "torch dtypes; weights files read without unpickling code, keys taken and leftovers refused"),
-    Part(2, ("mochi",), "the base model: `loading` (transformer, VAE, T5, tokenizer from local files), `latents` "
+    Part(1, ("fileio", "dtypes", "statedict", "fp8", "basemodel"), "atomic writes (`atomic_path`, `save_safetensors`); "
+         "precision names → torch dtypes; weights files read without unpickling code, keys taken and leftovers "
+         "refused; frozen Linears stored in fp8 / bf16 (ComfyUI's scaled fp8 files), upcast per layer; "
+         "`BaseModelSpec`, the type each base model's spec implements"),
+    Part(2, ("mochi",), "Mochi 1: `spec` (its `BaseModelSpec`), `loading` (transformer, VAE, T5, tokenizer from local files), `latents` "
          "(frame and size rules, latent normalisation, timestep convention), `dit_keys` / `vae_keys` (genmo/ComfyUI "
          "↔ diffusers weights), `fp8` (frozen Linears stored in fp8, upcast per layer), `tiny` (random tiny models)"),
-    Part(3, ("lora",), "`layout` (`LoraSet`: adapter → module → (A, B), targets), `peft_triplet` (the four adapters "
+    Part(2, ("wan",), "Wan 2.1 / 2.2: `spec` (`WAN21`, `WAN22_5B` and the adapter placements), `loading` (ComfyUI's "
+         "Wan DiT, VAE and umT5 files, fp8 scaled included), `latents` (4k + 1 frames, both VAEs' normalisation, time "
+         "convention), `dit_keys` / `vae_keys` (ComfyUI ↔ diffusers weights, size detection), `tokenizer` (umT5's "
+         "tokenizer from the SentencePiece model in ComfyUI's file), `tiny`"),
+    Part(3, ("base_models",), "the registry of base models: a spec by name (`TrainConfig.base_model`), detected from "
+         "a file, of a loaded model, of a LoRA module path"),
+    Part(4, ("lora",), "`layout` (`LoraSet`: adapter → module → (A, B), targets), `peft_triplet` (the four adapters "
          "on the diffusers model, activation per branch), `files` (our files, reference import), `genmo` "
-         "(ComfyUI/genmo LoRA keys)"),
-    Part(3, ("data",), "`video`, `mask_files`, `latent_masks`, `dataset` (scan and validate a folder), `exemplars` "
+         "(ComfyUI/genmo LoRA keys), `comfy_export` (the stock ComfyUI LoRA of any base model: genmo keys for Mochi, "
+         "`self_attn` / `cross_attn` keys for Wan)"),
+    Part(4, ("data",), "`video`, `mask_files`, `latent_masks`, `dataset` (scan and validate a folder), `exemplars` "
          "(add one exemplar to a dataset folder), `encode`, `cache` (the prepared training cache), `synthetic`"),
-    Part(4, ("training",), "`config` (`TrainConfig`), `flow` (noise, masked loss), `contrastive` (RCL and its banks), "
+    Part(5, ("training",), "`config` (`TrainConfig`), `flow` (noise, masked loss), `contrastive` (RCL and its banks), "
          "`trainer` (loop, checkpoints, resume), `runs` (a run folder: new, resumed or already finished), `worker` / "
          "`worker_client` (training in a worker process that reports JSON lines, and the parent side that follows "
          "it), `outside_inference` (training under a caller's `torch.inference_mode()`), `memory/` (peak-memory "
          "estimate and its meta-device trace, gradient checkpointing, block swap, fp8 base; chosen by `TrainConfig`), "
          "`fallback` (an out-of-memory at step 1 retried one rung down the memory ladder), `allocator` (the "
          "training process's CUDA allocator settings), `plots`"),
-    Part(4, ("masks",), "`grounding_dino`, `sam`, `tracking`, `extractor` (boxes → masks for a whole video), `images` "
+    Part(5, ("masks",), "`grounding_dino`, `sam`, `tracking`, `extractor` (boxes → masks for a whole video), `images` "
          "(frame checks, normalisation), `preview`"),
-    Part(4, ("evaluation",), "offline metrics of generated videos: `clip_metrics` (CLIP-T, temporal consistency), "
+    Part(5, ("evaluation",), "offline metrics of generated videos: `clip_metrics` (CLIP-T, temporal consistency), "
          "`judge` (relation accuracy by a local vision-language model), `leakage` (appearance leakage towards the "
          "exemplars), `fvd` (Fréchet Video Distance), `runner` (a folder of videos → CSV and summary)"),
-    Part(4, ("analysis",), "Q/K/V analysis ([analysis.md](analysis.md)): `subspace` (φ between weights), `weights` "
+    Part(5, ("analysis",), "Q/K/V analysis ([analysis.md](analysis.md)): `subspace` (φ between weights), `weights` "
          "(attention Q/K/V by key pattern, read slice by slice), `sweep` (every layer: JSON, CSV, heat map), "
          "`lora_report`, `features` (Q/K/V feature maps), `plots`"),
-    Part(5, ("generate",), "relation LoRA on the diffusers model for inference, σ schedule, sampler"),
-    Part(6, ("cli",), "`python -m dreamrelation_core`: one module per command family (`prepare`, `masks`, `train`, "
+    Part(6, ("generate",), "relation LoRA on the diffusers model for inference, σ schedule, sampler"),
+    Part(7, ("cli",), "`python -m dreamrelation_core`: one module per command family (`prepare`, `masks`, `train`, "
          "`export`, `demo`, `evaluate`, `analyze`, `memory`), `progress` (the one progress bar of the long commands)"),
-    Part(7, ("__main__",), "the module entry point"),
+    Part(8, ("__main__",), "the module entry point"),
 ]
 
 # Floors, lowest first.

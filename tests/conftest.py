@@ -71,3 +71,12 @@ def tiny_models(comfy_server):
     from _e2e_models import write_tiny_models
 
     return write_tiny_models(comfy_server.base / "models")
+
+
+@pytest.fixture(scope="session")
+def tiny_wan_models(comfy_server):
+    """Tiny Wan DiT (two experts) / umT5 / VAE / relation LoRA (ours and its ComfyUI export) in the
+    server's model folders (`_e2e_models.TinyWanModels`: their names)."""
+    from _e2e_models import write_tiny_wan_models
+
+    return write_tiny_wan_models(comfy_server.base / "models")

@@ -90,13 +90,13 @@ def test_bad_input_is_a_clean_error_and_writes_nothing(tmp_path, capsys):
 
 
 def test_train_from_yaml_then_resume(tmp_path, capsys):
-    from dreamrelation_core.data.cache import prepare_dataset
+    from dreamrelation_core.data.cache import Encoders, prepare_dataset
     from dreamrelation_core.data.synthetic import write_synthetic_dataset
     from dreamrelation_core.mochi.tiny import tiny_text_encoder, tiny_tokenizer, tiny_vae
     from dreamrelation_core.training.config import TrainConfig
 
     data = write_synthetic_dataset(tmp_path / "data", num_videos=1, num_frames=7, size=(32, 32))
-    prepare_dataset(data, tmp_path / "cache", tiny_vae(), tiny_text_encoder(), tiny_tokenizer(16), 7, (32, 32), max_text_len=16)
+    prepare_dataset(data, tmp_path / "cache", Encoders.from_models(tiny_vae(), tiny_text_encoder(), tiny_tokenizer(16)), 7, (32, 32), max_text_len=16)
     cfg = TrainConfig(cache_dir=str(tmp_path / "cache"), output_dir=str(tmp_path / "run"), num_steps=4,
                       warmup_steps=1, checkpoint_every=2, rank=2, alpha=2.0, device="cpu")
     path = cfg.save_yaml(tmp_path / "cfg.yaml")

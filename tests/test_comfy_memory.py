@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from dreamrelation_core.data.cache import Encoders, load_prepared, prepare_with_encoders
+from dreamrelation_core.data.cache import Encoders, load_prepared, prepare_dataset
 from dreamrelation_core.data.synthetic import write_synthetic_dataset
 
 META = torch.device("meta")
@@ -91,9 +91,9 @@ def test_prepare_encodes_all_text_then_frees_the_text_encoder_then_encodes_video
         return torch.ones(1, n, 8), torch.ones(1, n, dtype=torch.bool)
 
     encoders = Encoders(video, text, ("v", "t"), after_text=lambda: calls.append("free text encoder"))
-    prepare_with_encoders(data, tmp_path / "cache", encoders, 7, (32, 32), 16)
+    prepare_dataset(data, tmp_path / "cache", encoders, 7, (32, 32), 16)
     assert calls == ["text", "text", "free text encoder", "video", "video"]
     assert [c.y_feat.shape for c in load_prepared(tmp_path / "cache")] == [(16, 8), (16, 8)]
     calls.clear()  # up to date: nothing encoded, nothing freed
-    prepare_with_encoders(data, tmp_path / "cache", encoders, 7, (32, 32), 16)
+    prepare_dataset(data, tmp_path / "cache", encoders, 7, (32, 32), 16)
     assert calls == []

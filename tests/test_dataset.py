@@ -13,7 +13,7 @@ from PIL import Image
 
 from dreamrelation_core.cli.prepare import add_cli
 from dreamrelation_core.data import mask_files as mask_io
-from dreamrelation_core.data.cache import MANIFEST, load_prepared, prepare_dataset
+from dreamrelation_core.data.cache import MANIFEST, Encoders, load_prepared, prepare_dataset
 from dreamrelation_core.data.dataset import scan_dataset
 from dreamrelation_core.data.encode import encode_captions, encode_frames
 from dreamrelation_core.data.latent_masks import latent_mask
@@ -40,7 +40,7 @@ def data(tmp_path):
 
 def _prepare(data, cache, models, **kw):
     vae, te, tok = models
-    return prepare_dataset(data, cache, vae, te, tok, kw.pop("num_frames", F), kw.pop("size", SIZE), TEXT_LEN, **kw)
+    return prepare_dataset(data, cache, Encoders.from_models(vae, te, tok), kw.pop("num_frames", F), kw.pop("size", SIZE), TEXT_LEN, **kw)
 
 
 def _files(folder):
@@ -276,7 +276,8 @@ def test_dataset_node_in_the_pack(pack, data, monkeypatch):
     cls = node_classes(pack)["DreamRelationDataset"]
     assert cls.GET_SCHEMA().display_name == "DreamRelation Dataset"
     inputs = cls.INPUT_TYPES()["required"]
-    assert inputs["frames"][1]["default"] == 61 and inputs["frames"][1]["step"] == 6
+    # odd steps: every Mochi 6k + 1 and every Wan 4k + 1 length is reachable
+    assert inputs["frames"][1]["default"] == 61 and inputs["frames"][1]["step"] == 2
     spec, report = run_node(cls, folder=f" {data} ", frames=F, height=32, width=32).outputs
     assert len(spec.entries) == 2 and report.startswith(str(data))
     # ComfyUI runs the node again when the folder's content changes, and only then

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dreamrelation_core.data import mask_files as mask_io
-from dreamrelation_core.data.cache import load_prepared, prepare_dataset
+from dreamrelation_core.data.cache import Encoders, load_prepared, prepare_dataset
 from dreamrelation_core.data.dataset import describe_dataset
 from dreamrelation_core.data.latent_masks import frame_cells, latent_mask
 from dreamrelation_core.data.synthetic import synthetic_clip, write_synthetic_dataset, write_video
@@ -183,7 +183,7 @@ def test_prepare_marks_latent_masks_from_the_source_crop(tmp_path: Path):
     write_video(d / "clip0", frames, "png")
     (d / "clip0.txt").write_text("A red square is touching a blue circle.\n")
     mask_io.save_compact_masks(d / "clip0.masks.npz", m1, m2)
-    prepare_dataset(d, tmp_path / "cache", tiny_vae(), tiny_text_encoder(), tiny_t5_tokenizer(16), F, (32, 32),
+    prepare_dataset(d, tmp_path / "cache", Encoders.from_models(tiny_vae(), tiny_text_encoder(), tiny_t5_tokenizer(16)), F, (32, 32),
                     max_text_len=16)
     clip = load_prepared(tmp_path / "cache")[0]
     c1, c2 = crop_masks((m1, m2), F, (32, 32))

@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from dreamrelation_core.data.cache import load_prepared, prepare_dataset
+from dreamrelation_core.data.cache import Encoders, load_prepared, prepare_dataset
 from dreamrelation_core.data.dataset import describe_dataset
 from dreamrelation_core.data.synthetic import write_synthetic_dataset
 from dreamrelation_core.lora.files import load_lora_file
@@ -40,7 +40,7 @@ def comfy_dirs(comfyui, tmp_path_factory):
 def prepared(pack, tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     data = write_synthetic_dataset(root / "data", num_videos=1, num_frames=FRAMES, size=SIZE)
-    prepare_dataset(data, root / "cache", tiny_vae(), tiny_text_encoder(), tiny_tokenizer(16), FRAMES, SIZE, max_text_len=16)
+    prepare_dataset(data, root / "cache", Encoders.from_models(tiny_vae(), tiny_text_encoder(), tiny_tokenizer(16)), FRAMES, SIZE, max_text_len=16)
     return pack.nodes.train.PreparedDataset(root / "cache", 1, "")
 
 
@@ -148,7 +148,7 @@ def test_prepare_node_with_comfy_encoders(pack, comfy_dirs, tmp_path):
     # same latents (mean and variance) as the core's prepare with that VAE saved as ComfyUI's file
     save({k: v.contiguous() for k, v in comfy_vae.state_dict().items()}, str(tmp_path / "mochi_vae.safetensors"))
     core = tmp_path / "core"
-    prepare_dataset(data, core, load_vae(tmp_path / "mochi_vae.safetensors"), tiny_text_encoder(), tiny_tokenizer(16),
+    prepare_dataset(data, core, Encoders.from_models(load_vae(tmp_path / "mochi_vae.safetensors"), tiny_text_encoder(), tiny_tokenizer(16)),
                     FRAMES, SIZE, max_text_len=16)
     ref = load_prepared(core)[0]
     assert torch.equal(clip.mean, ref.mean) and torch.equal(clip.logvar, ref.logvar)

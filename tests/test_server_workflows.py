@@ -32,6 +32,9 @@ EXECUTED = {
     "dreamrelation_reference_checkpoint.json": "test_reference_checkpoint_workflow",
     "dreamrelation_masks.json": "test_masks_workflow",
     "dreamrelation_train.json": "test_gui_chain_masks_dataset_prepare_train_generate",
+    "dreamrelation_generate_wan21.json": "test_generate_wan21_workflow_and_the_stock_lora_loader",
+    "dreamrelation_generate_wan22.json": "test_generate_wan22_two_experts_workflow",
+    "dreamrelation_train_wan.json": "test_train_wan_workflow_then_generate_with_its_lora",
 }
 
 
@@ -134,6 +137,80 @@ def test_reference_checkpoint_workflow(comfy_server, tiny_models, tmp_path):
     assert [p for p in run.files(comfy_server.base) if p.suffix == ".webp"], run.outputs
     report = "\n".join(run.texts())
     assert "reference" in report and "relation" in report, report
+
+
+# ---------------------------------------------------------------------------------------------
+# generation on Wan (ComfyUI's own Wan graphs; the DiT through ComfyUI's stock loading function)
+
+
+def test_generate_wan21_workflow_and_the_stock_lora_loader(comfy_server, tiny_wan_models, tmp_path):
+    """UNETLoader -> relation LoRA -> sampler patch -> ModelSamplingSD3 -> KSampler -> VAE decode on a
+    tiny Wan, attention maps shown; then ComfyUI's own graph with its LoraLoaderModelOnly reading the
+    LoRA's ComfyUI export (no patch: its defaults change nothing) gives the same video, and
+    strength 0 another one."""
+    prompt = tiny_prompt(comfy_server, tiny_wan_models, "dreamrelation_generate_wan21.json", tmp_path)
+    save = only(prompt, "SaveAnimatedWEBP")
+    save["inputs"]["filename_prefix"] = unique("e2e/wan21")
+    run = comfy_server.run(prompt)
+    assert_success(run)
+    frames = read_frames(next(p for p in run.files(comfy_server.base) if p.suffix == ".webp"))
+    assert frames.shape == (5, 32, 32, 3)  # EmptyHunyuanLatentVideo 5 x 32 x 32 through the tiny Wan VAE
+    assert "relation" in "\n".join(run.texts()), run.texts()
+    maps = run.outputs[nodes_of(prompt, "PreviewImage")[0][0]]["images"]
+    assert maps and all((comfy_server.base / m["type"] / m["subfolder"] / m["filename"]).is_file() for m in maps)
+
+    # ComfyUI's own graph: the stock loader in the DreamRelation loader's place, ModelSamplingSD3 fed by it
+    loader_id, loader = nodes_of(prompt, "DreamRelationRelationLoraLoader")[0]
+    stock = {"class_type": "LoraLoaderModelOnly", "inputs": {"model": loader["inputs"]["model"],
+             "lora_name": tiny_wan_models.lora_comfy, "strength_model": 1.0}}
+    prompt[loader_id] = stock
+    only(prompt, "ModelSamplingSD3")["inputs"]["model"] = [loader_id, 0]
+    for kind in ("DreamRelationMochiSamplerPatch", "DreamRelationAttentionMaps", "PreviewImage", "PreviewAny"):
+        for i, _ in nodes_of(prompt, kind):
+            del prompt[i]
+    save["inputs"]["filename_prefix"] = unique("e2e/wan21_stock")
+    stock_run = comfy_server.run(prompt)
+    assert_success(stock_run)
+    same = read_frames(next(p for p in stock_run.files(comfy_server.base) if p.suffix == ".webp"))
+    assert np.abs(same.astype(int) - frames.astype(int)).max() <= 1  # the same patches: the same video
+
+    stock["inputs"]["strength_model"] = 0.0
+    save["inputs"]["filename_prefix"] = unique("e2e/wan21_no_lora")
+    plain = comfy_server.run(prompt)
+    assert_success(plain)
+    other = read_frames(next(p for p in plain.files(comfy_server.base) if p.suffix == ".webp"))
+    assert np.abs(other.astype(int) - frames.astype(int)).max() > 1
+
+
+def test_generate_wan22_two_experts_workflow(comfy_server, tiny_wan_models, tmp_path):
+    """Wan 2.2 A14B's graph: two experts, the relation LoRA loaded into each, KSamplerAdvanced hands
+    the high-noise expert's latent to the low-noise expert; each expert is used (changing the
+    low-noise expert's file changes the video)."""
+    prompt = tiny_prompt(comfy_server, tiny_wan_models, "dreamrelation_generate_wan22.json", tmp_path)
+    loaders = nodes_of(prompt, "TinyMochiUNETLoader")
+    assert len(loaders) == 2
+    low = next(n for _, n in loaders if "low_noise" in n["_meta"]["title"].replace("-", "_").replace(" ", "_"))
+    low["inputs"]["unet_name"] = tiny_wan_models.dit_low
+    for _, k in nodes_of(prompt, "KSamplerAdvanced"):  # 4 steps: the experts switch at step 2
+        if k["inputs"]["add_noise"] == "enable":
+            k["inputs"]["end_at_step"] = 2
+        else:
+            k["inputs"]["start_at_step"] = 2
+    save = only(prompt, "SaveAnimatedWEBP")
+    save["inputs"]["filename_prefix"] = unique("e2e/wan22")
+    run = comfy_server.run(prompt)
+    assert_success(run)
+    frames = read_frames(next(p for p in run.files(comfy_server.base) if p.suffix == ".webp"))
+    assert frames.shape == (5, 32, 32, 3)
+    reports = [t for t in run.texts() if "relation" in t]
+    assert len(reports) == 2, run.texts()  # one per expert
+
+    low["inputs"]["unet_name"] = tiny_wan_models.dit  # the high-noise weights for both experts
+    save["inputs"]["filename_prefix"] = unique("e2e/wan22_one_expert")
+    one = comfy_server.run(prompt)
+    assert_success(one)
+    other = read_frames(next(p for p in one.files(comfy_server.base) if p.suffix == ".webp"))
+    assert np.abs(other.astype(int) - frames.astype(int)).max() > 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,6 +342,38 @@ def test_gui_chain_masks_dataset_prepare_train_generate(comfy_server, tiny_model
     generated = comfy_server.run(gen)
     assert_success(generated)
     assert [p for p in generated.files(comfy_server.base) if p.suffix == ".webp"], generated.outputs
+
+
+def test_train_wan_workflow_then_generate_with_its_lora(comfy_server, tiny_wan_models, tmp_path):
+    """Dataset (Wan 2.1, 9 frames) -> Prepare (tiny Wan VAE + umT5 through ComfyUI's loaders) -> Train
+    (tiny Wan DiT file): a Wan relation LoRA on disk, report and loss plot shown; then the Wan 2.1
+    generate workflow samples with it."""
+    from dreamrelation_core.data.synthetic import write_synthetic_dataset
+    from dreamrelation_core.lora.files import load_lora_file
+    from dreamrelation_core.wan.spec import WAN21
+
+    dataset = unique("e2e_wan_dataset")
+    write_synthetic_dataset(comfy_server.input / dataset, num_videos=1, num_frames=9, size=(32, 32), spec=WAN21)
+    name = unique("e2e_wan_run")
+    before = lora_files(comfy_server)
+    prompt = tiny_prompt(comfy_server, tiny_wan_models, "dreamrelation_train_wan.json", tmp_path)
+    set_inputs(prompt, "DreamRelationDataset", folder=dataset, frames=9)
+    set_inputs(prompt, "DreamRelationTrain", name=name, seed=0, steps=4)
+    run = comfy_server.run(prompt, timeout=300)
+    assert_success(run)
+    new = lora_files(comfy_server) - before
+    assert len(new) == 1 and name in next(iter(new)).name, lora_files(comfy_server)
+    lora = new.pop()
+    meta = load_lora_file(lora).metadata
+    assert meta["base_model"] == "wan2.1" and meta["placement"] == "default", meta
+    assert any(name in text for text in run.texts()), f"no report naming the run in the outputs: {run.outputs}"
+    assert run.outputs[nodes_of(prompt, "PreviewImage")[0][0]]["images"], "no loss plot"
+
+    gen = tiny_prompt(comfy_server, tiny_wan_models, "dreamrelation_generate_wan21.json", tmp_path)
+    set_inputs(gen, "DreamRelationRelationLoraLoader",
+               lora_name=str(lora.relative_to(comfy_server.base / "models" / "loras")))
+    only(gen, "SaveAnimatedWEBP")["inputs"]["filename_prefix"] = unique("e2e/wan_trained")
+    assert_success(comfy_server.run(gen))
 
 
 def test_cancel_then_requeue_continues_where_it_stopped(comfy_server, tiny_models, tmp_path):

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from dreamrelation_core.data.cache import load_prepared, prepare_dataset
+from dreamrelation_core.data.cache import Encoders, load_prepared, prepare_dataset
 from dreamrelation_core.data.synthetic import write_synthetic_dataset
 from dreamrelation_core.lora import peft_triplet as triplet
 from dreamrelation_core.lora.files import load_lora_file
@@ -25,7 +25,7 @@ from dreamrelation_core.training.trainer import (
 def clips(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthetic")
     data = write_synthetic_dataset(root / "data", num_videos=2, num_frames=13, size=(32, 32))
-    prepare_dataset(data, root / "cache", tiny_vae(), tiny_text_encoder(), tiny_tokenizer(16), 13, (32, 32), max_text_len=16)
+    prepare_dataset(data, root / "cache", Encoders.from_models(tiny_vae(), tiny_text_encoder(), tiny_tokenizer(16)), 13, (32, 32), max_text_len=16)
     return load_prepared(root / "cache")
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dreamrelation_core.data.cache import load_prepared, prepare_dataset
+from dreamrelation_core.data.cache import Encoders, load_prepared, prepare_dataset
 from dreamrelation_core.data.synthetic import write_synthetic_dataset
 from dreamrelation_core.errors import TrainingError
 from dreamrelation_core.lora import peft_triplet as triplet
@@ -23,7 +23,7 @@ from dreamrelation_core.training.trainer import Trainer, latest_checkpoint, list
 def _prepare(root: Path, caption: str | None = None) -> Path:
     kw = {"caption": caption} if caption else {}
     data = write_synthetic_dataset(root / "data", num_videos=1, num_frames=7, size=(32, 32), **kw)
-    prepare_dataset(data, root / "cache", tiny_vae(), tiny_text_encoder(), tiny_tokenizer(16), 7, (32, 32),
+    prepare_dataset(data, root / "cache", Encoders.from_models(tiny_vae(), tiny_text_encoder(), tiny_tokenizer(16)), 7, (32, 32),
                     max_text_len=16)
     return root / "cache"
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dreamrelation_core.data.cache import prepare_dataset
+from dreamrelation_core.data.cache import Encoders, prepare_dataset
 from dreamrelation_core.data.synthetic import write_synthetic_dataset
 from dreamrelation_core.errors import TrainingError
 from dreamrelation_core.lora.files import load_lora_file
@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def cache(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("worker_data")
     data = write_synthetic_dataset(root / "data", num_videos=1, num_frames=7, size=(32, 32))
-    prepare_dataset(data, root / "cache", tiny_vae(), tiny_text_encoder(), tiny_tokenizer(16), 7, (32, 32),
+    prepare_dataset(data, root / "cache", Encoders.from_models(tiny_vae(), tiny_text_encoder(), tiny_tokenizer(16)), 7, (32, 32),
                     max_text_len=16)
     return root / "cache"
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import threading
 import time
 
-from dreamrelation_core.data.cache import prepare_dataset
+from dreamrelation_core.data.cache import Encoders, prepare_dataset
 from dreamrelation_core.data.synthetic import write_synthetic_dataset
 from dreamrelation_core.lora.files import load_lora_file
 from dreamrelation_core.mochi.tiny import tiny_text_encoder, tiny_tokenizer, tiny_vae
@@ -72,7 +72,7 @@ def test_worker_under_a_path_with_spaces_and_a_non_ascii_user_name_reports_its_m
     home = tmp_path / "Users" / "Jörg Müller-Łukasz 山田" / "My Documents"
     data = write_synthetic_dataset(home / "relation data", num_videos=1, num_frames=7, size=(32, 32))
     cache = home / "relation data" / "encoded cache"
-    prepare_dataset(data, cache, tiny_vae(), tiny_text_encoder(), tiny_tokenizer(16), 7, (32, 32), max_text_len=16)
+    prepare_dataset(data, cache, Encoders.from_models(tiny_vae(), tiny_text_encoder(), tiny_tokenizer(16)), 7, (32, 32), max_text_len=16)
     run = home / "runs" / "hände schütteln"
     config = TrainConfig(cache_dir=str(cache), output_dir=str(run), num_steps=2, warmup_steps=1, checkpoint_every=1,
                          rank=2, alpha=2.0, device="cpu", save_dtype="fp32")

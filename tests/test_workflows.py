@@ -29,6 +29,14 @@ WORKFLOWS = {
                                  "VAELoader", "CLIPLoader", "PreviewImage", "PreviewAny"},
     "dreamrelation_masks.json": {"LoadVideo", "GetVideoComponents", "ImageFromBatch", "DreamRelationSubjectMasks",
                                  "DreamRelationAddToDataset", "PreviewImage", "PreviewAny"},
+    "dreamrelation_generate_wan21.json": {"UNETLoader", "DreamRelationRelationLoraLoader", "ModelSamplingSD3",
+                                          "DreamRelationMochiSamplerPatch", "DreamRelationAttentionMaps", "KSampler",
+                                          "EmptyHunyuanLatentVideo", "CLIPLoader", "VAELoader", "PreviewAny"},
+    "dreamrelation_generate_wan22.json": {"UNETLoader", "DreamRelationRelationLoraLoader", "ModelSamplingSD3",
+                                          "KSamplerAdvanced", "EmptyHunyuanLatentVideo", "CLIPLoader", "VAELoader",
+                                          "PreviewAny"},
+    "dreamrelation_train_wan.json": {"DreamRelationDataset", "DreamRelationPrepareDataset", "DreamRelationTrain",
+                                     "VAELoader", "CLIPLoader", "PreviewImage", "PreviewAny"},
 }
 # model files each workflow's canvas note must name (folder/file), ComfyUI's own Mochi example names first
 NOTE_NAMES = {
@@ -41,14 +49,24 @@ NOTE_NAMES = {
                                  "text_encoders/t5xxl_fp16.safetensors", "t5xxl_fp8", "vae/mochi_vae.safetensors"],
     "dreamrelation_masks.json": ["grounding-dino/groundingdino_swint_ogc.pth", "bert-base-uncased",
                                  "sams/sam_vit_h_4b8939.pth", "models/sam2/", "pip install sam2"],
+    "dreamrelation_generate_wan21.json": ["diffusion_models/wan2.1_t2v_1.3B_fp16.safetensors",
+                                          "wan2.1_t2v_14B_fp8_scaled", "text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors",
+                                          "umt5_xxl_fp16", "vae/wan_2.1_vae.safetensors", "loras/", "LoraLoaderModelOnly"],
+    "dreamrelation_generate_wan22.json": ["diffusion_models/wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors",
+                                          "wan2.2_t2v_low_noise_14B_fp8_scaled", "text_encoders/umt5_xxl_fp8_e4m3fn_scaled",
+                                          "vae/wan_2.1_vae.safetensors", "loras/"],
+    "dreamrelation_train_wan.json": ["diffusion_models/wan2.1_t2v_1.3B_fp16.safetensors", "wan2.1_t2v_14B_fp8_scaled",
+                                     "text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors", "umt5_xxl_fp16",
+                                     "vae/wan_2.1_vae.safetensors"],
 }
 # model / input files the workflows name: empty placeholders are enough, validation only checks names
 # (tiny real models live under other names, see _e2e_models, so no stock loader meets one)
 PLACEHOLDERS = {
-    "diffusion_models": ["mochi_preview_bf16.safetensors"],
-    "text_encoders": ["t5xxl_fp16.safetensors"],
-    "vae": ["mochi_vae.safetensors"],
-    "loras": ["shaking_hands_relation.safetensors", "model_2000.lora.pt"],
+    "diffusion_models": ["mochi_preview_bf16.safetensors", "wan2.1_t2v_1.3B_fp16.safetensors",
+                         "wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors", "wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors"],
+    "text_encoders": ["t5xxl_fp16.safetensors", "umt5_xxl_fp8_e4m3fn_scaled.safetensors"],
+    "vae": ["mochi_vae.safetensors", "wan_2.1_vae.safetensors"],
+    "loras": ["shaking_hands_relation.safetensors", "model_2000.lora.pt", "shaking_hands_relation_wan.safetensors"],
     "grounding-dino": ["groundingdino_swint_ogc.pth"],
     "sams": ["sam_vit_h_4b8939.pth"],
 }  # no SAM 2: the masks workflow must validate without the optional model
@@ -126,7 +144,7 @@ def test_workflow_converts_and_validates(server, name, tmp_path):
     prompt = server.to_api(ROOT / "workflows" / name, tmp_path)
     types = {n["class_type"] for n in prompt.values()}
     assert WORKFLOWS[name] <= types, f"lost in conversion: {WORKFLOWS[name] - types}"
-    if name == "dreamrelation_generate.json":
+    if name in ("dreamrelation_generate.json", "dreamrelation_generate_wan21.json"):
         patch = next(n for n in prompt.values() if n["class_type"] == "DreamRelationMochiSamplerPatch")
         assert patch["inputs"]["attention_words"] == "bear, raccoon" and isinstance(patch["inputs"]["clip"], list)
     if name == "dreamrelation_train.json":
@@ -134,6 +152,12 @@ def test_workflow_converts_and_validates(server, name, tmp_path):
         assert train["inputs"]["steps"] == 2000 and train["inputs"]["resume"] is True
         for key in ("base_dtype", "blocks_to_swap", "gradient_checkpointing", "offload_activations"):
             assert train["inputs"][key] == "auto", key  # optional widgets kept their places
+        assert train["inputs"]["lora_placement"] == "default"
+    if name == "dreamrelation_train_wan.json":
+        train = next(n for n in prompt.values() if n["class_type"] == "DreamRelationTrain")
+        assert train["inputs"]["lora_placement"] == "default" and train["inputs"]["gradient_checkpointing"] == "auto"
+        dataset = next(n for n in prompt.values() if n["class_type"] == "DreamRelationDataset")
+        assert (dataset["inputs"]["base_model"], dataset["inputs"]["frames"]) == ("wan2.1", 81)
     try:
         prompt_id = server.queue(prompt)  # validates every node, input type and widget value
     except PromptRejected as e:

@@ -9,6 +9,8 @@ regardless of sign). The values are averaged over the hooked layers, the N visua
 reshaped to (T, h, w) (diffusers orders them frame by frame, row by row) and averaged over T.
 Hooks sit on the module at each path, so with a LoRA loaded (peft wraps the Linear) they see
 the adapted output. Projections are taken before Mochi's per-head RMSNorm and RoPE.
+On Wan the hooked layers are the self-attention projections (`blocks.N.attn1`, video tokens
+only); the time convention is the base model spec's.
 """
 
 from __future__ import annotations
@@ -19,13 +21,13 @@ from pathlib import Path
 
 import torch
 
+from ..base_models import spec_of_model
 from ..fileio import atomic_path
 from ..lora import peft_triplet as triplet
 from ..lora.layout import ADAPTERS, INFERENCE_ADAPTERS, LoraSet
-from ..mochi.latents import diffusers_timestep
 from .plots import plot_feature_maps
 
-JOINT_QKV_RE = re.compile(r"^transformer_blocks\.(\d+)\.attn1\.(to_q|to_k|to_v)$")
+JOINT_QKV_RE = re.compile(r"^(?:transformer_)?blocks\.(\d+)\.attn1\.(to_q|to_k|to_v)$")  # Mochi, Wan
 ROLE_OF = {"to_q": "q", "to_k": "k", "to_v": "v"}
 REDUCTIONS = ("mean", "norm")
 
@@ -42,7 +44,7 @@ def _reduce(out: torch.Tensor, heads: int, how: str) -> torch.Tensor:
 @torch.no_grad()
 def qkv_feature_maps(
     model: torch.nn.Module,
-    latents: torch.Tensor,  # [1, 12, T, H, W] clean (normalised) latents
+    latents: torch.Tensor,  # [1, C, T, H, W] clean (normalised) latents
     y_feat: torch.Tensor,  # [1, L, D]
     y_mask: torch.Tensor,  # [1, L]
     sigma: float = 0.5,
@@ -58,7 +60,8 @@ def qkv_feature_maps(
         raise ValueError(f"latents: expected [1, C, T, H, W], got {tuple(latents.shape)}")
     if not 0.0 <= sigma <= 1.0:
         raise ValueError(f"sigma {sigma}: expected a noise level in [0, 1]")
-    p = int(model.config.patch_size)
+    p = model.config.patch_size
+    p = int(p[-1]) if isinstance(p, (tuple, list)) else int(p)  # Wan: (1, 2, 2)
     heads = int(model.config.num_attention_heads)
     _, _, t, hh, ww = latents.shape
     if hh % p or ww % p:
@@ -69,7 +72,8 @@ def qkv_feature_maps(
     g = torch.Generator().manual_seed(seed)
     eps = torch.randn(latents.shape, generator=g, dtype=torch.float32)
     x = ((1.0 - sigma) * latents.float() + sigma * eps).to(dev, dtype)
-    timestep = diffusers_timestep(torch.full((1,), float(sigma), device=dev))
+    spec = spec_of_model(model)
+    sigma_t = torch.full((1,), float(sigma), device=dev)
 
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
@@ -91,8 +95,7 @@ def qkv_feature_maps(
     if not handles:
         raise ValueError(f"no joint-attention to_q/to_k/to_v modules to hook (layers {list(layers or [])})")
     try:
-        model(hidden_states=x, encoder_hidden_states=y_feat.to(dev, dtype), timestep=timestep,
-              encoder_attention_mask=y_mask.to(dev).bool(), return_dict=False)
+        spec.predict(model, x, y_feat.to(dev, dtype), y_mask.to(dev).bool(), sigma_t)
     finally:
         for hd in handles:
             hd.remove()
@@ -110,7 +113,7 @@ def load_inference_lora(model: torch.nn.Module, lora: LoraSet, adapters: Sequenc
         ref = use.adapters[0]
         ranks = {a: use.rank.get(a, use.rank[ref]) for a in ADAPTERS}
         alphas = {a: use.alpha.get(a, use.alpha[ref]) for a in ADAPTERS}
-        triplet.add_triplet(model, rank=ranks, alpha=alphas)
+        triplet.add_triplet(model, rank=ranks, alpha=alphas, spec=use.spec)
     triplet.load_lora_set(model, use)
     triplet.activate(model, use.adapters)
     return use.adapters

@@ -30,13 +30,14 @@ def _features(args: argparse.Namespace, model_file: str, lora_file: str | None, 
     import torch
 
     from ..analysis.features import feature_maps_with_lora, write_feature_report
+    from ..base_models import detect_spec, get_spec
     from ..data.cache import load_clip
     from ..lora.files import load_lora_file
-    from ..mochi.loading import load_transformer
 
     clip = load_clip(args.clip)
     lora = load_lora_file(lora_file) if lora_file else None
-    model = load_transformer(model_file, config_dir=args.config_dir or "", dtype=DTYPES[args.dtype]).to(args.device)
+    spec = detect_spec(model_file, default=get_spec("mochi"))  # Mochi or Wan, from the file
+    model = spec.load_transformer(model_file, config_dir=args.config_dir or "", dtype=DTYPES[args.dtype]).to(args.device)
     z = clip.sample_latents(torch.Generator().manual_seed(args.seed))[None]
     maps = feature_maps_with_lora(
         model, lora, z, clip.y_feat[None], clip.y_mask[None], sigma=args.sigma, seed=args.seed, reduce=args.reduce

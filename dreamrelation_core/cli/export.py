@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..dtypes import DTYPES
 from ..lora import files as lora_files
-from ..lora.genmo import save_comfy_lora
+from ..lora.comfy_export import save_comfy_lora
 from ..lora.layout import ADAPTERS
 
 
@@ -40,7 +40,7 @@ def _step_from_name(name: str) -> int:
 
 
 def export_comfy(src: str | Path, dst: str | Path, dtype: str = "fp32") -> Path:
-    """Read any LoRA file we accept and write its relation + ffn part as a stock Mochi LoRA."""
+    """Read any LoRA file we accept and write its relation + ffn part as a stock ComfyUI LoRA of its base model."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: expected one of {sorted(DTYPES)}")
     lora = lora_files.load_lora_file(src)
@@ -49,16 +49,20 @@ def export_comfy(src: str | Path, dst: str | Path, dtype: str = "fp32") -> Path:
 
 def cmd_export_comfy(args: argparse.Namespace) -> int:
     out = export_comfy(args.input, args.output, args.dtype)
-    print(f"wrote {out} (relation + ffn as a genmo-key Mochi LoRA; load it with ComfyUI's LoraLoaderModelOnly)")
+    base = lora_files.load_lora_file(args.input).spec
+    keys = "genmo keys" if base.family == "mochi" else "ComfyUI's Wan LoRA keys"
+    print(f"wrote {out} (relation + ffn as a {base.display_name} LoRA in {keys}; load it with ComfyUI's "
+          "LoraLoaderModelOnly)")
     return 0
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "export-comfy",
-        help="write a relation LoRA as a standard Mochi LoRA for ComfyUI's stock LoRA loaders",
+        help="write a relation LoRA as a standard Mochi / Wan LoRA for ComfyUI's stock LoRA loaders",
         description="Read our triplet / relation-only file or a reference checkpoint and write its "
-        "relation + ffn LoRAs in genmo key names (subject LoRAs are left out).",
+        "relation + ffn LoRAs in ComfyUI's key names for its base model (Mochi: genmo keys; Wan: "
+        "diffusion_model.blocks.N.self_attn.q...); subject LoRAs are left out.",
     )
     p.add_argument("input", help="triplet, relation-only or reference .lora.pt / .safetensors file")
     p.add_argument("output", help="output .safetensors (e.g. ComfyUI/models/loras/handshake_mochi.safetensors)")

@@ -21,11 +21,14 @@ def _on_off(text: str) -> bool:
     return text.lower() == "on"
 
 
-def _dims(config_dir: str | None):
+def _dims(config_dir: str | None, base_model: str = "mochi"):
     from ..training.memory.estimate import MochiDims
+    from ..training.memory.wan_dims import WanDims
 
+    wan = base_model.startswith("wan")
     if not config_dir:
-        return MochiDims()  # Mochi 1's dimensions (equal to diffusers' defaults; tested)
+        # the released model of that name; Mochi 1's dimensions equal diffusers' defaults (tested)
+        return WanDims.named(base_model) if wan else MochiDims()
     path = Path(config_dir)
     path = path / "config.json" if path.is_dir() else path
     try:
@@ -34,7 +37,8 @@ def _dims(config_dir: str | None):
         raise FileNotFoundError(f"{path}: no transformer config.json") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from e
-    return MochiDims.from_config({k: v for k, v in cfg.items() if not k.startswith("_")})
+    cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    return WanDims.from_config(cfg) if wan else MochiDims.from_config(cfg)
 
 
 def options_text(options) -> str:
@@ -49,7 +53,7 @@ def cmd_memory(args: argparse.Namespace) -> int:
     from ..training.memory.setup import MemoryOptions
 
     height, width = args.size
-    dims = _dims(args.transformer_config)
+    dims = _dims(args.transformer_config, args.base_model)
     if args.fit is not None:
         est = fastest_fitting(args.frames, height, width, args.fit, dims, args.rank)
         if est is None:
@@ -72,13 +76,17 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
         description="Analytic peak GPU memory of one training step (validated against a meta-device trace of the "
                     "real step, see benchmarks/train_memory.py). The last line is peak_gib=<live tensors at the peak>.",
     )
-    p.add_argument("--frames", type=int, required=True, help="clip length in frames (1 + 6k: 37, 61, ...)")
-    p.add_argument("--size", type=_size, required=True, help="HEIGHTxWIDTH of the clip, e.g. 480x848")
+    p.add_argument("--base-model", default="mochi",
+                   choices=("mochi", "wan2.1-1.3b", "wan2.1-14b", "wan2.2-a14b", "wan2.2-5b"),
+                   help="which model's dimensions (default mochi; wan2.2-a14b: one 14B expert)")
+    p.add_argument("--frames", type=int, required=True, help="clip length in frames (Mochi 1 + 6k: 37, 61, ...; Wan 1 + 4k: 81)")
+    p.add_argument("--size", type=_size, required=True, help="HEIGHTxWIDTH of the clip, e.g. 480x848 (Wan: 480x832)")
     p.add_argument("--base-dtype", choices=("bf16", "fp8"), default="bf16", help="storage of the frozen weights")
     p.add_argument("--blocks-to-swap", type=int, default=0, help="transformer blocks streamed from CPU memory")
     p.add_argument("--gradient-checkpointing", type=_on_off, default=True, help="on (default) or off")
     p.add_argument("--offload-activations", action="store_true", help="checkpointed block inputs in CPU memory")
     p.add_argument("--fit", type=float, metavar="GIB", help="GPU memory in GiB: print the fastest option set that fits")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
-    p.add_argument("--transformer-config", help="a diffusers transformer config.json (or its folder); default: Mochi 1")
+    p.add_argument("--transformer-config", help="a diffusers transformer config.json (or its folder) of the --base-model "
+                   "family; default: the released model's")
     p.set_defaults(func=cmd_memory)

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import torch
 
-from ..data.cache import DEFAULT_CACHE, MANIFEST, Encoders, model_tag, prepare_with_encoders
+from ..base_models import NAMES, get_spec
+from ..basemodel import BaseModelSpec
+from ..data.cache import DEFAULT_CACHE, MANIFEST, Encoders, model_tag, prepare_dataset
 from ..data.dataset import describe_dataset
 from ..data.encode import encode_captions, encode_frames
 from ..dtypes import DTYPES
-from ..mochi.loading import load_text_encoder, load_vae
 from .progress import progress_bar
 
 
@@ -32,26 +33,33 @@ def run_prepare(args: argparse.Namespace) -> int:
     tiling = {"on": True, "off": False}.get(args.vae_tiling, device.startswith("cuda"))
     cache = Path(args.cache) if args.cache else Path(args.data_dir) / DEFAULT_CACHE
     # Fail on the data before spending minutes loading T5-XXL.
-    entries = describe_dataset(args.data_dir, args.frames, args.size).entries
-    print(f"{len(entries)} video(s) in {args.data_dir}; models on {device} in {str(dtype).removeprefix('torch.')}, "
-          f"VAE {'tiled' if tiling else 'untiled'}")
-    encoders = _one_model_at_a_time(args, device, dtype, tiling)
+    spec = get_spec(args.base_model)
+    if spec.family == "mochi" and not args.tokenizer:
+        raise SystemExit("prepare: --tokenizer (the T5 tokenizer folder) is needed for Mochi")
+    frames = args.frames or (61 if spec.family == "mochi" else 81)
+    max_text_len = args.max_text_len or spec.text_len
+    entries = describe_dataset(args.data_dir, frames, args.size, spec).entries
+    print(f"{len(entries)} video(s) in {args.data_dir}; {spec.display_name}; models on {device} in "
+          f"{str(dtype).removeprefix('torch.')}, VAE {'tiled' if tiling else 'untiled'}")
+    encoders = _one_model_at_a_time(args, spec, device, dtype, tiling)
     bar, update = progress_bar("prepare", "video", len(entries))
     try:
-        paths = prepare_with_encoders(args.data_dir, cache, encoders, args.frames, args.size, args.max_text_len,
-                                      progress=update)
+        paths = prepare_dataset(args.data_dir, cache, encoders, frames, args.size, max_text_len, progress=update)
     finally:
         bar.close()
     print(f"prepared {len(paths)} clip(s) in {cache} (manifest: {cache / MANIFEST})")
     return 0
 
 
-def _one_model_at_a_time(args: argparse.Namespace, device: str, dtype: torch.dtype, tiling: bool) -> Encoders:
+def _one_model_at_a_time(
+    args: argparse.Namespace, spec: BaseModelSpec, device: str, dtype: torch.dtype, tiling: bool,
+) -> Encoders:
     """T5 encodes every caption first and is freed; then the VAE is loaded and encodes the videos
     (the two never share the device's memory)."""
     import gc
 
-    te, tok = load_text_encoder(args.text_encoder, args.tokenizer, args.text_encoder_config, dtype=dtype, device=device)
+    te, tok = spec.load_text_encoder(args.text_encoder, args.tokenizer, args.text_encoder_config, dtype=dtype,
+                                     device=device)
     models: dict = {"te": te}
 
     def free_text_encoder() -> None:
@@ -62,16 +70,16 @@ def _one_model_at_a_time(args: argparse.Namespace, device: str, dtype: torch.dty
 
     def vae():
         if "vae" not in models:
-            models["vae"] = load_vae(args.vae, args.vae_config, dtype=dtype, device=device)
+            models["vae"] = spec.load_vae(args.vae, args.vae_config, dtype=dtype, device=device)
             if tiling:
                 models["vae"].enable_tiling()
         return models["vae"]
 
     tags = (_file_tag(args.vae, args.vae_config), model_tag(te))  # the VAE is not loaded yet: its files name it
     del te
-    return Encoders(encode_video=lambda frames: encode_frames(vae(), frames),
+    return Encoders(encode_video=lambda frames: encode_frames(vae(), frames, spec),
                     encode_text=lambda captions, n: encode_captions(models["te"], tok, captions, n),
-                    tags=tags, after_text=free_text_encoder)
+                    tags=tags, spec=spec, after_text=free_text_encoder)
 
 
 def _file_tag(*paths: str | None) -> str:
@@ -98,11 +106,16 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--text-encoder", required=True, help="T5-XXL: transformers folder or .safetensors (t5xxl_fp16)")
     p.add_argument("--text-encoder-config", default=None,
                    help="folder with T5's config.json for a single-file --text-encoder (default: --tokenizer folder)")
-    p.add_argument("--tokenizer", required=True, help="T5 tokenizer folder (e.g. mochi-1-preview/tokenizer)")
+    p.add_argument("--tokenizer", default=None, help="T5 tokenizer folder (e.g. mochi-1-preview/tokenizer; needed for "
+                   "Mochi); Wan: optional, ComfyUI's umT5 files carry their tokenizer")
     p.add_argument("--cache", default=None, help=f"cache folder (default DATA_DIR/{DEFAULT_CACHE})")
-    p.add_argument("--frames", type=int, default=61, help="frames per clip, 6k+1 (default 61)")
+    p.add_argument("--base-model", choices=[n for n in NAMES if n != "auto"], default="mochi",
+                   help="whose VAE and text encoder: mochi (default) or a Wan (wan2.1 for 2.1 1.3B/14B and the 2.2 "
+                   "A14B experts; wan2.2-5b for the TI2V 5B)")
+    p.add_argument("--frames", type=int, default=None, help="frames per clip: Mochi 6k+1 (default 61), Wan 4k+1 (default 81)")
     p.add_argument("--size", type=parse_size, default=(480, 848), help="HEIGHTxWIDTH, multiples of 16 (default 480x848)")
-    p.add_argument("--max-text-len", type=int, default=256, help="T5 tokens per caption (default 256)")
+    p.add_argument("--max-text-len", type=int, default=None,
+                   help="text tokens per caption (default: Mochi's T5 256, Wan's umT5 512)")
     p.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="model precision (default bf16 on cuda, fp32 on cpu)")
     p.add_argument("--vae-tiling", nargs="?", const="on", default="auto", choices=("auto", "on", "off"),

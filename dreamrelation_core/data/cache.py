@@ -5,8 +5,9 @@ input is bad), then fits each clip (trim, centre-crop, resize; masks follow), en
 VAE and its caption with T5, and writes `<cache>/<name>.safetensors` atomically, plus
 `manifest.json`. Entries whose sources, settings and models are unchanged are skipped.
 
-A cache file holds the VAE's raw posterior mean/logvar [12, T, h, w], the caption's T5 features
-and mask, and both subjects' latent masks [T, h, w]; `PreparedClip` is one file read back.
+A cache file holds the VAE's raw posterior mean/logvar [C, T, h, w] (Mochi: C = 12), the caption's
+text-encoder features and mask, and both subjects' latent masks [T, h, w]; `PreparedClip` is one
+file read back. Its `base_model` metadata names the base model whose VAE made it (absent: Mochi).
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..base_models import get_spec
+from ..basemodel import BaseModelSpec
 from ..errors import DatasetError
 from ..fileio import atomic_path, save_safetensors
-from ..mochi.latents import LATENT_CHANNELS, normalize_latents
 from .dataset import VideoEntry, describe_dataset, load_entry_masks
 from .encode import encode_captions, encode_frames
 from .latent_masks import latent_grid, latent_mask
@@ -44,28 +46,29 @@ class PreparedClip:
 
     name: str
     caption: str
-    mean: torch.Tensor  # [12, T, h, w] raw VAE posterior mean
-    logvar: torch.Tensor  # [12, T, h, w]
+    mean: torch.Tensor  # [C, T, h, w] raw VAE posterior mean
+    logvar: torch.Tensor  # [C, T, h, w]
     y_feat: torch.Tensor  # [L, D]
     y_mask: torch.Tensor  # [L] bool
     mask1: torch.Tensor  # [T, h, w] float32 in [0, 1]
     mask2: torch.Tensor  # [T, h, w]
     meta: dict[str, str] = field(default_factory=dict)
+    spec: BaseModelSpec = field(default_factory=get_spec)  # the base model whose latents these are
 
     def sample_latents(self, generator: torch.Generator) -> torch.Tensor:
-        """z = mean + exp(logvar / 2) * eps, normalised to ComfyUI's Mochi latent space [12, T, h, w]."""
+        """z = mean + exp(logvar / 2) * eps, normalised to the latent space ComfyUI samples in [C, T, h, w]."""
         eps = torch.randn(self.mean.shape, generator=generator, dtype=torch.float32, device=generator.device)
         z = self.mean.float() + torch.exp(0.5 * self.logvar.float()) * eps.to(self.mean.device)
-        return normalize_latents(z)
+        return self.spec.normalize_latents(z)
 
 
 _TENSOR_KEYS = ("mean", "logvar", "y_feat", "y_mask", "mask1", "mask2")
 
 
-def _check_clip_shapes(path: Path, t: dict[str, torch.Tensor]) -> None:
-    mean = t["mean"]
-    if mean.ndim != 4 or mean.shape[0] != LATENT_CHANNELS:
-        raise DatasetError(f"{path}: key 'mean' has shape {tuple(mean.shape)}, expected [{LATENT_CHANNELS}, T, h, w]")
+def _check_clip_shapes(path: Path, t: dict[str, torch.Tensor], spec: BaseModelSpec) -> None:
+    mean, c = t["mean"], spec.latent_channels
+    if mean.ndim != 4 or mean.shape[0] != c:
+        raise DatasetError(f"{path}: key 'mean' has shape {tuple(mean.shape)}, expected [{c}, T, h, w]")
     expect = {"logvar": tuple(mean.shape), "mask1": tuple(mean.shape[1:]), "mask2": tuple(mean.shape[1:])}
     for k, shape in expect.items():
         if tuple(t[k].shape) != shape:
@@ -97,11 +100,15 @@ def load_clip(path: str | os.PathLike) -> PreparedClip:
         raise DatasetError(f"{path}: corrupt prepared clip ({type(e).__name__}: {e}); run prepare again") from e
     if meta.get("format") != CACHE_FORMAT:
         raise DatasetError(f"{path}: format {meta.get('format')!r}, expected {CACHE_FORMAT!r}; run prepare again")
-    _check_clip_shapes(path, t)
+    try:
+        spec = get_spec(meta.get("base_model", "mochi"))
+    except ValueError as e:
+        raise DatasetError(f"{path}: {e}") from None
+    _check_clip_shapes(path, t, spec)
     return PreparedClip(
         name=meta.get("name", path.stem), caption=meta.get("caption", ""), mean=t["mean"].float(),
         logvar=t["logvar"].float(), y_feat=t["y_feat"].float(), y_mask=t["y_mask"].bool(),
-        mask1=t["mask1"].float(), mask2=t["mask2"].float(), meta=meta,
+        mask1=t["mask1"].float(), mask2=t["mask2"].float(), meta=meta, spec=spec,
     )
 
 
@@ -173,22 +180,26 @@ def _json_write(path: Path, obj) -> None:
 @dataclass
 class Encoders:
     """How `prepare` turns frames and captions into tensors. Built from a diffusers VAE and a
-    transformers T5 by default (`Encoders.from_models`); the ComfyUI nodes build one from
-    ComfyUI's own VAE and CLIP."""
+    transformers text encoder by default (`Encoders.from_models`); the ComfyUI nodes build one from
+    ComfyUI's own VAE and CLIP. `spec` is the base model the VAE belongs to: its frame and size
+    rules, latent grid and latent normalisation apply."""
 
-    encode_video: Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor]]  # uint8 [F,H,W,3] -> mean, logvar [12,T,h,w]
+    encode_video: Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor]]  # uint8 [F,H,W,3] -> mean, logvar [C,T,h,w]
     encode_text: Callable[[list[str], int], tuple[torch.Tensor, torch.Tensor]]  # -> [N,L,D] float, [N,L] bool
     tags: tuple[str, str]  # identities of the two models: a change re-encodes the cache
+    spec: BaseModelSpec = field(default_factory=get_spec)
     # called once between the text pass (every caption to encode) and the video pass: the place to
     # unload the text encoder so that the VAE has the memory to itself
     after_text: Callable[[], None] | None = None
 
     @classmethod
-    def from_models(cls, vae, text_encoder, tokenizer) -> Encoders:
+    def from_models(cls, vae, text_encoder, tokenizer, spec: BaseModelSpec | None = None) -> Encoders:
+        spec = spec or get_spec()
         return cls(
-            encode_video=lambda frames: encode_frames(vae, frames),
+            encode_video=lambda frames: encode_frames(vae, frames, spec),
             encode_text=lambda captions, n: encode_captions(text_encoder, tokenizer, captions, n),
             tags=(model_tag(vae), model_tag(text_encoder)),
+            spec=spec,
         )
 
 
@@ -202,13 +213,15 @@ def encode_entry(
     if frames.shape[1:3] != (entry.height, entry.width):
         raise DatasetError(f"{entry.video}: decoded frames are {frames.shape[1:3]}, probe said {(entry.height, entry.width)}")
     m1, m2 = load_entry_masks(entry)
-    frames, _ = fit_clip(frames, None, num_frames, size, source=str(entry.video))  # masks: checked against the video
-    mean, logvar = encoders.encode_video(frames)  # [12, T, h, w] each
+    spec = encoders.spec
+    frames, _ = fit_clip(frames, None, num_frames, size, source=str(entry.video), spec=spec)  # masks: checked against the video
+    mean, logvar = encoders.encode_video(frames)  # [C, T, h, w] each
     y_feat, y_mask = text if text is not None else encoders.encode_text([entry.caption], max_text_len)  # [1, L, D], [1, L]
     # Marked from the source-resolution masks after the frames' crop, straight onto the latent grid
     # (docs/method.md "Latent masks").
     c1, c2 = crop_masks((m1, m2), num_frames, size, source=str(entry.video))
-    lm1, lm2 = latent_mask(c1, latent_grid(size)), latent_mask(c2, latent_grid(size))  # [T, h, w]
+    grid = latent_grid(size, spec)
+    lm1, lm2 = latent_mask(c1, grid, spec), latent_mask(c2, grid, spec)  # [T, h, w]
     if lm1.shape != mean.shape[1:]:
         raise DatasetError(f"{entry.video}: latent masks {tuple(lm1.shape)} do not match latents {tuple(mean.shape[1:])}")
     tensors = {"mean": mean, "logvar": logvar, "y_feat": y_feat[0], "y_mask": y_mask[0], "mask1": lm1, "mask2": lm2}
@@ -216,29 +229,12 @@ def encode_entry(
         "format": CACHE_FORMAT, "name": entry.name, "caption": entry.caption, "source": str(entry.video),
         "masks": str(entry.masks), "num_frames": str(num_frames), "size": f"{size[0]}x{size[1]}",
         "max_text_len": str(max_text_len), "latents": "raw VAE posterior mean/logvar (normalise after sampling)",
+        "base_model": spec.name,
     }
     return tensors, meta
 
 
 def prepare_dataset(
-    folder: str | os.PathLike,
-    cache_dir: str | os.PathLike,
-    vae,
-    text_encoder,
-    tokenizer,
-    num_frames: int,
-    size: tuple[int, int],
-    max_text_len: int = 256,
-    *,
-    progress: Progress | None = None,
-) -> list[Path]:
-    """Encode every video of `folder` once into `<cache_dir>/<name>.safetensors` with a diffusers
-    VAE and a transformers T5; returns those paths."""
-    return prepare_with_encoders(folder, cache_dir, Encoders.from_models(vae, text_encoder, tokenizer), num_frames,
-                                 size, max_text_len, progress=progress)
-
-
-def prepare_with_encoders(
     folder: str | os.PathLike,
     cache_dir: str | os.PathLike,
     encoders: Encoders,
@@ -248,9 +244,12 @@ def prepare_with_encoders(
     *,
     progress: Progress | None = None,
 ) -> list[Path]:
-    """`prepare_dataset` with any encoders (the ComfyUI nodes pass ComfyUI's own VAE and CLIP)."""
-    spec = describe_dataset(folder, num_frames, size)
-    entries, size = spec.entries, spec.size
+    """Encode every video of `folder` once into `<cache_dir>/<name>.safetensors`; returns those paths.
+
+    `encoders` (e.g. `Encoders.from_models(vae, text_encoder, tokenizer, spec)`, or ComfyUI's own VAE
+    and CLIP in the nodes) also names the base model whose rules apply."""
+    described = describe_dataset(folder, num_frames, size, encoders.spec)
+    entries, size = described.entries, described.size
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     settings = {"num_frames": num_frames, "size": list(size), "max_text_len": max_text_len}

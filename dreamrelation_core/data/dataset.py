@@ -25,8 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..base_models import get_spec
+from ..basemodel import BaseModelSpec
 from ..errors import DatasetError, VideoError
-from ..mochi.latents import check_frame_count, check_training_size
 from . import mask_files as mask_io
 from .video import FRAME_SUFFIXES, VIDEO_SUFFIXES, probe_video
 
@@ -210,6 +211,7 @@ class DatasetSpec:
     entries: tuple[VideoEntry, ...]
     num_frames: int
     size: tuple[int, int]  # (H, W)
+    spec: BaseModelSpec | None = None  # the base model whose clip rules it was checked against (None: Mochi)
 
     def report(self) -> str:
         lines = [f"{self.folder}: {len(self.entries)} video(s), clips of {self.num_frames} frames at "
@@ -220,14 +222,17 @@ class DatasetSpec:
         return "\n".join(lines)
 
 
-def describe_dataset(folder: str | os.PathLike, num_frames: int, size: tuple[int, int]) -> DatasetSpec:
-    """Full validation for training at (num_frames, size): everything prepare checks before encoding."""
-    check_frame_count(num_frames)
+def describe_dataset(folder: str | os.PathLike, num_frames: int, size: tuple[int, int],
+                     spec: BaseModelSpec | None = None) -> DatasetSpec:
+    """Full validation for training at (num_frames, size): everything prepare checks before encoding
+    (the frame-count and size rules are the base model's, Mochi's by default)."""
+    spec = spec or get_spec()
+    spec.check_frame_count(num_frames)
     size = (int(size[0]), int(size[1]))
-    check_training_size(size)
+    spec.check_training_size(size)
     entries = scan_dataset(folder)
     _validate_for_training(entries, num_frames)
-    return DatasetSpec(Path(folder), tuple(entries), num_frames, size)
+    return DatasetSpec(Path(folder), tuple(entries), num_frames, size, spec)
 
 
 def folder_stamp(folder: str | os.PathLike) -> str:

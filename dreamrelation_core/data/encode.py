@@ -1,7 +1,7 @@
-"""VAE encoding of training clips and T5 embedding of captions (the models come from mochi.loading).
+"""VAE encoding of training clips and T5 embedding of captions (the models come from the base model's loading).
 
 Latents: the VAE's raw posterior mean/logvar are cached; the trainer samples z from them and
-normalises it (mochi.latents.normalize_latents) into ComfyUI's Mochi latent space.
+normalises it (the base model spec's `normalize_latents`) into the latent space ComfyUI samples in.
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import warnings
 import numpy as np
 import torch
 
-from ..mochi.latents import SPATIAL_COMPRESSION, check_frame_count
+from ..base_models import get_spec
+from ..basemodel import BaseModelSpec
 
 
 def _module_device_dtype(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -20,19 +21,22 @@ def _module_device_dtype(module: torch.nn.Module) -> tuple[torch.device, torch.d
 
 
 @torch.no_grad()
-def encode_frames(vae, frames: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 [F, H, W, 3] -> (mean, logvar), each float32 [12, T, H/8, W/8] on the CPU (raw VAE space)."""
+def encode_frames(vae, frames: np.ndarray, spec: BaseModelSpec | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 [F, H, W, 3] -> (mean, logvar), each float32 [C, T, H/s, W/s] on the CPU (raw VAE space;
+    C, s and the frame rule are the base model's: Mochi 12, 8, 6k + 1)."""
+    spec = spec or get_spec()
+    s = spec.spatial_compression
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"expected uint8 frames [F, H, W, 3], got {frames.dtype} {frames.shape}")
-    check_frame_count(frames.shape[0])
-    if frames.shape[1] % SPATIAL_COMPRESSION or frames.shape[2] % SPATIAL_COMPRESSION:
-        raise ValueError(f"frames are {frames.shape[1]}x{frames.shape[2]} (HxW); the VAE needs multiples of 8")
+    spec.check_frame_count(frames.shape[0])
+    if frames.shape[1] % s or frames.shape[2] % s:
+        raise ValueError(f"frames are {frames.shape[1]}x{frames.shape[2]} (HxW); the VAE needs multiples of {s}")
     device, dtype = _module_device_dtype(vae)
     x = torch.from_numpy(frames).to(device).permute(3, 0, 1, 2)[None]  # [1, 3, F, H, W]
     x = x.to(dtype) / 127.5 - 1.0  # VAE input range [-1, 1]
     dist = vae.encode(x).latent_dist
-    mean, logvar = dist.mean[0].float().cpu(), dist.logvar[0].float().cpu()  # [12, T, h, w]
+    mean, logvar = dist.mean[0].float().cpu(), dist.logvar[0].float().cpu()  # [C, T, h, w]
     return mean.contiguous(), logvar.contiguous()
 
 

@@ -23,9 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..base_models import get_spec
+from ..basemodel import BaseModelSpec
 from ..errors import DatasetError
 from ..fileio import atomic_path
-from ..mochi.latents import MIN_FRAMES, TEMPORAL_COMPRESSION, nearest_valid_frame_counts
 from . import mask_files as mask_io
 from .video import VIDEO_SUFFIXES
 
@@ -69,17 +70,21 @@ def check_dataset_name(dataset: str) -> str:
     return "/".join(parts)
 
 
-def check_exemplar(frames: np.ndarray, subject1: np.ndarray, subject2: np.ndarray, caption: str) -> str:
+def check_exemplar(frames: np.ndarray, subject1: np.ndarray, subject2: np.ndarray, caption: str,
+                   spec: BaseModelSpec | None = None) -> str:
     """The dataset's checks on one exemplar; returns the caption with whitespace collapsed."""
+    spec = spec or get_spec()
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise DatasetError(f"frames: expected uint8 [F, H, W, 3], got {frames.dtype} {tuple(frames.shape)}")
     f = len(frames)
-    if f < MIN_FRAMES or (f - 1) % TEMPORAL_COMPRESSION:
-        lo, hi = nearest_valid_frame_counts(f)
+    try:
+        spec.check_frame_count(f)
+    except ValueError:
+        lo, hi = spec.nearest_valid_frame_counts(f)
         raise DatasetError(
-            f"frames: {f} frames; a Mochi training clip has 6k + 1 frames (7, 13, ..., 61, ...): the nearest valid "
+            f"frames: {f} frames; a {spec.display_name} training clip has {spec.frame_rule}: the nearest valid "
             f"lengths are {lo} and {hi}. Load {lo} or {hi} frames (the video loader's frame cap / skip)"
-        )
+        ) from None
     for k, m in ((1, subject1), (2, subject2)):
         if m.shape != frames.shape[:3]:
             raise DatasetError(

@@ -1,6 +1,7 @@
-"""Per-frame subject masks -> masks on Mochi's latent grid (docs/method.md "Latent masks").
+"""Per-frame subject masks -> masks on the base model's latent grid (docs/method.md "Latent masks").
 
-The frame-count rule and the compression factors are Mochi's (see mochi.latents).
+The frame-count rule and the compression factors are the base model's (its spec; Mochi's by
+default: 8x spatial, frame 0 alone then groups of 6; Wan 2.1: 8x, groups of 4). Below in Mochi's numbers.
 
 Latent mask of one subject:
 - each frame's mask is brought to the latent grid (H/8 x W/8) *per frame*, as the reference does:
@@ -27,7 +28,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..mochi.latents import SPATIAL_COMPRESSION, TEMPORAL_COMPRESSION, latent_frame_count
+from ..base_models import get_spec
+from ..basemodel import BaseModelSpec
 
 
 def _row_groups(n_src: int, n_dst: int) -> np.ndarray:
@@ -61,31 +63,34 @@ def _as_bool_stack(mask: torch.Tensor | np.ndarray) -> np.ndarray:
     return mask if mask.dtype == bool else mask > 0.5
 
 
-def latent_grid(size: tuple[int, int]) -> tuple[int, int]:
-    """Latent grid (h, w) of a training size (H, W): 8x smaller."""
-    return size[0] // SPATIAL_COMPRESSION, size[1] // SPATIAL_COMPRESSION
+def latent_grid(size: tuple[int, int], spec: BaseModelSpec | None = None) -> tuple[int, int]:
+    """Latent grid (h, w) of a training size (H, W): 8x smaller on Mochi."""
+    return (spec or get_spec()).latent_grid(size)
 
 
-def latent_mask(mask: torch.Tensor | np.ndarray, grid: tuple[int, int] | None = None) -> torch.Tensor:
+def latent_mask(mask: torch.Tensor | np.ndarray, grid: tuple[int, int] | None = None,
+                spec: BaseModelSpec | None = None) -> torch.Tensor:
     """[F, H, W] bool/float per-frame mask -> [T_lat, h, w] float32 in [0, 1].
 
     grid=None: the mask is at the training size and (h, w) = (H // 8, W // 8). With `grid`, the
     mask may have any resolution (the source-resolution mask after the crop) and is marked
     straight onto that grid, never smaller than the mask."""
+    spec = spec or get_spec()
+    s, group = spec.spatial_compression, spec.temporal_compression
     m = _as_bool_stack(mask)
     f, H, W = m.shape
-    t = latent_frame_count(f)  # raises unless f = 6k + 1
+    t = spec.latent_frame_count(f)  # raises unless f = 6k + 1 (Mochi)
     if grid is None:
-        if H % SPATIAL_COMPRESSION or W % SPATIAL_COMPRESSION:
+        if H % s or W % s:
             raise ValueError(
-                f"mask frames are {H}x{W} (HxW); the VAE grid needs both multiples of {SPATIAL_COMPRESSION}"
+                f"mask frames are {H}x{W} (HxW); the VAE grid needs both multiples of {s}"
             )
-        grid = (H // SPATIAL_COMPRESSION, W // SPATIAL_COMPRESSION)
+        grid = (H // s, W // s)
     if not (0 < grid[0] <= H and 0 < grid[1] <= W):
         raise ValueError(f"latent grid {grid[0]}x{grid[1]} (hxw) must be positive and no larger than the mask {H}x{W}")
     cells = frame_cells(m, (int(grid[0]), int(grid[1]))).astype(np.float32)
     first = cells[:1]  # [1, h, w]: the causal first frame stands alone
-    rest = cells[1:].reshape(t - 1, TEMPORAL_COMPRESSION, *cells.shape[1:]).mean(axis=1)  # [T-1, h, w]
+    rest = cells[1:].reshape(t - 1, group, *cells.shape[1:]).mean(axis=1)  # [T-1, h, w]
     return torch.from_numpy(np.concatenate([first, rest], axis=0))
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..mochi.latents import check_frame_count
+from ..base_models import get_spec
+from ..basemodel import BaseModelSpec
 from .mask_files import save_compact_masks
 
 BACKGROUND = (128, 128, 128)
@@ -30,13 +31,13 @@ def _positions(num_frames: int, start: float, end: float, touch_at: float) -> np
 
 
 def synthetic_clip(
-    num_frames: int = 25, size: tuple[int, int] = (64, 64), seed: int = 0
+    num_frames: int = 25, size: tuple[int, int] = (64, 64), seed: int = 0, spec: BaseModelSpec | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """-> frames uint8 [F, H, W, 3], mask1 bool [F, H, W] (square), mask2 bool [F, H, W] (disc).
 
     `seed` varies the shapes' sizes and heights; the motion is always approach-then-touch.
     """
-    check_frame_count(num_frames)
+    (spec or get_spec()).check_frame_count(num_frames)
     H, W = size
     if H < 16 or W < 32:
         raise ValueError(f"synthetic clip size {H}x{W} (HxW) too small: need H >= 16 and W >= 32")
@@ -100,6 +101,7 @@ def write_synthetic_dataset(
     seed: int = 0,
     video_format: str = "png",
     caption: str = CAPTION,
+    spec: BaseModelSpec | None = None,
 ) -> Path:
     """Write a dataset folder in our layout: `clip{i}` video (frame folder by default), `clip{i}.txt`
     caption, `clip{i}.masks.npz` compact masks. Caption words are in tiny.TINY_VOCAB."""
@@ -108,7 +110,7 @@ def write_synthetic_dataset(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(num_videos):
-        frames, m1, m2 = synthetic_clip(num_frames, size, seed + i)
+        frames, m1, m2 = synthetic_clip(num_frames, size, seed + i, spec)
         name = f"clip{i}"
         write_video(folder / name, frames, video_format)
         (folder / f"{name}.txt").write_text(caption + "\n", encoding="utf-8")

@@ -28,8 +28,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..base_models import get_spec
+from ..basemodel import BaseModelSpec
 from ..errors import VideoError
-from ..mochi.latents import check_frame_count, check_training_size
 
 STREAM_SUFFIXES = (".mp4", ".webm", ".mkv", ".mov")
 GIF_SUFFIXES = (".gif",)
@@ -277,16 +278,19 @@ def fit_clip(
     num_frames: int,
     size: tuple[int, int],
     source: str = "video",
+    spec: BaseModelSpec | None = None,
 ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
     """Trim to the first num_frames, centre-crop to size's aspect ratio, resize to size (H, W).
 
-    num_frames must be 6k + 1 and (H, W) multiples of 16 (mochi.latents: the training clip rules).
+    num_frames and (H, W) follow the base model's training clip rules (`spec`, Mochi's by default:
+    6k + 1 frames, multiples of 16).
 
     frames uint8 [F, H0, W0, 3]; masks bool [F, H0, W0] each (same F, H0, W0 as frames).
     Returns frames uint8 [num_frames, H, W, 3] and masks bool [num_frames, H, W].
     """
-    check_frame_count(num_frames)
-    check_training_size(size)
+    spec = spec or get_spec()
+    spec.check_frame_count(num_frames)
+    spec.check_training_size(size)
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise VideoError(f"{source}: expected frames [F, H, W, 3], got shape {frames.shape}")
     if frames.shape[0] < num_frames:

@@ -27,19 +27,18 @@ from typing import Any
 
 import torch
 
+from ..base_models import all_specs, get_spec
 from ..errors import LoraFormatError
 from ..fileio import save_safetensors
 from . import genmo
 from .layout import (
     ADAPTER_MODULES,
     ADAPTERS,
-    BASE_MODEL,
     INFERENCE_ADAPTERS,
     LoraSet,
     check_lora_pair,
     module_path,
     parse_module_path,
-    target_modules,
 )
 
 FORMAT_TRIPLET = "dreamrelation.triplet"
@@ -47,7 +46,7 @@ FORMAT_RELATION = "dreamrelation.relation"
 FORMAT_REFERENCE = "reference"
 FORMAT_VERSION = "1"
 
-_OUR_KEY_RE = re.compile(r"^(?P<path>transformer_blocks\.\d+\.attn1\.[a-z_]+(?:\.0)?)\.lora_(?P<ab>[AB])\.(?P<adapter>\w+)\.weight$")
+_OUR_KEY_RE = re.compile(r"^(?P<path>(?:transformer_)?blocks\.\d+\.attn[12]\.[a-z_]+(?:\.0)?)\.lora_(?P<ab>[AB])\.(?P<adapter>\w+)\.weight$")
 # Reference (ali-vilab/DreamRelation) keys, e.g. blocks.3.attn.to_q_x.lora_A.relation / blocks.3.attn.proj_x.lora_B
 _REF_KEY_RE = re.compile(
     r"^(?:model\.|module\.)?blocks\.(?P<block>\d+)\.attn\.(?P<mod>to_[qkv]_[xy]|proj_[xy])\.lora_(?P<ab>[AB])(?:\.(?!weight$)(?P<adapter>\w+))?(?:\.weight)?$"
@@ -77,7 +76,8 @@ def _metadata(lora: LoraSet, fmt: str, step: int, config: dict | None) -> dict[s
     return {
         "format": fmt,
         "format_version": FORMAT_VERSION,
-        "base_model": BASE_MODEL,
+        "base_model": lora.spec.name,
+        **({"placement": lora.spec.placement} if len(lora.spec.placements) > 1 else {}),
         "adapters": json.dumps(adapters),
         "rank": json.dumps({a: lora.rank[a] for a in adapters}),
         "alpha": json.dumps({a: lora.alpha[a] for a in adapters}),
@@ -173,8 +173,11 @@ def load_lora_file(path: str | os.PathLike) -> LoraSet:
 
 
 def _parse_ours(path: Path, sd: dict[str, torch.Tensor], meta: dict[str, str]) -> LoraSet:
-    if meta.get("base_model") != BASE_MODEL:
-        raise LoraFormatError(f"{path}: made for base model {meta.get('base_model')!r}, expected {BASE_MODEL!r}")
+    known = [s.name for s in all_specs()]
+    if meta.get("base_model") not in known:
+        raise LoraFormatError(f"{path}: made for base model {meta.get('base_model')!r}, expected one of {known}")
+    spec = get_spec(meta["base_model"])
+    spec = spec.with_placement(meta.get("placement", spec.placement))
     if meta.get("format_version") != FORMAT_VERSION:
         raise LoraFormatError(f"{path}: format_version {meta.get('format_version')!r}, this version reads {FORMAT_VERSION!r}")
     ranks = _json_meta(path, meta, "rank")
@@ -187,12 +190,12 @@ def _parse_ours(path: Path, sd: dict[str, torch.Tensor], meta: dict[str, str]) -
             raise LoraFormatError(f"{path}: unexpected key {key!r} {tuple(t.shape)}")
         p, ab, adapter = m.group("path"), m.group("ab"), m.group("adapter")
         try:
-            _, sub = parse_module_path(p)
+            _, sub = spec.parse_module_path(p)
         except ValueError:
-            raise LoraFormatError(f"{path}: key {key!r} is not on a Mochi joint-attention module") from None
+            raise LoraFormatError(f"{path}: key {key!r} is not on a {spec.name} attention module") from None
         if adapter not in ADAPTERS:
             raise LoraFormatError(f"{path}: key {key!r} names unknown adapter {adapter!r}; expected one of {ADAPTERS}")
-        if sub not in ADAPTER_MODULES[adapter]:
+        if sub not in spec.adapter_modules[adapter]:
             raise LoraFormatError(f"{path}: key {key!r}: adapter {adapter!r} does not belong on {sub!r}")
         pending.setdefault((adapter, p), {})[ab] = t
     for (adapter, p), pair in pending.items():
@@ -242,7 +245,7 @@ def _check_consistent(path: Path, lora: LoraSet) -> None:
                     f"{dims[sub][0]} -> {dims[sub][1]}: weights of different base models"
                 )
             dims.setdefault(sub, (*io, p))
-        missing = sorted(set(target_modules(adapter, n)) - set(mods))
+        missing = sorted(set(lora.spec.target_modules(adapter, n)) - set(mods))
         if missing:
             raise LoraFormatError(
                 f"{path}: adapter {adapter!r} of a {n}-block model has no weights for {len(missing)} module(s): "

@@ -1,65 +1,49 @@
 """In-memory LoRA weights in one layout every format converts to and from.
 
 A `LoraSet` maps adapter name -> diffusers module path -> (A, B), with one scale per adapter.
-Module paths are the diffusers names of the Mochi joint attention, e.g.
-`transformer_blocks.3.attn1.to_q` or `transformer_blocks.3.attn1.to_out.0`.
+Module paths are the diffusers names of the base model's attention projections, e.g. Mochi's
+`transformer_blocks.3.attn1.to_q` or `transformer_blocks.3.attn1.to_out.0` (each base model's
+spec, `basemodel.BaseModelSpec`, says which).
 The weight delta of one module is  scale * B @ A  (A: [r, in], B: [out, r]).
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 import torch
 
+from ..base_models import spec_of_module_path
+from ..basemodel import BaseModelSpec
 from ..errors import LoraFormatError
+from ..mochi.spec import MOCHI
 
-BASE_MODEL = "mochi-1-preview"  # the one base model these layouts and files are for
+BASE_MODEL = MOCHI.name  # the base model of LoRAs whose module paths name no other (see base_models)
 
 ADAPTERS = ("relation", "subject1", "subject2", "ffn")
 # Adapters kept at inference: subject LoRAs carry appearance and are dropped.
 INFERENCE_ADAPTERS = ("relation", "ffn")
 
-# adapter -> attention submodules it sits on (visual, then text).
-ADAPTER_MODULES: dict[str, tuple[str, ...]] = {
-    "relation": ("to_q", "to_k", "add_q_proj", "add_k_proj"),
-    "subject1": ("to_v", "add_v_proj"),
-    "subject2": ("to_v", "add_v_proj"),
-    "ffn": ("to_out.0", "to_add_out"),
-}
+# adapter -> attention submodules it sits on, Mochi's (each base model's are in its spec).
+ADAPTER_MODULES: dict[str, tuple[str, ...]] = dict(MOCHI.adapter_modules)
 
-MODULE_RE = re.compile(
-    r"^transformer_blocks\.(\d+)\.attn1\."
-    r"(to_q|to_k|to_v|add_q_proj|add_k_proj|add_v_proj|to_out\.0|to_add_out)$"
-)
+MODULE_RE = MOCHI.module_re
 
 
-def module_path(block: int, sub: str) -> str:
-    return f"transformer_blocks.{block}.attn1.{sub}"
+def module_path(block: int, sub: str, spec: BaseModelSpec = MOCHI) -> str:
+    return spec.module_path(block, sub)
 
 
 def parse_module_path(path: str) -> tuple[int, str]:
-    """`transformer_blocks.3.attn1.to_q` -> (3, "to_q"); ValueError for anything else."""
-    m = MODULE_RE.match(path)
-    if m is None:
-        raise ValueError(f"not a Mochi joint-attention module path: {path!r}")
-    return int(m.group(1)), m.group(2)
+    """`transformer_blocks.3.attn1.to_q` -> (3, "to_q"), for the module paths of any base model's
+    LoRA targets; ValueError for anything else."""
+    return spec_of_module_path(path).parse_module_path(path)
 
 
-def target_modules(adapter: str, num_layers: int) -> list[str]:
-    """Module paths an adapter is trained on in a model with `num_layers` blocks.
-
-    The last block discards its text stream: its `add_q_proj` only ever gets a zero gradient
-    and it has no `to_add_out`, so both are left out.
-    """
-    out = []
-    for i in range(num_layers):
-        for sub in ADAPTER_MODULES[adapter]:
-            if i == num_layers - 1 and sub in ("add_q_proj", "to_add_out"):
-                continue
-            out.append(module_path(i, sub))
-    return out
+def target_modules(adapter: str, num_layers: int, spec: BaseModelSpec = MOCHI) -> list[str]:
+    """Module paths an adapter is trained on in a model with `num_layers` blocks (the spec says
+    which: Mochi's last block leaves out its text query and text output projections)."""
+    return spec.target_modules(adapter, num_layers)
 
 
 def check_lora_pair(a: torch.Tensor, b: torch.Tensor, where: str, names: tuple[str, str] = ("A", "B")) -> None:
@@ -103,6 +87,13 @@ class LoraSet:
             alpha={a: self.alpha[a] for a in keep if a in self.alpha},
             metadata=dict(self.metadata),
         )
+
+    @property
+    def spec(self) -> BaseModelSpec:
+        """The base model whose modules these are (Mochi for an empty set), with the adapter
+        placement its metadata names."""
+        spec = next((spec_of_module_path(p) for w in self.weights.values() for p in w), MOCHI)
+        return spec.with_placement(self.metadata.get("placement", spec.placement))
 
     def num_blocks(self) -> int:
         blocks = [parse_module_path(p)[0] for w in self.weights.values() for p in w]

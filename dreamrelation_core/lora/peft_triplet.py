@@ -1,11 +1,12 @@
-"""Relation LoRA triplet on diffusers' `MochiTransformer3DModel`, as peft adapters.
+"""Relation LoRA triplet on a diffusers transformer (Mochi's, or another base model's), as peft adapters.
 
-Four named adapters (docs/method.md "Relation LoRA triplet"):
+Four named adapters (docs/method.md "Relation LoRA triplet"); on Mochi:
 - `relation`: visual and text Q and K projections (`to_q`, `to_k`, `add_q_proj`, `add_k_proj`);
 - `subject1`, `subject2`: visual and text V projections (`to_v`, `add_v_proj`);
 - `ffn`: both attention output projections (`to_out.0`, `to_add_out`), always active.
 Only the 48 (here: `num_layers`) joint-attention blocks get LoRAs; the time-embedding pooler does
 not, and the last block's text-query projection (its output is discarded) is left out.
+Where they sit on another base model is its spec's `adapter_modules`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from .layout import ADAPTERS, INFERENCE_ADAPTERS, LoraSet, target_modules
+from ..base_models import spec_of_model
+from ..basemodel import BaseModelSpec
+from .layout import ADAPTERS, INFERENCE_ADAPTERS, LoraSet
 
 # Branches of hybrid mask training and the adapters each one trains (docs/method.md "Hybrid mask training").
 BRANCHES = ("relation", "subject1", "subject2")
@@ -28,29 +31,30 @@ BRANCH_ADAPTERS: dict[str, tuple[str, ...]] = {
 
 
 def num_blocks(model: nn.Module) -> int:
-    return len(model.transformer_blocks)
+    return spec_of_model(model).num_blocks(model)
 
 
 def add_triplet(
-    model: nn.Module, rank: int | dict[str, int] = 16, alpha: float | dict[str, float] = 16.0, dropout: float = 0.0
+    model: nn.Module, rank: int | dict[str, int] = 16, alpha: float | dict[str, float] = 16.0, dropout: float = 0.0,
+    spec: BaseModelSpec | None = None,
 ) -> nn.Module:
     """Freeze `model` and add the four adapters (A kaiming-uniform, B zeros); returns `model`.
 
     `rank` / `alpha` may be given per adapter (imported checkpoints use one rank for the Q/K/V
-    LoRAs and another for the output projections)."""
+    LoRAs and another for the output projections). `spec` places the adapters (default: the
+    model's base model with its default placement)."""
     from peft import LoraConfig
 
-    if not hasattr(model, "transformer_blocks"):
-        raise TypeError(f"expected a MochiTransformer3DModel, got {type(model).__name__}")
+    spec = spec or spec_of_model(model)  # TypeError for a model of no known base model
     model.requires_grad_(False)
-    n = num_blocks(model)
+    n = spec.num_blocks(model)
     for name in ADAPTERS:
         cfg = LoraConfig(
             r=rank[name] if isinstance(rank, dict) else rank,
             lora_alpha=alpha[name] if isinstance(alpha, dict) else alpha,
             lora_dropout=dropout,
             init_lora_weights=True,
-            target_modules=target_modules(name, n),  # full paths: nothing else can match
+            target_modules=spec.target_modules(name, n),  # full paths: nothing else can match
         )
         with warnings.catch_warnings():
             # peft warns on every adapter after the first; several adapters is the point here

@@ -22,6 +22,15 @@ class TrainConfig:
     # diffusers config folder), or "tiny" for the built-in random test model
     transformer: str = "tiny"
     transformer_config: str = ""
+    # which base model (base_models.NAMES): auto detects it from the transformer file ("tiny": Mochi)
+    base_model: str = "auto"
+    # where the triplet sits on Wan (docs/method.md "Wan 2.1 / 2.2"): default = relation on self- and
+    # cross-attention Q, K, subjects on both V, shared on both output projections; self_attention =
+    # the same on the self-attention only. Mochi has one placement (default).
+    lora_placement: str = "default"
+    # noise levels trained, sigma ~ U(lo, hi): [0, 1] everything; one Wan 2.2 A14B expert its own range
+    # (high noise [0.875, 1], low noise [0, 0.875]: the boundary of Wan 2.2 T2V, docs/method.md "Wan 2.1 / 2.2")
+    sigma_range: tuple[float, float] = (0.0, 1.0)
     # Relation LoRA triplet
     rank: int = 16
     alpha: float = 16.0
@@ -63,6 +72,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.adam_betas = tuple(self.adam_betas)  # YAML gives lists
+        self.sigma_range = tuple(float(v) for v in self.sigma_range)
         self.validate()
 
     def validate(self) -> None:
@@ -70,6 +80,12 @@ class TrainConfig:
             if not ok:
                 raise ValueError(f"config: {msg}")
 
+        from ..base_models import NAMES, PLACEMENTS
+
+        need(self.base_model in NAMES, f"base_model must be one of {list(NAMES)}, got {self.base_model!r}")
+        need(self.lora_placement in PLACEMENTS, f"lora_placement must be one of {list(PLACEMENTS)}, got {self.lora_placement!r}")
+        need(len(self.sigma_range) == 2 and 0.0 <= self.sigma_range[0] < self.sigma_range[1] <= 1.0,
+             f"sigma_range must be [lo, hi] with 0 <= lo < hi <= 1, got {list(self.sigma_range)}")
         need(self.rank >= 1, f"rank must be >= 1, got {self.rank}")
         need(self.alpha > 0, f"alpha must be > 0, got {self.alpha}")
         need(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
@@ -99,6 +115,7 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["adam_betas"] = list(self.adam_betas)
+        d["sigma_range"] = list(self.sigma_range)
         return d
 
     @classmethod

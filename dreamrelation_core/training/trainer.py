@@ -22,12 +22,13 @@ from typing import Any, Protocol
 
 import torch
 
+from ..base_models import resolve_spec, spec_of_model
+from ..basemodel import BaseModelSpec
 from ..data.latent_masks import relation_mask
 from ..errors import TrainingError
 from ..fileio import atomic_path
 from ..lora import files as lora_files
 from ..lora import peft_triplet as triplet
-from ..mochi.latents import diffusers_timestep
 from .config import TrainConfig
 from .contrastive import RCLSettings, RelationalContrastiveLoss
 from .flow import masked_flow_loss, noisy
@@ -49,7 +50,7 @@ class Clip(Protocol):
     mask1: torch.Tensor  # [T, h, w]
     mask2: torch.Tensor  # [T, h, w]
 
-    def sample_latents(self, generator: torch.Generator) -> torch.Tensor: ...  # [12, T, h, w]
+    def sample_latents(self, generator: torch.Generator) -> torch.Tensor: ...  # [C, T, h, w]
 
 
 @dataclass
@@ -80,11 +81,15 @@ class TrainResult:
 # model
 
 
+def base_model_spec(config: TrainConfig) -> BaseModelSpec:
+    """The base model a config trains (`base_model`; auto: detected from the transformer file)."""
+    return resolve_spec(config.base_model, config.transformer)
+
+
 def load_transformer(config: TrainConfig, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """The frozen base model, from local files only (or the tiny random test model)."""
-    from ..mochi.loading import load_transformer as load
-
-    return load(config.transformer, config.transformer_config, dtype, config.seed, config.extra.get("tiny"))
+    return base_model_spec(config).load_transformer(
+        config.transformer, config.transformer_config, dtype, config.seed, config.extra.get("tiny"))
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -139,6 +144,9 @@ class Trainer:
         torch.manual_seed(config.seed)
         base_dtype = torch.bfloat16 if self.autocast else torch.float32
         self.model = make_trainable(model if model is not None else load_transformer(config, base_dtype))
+        # predict(), blocks and LoRA placement of this base model
+        self.spec = spec_of_model(self.model).with_placement(config.lora_placement)
+        self._check_clip_base_model()
         self._prepare_memory()
         self.model.train()
         params = [p for _, p in triplet.lora_parameters(self.model)]
@@ -176,7 +184,7 @@ class Trainer:
         if self.on_memory is not None:
             self.on_memory(self.memory)
         prepared = prepare_model(self.model, self.memory.options, self.device, rank=cfg.rank, alpha=cfg.alpha,
-                                 dropout=cfg.dropout)
+                                 dropout=cfg.dropout, spec=self.spec)
         self.swap, self.offload = prepared.swap, prepared.offload
 
     # -- data ----------------------------------------------------------------------------------
@@ -199,6 +207,14 @@ class Trainer:
                     f"clip {name}: shape {tuple(t)} differs from {tuple(first.mask1.shape)}; batch_size > 1 needs clips of one size"
                 )
 
+    def _check_clip_base_model(self) -> None:
+        for c in self.clips:
+            spec = getattr(c, "spec", None)
+            if spec is not None and spec.name != self.spec.name:
+                raise TrainingError(
+                    f"clip {getattr(c, 'name', '?')}: prepared with the {spec.name} VAE, but the transformer is "
+                    f"{self.spec.name}; prepare the dataset with this base model's VAE")
+
     # -- one step ------------------------------------------------------------------------------
     def _draw_batch(self) -> list[Clip]:
         idx = torch.randint(len(self.clips), (self.config.batch_size,), generator=self.rng)
@@ -210,7 +226,7 @@ class Trainer:
         branch = triplet.draw_branch(rng)
         triplet.activate_branch(self.model, branch)
         batch = self._draw_batch()
-        z = torch.stack([c.sample_latents(rng) for c in batch])  # [B, 12, T, h, w]
+        z = torch.stack([c.sample_latents(rng) for c in batch])  # [B, C, T, h, w]
         y = torch.stack([c.y_feat.float() for c in batch])  # [B, L, D]
         ym = torch.stack([c.y_mask.bool() for c in batch])  # [B, L]
         drop = torch.rand(len(batch), generator=rng) < cfg.caption_dropout
@@ -218,13 +234,13 @@ class Trainer:
         ym[drop] = False
         eps = torch.randn(z.shape, generator=rng)
         sigma = torch.rand(len(batch), generator=rng)
+        lo, hi = cfg.sigma_range
+        if (lo, hi) != (0.0, 1.0):  # one expert of Wan 2.2 A14B: its own noise levels only
+            sigma = lo + (hi - lo) * sigma
         x, u = noisy(z, eps, sigma)
         mask = branch_mask(batch, branch).to(dev)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.autocast):
-            pred = self.model(
-                hidden_states=x.to(dev), encoder_hidden_states=y.to(dev), timestep=diffusers_timestep(sigma).to(dev),
-                encoder_attention_mask=ym.to(dev), return_dict=False,
-            )[0]
+            pred = self.spec.predict(self.model, x.to(dev), y.to(dev), ym.to(dev), sigma.to(dev))
         rec, mse, masked = masked_flow_loss(pred, u.to(dev), mask, cfg.mask_weight)
         rcl = self.rcl.loss(pred, rng) if cfg.rcl_weight > 0 else None
         total = rec + cfg.rcl_weight * rcl if rcl is not None else rec
@@ -267,11 +283,8 @@ class Trainer:
             sigma = 0.05 + 0.9 * torch.rand(1, generator=g)
             x, u = noisy(z, eps, sigma)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.autocast):
-                pred = self.model(
-                    hidden_states=x.to(dev), encoder_hidden_states=clip.y_feat[None].float().to(dev),
-                    timestep=diffusers_timestep(sigma).to(dev), encoder_attention_mask=clip.y_mask[None].bool().to(dev),
-                    return_dict=False,
-                )[0]
+                pred = self.spec.predict(self.model, x.to(dev), clip.y_feat[None].float().to(dev),
+                                         clip.y_mask[None].bool().to(dev), sigma.to(dev))
             rec, mse, masked = masked_flow_loss(pred, u.to(dev), branch_mask([clip], branch).to(dev), cfg.mask_weight)
             for k, v in (("total", rec), ("mse", mse), ("masked", masked)):
                 sums[k] += float(v) / num_samples
@@ -320,6 +333,7 @@ class Trainer:
     def export(self) -> tuple[Path, Path]:
         """Write the triplet and the relation-only LoRA of the current weights into run_dir."""
         lora = triplet.to_lora_set(self.model)
+        lora.metadata["placement"] = self.spec.placement
         dtype = torch.bfloat16 if self.config.save_dtype == "bf16" else torch.float32
         cfg = self.config.to_dict()
         t = lora_files.save_triplet(self.run_dir / TRIPLET_FILE, lora, step=self.step, config=cfg, dtype=dtype)

@@ -192,3 +192,101 @@ def load_tiny_mochi_vae(sd: dict[str, torch.Tensor], metadata=None, what: str = 
     if missing:
         raise TinyModelError(f"{what}: not the tiny Mochi VAE, missing {missing[:4]}")
     return vae
+
+
+# ---------------------------------------------------------------------------------------------
+# Wan: the DiT loads through ComfyUI's stock loader at any size (it reads every size it needs
+# from the shapes); umT5 and the Wan VAE are built only at full size, hence these two.
+
+
+def is_wan_dit(sd: dict) -> bool:
+    return any(k.endswith("head.modulation") for k in sd)
+
+
+def is_wan_vae(sd: dict) -> bool:
+    return "decoder.middle.0.residual.0.gamma" in sd  # ComfyUI's own test for a Wan VAE
+
+
+def load_tiny_wan_clip(sd: dict[str, torch.Tensor], embedding_directory=None, model_options: dict | None = None,
+                       what: str = "umT5"):
+    """`comfy.sd.CLIP` with ComfyUI's Wan umT5 classes and tokenizer (CLIPLoader type 'wan'), the
+    umT5 sized by ComfyUI's own `umt5xxl_model_config` option, the tokenizer the SentencePiece
+    model the file carries (`spiece_model`, as in ComfyUI's umT5 files), weights by `CLIP.load_sd`."""
+    import comfy.sd
+    import comfy.text_encoders.sd3_clip
+    import comfy.text_encoders.wan
+    import comfy.utils
+
+    spiece = _need(sd, "spiece_model", what)
+    weights = {k: v for k, v in sd.items() if k != "spiece_model"}
+
+    class Target:
+        params: dict = {}
+        clip = comfy.text_encoders.wan.te(**comfy.text_encoders.sd3_clip.t5_xxl_detect(weights))
+        tokenizer = comfy.text_encoders.wan.WanT5Tokenizer
+
+    options = {**(model_options or {}), "umt5xxl_model_config": t5_config(weights, what)}
+    clip = comfy.sd.CLIP(Target, embedding_directory=embedding_directory, tokenizer_data={"spiece_model": spiece},
+                         parameters=comfy.utils.calculate_parameters(weights), model_options=options)
+    missing, _unexpected = clip.load_sd(weights)
+    if missing:
+        raise TinyModelError(f"{what}: missing weights {list(missing)[:4]}")
+    return clip
+
+
+def wan_vae_config(sd: dict[str, torch.Tensor], what: str = "Wan VAE") -> dict:
+    """ComfyUI `WanVAE` arguments (2.1 or 2.2 class) for the sizes of Wan VAE weights."""
+    dim = _need(sd, "encoder.conv1.weight", what).shape[0]
+    z_dim = _need(sd, "conv2.weight", what).shape[0]
+    stages, temporal = [], []  # (residual blocks, width) per encoder stage; time halved after it
+    if is_wan22_vae(sd):  # nested: encoder.downsamples.i.downsamples.j
+        for i in range(_count(sd, r"^encoder\.downsamples\.(\d+)\.")):
+            p = f"encoder.downsamples.{i}.downsamples."
+            n = _count(sd, rf"^{re.escape(p)}(\d+)\.")
+            res = [j for j in range(n) if f"{p}{j}.residual.6.weight" in sd]
+            stages.append((len(res), _need(sd, f"{p}{res[-1]}.residual.6.weight", what).shape[0]))
+            if len(res) < n:
+                temporal.append(f"{p}{n - 1}.time_conv.weight" in sd)
+    else:  # flat: the residual blocks of a stage, then its resample
+        blocks, width = 0, dim
+        for n in range(_count(sd, r"^encoder\.downsamples\.(\d+)\.")):
+            p = f"encoder.downsamples.{n}."
+            if f"{p}resample.1.weight" in sd:
+                stages.append((blocks, width))
+                temporal.append(f"{p}time_conv.weight" in sd)
+                blocks = 0
+            else:
+                blocks += 1
+                width = _need(sd, f"{p}residual.6.weight", what).shape[0]
+        stages.append((blocks, width))
+    config = dict(dim=dim, z_dim=z_dim, dim_mult=[w // dim for _, w in stages], num_res_blocks=stages[0][0],
+                  attn_scales=[], temperal_downsample=temporal, dropout=0.0)
+    if is_wan22_vae(sd):
+        config["dec_dim"] = _need(sd, "decoder.conv1.weight", what).shape[0] // config["dim_mult"][-1]
+    return config
+
+
+def is_wan22_vae(sd: dict) -> bool:
+    return "decoder.upsamples.0.upsamples.0.residual.2.weight" in sd  # ComfyUI's own test
+
+
+def load_tiny_wan_vae(sd: dict[str, torch.Tensor], metadata=None, what: str = "VAE"):
+    """`comfy.sd.VAE` (ComfyUI's Wan 2.1 / 2.2 VAE branch: ratios, dtypes, process in/out, patcher)
+    around ComfyUI's `WanVAE` class at the size of the weights (the branch fixes the full size)."""
+    import comfy.ldm.wan.vae
+    import comfy.ldm.wan.vae2_2
+    import comfy.sd
+
+    module = comfy.ldm.wan.vae2_2 if is_wan22_vae(sd) else comfy.ldm.wan.vae
+    config, full_size = wan_vae_config(sd, what), module.WanVAE
+    module.WanVAE = lambda **_full: full_size(**config)  # only while comfy.sd.VAE takes its Wan branch
+    try:
+        vae = comfy.sd.VAE(sd=sd, metadata=metadata)
+    finally:
+        module.WanVAE = full_size
+    if vae.first_stage_model is None or vae.latent_channels != config["z_dim"]:
+        raise TinyModelError(f"{what}: ComfyUI did not take it for a Wan VAE")
+    missing = sorted(set(vae.first_stage_model.state_dict()) - set(sd))
+    if missing:
+        raise TinyModelError(f"{what}: not a tiny Wan VAE, missing {missing[:4]}")
+    return vae

@@ -189,8 +189,10 @@ PART_LABELS = {
 def estimate(
     frames: int, height: int, width: int, options: MemoryOptions, dims: MochiDims | None = None, rank: int = 16,
 ) -> Estimate:
-    """Predicted peak GPU memory of one training step, split into PART_LABELS."""
-    est = estimate_latent(latent_shape(frames, height, width), options, dims, rank)
+    """Predicted peak GPU memory of one training step, split into PART_LABELS (`dims`: MochiDims, or
+    another base model's dims with its own `latent_shape`, e.g. wan_dims.WanDims)."""
+    shape = dims.latent_shape(frames, height, width) if hasattr(dims, "latent_shape") else latent_shape(frames, height, width)
+    est = estimate_latent(shape, options, dims, rank)
     est.frames, est.height, est.width = frames, height, width
     return est
 
@@ -232,6 +234,8 @@ def _weights(dims: MochiDims, options: MemoryOptions) -> dict[str, int]:
 
 def _block_saved(dims: MochiDims, i: int, n: int, l: int) -> tuple[int, int]:
     """(activations, attention) bytes block i saves for backward (see the module docstring)."""
+    if hasattr(dims, "block_saved"):  # another base model's block (wan_dims)
+        return dims.block_saved(i, n, l)
     d, c, s, first, last = dims.d, dims.text_width, n + l, i == 0, i == dims.layers - 1
     vis = (3 if first else 4) * 4 * d + 2 * d + 2 * 6 * d + 6 * dims.f
     txt = 2 * c + 2 * 6 * d  # LoRA input, added Q/K norms
@@ -248,7 +252,8 @@ def _activations(dims: MochiDims, options: MemoryOptions, n: int, l: int, rank: 
     the sum is largest (i = last block, except with offloaded inputs, where the LoRA gradients of
     the blocks done make block 1's backward the peak; block 0 saves less)."""
     d, c, layers = dims.d, dims.text_width, dims.layers
-    rope = n * 4 * d  # cos and sin, fp32, shared by all blocks until the end of backward
+    # cos and sin, fp32, shared by all blocks until the end of backward (Wan: also its text context)
+    rope = dims.shared_activations(n, l) if hasattr(dims, "shared_activations") else n * 4 * d
     transient = n * (2 * d + 5 * 4 * d)  # incoming bf16 gradient, five fp32 norm-backward temporaries
     block_input = n * 2 * d + l * 2 * c  # a checkpoint keeps its block's inputs (bf16)
     saved = [_block_saved(dims, i, n, l) for i in range(layers)]

@@ -117,7 +117,20 @@ def _bool(value, name: str) -> bool | None:
 
 
 def _blocks(model: torch.nn.Module) -> int:
-    return len(getattr(model, "transformer_blocks", ()))
+    """How many transformer blocks (what swap counts), whatever the base model calls them."""
+    blocks = getattr(model, "transformer_blocks", None)
+    return len(blocks if blocks is not None else getattr(model, "blocks", ()))
+
+
+def model_dims(model: torch.nn.Module):
+    """The memory dimensions of a loaded transformer: WanDims for Wan, else MochiDims."""
+    if not hasattr(model, "config"):
+        return MochiDims()
+    if type(model).__name__ == "WanTransformer3DModel":
+        from .wan_dims import WanDims
+
+        return WanDims.from_config(dict(model.config))
+    return MochiDims.from_config(dict(model.config))
 
 
 def is_fp8_model(model: torch.nn.Module) -> bool:
@@ -144,7 +157,7 @@ def resolve(
         return Choice(MemoryOptions("fp32", swap or 0, ckpt is not False, bool(offload)), None, free_bytes, _blocks(model))
     if dtype is None and is_fp8_model(model):
         dtype = "fp8"  # the file is fp8: bf16 would only cost memory
-    dims = MochiDims.from_config(dict(model.config)) if hasattr(model, "config") else MochiDims()
+    dims = model_dims(model)
     batch = config.batch_size
 
     def agrees(o: MemoryOptions) -> bool:

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...base_models import spec_of_model
+from ...basemodel import BaseModelSpec
 from ...lora import peft_triplet as triplet
 from ...mochi import fp8
 from .activations import ActivationOffload, checkpoint_function
@@ -56,14 +58,15 @@ class Prepared:
 def prepare_model(
     model: nn.Module, options: MemoryOptions, device: torch.device | str, rank: int = 16, alpha: float = 16.0,
     dropout: float = 0.0, swap_kwargs: dict[str, Any] | None = None, offload: ActivationOffload | None = None,
-    recompute_context: Callable[[], AbstractContextManager] | None = None,
+    recompute_context: Callable[[], AbstractContextManager] | None = None, spec: BaseModelSpec | None = None,
 ) -> Prepared:
     """Frozen Linears stored in `options.base_dtype` (fp32 keeps the loaded dtype), LoRA triplet in
     fp32, block swap, move to `device`, gradient checkpointing. Changes `model` in place."""
     device = torch.device(device)
     storage = None if options.base_dtype == "fp32" else STORAGE_DTYPES[options.base_dtype]
-    fp8.freeze_linears(model, storage)
-    triplet.add_triplet(model, rank, alpha, dropout)
+    spec = spec or spec_of_model(model)
+    fp8.freeze_linears(model, storage, keep=spec.keep_precision)
+    triplet.add_triplet(model, rank, alpha, dropout, spec=spec)
     for layer in triplet._tuner_layers(model):
         # peft would cast each LoRA input to fp32 (a full-size copy per layer, kept for backward
         # under autocast); the LoRA matmul runs in the autocast dtype anyway, so skip the cast.

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ...base_models import spec_of_model
 from ...mochi.fp8 import FrozenLinear
 
 ALIGN = 256  # bytes; every weight view starts on a boundary kernels like
@@ -66,7 +67,8 @@ def swapped_block_indices(num_blocks: int, blocks_to_swap: int) -> list[int]:
 
 
 class BlockSwap:
-    """Streams the frozen weights of `blocks_to_swap` blocks of `model.transformer_blocks`.
+    """Streams the frozen weights of `blocks_to_swap` of the model's transformer blocks (its base
+    model spec's `blocks`: Mochi's `transformer_blocks`).
 
     Build it after the LoRA adapters are added and before the model is moved to `device`
     (the swapped weights are taken out of the model first, so the move leaves them on the CPU).
@@ -79,7 +81,7 @@ class BlockSwap:
         store_device: torch.device | str | None = None,
     ):
         self.device = torch.device(device)
-        self.blocks = list(model.transformer_blocks)
+        self.blocks = list(spec_of_model(model).blocks(model))
         self.indices = swapped_block_indices(len(self.blocks), blocks_to_swap)
         self.cuda = self.device.type == "cuda"
         pin = self.cuda if pin_memory is None else pin_memory

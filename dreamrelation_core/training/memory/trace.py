@@ -39,8 +39,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
+from ...base_models import get_spec
 from ...lora import peft_triplet as triplet
-from ...mochi.latents import diffusers_timestep
 from ..flow import masked_flow_loss, noisy
 from .activations import ActivationOffload
 from .setup import MemoryOptions, prepare_model
@@ -191,7 +191,8 @@ class CudaAutocastOnMeta(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
-            q, k, v = (a.to(self.dtype) for a in args[:3])
+            qkv = list(args[:3]) + [kwargs[n] for n in ("query", "key", "value")[len(args[:3]):]]  # diffusers' Wan: kwargs
+            q, k, v = (a.to(self.dtype) for a in qkv)
             return _FlashAttention.apply(q, k, v, self.counter)
         if func in _LOW:
             args, kwargs = self._cast(args, kwargs, (torch.float32, torch.float16), self.dtype)
@@ -255,27 +256,36 @@ class TraceResult:
         return self.peak / GIB
 
 
-def _mochi(config: dict, dtype: torch.dtype) -> torch.nn.Module:
-    from diffusers import MochiTransformer3DModel
+def _mochi(config: dict, dtype: torch.dtype, family: str = "mochi") -> torch.nn.Module:
+    from diffusers import MochiTransformer3DModel, WanTransformer3DModel
 
     with torch.device("meta"):
-        model = MochiTransformer3DModel(**config)
+        model = (WanTransformer3DModel if family == "wan" else MochiTransformer3DModel)(**config)
     return model.to(dtype)
 
 
 def trace_step(
     config: dict, frames: int, height: int, width: int, options: MemoryOptions, rank: int = 16,
     text_len: int | None = None, mask_weight: float = 50.0, counter: LiveBytes | None = None,
+    base_model: str = "mochi",
 ) -> TraceResult:
     """Peak live device bytes of one training step of a Mochi of `config` (MochiTransformer3DModel
     keyword arguments), after a first step (AdamW's state exists, as in a run)."""
     from .estimate import latent_shape
 
-    t_lat, h_lat, w_lat = latent_shape(frames, height, width)
-    text_len = text_len or config.get("max_sequence_length", 256)
+    spec = get_spec(base_model)
+    if spec.family == "wan":  # a WanTransformer3DModel config
+        from .wan_dims import WanDims
+
+        t_lat, h_lat, w_lat = WanDims.from_config(config).latent_shape(frames, height, width)
+        text_len, text_dim, channels = text_len or spec.text_len, config.get("text_dim", 4096), config["in_channels"]
+    else:
+        t_lat, h_lat, w_lat = latent_shape(frames, height, width)
+        text_len, text_dim, channels = (text_len or config.get("max_sequence_length", 256),
+                                        config.get("text_embed_dim", 4096), 12)
     counter = counter or LiveBytes()
     with meta_patches():
-        model = _mochi(config, torch.bfloat16)
+        model = _mochi(config, torch.bfloat16, spec.family)
         offload = _TraceOffload(counter) if options.offload_activations else None
         prepared = prepare_model(
             model, options, "meta", rank=rank, alpha=float(rank), offload=offload,
@@ -294,17 +304,15 @@ def trace_step(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         _baseline(counter, model, prepared, lora, optimizer)
-        text_dim = config.get("text_embed_dim", 4096)
         with counter, CudaAutocastOnMeta(counter):
-            z = torch.randn(1, 12, t_lat, h_lat, w_lat, device="meta")
+            z = torch.randn(1, channels, t_lat, h_lat, w_lat, device="meta")
             eps = torch.randn_like(z)
             sigma = torch.rand(1, device="meta")
             x, u = noisy(z, eps, sigma)
             y = torch.randn(1, text_len, text_dim, device="meta")
             ym = torch.ones(1, text_len, dtype=torch.bool, device="meta")
             mask = torch.ones(1, t_lat, h_lat, w_lat, device="meta")
-            pred = model(hidden_states=x, encoder_hidden_states=y, timestep=diffusers_timestep(sigma),
-                         encoder_attention_mask=ym, return_dict=False)[0]
+            pred = spec.predict(model, x, y, ym, sigma)
             loss = masked_flow_loss(pred, u, mask, mask_weight)[0]
             del pred, x, u, z, eps, y, mask
             loss.backward()
