@@ -12,20 +12,24 @@ import torch
 
 from .errors import LoraFormatError
 from .lora import peft_triplet as triplet
-from .lora.layout import ADAPTERS, INFERENCE_ADAPTERS, LoraSet
+from .lora.layout import ADAPTERS, INFERENCE_ADAPTERS, RELATION_PLACEMENTS, LoraSet, parse_module_path, placement_of
 from .mochi.latents import LATENT_CHANNELS, diffusers_timestep
 
 
 def add_relation_lora(model: torch.nn.Module, lora: LoraSet) -> torch.nn.Module:
     """Add the triplet to a frozen base model and load the relation + ffn weights of `lora`.
 
-    Subject adapters exist in the model (zero B) but stay inactive and empty."""
+    Subject adapters exist in the model (zero B) but stay inactive and empty. The relation
+    adapter goes where the file has it (Q/K, or an ablation's placement)."""
     rel = lora.only(INFERENCE_ADAPTERS)
     if "relation" not in rel.adapters:
         raise LoraFormatError("the LoRA has no 'relation' adapter")
+    placement = placement_of({parse_module_path(p)[1] for p in rel.weights["relation"]})
+    if placement is None:
+        raise LoraFormatError(f"the relation adapter sits on modules of no known placement {sorted(RELATION_PLACEMENTS)}")
     ranks = {a: rel.rank.get(a, rel.rank["relation"]) for a in ADAPTERS}
     alphas = {a: rel.alpha.get(a, rel.alpha["relation"]) for a in ranks}
-    triplet.add_triplet(model, rank=ranks, alpha=alphas)
+    triplet.add_triplet(model, rank=ranks, alpha=alphas, relation_placement=placement)
     triplet.load_lora_set(model, rel)
     triplet.activate_inference(model)
     return model.eval()

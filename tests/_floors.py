@@ -60,9 +60,14 @@ PARTS: list[Part] = [
          "(attention Q/K/V by key pattern, read slice by slice), `sweep` (every layer: JSON, CSV, heat map), "
          "`lora_report`, `features` (Q/K/V feature maps), `plots`"),
     Part(5, ("generate",), "relation LoRA on the diffusers model for inference, σ schedule, sampler"),
-    Part(6, ("cli",), "`python -m dreamrelation_core`: one module per command family (`prepare`, `masks`, `train`, "
-         "`export`, `demo`, `evaluate`, `analyze`, `memory`), `progress` (the one progress bar of the long commands)"),
-    Part(7, ("__main__",), "the module entry point"),
+    Part(6, ("ablation",), "the synthetic-world study ([ablation.md](ablation.md)): `world` (subjects, relation "
+         "programs, rendering on the latent grid), `judge` (exact relation, text alignment, leakage; its own check), "
+         "`recipe`, `base` (pretraining and cache of the small base), `study` (the variants through the trainer, "
+         "LoRA files and sampler)"),
+    Part(7, ("cli",), "`python -m dreamrelation_core`: one module per command family (`prepare`, `masks`, `train`, "
+         "`export`, `demo`, `evaluate`, `analyze`, `memory`, `ablation`), `progress` (the one progress bar of the "
+         "long commands)"),
+    Part(8, ("__main__",), "the module entry point"),
 ]
 
 # Floors, lowest first.

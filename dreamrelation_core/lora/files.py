@@ -35,12 +35,17 @@ from .layout import (
     ADAPTERS,
     BASE_MODEL,
     INFERENCE_ADAPTERS,
+    RELATION_PLACEMENTS,
     LoraSet,
     check_lora_pair,
     module_path,
     parse_module_path,
+    placement_of,
     target_modules,
 )
+
+# Every module the relation adapter may sit on (Q/K for the method, others for ablations).
+RELATION_MODULES = frozenset(m for mods in RELATION_PLACEMENTS.values() for m in mods)
 
 FORMAT_TRIPLET = "dreamrelation.triplet"
 FORMAT_RELATION = "dreamrelation.relation"
@@ -192,7 +197,8 @@ def _parse_ours(path: Path, sd: dict[str, torch.Tensor], meta: dict[str, str]) -
             raise LoraFormatError(f"{path}: key {key!r} is not on a Mochi joint-attention module") from None
         if adapter not in ADAPTERS:
             raise LoraFormatError(f"{path}: key {key!r} names unknown adapter {adapter!r}; expected one of {ADAPTERS}")
-        if sub not in ADAPTER_MODULES[adapter]:
+        allowed = RELATION_MODULES if adapter == "relation" else ADAPTER_MODULES[adapter]
+        if sub not in allowed:
             raise LoraFormatError(f"{path}: key {key!r}: adapter {adapter!r} does not belong on {sub!r}")
         pending.setdefault((adapter, p), {})[ab] = t
     for (adapter, p), pair in pending.items():
@@ -228,6 +234,18 @@ def _set_scale(path: Path, lora: LoraSet, adapter: str, rank: int, alpha: float)
     lora.scales[adapter] = alpha / rank
 
 
+def _placement(path: Path, adapter: str, mods: dict) -> str:
+    """The relation adapter's placement (Q/K, or an ablation's, see layout.RELATION_PLACEMENTS)."""
+    if adapter != "relation":
+        return "qk"
+    found = placement_of({parse_module_path(p)[1] for p in mods})
+    if found is None:
+        subs = sorted({parse_module_path(p)[1] for p in mods})
+        raise LoraFormatError(f"{path}: the relation adapter sits on {subs}, not one of the known placements "
+                              f"{ {k: list(v) for k, v in RELATION_PLACEMENTS.items()} }")
+    return found
+
+
 def _check_consistent(path: Path, lora: LoraSet) -> None:
     """Same widths everywhere (one base model), and every module of every adapter present."""
     dims: dict[str, tuple[int, int, str]] = {}  # sub-module kind -> (in, out, where first seen)
@@ -242,7 +260,7 @@ def _check_consistent(path: Path, lora: LoraSet) -> None:
                     f"{dims[sub][0]} -> {dims[sub][1]}: weights of different base models"
                 )
             dims.setdefault(sub, (*io, p))
-        missing = sorted(set(target_modules(adapter, n)) - set(mods))
+        missing = sorted(set(target_modules(adapter, n, _placement(path, adapter, mods))) - set(mods))
         if missing:
             raise LoraFormatError(
                 f"{path}: adapter {adapter!r} of a {n}-block model has no weights for {len(missing)} module(s): "

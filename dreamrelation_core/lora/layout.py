@@ -29,6 +29,35 @@ ADAPTER_MODULES: dict[str, tuple[str, ...]] = {
     "ffn": ("to_out.0", "to_add_out"),
 }
 
+# Where the relation adapter may sit (ablation variants, docs/ablation.md): "qk" is the method's
+# placement; the others move it to the value projections, the queries or keys only, or all three.
+# The subject adapters stay on V whatever the relation's placement.
+RELATION_PLACEMENTS: dict[str, tuple[str, ...]] = {
+    "qk": ADAPTER_MODULES["relation"],
+    "q": ("to_q", "add_q_proj"),
+    "k": ("to_k", "add_k_proj"),
+    "v": ("to_v", "add_v_proj"),
+    "kv": ("to_k", "to_v", "add_k_proj", "add_v_proj"),
+    "qkv": ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"),
+}
+
+
+def adapter_modules(relation_placement: str = "qk") -> dict[str, tuple[str, ...]]:
+    """ADAPTER_MODULES with the relation adapter at `relation_placement` (a RELATION_PLACEMENTS key)."""
+    if relation_placement not in RELATION_PLACEMENTS:
+        raise ValueError(f"unknown relation placement {relation_placement!r}; expected one of {sorted(RELATION_PLACEMENTS)}")
+    return {**ADAPTER_MODULES, "relation": RELATION_PLACEMENTS[relation_placement]}
+
+
+def placement_of(subs: set[str]) -> str | None:
+    """The RELATION_PLACEMENTS key whose modules are `subs`, or None. `add_q_proj` may be absent
+    (a one-block model has none: the last block leaves it out); the placements differ without it."""
+    for name, mods in RELATION_PLACEMENTS.items():
+        if set(subs) - {"add_q_proj"} == set(mods) - {"add_q_proj"}:
+            return name
+    return None
+
+
 MODULE_RE = re.compile(
     r"^transformer_blocks\.(\d+)\.attn1\."
     r"(to_q|to_k|to_v|add_q_proj|add_k_proj|add_v_proj|to_out\.0|to_add_out)$"
@@ -47,7 +76,7 @@ def parse_module_path(path: str) -> tuple[int, str]:
     return int(m.group(1)), m.group(2)
 
 
-def target_modules(adapter: str, num_layers: int) -> list[str]:
+def target_modules(adapter: str, num_layers: int, relation_placement: str = "qk") -> list[str]:
     """Module paths an adapter is trained on in a model with `num_layers` blocks.
 
     The last block discards its text stream: its `add_q_proj` only ever gets a zero gradient
@@ -55,7 +84,7 @@ def target_modules(adapter: str, num_layers: int) -> list[str]:
     """
     out = []
     for i in range(num_layers):
-        for sub in ADAPTER_MODULES[adapter]:
+        for sub in adapter_modules(relation_placement)[adapter]:
             if i == num_layers - 1 and sub in ("add_q_proj", "to_add_out"):
                 continue
             out.append(module_path(i, sub))

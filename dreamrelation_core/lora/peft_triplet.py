@@ -32,12 +32,14 @@ def num_blocks(model: nn.Module) -> int:
 
 
 def add_triplet(
-    model: nn.Module, rank: int | dict[str, int] = 16, alpha: float | dict[str, float] = 16.0, dropout: float = 0.0
+    model: nn.Module, rank: int | dict[str, int] = 16, alpha: float | dict[str, float] = 16.0, dropout: float = 0.0,
+    relation_placement: str = "qk",
 ) -> nn.Module:
     """Freeze `model` and add the four adapters (A kaiming-uniform, B zeros); returns `model`.
 
     `rank` / `alpha` may be given per adapter (imported checkpoints use one rank for the Q/K/V
-    LoRAs and another for the output projections)."""
+    LoRAs and another for the output projections). `relation_placement` moves the relation
+    adapter off Q/K for ablations (layout.RELATION_PLACEMENTS)."""
     from peft import LoraConfig
 
     if not hasattr(model, "transformer_blocks"):
@@ -50,7 +52,7 @@ def add_triplet(
             lora_alpha=alpha[name] if isinstance(alpha, dict) else alpha,
             lora_dropout=dropout,
             init_lora_weights=True,
-            target_modules=target_modules(name, n),  # full paths: nothing else can match
+            target_modules=target_modules(name, n, relation_placement),  # full paths: nothing else can match
         )
         with warnings.catch_warnings():
             # peft warns on every adapter after the first; several adapters is the point here

@@ -176,7 +176,7 @@ class Trainer:
         if self.on_memory is not None:
             self.on_memory(self.memory)
         prepared = prepare_model(self.model, self.memory.options, self.device, rank=cfg.rank, alpha=cfg.alpha,
-                                 dropout=cfg.dropout)
+                                 dropout=cfg.dropout, relation_placement=cfg.relation_placement)
         self.swap, self.offload = prepared.swap, prepared.offload
 
     # -- data ----------------------------------------------------------------------------------
@@ -204,11 +204,25 @@ class Trainer:
         idx = torch.randint(len(self.clips), (self.config.batch_size,), generator=self.rng)
         return [self.clips[int(i)] for i in idx]
 
+    def _activate_next_branch(self) -> tuple[str, float]:
+        """Draw and activate this step's branch -> (branch, mask weight). Ablation switches
+        (docs/ablation.md): without subject LoRAs only the relation branch exists and trains
+        relation + ffn; without hybrid masks every step trains every adapter on the plain MSE."""
+        cfg = self.config
+        if cfg.hybrid_masks and cfg.subject_loras:
+            branch = triplet.draw_branch(self.rng)
+        else:
+            branch = "relation"
+        adapters = triplet.BRANCH_ADAPTERS[branch]
+        if not cfg.subject_loras:
+            adapters = tuple(a for a in adapters if a not in ("subject1", "subject2"))
+        triplet.activate(self.model, adapters)
+        return branch, (cfg.mask_weight if cfg.hybrid_masks else 0.0)
+
     @torch.inference_mode(False)
     def train_step(self) -> tuple[str, dict[str, float]]:
         cfg, rng, dev = self.config, self.rng, self.device
-        branch = triplet.draw_branch(rng)
-        triplet.activate_branch(self.model, branch)
+        branch, mask_weight = self._activate_next_branch()
         batch = self._draw_batch()
         z = torch.stack([c.sample_latents(rng) for c in batch])  # [B, 12, T, h, w]
         y = torch.stack([c.y_feat.float() for c in batch])  # [B, L, D]
@@ -225,7 +239,7 @@ class Trainer:
                 hidden_states=x.to(dev), encoder_hidden_states=y.to(dev), timestep=diffusers_timestep(sigma).to(dev),
                 encoder_attention_mask=ym.to(dev), return_dict=False,
             )[0]
-        rec, mse, masked = masked_flow_loss(pred, u.to(dev), mask, cfg.mask_weight)
+        rec, mse, masked = masked_flow_loss(pred, u.to(dev), mask, mask_weight)
         rcl = self.rcl.loss(pred, rng) if cfg.rcl_weight > 0 else None
         total = rec + cfg.rcl_weight * rcl if rcl is not None else rec
         terms = {"total": total, "mse": mse, "masked": masked, "rcl": rcl}

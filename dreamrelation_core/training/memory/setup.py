@@ -56,14 +56,15 @@ class Prepared:
 def prepare_model(
     model: nn.Module, options: MemoryOptions, device: torch.device | str, rank: int = 16, alpha: float = 16.0,
     dropout: float = 0.0, swap_kwargs: dict[str, Any] | None = None, offload: ActivationOffload | None = None,
-    recompute_context: Callable[[], AbstractContextManager] | None = None,
+    recompute_context: Callable[[], AbstractContextManager] | None = None, relation_placement: str = "qk",
 ) -> Prepared:
     """Frozen Linears stored in `options.base_dtype` (fp32 keeps the loaded dtype), LoRA triplet in
-    fp32, block swap, move to `device`, gradient checkpointing. Changes `model` in place."""
+    fp32 (relation adapter at `relation_placement`), block swap, move to `device`, gradient
+    checkpointing. Changes `model` in place."""
     device = torch.device(device)
     storage = None if options.base_dtype == "fp32" else STORAGE_DTYPES[options.base_dtype]
     fp8.freeze_linears(model, storage)
-    triplet.add_triplet(model, rank, alpha, dropout)
+    triplet.add_triplet(model, rank, alpha, dropout, relation_placement)
     for layer in triplet._tuner_layers(model):
         # peft would cast each LoRA input to fp32 (a full-size copy per layer, kept for backward
         # under autocast); the LoRA matmul runs in the autocast dtype anyway, so skip the cast.
