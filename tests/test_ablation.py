@@ -59,6 +59,19 @@ def test_judge_rules_on_hand_made_tracks():
     assert judge.classify_tracks(jerky, still, no_contact) == "none"
 
 
+def test_judge_reads_blocks_not_speckles():
+    rng = np.random.default_rng(5)
+    s1, s2 = world.Subject("purple", "triangle"), world.Subject("yellow", "diamond")
+    clip = world.make_clip("pass_by", s1, s2, rng, SHAPE)
+    z = clip.latents.clone()
+    z[world.COLOURS.index("purple"), :, 0, 0] = 1.4  # one stray cell of subject 1's colour on every frame
+    z[world.COLOURS.index("yellow"), 3, 7, 15] = 1.4
+    assert judge.classify(z, s1, s2) == "pass_by"
+    faint = clip.latents * 0.4  # below half the amplitude: no subject at all
+    assert judge.classify(faint, s1, s2) == "none"
+    assert judge.classify(clip.latents) == "pass_by"  # no prompt: the two colours seen most, in both orders
+
+
 def test_judge_check_is_trustworthy_and_rejects_negatives():
     check = judge.judge_check(SHAPE, per_relation=8, seed=2)
     assert check["trustworthy"]

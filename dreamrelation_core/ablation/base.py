@@ -7,6 +7,7 @@ the method: the LoRAs are trained afterwards through the trainer."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -73,8 +74,9 @@ def _relation_weights(r: Recipe) -> np.ndarray:
     return np.array([r.target_share if rel == r.target else rest for rel in RELATIONS])
 
 
-def pretrain(r: Recipe, progress: Callable[[int, int, float], None] | None = None) -> Base:
-    """Pretrain transformer + T5 from scratch (seeded) on fresh random clips every step."""
+def pretrain(r: Recipe, progress: Callable[[int, int, float], None] | None = None, init: Base | None = None) -> Base:
+    """Pretrain transformer + T5 from scratch (seeded) on fresh random clips every step; with
+    `init`, continue from that base for r.pretrain_more steps at half the learning rate."""
     from diffusers import MochiTransformer3DModel
 
     torch.manual_seed(r.base_seed)
@@ -82,16 +84,22 @@ def pretrain(r: Recipe, progress: Callable[[int, int, float], None] | None = Non
     words = vocabulary()
     tok = tiny_tokenizer(r.text_len, words)
     t5 = tiny_text_encoder(r.base_seed, r.text_dim, words).train()
+    steps, lr, seed = r.pretrain_steps, r.pretrain_lr, r.base_seed
+    if init is not None:
+        model.load_state_dict(init.transformer_state)
+        t5.load_state_dict(init.text_encoder.state_dict())
+        t5.requires_grad_(True)
+        steps, lr, seed = r.pretrain_more, r.pretrain_lr / 2, r.base_seed + 1  # new clips, not a replay
     params = list(model.parameters()) + list(t5.parameters())
-    opt = torch.optim.AdamW(params, lr=r.pretrain_lr, weight_decay=0.01)
-    warm = max(1, r.pretrain_steps // 20)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    warm = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / r.pretrain_steps))))
-    rng = np.random.default_rng(r.base_seed)
-    g = torch.Generator().manual_seed(r.base_seed)
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    rng = np.random.default_rng(seed)
+    g = torch.Generator().manual_seed(seed)
     probs = _relation_weights(r)
     t0, loss_ema = time.perf_counter(), float("nan")
-    for step in range(r.pretrain_steps):
+    for step in range(steps):
         rels = rng.choice(len(RELATIONS), r.pretrain_batch, p=probs)
         clips = [make_clip(RELATIONS[i], *random_pair(rng), rng, r.shape) for i in rels]
         z = torch.stack([c.latents for c in clips])  # [B, 12, T, h, w]
@@ -114,9 +122,10 @@ def pretrain(r: Recipe, progress: Callable[[int, int, float], None] | None = Non
         value = loss.item()
         loss_ema = value if step == 0 else 0.98 * loss_ema + 0.02 * value
         if progress is not None:
-            progress(step + 1, r.pretrain_steps, loss_ema)
+            progress(step + 1, steps, loss_ema)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return Base(r, state, t5.eval().requires_grad_(False), tok, time.perf_counter() - t0, loss_ema)
+    seconds = time.perf_counter() - t0 + (init.pretrain_seconds if init is not None else 0.0)
+    return Base(r, state, t5.eval().requires_grad_(False), tok, seconds, loss_ema)
 
 
 def _folder(r: Recipe, cache_dir: Path) -> Path:
@@ -156,6 +165,9 @@ def get_base(r: Recipe, cache_dir: Path | None = None,
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     base = load_base(r, cache_dir)
     if base is None:
-        base = pretrain(r, progress)
+        first = None
+        if r.pretrain_more:
+            first = get_base(dataclasses.replace(r, pretrain_more=0), cache_dir, progress)
+        base = pretrain(r, progress, init=first)
         save_base(base, cache_dir)
     return base

@@ -1,10 +1,12 @@
 """The exact judge of the ablation world (docs/ablation.md "The judge").
 
-Reads a latent clip [12, T, h, w] back cell by cell: a cell is a subject's if its strongest colour
-channel and its strongest kind channel both exceed half the rendering amplitude; its colour and
-kind are those argmaxes. Subjects are told apart by colour (the world gives the two subjects of a
-clip different colours). From the two subjects' centroid tracks and their cell sets, fixed rules
-name the relation, or "none".
+Reads a latent clip [12, T, h, w] back in two ways. Cell by cell (text alignment, leakage): a cell
+is a subject's if its strongest colour channel and its strongest kind channel both exceed half the
+rendering amplitude; its colour and kind are those argmaxes. Block by block (the relation): a
+subject of colour c sits, on each frame, at the 2x2 block where channel c has the largest mean,
+if that mean exceeds half the amplitude; faint speckles elsewhere do not move it. Subjects are told
+apart by colour (the two subjects of a clip have different colours). From the two subjects' block
+tracks, fixed rules name the relation, or "none".
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .world import AMPLITUDE, COLOURS, EXEMPLAR_SUBJECTS, KINDS, RELATIONS, Subject
+from .world import AMPLITUDE, BLOCK, COLOURS, EXEMPLAR_SUBJECTS, KINDS, RELATIONS, Subject
 
 MAX_STEP = 3.6  # cells per frame: faster than any program moves (smoothness)
 TOL = 0.6  # cells: slack of the monotonicity rules
@@ -39,15 +41,20 @@ def decode(latents: torch.Tensor) -> Decoded:
     return Decoded(colour, kind)
 
 
-def _centroids(cells: np.ndarray) -> np.ndarray | None:
-    """cells [T, h, w] bool -> [T, 2] (row, column) centroids, one missing frame interpolated; None if more."""
-    t = cells.shape[0]
-    out = np.full((t, 2), np.nan)
-    for f in range(t):
-        rr, cc = np.nonzero(cells[f])
-        if len(rr):
-            out[f] = (rr.mean() - 0.5, cc.mean() - 0.5)  # a block's top-left cell, as the programs place them
-    missing = np.isnan(out[:, 0])
+def block_scores(latents: torch.Tensor) -> torch.Tensor:
+    """[6, T, h - 1, w - 1]: per colour, the mean of its channel over the 2x2 block at each top-left cell."""
+    z = latents.detach().float().cpu()[: len(COLOURS)]  # [6, T, h, w]
+    return torch.nn.functional.avg_pool2d(z.flatten(0, 1)[:, None], BLOCK, stride=1)[:, 0].unflatten(0, z.shape[:2])
+
+
+def _block_track(scores: torch.Tensor) -> np.ndarray | None:
+    """scores [T, h', w'] of one colour -> [T, 2] top-left (row, column) of its best block per frame;
+    a frame without a block above half the amplitude is missing: one is interpolated, more give None."""
+    t, _, w = scores.shape
+    best, idx = scores.flatten(1).max(1)  # [T]
+    out = np.stack([(idx // w).numpy(), (idx % w).numpy()], 1).astype(float)
+    missing = (best <= AMPLITUDE / 2).numpy()
+    out[missing] = np.nan
     if missing.sum() > 1 or missing.all():
         return None
     if missing.any():
@@ -57,13 +64,9 @@ def _centroids(cells: np.ndarray) -> np.ndarray | None:
     return out
 
 
-def _contact(a: np.ndarray, b: np.ndarray) -> bool:
-    """Two cell sets [h, w] touch: some cells are 8-neighbours or shared."""
-    ra, ca = np.nonzero(a)
-    rb, cb = np.nonzero(b)
-    if not len(ra) or not len(rb):
-        return False
-    return bool((np.maximum(np.abs(ra[:, None] - rb[None]), np.abs(ca[:, None] - cb[None])) <= 1).any())
+def _contact(p1: np.ndarray, p2: np.ndarray) -> np.ndarray:
+    """[T] bool: the two 2x2 blocks share cells or are 8-neighbours."""
+    return np.abs(p1 - p2).max(1) <= BLOCK
 
 
 def _monotone(x: np.ndarray, sign: float) -> bool:
@@ -105,36 +108,36 @@ def classify_tracks(p1: np.ndarray, p2: np.ndarray, contact: np.ndarray) -> str:
     return found[0] if len(found) == 1 else "none"
 
 
-def _tracks(dec: Decoded, c1: int, c2: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    a, b = dec.colour == c1, dec.colour == c2
-    p1, p2 = _centroids(a), _centroids(b)
+def _tracks(scores: torch.Tensor, c1: int, c2: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    p1, p2 = _block_track(scores[c1]), _block_track(scores[c2])
     if p1 is None or p2 is None:
         return None
-    return p1, p2, np.array([_contact(a[f], b[f]) for f in range(a.shape[0])])
+    return p1, p2, _contact(p1, p2)
 
 
-def _dominant_colours(dec: Decoded) -> list[int]:
-    counts = np.bincount(dec.colour[dec.colour >= 0].ravel(), minlength=len(COLOURS))
-    return [int(i) for i in np.argsort(-counts)[:2] if counts[i] > 0]
+def _dominant_colours(scores: torch.Tensor) -> list[int]:
+    """The two colours with a block on the most frames (ties: the higher summed block score)."""
+    best = scores.flatten(2).max(2).values  # [6, T]
+    frames = (best > AMPLITUDE / 2).sum(1).float() + 1e-3 * best.clamp(min=0).sum(1)
+    return [int(i) for i in torch.argsort(-frames)[:2] if frames[i] >= 1]
 
 
 def classify(latents: torch.Tensor, s1: Subject | None = None, s2: Subject | None = None) -> str:
     """The relation shown by a latent clip, or "none". With the prompted subjects given, subject 1
-    is the one of s1's colour; if either colour is missing, the two most frequent colours are
-    taken in both orders (the relation is judged apart from appearance: see text_alignment)."""
-    dec = decode(latents)
-    orders = []
+    is the one of s1's colour; if either colour is missing, the two colours seen most are taken in
+    both orders (the relation is judged apart from appearance: see text_alignment)."""
+    scores = block_scores(latents)
+    tracks = None
     if s1 is not None and s2 is not None:
-        orders.append((COLOURS.index(s1.colour), COLOURS.index(s2.colour)))
-    tracks = _tracks(dec, *orders[0]) if orders else None
+        tracks = _tracks(scores, COLOURS.index(s1.colour), COLOURS.index(s2.colour))
     if tracks is not None:
         return classify_tracks(*tracks)
-    dom = _dominant_colours(dec)
+    dom = _dominant_colours(scores)
     if len(dom) < 2:
         return "none"
     labels = []
     for c1, c2 in ((dom[0], dom[1]), (dom[1], dom[0])):
-        tr = _tracks(dec, c1, c2)
+        tr = _tracks(scores, c1, c2)
         labels.append(classify_tracks(*tr) if tr is not None else "none")
     known = [x for x in labels if x != "none"]
     return known[0] if known else "none"

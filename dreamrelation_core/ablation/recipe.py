@@ -26,6 +26,7 @@ class Recipe:
     pretrain_steps: int = 2400
     pretrain_batch: int = 8
     pretrain_lr: float = 1e-3
+    pretrain_more: int = 1200  # then this many more steps from that base (own cache entry), lr pretrain_lr / 2
     base_seed: int = 0
     # exemplars
     exemplars: int = 6
@@ -40,7 +41,7 @@ class Recipe:
     pairs: int = 6  # new subject pairs
     gen_seeds: int = 2  # sampling seeds per pair
     sample_steps: int = 20
-    cfg: float = 4.0
+    cfg: float = 6.0  # the reference's sampling guidance
     # judge check
     judge_clips: int = 30  # ground-truth clips per relation
     threads: int = 1  # torch threads: more threads on a loaded 2-core machine are many times slower
@@ -51,16 +52,19 @@ class Recipe:
 
     @classmethod
     def quick(cls) -> Recipe:
-        return cls(layers=1, heads=2, head_dim=16, pretrain_steps=40, pretrain_batch=4, exemplars=5,
+        return cls(layers=1, heads=2, head_dim=16, pretrain_steps=40, pretrain_batch=4, pretrain_more=0, exemplars=5,
                    train_steps=6, train_batch=1, warmup_steps=2, pairs=2, gen_seeds=1, sample_steps=4, judge_clips=6)
 
     def base_fields(self) -> dict:
         names = ("shape", "target", "target_share", "layers", "heads", "head_dim", "text_dim", "text_len",
-                 "pretrain_steps", "pretrain_batch", "pretrain_lr", "base_seed")
+                 "pretrain_steps", "pretrain_batch", "pretrain_lr", "base_seed", "pretrain_more")
         return {n: getattr(self, n) for n in names}
 
     def base_hash(self) -> str:
-        text = json.dumps({"version": 1, **self.base_fields()}, sort_keys=True, default=list)
+        fields = self.base_fields()
+        if not fields["pretrain_more"]:
+            del fields["pretrain_more"]  # hashes of bases made before the field existed stay valid
+        text = json.dumps({"version": 1, **fields}, sort_keys=True, default=list)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict:
