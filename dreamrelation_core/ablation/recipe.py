@@ -10,6 +10,8 @@ import hashlib
 import json
 from dataclasses import dataclass
 
+from .world import AMPLITUDE
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -23,17 +25,17 @@ class Recipe:
     head_dim: int = 32
     text_dim: int = 32  # T5 width
     text_len: int = 16
-    pretrain_steps: int = 2400
+    pretrain_steps: int = 2000
     pretrain_batch: int = 8
     pretrain_lr: float = 1e-3
-    pretrain_more: int = 1200  # then this many more steps from that base (own cache entry), lr pretrain_lr / 2
+    pretrain_more: int = 0  # then this many more steps from that base (own cache entry), lr pretrain_lr / 2
     base_seed: int = 0
     # exemplars
     exemplars: int = 6
     exemplar_seed: int = 1
     # LoRA training (through the trainer; the TrainConfig fields not named here keep their defaults)
     rank: int = 8
-    train_steps: int = 200
+    train_steps: int = 150
     train_lr: float = 1e-3
     train_batch: int = 2
     warmup_steps: int = 20
@@ -64,7 +66,7 @@ class Recipe:
         fields = self.base_fields()
         if not fields["pretrain_more"]:
             del fields["pretrain_more"]  # hashes of bases made before the field existed stay valid
-        text = json.dumps({"version": 1, **fields}, sort_keys=True, default=list)
+        text = json.dumps({"version": 2, "amplitude": AMPLITUDE, **fields}, sort_keys=True, default=list)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict:
