@@ -174,13 +174,13 @@ def test_ablation_quick_chain_and_judge_check(tmp_path, monkeypatch):
     monkeypatch.setenv("DREAMRELATION_CACHE", str(tmp_path / "cache"))
     assert main(["ablation", "--out", str(tmp_path / "check"), "--quick", "--judge-check"]) == 0
     assert json.loads((tmp_path / "check" / "judge_check.json").read_text())["trustworthy"]
-    assert main(["ablation", "--out", str(tmp_path / "q"), "--quick", "--seeds", "1"]) == 0
+    assert main(["ablation", "--out", str(tmp_path / "q"), "--quick", "--seeds", "1", "--pretrain-steps", "30"]) == 0
     out = json.loads((tmp_path / "q" / "ablation.json").read_text())
     assert set(out["variants"]) == {"full", "no_hybrid_masks", "no_contrastive", "no_subject_loras", "relation_on_v",
                                     "relation_on_q", "plain_lora", "base"}
     full = out["variants"]["full"]["seeds"][0]
     assert set(full) >= {"relation_accuracy", "text_alignment", "leakage", "train_seconds"}
     assert 0 <= full["relation_accuracy"] <= 1 and out["judge_check"]["trustworthy"]
-    assert out["recipe"]["base_hash"] and not out["base"]["cached"]
+    assert out["recipe"]["base_hash"] and not out["base"]["cached"] and out["recipe"]["pretrain_steps"] == 30
     assert (tmp_path / "q" / "runs" / "relation_on_v" / "seed0" / "relation_only.safetensors").is_file()
     assert list((tmp_path / "cache" / "ablation").glob("base-*/base.json"))

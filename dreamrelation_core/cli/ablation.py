@@ -5,6 +5,7 @@ through the trainer, the LoRA files and the sampler; writes DIR/ablation.json.""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shlex
 import sys
@@ -18,6 +19,8 @@ def cmd_ablation(args: argparse.Namespace) -> int:
     from ..ablation.recipe import Recipe
 
     recipe = Recipe.quick() if args.quick else Recipe.full()
+    if args.pretrain_steps:
+        recipe = dataclasses.replace(recipe, pretrain_steps=args.pretrain_steps)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.judge_check:
@@ -49,6 +52,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
                    "exit 1 if it is not trustworthy")
     p.add_argument("--cache-dir", help="where the pretrained base is cached (default $DREAMRELATION_CACHE/ablation "
                    "or ~/.cache/dreamrelation/ablation)")
+    p.add_argument("--pretrain-steps", type=int, default=0, help="pretraining steps of the base (default: the "
+                   "recipe's; each count is its own cache entry)")
     p.add_argument("--variants", nargs="+", choices=list(_variants()), help="run only these variants (default all)")
     p.set_defaults(func=cmd_ablation)
 
