@@ -48,6 +48,9 @@ _FACTORIES = {
 }
 # adapter placements some base model knows (TrainConfig.lora_placement; each spec checks its own)
 PLACEMENTS = ("default", "self_attention")
+# relation adapter placements some base model knows (TrainConfig.relation_placement: "qk" is the
+# method's, the others are ablations, docs/ablation.md; each spec checks its own)
+RELATION_PLACEMENTS = ("qk", "q", "k", "v", "kv", "qkv")
 # what TrainConfig.base_model and --base-model accept
 NAMES = ("auto", "mochi", "mochi-1-preview", "wan2.1", "wan2.1-1.3b", "wan2.1-14b", "wan2.2-a14b", "wan2.2-5b")
 

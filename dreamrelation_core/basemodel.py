@@ -4,7 +4,8 @@
 both) picks one by name or detects it from a file. Everything outside a base model's own package
 asks its spec: the latent format (channels, compression, the frame-count rule, normalisation),
 the time convention and the model call (`predict`), the blocks that swap and checkpointing walk,
-where the relation LoRA triplet sits (`adapter_modules`), and how its files are recognised.
+where the relation LoRA triplet sits (`adapter_modules`: the one place that says so; an adapter
+placement and, for ablations, a relation placement pick it), and how its files are recognised.
 
 Time convention shared by every spec: sigma in [0, 1], x_sigma = (1 - sigma) * z + sigma * eps,
 and `predict` returns u = z - eps (docs/method.md "Time and latent conventions"); each spec
@@ -13,8 +14,9 @@ translates to its model's own timestep.
 
 from __future__ import annotations
 
+import copy
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -41,6 +43,11 @@ class BaseModelSpec:
     keep_precision: tuple[str, ...] = ()  # module paths whose Linears are never stored in fp8
     placement: str = "default"  # which adapter placement adapter_modules is
     placements: tuple[str, ...] = ("default",)
+    # the relation adapter's modules within the placement: `relation_placement` names which of
+    # `relation_placements` adapter_modules["relation"] is (the method's; others are ablations,
+    # docs/ablation.md). Empty: the model knows only its default.
+    relation_placement: str = "qk"
+    relation_placements: Mapping[str, tuple[str, ...]] = {}
     module_re: re.Pattern = re.compile(r"^$")
 
     # -- frames and sizes --------------------------------------------------------------------
@@ -98,6 +105,41 @@ class BaseModelSpec:
         if placement not in self.placements:
             raise ValueError(f"{self.name}: adapter placement {placement!r} is not known; choose one of {self.placements}")
         return self
+
+    def with_relation_placement(self, name: str) -> BaseModelSpec:
+        """This spec with the relation adapter on another module set (`relation_placements`; the
+        other adapters stay); ValueError naming the known ones."""
+        if name == self.relation_placement:
+            return self
+        if name not in self.relation_placements:
+            known = tuple(self.relation_placements) or (self.relation_placement,)
+            raise ValueError(f"{self.name}: relation placement {name!r} is not known; choose one of {known}")
+        out = copy.copy(self)
+        out.adapter_modules = {**self.adapter_modules, "relation": tuple(self.relation_placements[name])}
+        out.relation_placement = name
+        return out
+
+    def relation_placement_of(self, paths: Iterable[str]) -> str | None:
+        """Which relation placement a relation adapter on these module paths is (None: none): the
+        one whose target modules, in a model as deep as the paths reach, are on the same submodules."""
+        parsed = [self.parse_module_path(p) for p in paths]
+        if not parsed:
+            return None
+        n, subs = 1 + max(i for i, _ in parsed), {sub for _, sub in parsed}
+        for name in dict.fromkeys((self.relation_placement, *self.relation_placements)):
+            placed = self.with_relation_placement(name)
+            if {placed.parse_module_path(p)[1] for p in placed.target_modules("relation", n)} == subs:
+                return name
+        return None
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and self._identity() == other._identity()
+
+    def __hash__(self) -> int:
+        return hash(self._identity())
+
+    def _identity(self) -> tuple:
+        return self.name, self.placement, self.relation_placement
 
     def is_model(self, model: Any) -> bool:
         return type(model).__name__ == self.diffusers_class

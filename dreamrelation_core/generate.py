@@ -19,13 +19,18 @@ from .lora.layout import ADAPTERS, INFERENCE_ADAPTERS, LoraSet
 def add_relation_lora(model: torch.nn.Module, lora: LoraSet) -> torch.nn.Module:
     """Add the triplet to a frozen base model and load the relation + ffn weights of `lora`.
 
-    Subject adapters exist in the model (zero B) but stay inactive and empty."""
+    Subject adapters exist in the model (zero B) but stay inactive and empty. The relation
+    adapter goes where the file has it (Q/K, or an ablation's placement)."""
     rel = lora.only(INFERENCE_ADAPTERS)
     if "relation" not in rel.adapters:
         raise LoraFormatError("the LoRA has no 'relation' adapter")
+    spec = rel.spec  # the placements it was trained with, relation placement included
+    if spec.relation_placement_of(rel.weights["relation"]) is None:
+        raise LoraFormatError(f"the relation adapter sits on modules of no known {spec.name} relation placement "
+                              f"{sorted(spec.relation_placements) or [spec.relation_placement]}")
     ranks = {a: rel.rank.get(a, rel.rank["relation"]) for a in ADAPTERS}
     alphas = {a: rel.alpha.get(a, rel.alpha["relation"]) for a in ranks}
-    triplet.add_triplet(model, rank=ranks, alpha=alphas, spec=rel.spec)  # the placement it was trained with
+    triplet.add_triplet(model, rank=ranks, alpha=alphas, spec=spec)
     triplet.load_lora_set(model, rel)
     triplet.activate_inference(model)
     return model.eval()

@@ -38,7 +38,7 @@ PARTS: list[Part] = [
          "precision names → torch dtypes; weights files read without unpickling code, keys taken and leftovers "
          "refused; frozen Linears stored in fp8 / bf16 (ComfyUI's scaled fp8 files), upcast per layer; "
          "`BaseModelSpec`, the type each base model's spec implements"),
-    Part(2, ("mochi",), "Mochi 1: `spec` (its `BaseModelSpec`), `loading` (transformer, VAE, T5, tokenizer from local files), `latents` "
+    Part(2, ("mochi",), "Mochi 1: `spec` (its `BaseModelSpec`, with the relation placements of the ablations), `loading` (transformer, VAE, T5, tokenizer from local files), `latents` "
          "(frame and size rules, latent normalisation, timestep convention), `dit_keys` / `vae_keys` (genmo/ComfyUI "
          "↔ diffusers weights), `fp8` (frozen Linears stored in fp8, upcast per layer), `tiny` (random tiny models)"),
     Part(2, ("wan",), "Wan 2.1 / 2.2: `spec` (`WAN21`, `WAN22_5B` and the adapter placements), `loading` (ComfyUI's "
@@ -69,9 +69,14 @@ PARTS: list[Part] = [
          "(attention Q/K/V by key pattern, read slice by slice), `sweep` (every layer: JSON, CSV, heat map), "
          "`lora_report`, `features` (Q/K/V feature maps), `plots`"),
     Part(6, ("generate",), "relation LoRA on the diffusers model for inference, σ schedule, sampler"),
-    Part(7, ("cli",), "`python -m dreamrelation_core`: one module per command family (`prepare`, `masks`, `train`, "
-         "`export`, `demo`, `evaluate`, `analyze`, `memory`), `progress` (the one progress bar of the long commands)"),
-    Part(8, ("__main__",), "the module entry point"),
+    Part(7, ("ablation",), "the synthetic-world study ([ablation.md](ablation.md)): `world` (subjects, relation "
+         "programs, rendering on the latent grid), `judge` (exact relation, text alignment, leakage; its own check), "
+         "`recipe`, `base` (pretraining and cache of the small base), `study` (the variants through the trainer, "
+         "LoRA files and sampler)"),
+    Part(8, ("cli",), "`python -m dreamrelation_core`: one module per command family (`prepare`, `masks`, `train`, "
+         "`export`, `demo`, `evaluate`, `analyze`, `memory`, `ablation`), `progress` (the one progress bar of the "
+         "long commands)"),
+    Part(9, ("__main__",), "the module entry point"),
 ]
 
 # Floors, lowest first.

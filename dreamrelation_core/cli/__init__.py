@@ -11,11 +11,11 @@ import logging
 import sys
 
 from ..errors import DreamRelationError
-from . import analyze, demo, evaluate, export, masks, prepare, train
+from . import ablation, analyze, demo, evaluate, export, masks, prepare, train
 from . import memory as memory_cmd
 
 # in `--help` order
-_FAMILIES = (prepare, masks, train, memory_cmd, export, analyze, evaluate, demo)
+_FAMILIES = (prepare, masks, train, memory_cmd, export, analyze, evaluate, ablation, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

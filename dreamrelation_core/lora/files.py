@@ -78,6 +78,7 @@ def _metadata(lora: LoraSet, fmt: str, step: int, config: dict | None) -> dict[s
         "format_version": FORMAT_VERSION,
         "base_model": lora.spec.name,
         **({"placement": lora.spec.placement} if len(lora.spec.placements) > 1 else {}),
+        **({"relation_placement": lora.spec.relation_placement} if len(lora.spec.relation_placements) > 1 else {}),
         "adapters": json.dumps(adapters),
         "rank": json.dumps({a: lora.rank[a] for a in adapters}),
         "alpha": json.dumps({a: lora.alpha[a] for a in adapters}),
@@ -195,7 +196,7 @@ def _parse_ours(path: Path, sd: dict[str, torch.Tensor], meta: dict[str, str]) -
             raise LoraFormatError(f"{path}: key {key!r} is not on a {spec.name} attention module") from None
         if adapter not in ADAPTERS:
             raise LoraFormatError(f"{path}: key {key!r} names unknown adapter {adapter!r}; expected one of {ADAPTERS}")
-        if sub not in spec.adapter_modules[adapter]:
+        if sub not in _allowed_modules(spec, adapter):
             raise LoraFormatError(f"{path}: key {key!r}: adapter {adapter!r} does not belong on {sub!r}")
         pending.setdefault((adapter, p), {})[ab] = t
     for (adapter, p), pair in pending.items():
@@ -204,6 +205,7 @@ def _parse_ours(path: Path, sd: dict[str, torch.Tensor], meta: dict[str, str]) -
         if adapter not in ranks or adapter not in alphas:
             raise LoraFormatError(f"{path}: metadata gives no rank/alpha for adapter {adapter!r}")
         _set_scale(path, lora, adapter, int(ranks[adapter]), float(alphas[adapter]))
+    _check_relation_placement(path, lora, meta)
     _check_consistent(path, lora)
     lora.metadata["format"] = meta["format"]
     return lora
@@ -229,6 +231,28 @@ def _set_scale(path: Path, lora: LoraSet, adapter: str, rank: int, alpha: float)
     lora.rank[adapter] = rank
     lora.alpha[adapter] = alpha
     lora.scales[adapter] = alpha / rank
+
+
+def _allowed_modules(spec, adapter: str) -> set[str]:
+    """Submodules `adapter` may sit on: the relation adapter on any of the spec's relation
+    placements (the method's Q/K, or an ablation's), the others where the spec has them."""
+    if adapter != "relation":
+        return set(spec.adapter_modules[adapter])
+    return {m for mods in (spec.adapter_modules["relation"], *spec.relation_placements.values()) for m in mods}
+
+
+def _check_relation_placement(path: Path, lora: LoraSet, meta: dict[str, str]) -> None:
+    """The relation adapter's modules are one relation placement of the spec (its keys say which;
+    a `relation_placement` in the metadata must agree)."""
+    spec, rel = lora.spec, lora.weights.get("relation", {})
+    found = spec.relation_placement_of(rel)
+    if rel and found is None:
+        subs = sorted({spec.parse_module_path(p)[1] for p in rel})
+        known = {k: list(v) for k, v in spec.relation_placements.items()}
+        raise LoraFormatError(f"{path}: the relation adapter sits on {subs}, not one of the known placements {known}")
+    if rel and meta.get("relation_placement", found) != found:
+        raise LoraFormatError(f"{path}: metadata relation_placement {meta['relation_placement']!r}, but the relation "
+                              f"adapter's keys are on the {found!r} modules")
 
 
 def _check_consistent(path: Path, lora: LoraSet) -> None:

@@ -91,9 +91,12 @@ class LoraSet:
     @property
     def spec(self) -> BaseModelSpec:
         """The base model whose modules these are (Mochi for an empty set), with the adapter
-        placement its metadata names."""
+        placement its metadata names and the relation placement its relation weights sit on
+        (the keys say it; the spec's default when they match none)."""
         spec = next((spec_of_module_path(p) for w in self.weights.values() for p in w), MOCHI)
-        return spec.with_placement(self.metadata.get("placement", spec.placement))
+        spec = spec.with_placement(self.metadata.get("placement", spec.placement))
+        found = spec.relation_placement_of(self.weights.get("relation", {}))
+        return spec if found is None else spec.with_relation_placement(found)
 
     def num_blocks(self) -> int:
         blocks = [parse_module_path(p)[0] for w in self.weights.values() for p in w]

@@ -29,6 +29,17 @@ class MochiSpec(BaseModelSpec):
         "subject2": ("to_v", "add_v_proj"),
         "ffn": ("to_out.0", "to_add_out"),
     }
+    # Where the relation adapter may sit (`with_relation_placement`; ablations, docs/ablation.md):
+    # "qk" is the method's; the others move it to the queries or keys only, the values, or all
+    # three. The subject adapters stay on V, the ffn adapter on the outputs, whatever it is.
+    relation_placements = {
+        "qk": ("to_q", "to_k", "add_q_proj", "add_k_proj"),
+        "q": ("to_q", "add_q_proj"),
+        "k": ("to_k", "add_k_proj"),
+        "v": ("to_v", "add_v_proj"),
+        "kv": ("to_k", "to_v", "add_k_proj", "add_v_proj"),
+        "qkv": ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"),
+    }
     module_re = re.compile(
         r"^transformer_blocks\.(\d+)\.attn1\."
         r"(to_q|to_k|to_v|add_q_proj|add_k_proj|add_v_proj|to_out\.0|to_add_out)$"

@@ -63,12 +63,18 @@ TINY_VOCAB = [
 ]
 
 
-def tiny_tokenizer(max_length: int = 16):
-    """A word-level fast tokenizer over a small vocabulary, with T5's special tokens and padding."""
+def _vocab(words: list[str] | None) -> list[str]:
+    """TINY_VOCAB, or T5's three special tokens followed by `words`."""
+    return TINY_VOCAB if words is None else ["<pad>", "</s>", "<unk>"] + [w for w in words if w not in ("<pad>", "</s>", "<unk>")]
+
+
+def tiny_tokenizer(max_length: int = 16, words: list[str] | None = None):
+    """A word-level fast tokenizer over a small vocabulary (TINY_VOCAB, or `words`), with T5's
+    special tokens and padding."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {w: i for i, w in enumerate(TINY_VOCAB)}
+    vocab = {w: i for i, w in enumerate(_vocab(words))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -80,13 +86,13 @@ def tiny_tokenizer(max_length: int = 16):
     return fast
 
 
-def tiny_text_encoder(seed: int = 0, d_model: int = 32):
-    """Random `T5EncoderModel` with the tiny vocabulary (output width = d_model)."""
+def tiny_text_encoder(seed: int = 0, d_model: int = 32, words: list[str] | None = None):
+    """Random `T5EncoderModel` with the tiny vocabulary, or T5's specials + `words` (output width = d_model)."""
     from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
     cfg = T5Config(
-        vocab_size=len(TINY_VOCAB), d_model=d_model, d_kv=16, d_ff=64, num_layers=1, num_heads=2,
+        vocab_size=len(_vocab(words)), d_model=d_model, d_kv=16, d_ff=64, num_layers=1, num_heads=2,
         relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
     )
     return T5EncoderModel(cfg).eval()

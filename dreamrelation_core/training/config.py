@@ -44,6 +44,10 @@ class TrainConfig:
     negative_bank_size: int = 64
     positives_per_anchor: int = 4
     negatives: int = 10
+    # ablation switches (docs/ablation.md); the defaults are the method
+    relation_placement: str = "qk"  # modules of the relation LoRA: qk (method), q, k, v, kv or qkv
+    subject_loras: bool = True  # false: no subject branches; every step trains relation + ffn
+    hybrid_masks: bool = True  # false: no branch draw and no masked loss; every step trains all adapters on the MSE
     # optimisation
     num_steps: int = 3000
     learning_rate: float = 2e-4
@@ -80,7 +84,7 @@ class TrainConfig:
             if not ok:
                 raise ValueError(f"config: {msg}")
 
-        from ..base_models import NAMES, PLACEMENTS
+        from ..base_models import NAMES, PLACEMENTS, RELATION_PLACEMENTS
 
         need(self.base_model in NAMES, f"base_model must be one of {list(NAMES)}, got {self.base_model!r}")
         need(self.lora_placement in PLACEMENTS, f"lora_placement must be one of {list(PLACEMENTS)}, got {self.lora_placement!r}")
@@ -99,6 +103,10 @@ class TrainConfig:
         need(self.save_dtype in ("bf16", "fp32"), f"save_dtype must be bf16 or fp32, got {self.save_dtype!r}")
         need(self.positives_per_anchor >= 1, f"positives_per_anchor must be >= 1, got {self.positives_per_anchor}")
         need(self.rcl_temperature > 0, f"rcl_temperature must be > 0, got {self.rcl_temperature}")
+        need(self.relation_placement in RELATION_PLACEMENTS,
+             f"relation_placement must be one of {list(RELATION_PLACEMENTS)}, got {self.relation_placement!r}")
+        for name in ("subject_loras", "hybrid_masks"):
+            need(isinstance(getattr(self, name), bool), f"{name} must be true or false, got {getattr(self, name)!r}")
         self._validate_memory(need)
 
     def _validate_memory(self, need) -> None:

@@ -144,8 +144,10 @@ class Trainer:
         torch.manual_seed(config.seed)
         base_dtype = torch.bfloat16 if self.autocast else torch.float32
         self.model = make_trainable(model if model is not None else load_transformer(config, base_dtype))
-        # predict(), blocks and LoRA placement of this base model
-        self.spec = spec_of_model(self.model).with_placement(config.lora_placement)
+        # predict(), blocks and LoRA placement of this base model (the relation adapter's modules
+        # included: an ablation may move it, docs/ablation.md)
+        self.spec = (spec_of_model(self.model).with_placement(config.lora_placement)
+                     .with_relation_placement(config.relation_placement))
         self._check_clip_base_model()
         self._prepare_memory()
         self.model.train()
@@ -220,11 +222,25 @@ class Trainer:
         idx = torch.randint(len(self.clips), (self.config.batch_size,), generator=self.rng)
         return [self.clips[int(i)] for i in idx]
 
+    def _activate_next_branch(self) -> tuple[str, float]:
+        """Draw and activate this step's branch -> (branch, mask weight). Ablation switches
+        (docs/ablation.md): without subject LoRAs only the relation branch exists and trains
+        relation + ffn; without hybrid masks every step trains every adapter on the plain MSE."""
+        cfg = self.config
+        if cfg.hybrid_masks and cfg.subject_loras:
+            branch = triplet.draw_branch(self.rng)
+        else:
+            branch = "relation"
+        adapters = triplet.BRANCH_ADAPTERS[branch]
+        if not cfg.subject_loras:
+            adapters = tuple(a for a in adapters if a not in ("subject1", "subject2"))
+        triplet.activate(self.model, adapters)
+        return branch, (cfg.mask_weight if cfg.hybrid_masks else 0.0)
+
     @torch.inference_mode(False)
     def train_step(self) -> tuple[str, dict[str, float]]:
         cfg, rng, dev = self.config, self.rng, self.device
-        branch = triplet.draw_branch(rng)
-        triplet.activate_branch(self.model, branch)
+        branch, mask_weight = self._activate_next_branch()
         batch = self._draw_batch()
         z = torch.stack([c.sample_latents(rng) for c in batch])  # [B, C, T, h, w]
         y = torch.stack([c.y_feat.float() for c in batch])  # [B, L, D]
@@ -241,7 +257,7 @@ class Trainer:
         mask = branch_mask(batch, branch).to(dev)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.autocast):
             pred = self.spec.predict(self.model, x.to(dev), y.to(dev), ym.to(dev), sigma.to(dev))
-        rec, mse, masked = masked_flow_loss(pred, u.to(dev), mask, cfg.mask_weight)
+        rec, mse, masked = masked_flow_loss(pred, u.to(dev), mask, mask_weight)
         rcl = self.rcl.loss(pred, rng) if cfg.rcl_weight > 0 else None
         total = rec + cfg.rcl_weight * rcl if rcl is not None else rec
         terms = {"total": total, "mse": mse, "masked": masked, "rcl": rcl}

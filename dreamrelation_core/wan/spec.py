@@ -67,12 +67,6 @@ class WanSpec(BaseModelSpec):
         return self if placement == self.placement else WanSpec(self.name, self.display_name, self.latent_channels,
                                                                 placement)
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, WanSpec) and (other.name, other.placement) == (self.name, self.placement)
-
-    def __hash__(self) -> int:
-        return hash((self.name, self.placement))
-
     # -- frames, sizes, latents, time ------------------------------------------------------------
     def check_frame_count(self, num_frames: int) -> None:
         latents.check_frame_count(num_frames)

@@ -61,7 +61,8 @@ def prepare_model(
     recompute_context: Callable[[], AbstractContextManager] | None = None, spec: BaseModelSpec | None = None,
 ) -> Prepared:
     """Frozen Linears stored in `options.base_dtype` (fp32 keeps the loaded dtype), LoRA triplet in
-    fp32, block swap, move to `device`, gradient checkpointing. Changes `model` in place."""
+    fp32 (where `spec` places it), block swap, move to `device`, gradient checkpointing. Changes
+    `model` in place."""
     device = torch.device(device)
     storage = None if options.base_dtype == "fp32" else STORAGE_DTYPES[options.base_dtype]
     spec = spec or spec_of_model(model)

@@ -1,0 +1,1 @@
+"""The synthetic-world ablation study (docs/ablation.md): world, judge, base, study."""

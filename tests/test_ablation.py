@@ -1,0 +1,216 @@
+"""The ablation world: rendering reads back exactly, the judge's rules and its check, the trainer's
+ablation switches, relation placements (a spec operation) through the LoRA files and the loader, and the `ablation`
+command's quick chain."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from dreamrelation_core.ablation import judge, world
+from dreamrelation_core.ablation.study import mean_ci, orderings
+from dreamrelation_core.base_models import get_spec
+from dreamrelation_core.errors import LoraFormatError
+from dreamrelation_core.generate import add_relation_lora
+from dreamrelation_core.lora import peft_triplet as triplet
+from dreamrelation_core.lora.files import load_lora_file, save_relation_only
+from dreamrelation_core.mochi.spec import MOCHI
+from dreamrelation_core.mochi.tiny import tiny_transformer
+from dreamrelation_core.training.config import TrainConfig
+from dreamrelation_core.training.trainer import Trainer
+
+SHAPE = (7, 8, 16)
+
+
+def test_rendering_reads_back_exactly():
+    rng = np.random.default_rng(3)
+    s1, s2 = world.Subject("green", "star"), world.Subject("orange", "cross")
+    clip = world.make_clip("follow", s1, s2, rng, SHAPE)
+    dec = judge.decode(clip.latents)
+    assert np.array_equal(dec.colour == world.COLOURS.index("green"), clip.mask1.numpy() > 0)
+    assert np.array_equal(dec.kind == world.KINDS.index("cross"), clip.mask2.numpy() > 0)
+    assert judge.text_alignment(clip.latents, s1, s2) == 1.0
+    assert judge.text_alignment(clip.latents, world.Subject("green", "diamond"), s2) == 0.5  # kind differs
+    assert judge.leakage(clip.latents, s1, s2) == 0.0
+    leaky = world.make_clip("follow", world.Subject("red", "star"), s2, rng, SHAPE)  # an exemplar colour
+    assert judge.leakage(leaky.latents, s1, s2) == pytest.approx(0.5)
+    assert world.caption(s1, "approach_touch", s2) == "a green star approaches and touches a orange cross"
+    assert set(" ".join(world.PHRASES.values()).split()) <= set(world.vocabulary())
+
+
+def test_new_pairs_never_share_the_exemplars_kinds_or_colours():
+    pairs = world.new_pairs(16)
+    assert len(set(pairs)) == 16
+    taken = {w for pair in world.EXEMPLAR_SUBJECTS for w in pair}
+    for s1, s2 in pairs:
+        assert s1.colour != s2.colour and s1.kind != s2.kind
+        assert not {s1.colour, s1.kind, s2.colour, s2.kind} & taken
+
+
+def test_judge_rules_on_hand_made_tracks():
+    t = 7
+    still = np.tile([3.0, 8.0], (t, 1))
+    left_to_right = np.stack([np.full(t, 3.0), np.linspace(2, 14, t)], 1)
+    over = left_to_right.copy()
+    over[:, 0] = 3 - 3 * np.sin(np.pi * np.arange(t) / (t - 1))
+    no_contact = np.zeros(t, bool)
+    assert judge.classify_tracks(over, still, no_contact) == "jump_over"
+    assert judge.classify_tracks(left_to_right, still, no_contact) == "none"  # straight through: no rule fits
+    jerky = over[[0, 4, 2, 6, 1, 5, 3]]
+    assert judge.classify_tracks(jerky, still, no_contact) == "none"
+
+
+def test_judge_reads_blocks_not_speckles():
+    rng = np.random.default_rng(5)
+    s1, s2 = world.Subject("purple", "triangle"), world.Subject("yellow", "diamond")
+    clip = world.make_clip("pass_by", s1, s2, rng, SHAPE)
+    z = clip.latents.clone()
+    z[world.COLOURS.index("purple"), :, 0, 0] = 1.4  # one stray cell of subject 1's colour on every frame
+    z[world.COLOURS.index("yellow"), 3, 7, 15] = 1.4
+    assert judge.classify(z, s1, s2) == "pass_by"
+    faint = clip.latents * 0.4  # below half the amplitude: no subject at all
+    assert judge.classify(faint, s1, s2) == "none"
+    assert judge.classify(clip.latents) == "pass_by"  # no prompt: the two colours seen most, in both orders
+
+
+def test_judge_check_is_trustworthy_and_rejects_negatives():
+    check = judge.judge_check(SHAPE, per_relation=8, seed=2)
+    assert check["trustworthy"]
+    assert min(check["ground_truth_accuracy"].values()) == 1.0
+    assert check["shuffled_acceptance_mean"] == 0.0 and check["frozen_actor_acceptance_mean"] == 0.0
+
+
+def test_mean_ci_and_orderings():
+    m, half = mean_ci([0.2, 0.4, 0.6])
+    assert m == pytest.approx(0.4) and half == pytest.approx(4.303 * 0.2 / 3 ** 0.5)
+    assert mean_ci([0.5]) == (0.5, 0.0)
+    res = {n: {"mean": {"relation_accuracy": a, "leakage": lk}, "ci95": {"relation_accuracy": 0.05, "leakage": 0.0}}
+           for n, a, lk in (("full", 0.6, 0.1), ("no_contrastive", 0.4, 0.1), ("plain_lora", 0.58, 0.3))}
+    o = orderings(res)
+    assert o["full > no_contrastive"]["holds"] and o["full > no_contrastive"]["intervals_apart"]
+    assert o["full > plain_lora"]["holds"] and not o["full > plain_lora"]["intervals_apart"]
+    assert o["full leaks less than plain_lora"]["holds"]
+    assert "full > base" not in o
+
+
+# ---------------------------------------------------------------- trainer switches
+
+
+@pytest.fixture(scope="module")
+def clips():
+    out = world.exemplars("approach_touch", 2, SHAPE, seed=0)
+    g = torch.Generator().manual_seed(0)
+    for c in out:
+        c.y_feat, c.y_mask = torch.randn(16, 32, generator=g), torch.ones(16, dtype=torch.bool)
+    return out
+
+
+def _trainer(tmp_path, clips, **kw):
+    settings = dict(output_dir=str(tmp_path / "run"), num_steps=6, warmup_steps=0, rank=4, alpha=4.0,
+                    learning_rate=5e-3, device="cpu", save_dtype="fp32", checkpoint_every=100)
+    cfg = TrainConfig(**{**settings, **kw})
+    return Trainer(cfg, clips=clips, model=tiny_transformer(num_layers=2))
+
+
+def _moved(tr, before):
+    return {a for n, p in triplet.lora_parameters(tr.model) if not torch.equal(p, before[n]) for a in [n.split(".")[-2]]}
+
+
+def test_config_refuses_unknown_switch_values():
+    with pytest.raises(ValueError, match="relation_placement must be one of"):
+        TrainConfig(relation_placement="o")
+    with pytest.raises(ValueError, match="hybrid_masks must be true or false"):
+        TrainConfig(hybrid_masks="no")
+
+
+def test_without_subject_loras_only_relation_and_ffn_train(tmp_path, clips):
+    tr = _trainer(tmp_path, clips, subject_loras=False)
+    before = {n: p.detach().clone() for n, p in triplet.lora_parameters(tr.model)}
+    for _ in range(6):
+        branch, losses = tr.train_step()
+        assert branch == "relation" and losses["masked"] > 0
+    assert _moved(tr, before) == {"relation", "ffn"}
+
+
+def test_without_hybrid_masks_every_adapter_trains_on_the_plain_loss(tmp_path, clips):
+    tr = _trainer(tmp_path, clips, hybrid_masks=False, rcl_weight=0.0)
+    before = {n: p.detach().clone() for n, p in triplet.lora_parameters(tr.model)}
+    for _ in range(4):
+        branch, losses = tr.train_step()
+        assert branch == "relation"
+        assert losses["total"] == pytest.approx(losses["mse"], rel=1e-6)  # mask_weight 50 not applied
+        assert losses["masked"] > 0
+    assert _moved(tr, before) == {"relation", "subject1", "subject2", "ffn"}
+
+
+@pytest.mark.parametrize("placement,module", [("v", "to_v"), ("q", "to_q"), ("qkv", "to_v")])
+def test_relation_placement_through_file_and_loader(tmp_path, clips, placement, module):
+    tr = _trainer(tmp_path, clips, relation_placement=placement, num_steps=3, subject_loras=False)  # relation every step
+    result = tr.train()
+    attn = tr.model.transformer_blocks[0].attn1
+    assert "relation" in getattr(attn, module).lora_A
+    if placement == "q":
+        assert not hasattr(attn.to_k, "lora_A")  # no LoRA on K at all
+    lora = load_lora_file(result.relation_path)
+    assert set(lora.adapters) == {"relation", "ffn"}
+    assert lora.metadata["relation_placement"] == placement and lora.spec.relation_placement == placement
+    model = add_relation_lora(tiny_transformer(num_layers=2), lora)
+    got = model.transformer_blocks[0].attn1
+    assert "relation" in getattr(got, module).lora_A
+    path = f"transformer_blocks.0.attn1.{module}"
+    a, b = lora.weights["relation"][path]
+    assert torch.allclose(getattr(got, module).lora_B["relation"].weight, b) and b.abs().sum() > 0
+    # a relation adapter on a set of modules no placement names is refused
+    lora.weights["relation"] = {p: w for p, w in lora.weights["relation"].items() if not p.endswith("add_v_proj")}
+    if placement == "v":
+        with pytest.raises(LoraFormatError, match="not one of the known placements"):
+            load_lora_file(save_relation_only(tmp_path / "odd.safetensors", lora))
+    # the metadata's relation placement must agree with the keys
+    with safe_open(str(result.relation_path), framework="pt") as f:
+        sd, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    save_file(sd, str(tmp_path / "lie.safetensors"), metadata={**meta, "relation_placement": "kv"})
+    with pytest.raises(LoraFormatError, match="metadata relation_placement 'kv'"):
+        load_lora_file(tmp_path / "lie.safetensors")
+
+
+def test_relation_placement_is_a_spec_operation():
+    v = MOCHI.with_relation_placement("v")
+    assert v.adapter_modules["relation"] == ("to_v", "add_v_proj") and v.relation_placement == "v"
+    assert v.adapter_modules["subject1"] == MOCHI.adapter_modules["subject1"]  # the rest stays
+    assert MOCHI.adapter_modules["relation"] == ("to_q", "to_k", "add_q_proj", "add_k_proj")  # unchanged
+    assert v != MOCHI and v == MOCHI.with_relation_placement("v") and MOCHI.with_relation_placement("qk") is MOCHI
+    assert MOCHI.with_relation_placement("q").target_modules("relation", 2) == [
+        "transformer_blocks.0.attn1.to_q", "transformer_blocks.0.attn1.add_q_proj", "transformer_blocks.1.attn1.to_q"]
+    for name in MOCHI.relation_placements:
+        for n in (1, 2, 3):  # one block: no add_q_proj anywhere
+            assert MOCHI.relation_placement_of(MOCHI.with_relation_placement(name).target_modules("relation", n)) == name
+    assert MOCHI.relation_placement_of(["transformer_blocks.0.attn1.to_out.0"]) is None
+    with pytest.raises(ValueError, match="relation placement 'o' is not known"):
+        MOCHI.with_relation_placement("o")
+    with pytest.raises(ValueError, match=r"relation placement 'v' is not known; choose one of \('qk',\)"):
+        get_spec("wan2.1").with_relation_placement("v")  # Wan knows only its default
+    assert get_spec("wan2.1", "self_attention").with_relation_placement("qk") == get_spec("wan2.1", "self_attention")
+
+
+# ---------------------------------------------------------------- the command
+
+
+def test_ablation_quick_chain_and_judge_check(tmp_path, monkeypatch):
+    from dreamrelation_core.cli import main
+
+    monkeypatch.setenv("DREAMRELATION_CACHE", str(tmp_path / "cache"))
+    assert main(["ablation", "--out", str(tmp_path / "check"), "--quick", "--judge-check"]) == 0
+    assert json.loads((tmp_path / "check" / "judge_check.json").read_text())["trustworthy"]
+    assert main(["ablation", "--out", str(tmp_path / "q"), "--quick", "--seeds", "1", "--pretrain-steps", "30"]) == 0
+    out = json.loads((tmp_path / "q" / "ablation.json").read_text())
+    assert set(out["variants"]) == {"full", "no_hybrid_masks", "no_contrastive", "no_subject_loras", "relation_on_v",
+                                    "relation_on_q", "plain_lora", "base"}
+    full = out["variants"]["full"]["seeds"][0]
+    assert set(full) >= {"relation_accuracy", "text_alignment", "leakage", "train_seconds"}
+    assert 0 <= full["relation_accuracy"] <= 1 and out["judge_check"]["trustworthy"]
+    assert out["recipe"]["base_hash"] and not out["base"]["cached"] and out["recipe"]["pretrain_steps"] == 30
+    assert (tmp_path / "q" / "runs" / "relation_on_v" / "seed0" / "relation_only.safetensors").is_file()
+    assert list((tmp_path / "cache" / "ablation").glob("base-*/base.json"))
