@@ -28,13 +28,30 @@ def read_state_dict(path: str | os.PathLike, what: str = "model") -> dict[str, t
             return load_file(str(path))
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickled code, corrupt zip, not a torch file, truncated safetensors
-        raise ModelFileError(f"{path}: not a readable weights-only checkpoint for the {what} ({type(e).__name__}: {e})") from e
+        raise ModelFileError(f"{path}: not a readable weights-only checkpoint for the {what} ({torch_load_reason(e)})") from e
     for wrapper in ("model", "state_dict", "module"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ModelFileError(f"{path}: expected a dict of tensors (or {{'model': dict}}), got {type(obj).__name__}")
     return obj
+
+
+def torch_load_reason(e: BaseException) -> str:
+    """Why torch.load(weights_only=True) failed, in one line, without torch's advice to load the
+    file with weights_only=False: that would run whatever code the file holds."""
+    text = str(e)
+    m = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", text, re.S)
+    if m:
+        detail = "holds objects other than plain tensors and numbers, refused without running them (" \
+                 + " ".join(m.group(1).split()) + ")"
+    else:
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        detail = lines[0] if lines else ""
+        detail = detail.split(". This is an internal")[0]
+    if "weights_only" in detail and "False" in detail:  # never pass the advice on
+        detail = "it cannot be loaded as plain tensors"
+    return f"{type(e).__name__}: {detail}" if detail else type(e).__name__
 
 
 def indices(keys: Iterable[str], prefix: str) -> list[int]:

@@ -30,6 +30,7 @@ import torch
 from ..base_models import all_specs, get_spec
 from ..errors import LoraFormatError
 from ..fileio import save_safetensors
+from ..statedict import torch_load_reason
 from . import genmo
 from .layout import (
     ADAPTER_MODULES,
@@ -131,8 +132,8 @@ def _read_torch(path: Path) -> Any:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # includes pickles that reference code: weights_only refuses them
         raise LoraFormatError(
-            f"{path}: cannot be read as plain tensors with weights_only=True ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}); only tensor checkpoints are accepted, code is never run"
+            f"{path}: cannot be read as plain tensors ({torch_load_reason(e)}); only tensor checkpoints are "
+            "accepted, code is never run"
         ) from e
 
 
