@@ -37,20 +37,18 @@ def read_state_dict(path: str | os.PathLike, what: str = "model") -> dict[str, t
     return obj
 
 
+_ADVICE_RE = re.compile(r"weights_only|trusted source|file an issue|documentation of torch\.load|safe_globals|"
+                        r"Weights only load failed|internal miniz error|high likelihood|saved properly", re.I)
+
+
 def torch_load_reason(e: BaseException) -> str:
     """Why torch.load(weights_only=True) failed, in one line, without torch's advice to load the
     file with weights_only=False: that would run whatever code the file holds."""
-    text = str(e)
-    m = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", text, re.S)
-    if m:
-        detail = "holds objects other than plain tensors and numbers, refused without running them (" \
-                 + " ".join(m.group(1).split()) + ")"
-    else:
-        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-        detail = lines[0] if lines else ""
-        detail = detail.split(". This is an internal")[0]
-    if "weights_only" in detail and "False" in detail:  # never pass the advice on
-        detail = "it cannot be loaded as plain tensors"
+    sentences = re.split(r"\n\s*\n|(?<=\.)\s+", str(e))
+    kept = [" ".join(s.split()) for s in sentences if s.strip() and not _ADVICE_RE.search(s)]
+    detail = " ".join(kept[:2])
+    if type(e).__name__ == "UnpicklingError":
+        detail = "not plain tensors and numbers, refused without running anything" + (f": {detail}" if detail else "")
     return f"{type(e).__name__}: {detail}" if detail else type(e).__name__
 
 
