@@ -299,6 +299,7 @@ class RunLock:
 
 
 def holds_lock(run_dir: str | os.PathLike) -> bool:
-    """Whether this process holds the lock of `run_dir`."""
+    """Whether this thread holds the lock of `run_dir`."""
     with _held_guard:
-        return str(Path(run_dir).resolve()) in _held
+        owner = _held.get(str(Path(run_dir).resolve()))
+        return owner is not None and owner[0] == threading.get_ident()
