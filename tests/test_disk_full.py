@@ -101,12 +101,20 @@ def test_real_small_tmpfs(tmp_path):
         big = random_lora_set(4, 128, 64, rank=16, seed=2)  # about 1 MiB in fp32
         with pytest.raises(DiskFullError, match=MSG.format(name="relation_triplet.safetensors")):
             formats.save_triplet(disk / "relation_triplet.safetensors", big)
+        small_masks = np.zeros((7, 8, 8), bool)
+        small_masks[:, :3] = True
+        mask_io.save_reference_masks(disk / "clip", small_masks, ~small_masks)
         filler = disk / "filler"
         # 16 KiB left: the tensors' bytes fit (the free-space check passes), the whole file does not
         filler.write_bytes(b"\0" * (fileio.free_bytes(disk) - 16384))
         with pytest.raises(DiskFullError, match=MSG.format(name="checkpoint_000001.pt")):
             fileio.save_torch(disk / "checkpoint_000001.pt", {"lora": {"w": torch.randn(64, 64)}})
-        assert sorted(p.name for p in disk.iterdir()) == ["filler", "small.safetensors"]
+        noise = np.random.default_rng(0).random((7, 128, 128)) > 0.5  # PNGs that do not compress
+        with pytest.raises(DiskFullError, match=r"clip: not written, the disk is full"):
+            mask_io.save_reference_masks(disk / "clip", noise, ~noise)
+        m1, _ = mask_io.load_reference_masks(disk / "clip")  # the old frames, as they were
+        assert np.array_equal(m1, small_masks)
+        assert sorted(p.name for p in disk.iterdir()) == ["clip", "filler", "small.safetensors"]
         assert formats.load_lora_file(small)  # the earlier file is intact
     finally:
         subprocess.run(["umount", str(disk)], check=False)

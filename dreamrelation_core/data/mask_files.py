@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import MaskExtractionError, MaskFormatError
-from ..fileio import atomic_file
+from ..fileio import atomic_file, disk_full_error, is_disk_full
 
 # A subject whose mask is empty on more than this share of the frames is "missing": mask extraction
 # fails, saving refuses to replace better masks with such masks, the dataset refuses the clip.
@@ -121,19 +123,33 @@ def load_reference_masks(folder: str | os.PathLike) -> tuple[np.ndarray, np.ndar
 
 
 def save_reference_masks(folder: str | os.PathLike, subject1: np.ndarray, subject2: np.ndarray) -> Path:
-    """Write `frame{i}.png` (i from 0) into `folder`; overlaps get subject 1's colour."""
+    """Write `frame{i}.png` (i from 0) into `folder`; overlaps get subject 1's colour.
+
+    The new frames are written into a temporary folder beside it first and moved in only when all
+    are written: a failed write (a full disk: DiskFullError) leaves the old frames as they were."""
     subject1, subject2 = as_bool_mask(subject1, str(folder), "subject1"), as_bool_mask(subject2, str(folder), "subject2")
     _check_stacks(subject1, subject2, str(folder))
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    for old in folder.glob("frame*.png"):
-        if _FRAME_RE.match(old.name):
-            old.unlink()
-    for i in range(subject1.shape[0]):
-        rgb = np.zeros(subject1.shape[1:] + (3,), np.uint8)
-        rgb[subject2[i]] = SUBJECT_COLOURS[1]
-        rgb[subject1[i]] = SUBJECT_COLOURS[0]
-        Image.fromarray(rgb).save(folder / f"frame{i}.png")
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".partial", dir=folder.parent))
+    try:
+        for i in range(subject1.shape[0]):
+            rgb = np.zeros(subject1.shape[1:] + (3,), np.uint8)
+            rgb[subject2[i]] = SUBJECT_COLOURS[1]
+            rgb[subject1[i]] = SUBJECT_COLOURS[0]
+            Image.fromarray(rgb).save(staging / f"frame{i}.png")
+        for old in folder.glob("frame*.png"):
+            if _FRAME_RE.match(old.name):
+                old.unlink()
+        for new in staging.iterdir():
+            os.replace(new, folder / new.name)
+    except OSError as e:
+        if is_disk_full(e):
+            written = sum(p.stat().st_size for p in staging.iterdir())
+            raise disk_full_error(folder, None, written) from e
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return folder
 
 
