@@ -59,9 +59,27 @@ def test_comfy_export_reads_back_everywhere(tmp_path, lora):
     assert_same_deltas(lora, formats.load_lora_file(again), ("relation", "ffn"))
 
 
-def test_reference_checkpoint_through_import_reference(tmp_path):
-    from tests.test_formats import reference_state
+def reference_state(rank: int = 2, out_rank: int = 3) -> tuple[dict[str, torch.Tensor], dict]:
+    """A reference checkpoint's state dict and kwargs (docs/method.md "Reference checkpoint format")."""
+    g = torch.Generator().manual_seed(7)
+    r = lambda *s: torch.randn(*s, generator=g).to(torch.bfloat16)  # noqa: E731
+    sd = {}
+    for i in range(N):
+        pre = f"blocks.{i}.attn."
+        for mod, din in (("to_q_x", D), ("to_k_x", D), ("to_q_y", DY), ("to_k_y", DY)):
+            sd[f"{pre}{mod}.lora_A.relation"], sd[f"{pre}{mod}.lora_B.relation"] = r(rank, din), r(D, rank)
+        for mod, din in (("to_v_x", D), ("to_v_y", DY)):
+            for s in ("subject1", "subject2"):
+                sd[f"{pre}{mod}.lora_A.{s}"], sd[f"{pre}{mod}.lora_B.{s}"] = r(rank, din), r(D, rank)
+        sd[pre + "proj_x.lora_A"], sd[pre + "proj_x.lora_B"] = r(out_rank, D), r(D, out_rank)
+        if i < N - 1:
+            sd[pre + "proj_y.lora_A"], sd[pre + "proj_y.lora_B"] = r(out_rank, D), r(DY, out_rank)
+    kwargs = {"qkv_proj_lora_rank": rank, "qkv_proj_lora_alpha": 2.0 * rank, "out_proj_lora_rank": out_rank,
+              "out_proj_lora_alpha": 1.5}
+    return sd, kwargs
 
+
+def test_reference_checkpoint_through_import_reference(tmp_path):
     sd, kwargs = reference_state()
     ref = tmp_path / "model_1800.lora.pt"
     torch.save({"state_dict": sd, "kwargs": kwargs}, ref)
