@@ -239,9 +239,7 @@ class RunLock:
         if not isinstance(pid, int) or info.get("host") != socket.gethostname():
             return not os_lock  # no OS lock and another host: never assume it is dead
         if os_lock:
-            # The OS lock was free: its holder is gone, unless this PID is still the holder and
-            # merely opened the file without locking it (not done by this module).
-            return pid == os.getpid()
+            return False  # the OS lock was free: the process that held it is gone
         if not pid_running(pid):
             return False
         started = info.get("process_start")
