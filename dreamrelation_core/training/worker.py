@@ -4,8 +4,8 @@ Started as `python -m dreamrelation_core train CONFIG --progress jsonl --control
 [--remove-config]` (the CLI's own entry point; `worker_client` starts it, with `--remove-config`
 when CONFIG is a temporary file it wrote: the worker deletes it once read). The run goes through
 `training.runs.run_training`: a run folder another trainer holds is an error event naming it.
-It writes one JSON object per line on stdout and nothing else there: everything else the process prints goes to stderr (stdout is
-moved to stderr at start and the channel keeps a private copy of the original stdout).
+It writes one JSON object per line on stdout and nothing else there: everything else the process
+prints goes to stderr (stdout is moved to stderr at start and the channel keeps a private copy of the original stdout).
 
 Events (keys absent where they do not apply; NaN losses are null):
     {"event": "start", "protocol": 1, "pid", "action": "new"|"resume"|"finished", "step", "total",
