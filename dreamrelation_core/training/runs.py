@@ -403,7 +403,7 @@ def execute(
     under the run folder's lock (taken here unless the caller holds it)."""
     if not holds_lock(plan.run_dir):
         with RunLock(plan.run_dir):
-            return execute(plan, clips, model, progress, should_cancel, on_checkpoint, max_steps)
+            return execute(plan, clips, model, progress, should_cancel, on_checkpoint, max_steps, on_memory)
     _set_aside(plan)
     if plan.action == "finished":
         result = _finished(plan, clips, model)
