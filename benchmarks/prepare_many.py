@@ -29,7 +29,7 @@ def main() -> None:
 
     from tqdm.auto import tqdm
 
-    from dreamrelation_core.data.cache import prepare_dataset
+    from dreamrelation_core.data.cache import Encoders, prepare_dataset
     from dreamrelation_core.data.synthetic import write_synthetic_dataset
     from dreamrelation_core.mochi.tiny import tiny_text_encoder, tiny_tokenizer, tiny_vae
 
@@ -45,8 +45,8 @@ def main() -> None:
                 bar.update(done - bar.n)
 
             t0 = time.perf_counter()
-            prepare_dataset(data, Path(tmp) / "cache", vae, te, tok, args.frames, size, max_text_len=16,
-                            progress=progress)
+            prepare_dataset(data, Path(tmp) / "cache", Encoders.from_models(vae, te, tok), args.frames, size,
+                            max_text_len=16, progress=progress)
             rates.append((time.perf_counter() - t0) / args.clips)
             bar.close()
     for label, per_clip in zip(("encode", "up to date"), rates):

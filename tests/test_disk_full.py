@@ -17,7 +17,7 @@ import torch
 
 from dreamrelation_core import fileio
 from dreamrelation_core.data import mask_files as mask_io
-from dreamrelation_core.data.cache import prepare_dataset
+from dreamrelation_core.data.cache import Encoders, prepare_dataset
 from dreamrelation_core.data.synthetic import write_synthetic_dataset
 from dreamrelation_core.errors import DiskFullError
 from dreamrelation_core.lora import files as formats
@@ -66,7 +66,7 @@ def test_full_disk_while_preparing_a_cache_entry(tmp_path, monkeypatch):
     data = write_synthetic_dataset(tmp_path / "data", num_videos=1, num_frames=7, size=(32, 32))
     fill_disk(monkeypatch, limit=0, when=lambda p: p.name.endswith(".safetensors.tmp") or ".safetensors." in p.name)
     with pytest.raises(DiskFullError, match=r"\.safetensors: not written, the disk is full"):
-        prepare_dataset(data, tmp_path / "cache", tiny_vae(), tiny_text_encoder(), tiny_tokenizer(16), 7, (32, 32),
+        prepare_dataset(data, tmp_path / "cache", Encoders.from_models(tiny_vae(), tiny_text_encoder(), tiny_tokenizer(16)), 7, (32, 32),
                         max_text_len=16)
     assert not list((tmp_path / "cache").glob("*.safetensors")) and not list((tmp_path / "cache").glob(".*.tmp"))
 

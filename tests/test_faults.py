@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from dreamrelation_core.cli import main
-from dreamrelation_core.data.cache import prepare_dataset
+from dreamrelation_core.data.cache import Encoders, prepare_dataset
 from dreamrelation_core.data.synthetic import write_synthetic_dataset
 from dreamrelation_core.errors import DiskFullError
 from dreamrelation_core.mochi.tiny import tiny_text_encoder, tiny_tokenizer, tiny_vae
@@ -68,7 +68,7 @@ sys.exit(main(["train", sys.argv[1], "--resume", "--progress", "none"]))
 def cache(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("faults_data")
     data = write_synthetic_dataset(root / "data", num_videos=1, num_frames=7, size=(32, 32))
-    prepare_dataset(data, root / "cache", tiny_vae(), tiny_text_encoder(), tiny_tokenizer(16), 7, (32, 32),
+    prepare_dataset(data, root / "cache", Encoders.from_models(tiny_vae(), tiny_text_encoder(), tiny_tokenizer(16)), 7, (32, 32),
                     max_text_len=16)
     return root / "cache"
 
