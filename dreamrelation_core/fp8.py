@@ -4,7 +4,8 @@ Shared by the base models (floor 1: Mochi and Wan both load ComfyUI's scaled fp8
 frozen Mochi weights are ~10 B parameters: 18.6 GiB in bf16, 9.3 GiB in fp8. `FrozenLinear`
 keeps its weight in the storage dtype and converts it to the compute dtype only for the duration
 of one matmul (bf16 on CUDA, fp32 on the CPU), so at most one layer's upcast copy exists at a
-time. It is an `nn.Linear` subclass, so peft wraps it in a LoRA layer as usual (peft's
+time; the per-tensor scale is folded into that copy (no output-sized temporary). It is an
+`nn.Linear` subclass, so peft wraps it in a LoRA layer as usual (peft's
 `lora.Linear` calls `base_layer(x)`, then adds the LoRA term); its `compute_dtype` tells peft to
 create the LoRA weights on top in fp32.
 
@@ -40,7 +41,11 @@ def is_fp8(dtype: torch.dtype) -> bool:
 
 
 class _FrozenLinearFn(torch.autograd.Function):
-    """y = (x @ W^T) * scale + b with W fetched from the module now and again in backward."""
+    """y = x @ (W * scale)^T + b with W fetched from the module now and again in backward.
+
+    Memory (docs/method.md "Training memory"): besides its output, forward makes one temporary,
+    the upcast weight (the scale is folded into it in place, the bias added by the matmul's own
+    epilogue); backward the same upcast weight and the input gradient. No output-sized copies."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, module: FrozenLinear, dtype: torch.dtype) -> torch.Tensor:
@@ -49,12 +54,10 @@ class _FrozenLinearFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        m = ctx.module
-        w = m.compute_weight(ctx.dtype)
-        g = grad.to(ctx.dtype)
-        if m.scale_weight is not None:
-            g = g * m.scale_weight.to(ctx.dtype)
-        return (g @ w).to(ctx.x_dtype), None, None
+        w = ctx.module.compute_weight(ctx.dtype, scaled=True)  # [out, in]
+        dx = grad.to(ctx.dtype) @ w  # [..., in]
+        del w
+        return dx.to(ctx.x_dtype), None, None
 
 
 class FrozenLinear(nn.Linear):
@@ -86,17 +89,19 @@ class FrozenLinear(nn.Linear):
             return cls(q, b, scale)
         return cls(w.to(dtype), b)
 
-    def compute_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        """The stored weight in `dtype`, without its scale (fp8 -> bf16 is exact)."""
-        return self.weight.to(dtype)
+    def compute_weight(self, dtype: torch.dtype, scaled: bool = False) -> torch.Tensor:
+        """The stored weight in `dtype` (fp8 -> bf16 is exact); `scaled`: times its scale, folded
+        in place into the upcast copy (the product is formed in fp32 and rounded once)."""
+        w = self.weight.to(dtype)
+        if scaled and self.scale_weight is not None:
+            if self.weight.dtype == dtype:  # no upcast happened: never scale the stored weight
+                w = w.clone()
+            w.mul_(self.scale_weight)
+        return w
 
     def linear(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        y = F.linear(x.to(dtype), self.compute_weight(dtype))
-        if self.scale_weight is not None:
-            y = y * self.scale_weight.to(dtype)
-        if self.bias is not None:
-            y = y + self.bias.to(dtype)
-        return y
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return F.linear(x.to(dtype), self.compute_weight(dtype, scaled=True), bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.matmul_dtype

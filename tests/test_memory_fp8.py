@@ -155,3 +155,50 @@ def test_wrong_or_missing_scales_are_caught(tmp_path):
     save_file(orphan, str(tmp_path / "orphan.safetensors"))
     with pytest.raises(ModelFileError, match="extra.scale_weight has no weight"):
         load_transformer(str(tmp_path / "orphan.safetensors"))
+
+
+# ---------------------------------------------------------------------------------------------
+# memory of one fp8 Linear: no output-sized temporaries
+
+
+class _Allocations(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the bytes of every new storage an op returns (in-place results and views are not new)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes: list[tuple[str, int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        seen = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_flatten((args, kwargs))[0]
+                if isinstance(t, torch.Tensor)}
+        for t in torch.utils._pytree.tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
+                self.sizes.append((str(func), t.untyped_storage().nbytes()))
+        return out
+
+
+def test_fp8_linear_forward_backward_allocates_only_output_weight_and_input_grad():
+    """Mochi's feed-forward input projection (ff.net.0.proj: 3072 -> 2 x 8192), with a bias (as
+    the modulation Linears have), at 64 tokens: forward allocates the upcast weight and the output,
+    backward the upcast weight and the input gradient; nothing else bigger than 64 KiB. (Before:
+    `y * scale`, `y + bias` and `grad * scale` each made an output-sized copy.)"""
+    tokens, d_in, d_out = 64, 3072, 2 * 8192
+    g = torch.Generator().manual_seed(0)
+    lin = fp8.FrozenLinear.from_weight(torch.randn(d_out, d_in, generator=g) / d_in**0.5,
+                                       torch.randn(d_out, generator=g), E4M3)
+    x = torch.randn(1, tokens, d_in, generator=g, requires_grad=True)
+    grad_y = torch.randn(1, tokens, d_out, generator=g)
+    weight, out, dx = d_in * d_out * 4, tokens * d_out * 4, tokens * d_in * 4  # fp32 on the CPU
+    fwd, bwd = _Allocations(), _Allocations()
+    with fwd:
+        y = lin(x)
+    with bwd:
+        y.backward(grad_y)
+    big = 64 * 1024
+    assert sorted(n for _, n in fwd.sizes if n > big) == sorted([weight, out]), fwd.sizes
+    assert sorted(n for _, n in bwd.sizes if n > big) == sorted([weight, dx]), bwd.sizes
+    # and the math: the scaled fp8 weight and the bias, exactly as dequantised
+    w = lin.dequantized()
+    assert torch.allclose(y, x.detach() @ w.T + lin.bias, rtol=1e-5, atol=1e-4)
+    assert torch.allclose(x.grad, grad_y @ w, rtol=1e-5, atol=1e-4)
