@@ -63,6 +63,11 @@ class DiskFullError(DreamRelationError, OSError):
     needed and the space that was free. Nothing was half-written: the old file (if any) is intact."""
 
 
+class HostMemoryError(TrainingError):
+    """Host memory (RAM) ran out or cannot be page-locked: not a GPU out-of-memory, and its advice
+    differs (swapping more blocks would need more RAM, not less)."""
+
+
 class Cancelled(DreamRelationError):
     """The user cancelled a long operation (mask extraction, training)."""
 

@@ -185,6 +185,10 @@ class Trainer:
         log.info(self.memory.summary())
         if self.on_memory is not None:
             self.on_memory(self.memory)
+        if self.device.type == "cuda":  # page-locked host memory: refuse now rather than fail mid-setup
+            from .memory.host import host_check_for
+
+            log.info(host_check_for(self.model, self.memory.options, (int(t), int(h), int(w)), cfg.batch_size))
         prepared = prepare_model(self.model, self.memory.options, self.device, rank=cfg.rank, alpha=cfg.alpha,
                                  dropout=cfg.dropout, spec=self.spec)
         self.swap, self.offload = prepared.swap, prepared.offload
