@@ -82,9 +82,8 @@ def test_ram_check_before_start():
     blocks = sum(sum(i * o for _, i, o, _ in MochiDims().block_linears(b)) for b in range(48))
     assert blocks <= est.parts["swap_store"] < blocks + 48 * 20 * 256
     assert est.parts["offload"] == 48 * (17490 * 2 * 3072 + 256 * 2 * 1536)  # 4.8 GiB of bf16 inputs
-    with pytest.raises(HostMemoryError):
-        host.host_check_for(torch.nn.Module(), MemoryOptions("fp8", 48, True, True), (11, 60, 106),
-                            available=10 * GIB)
+    with pytest.raises(HostMemoryError, match="the store"):  # 14.1 GiB to pin, 10 GiB free
+        host.check_host_memory(est.pinned, "the store", available=10 * GIB)
 
 
 def test_offload_buffers_are_exact_and_reused():

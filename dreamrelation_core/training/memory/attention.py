@@ -1,5 +1,5 @@
 """Which scaled-dot-product-attention kernel the GPU will run for Mochi's attention, probed once at
-start: the memory estimate depends on it (docs/method.md "Training memory", "Attention kernel").
+start: the memory estimate depends on it (docs/method.md "Training memory": attention kernel).
 
 flash (FlashAttention-2) and the memory-efficient kernel keep no S x S matrix; the math kernel
 builds one per head (about 28 GiB in fp32 for one block at 61x480x848). torch's flash kernel needs

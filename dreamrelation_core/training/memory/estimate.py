@@ -50,7 +50,7 @@ COMPUTE_BYTES = 2  # bf16 autocast on CUDA
 @dataclass(frozen=True)
 class Margin:
     """What a GPU needs beyond the live tensors the meta trace counts (docs/method.md "Training
-    memory", "The margin"). Reasoned figures, NOT measured: no GPU was available when they were
+    memory": the margin). Reasoned figures, NOT measured: no GPU was available when they were
     set; `benchmarks/gpu_memory.py` prints the measured counterparts (memory outside the caching
     allocator, reserved / allocated) to calibrate them on the first GPU."""
 
@@ -402,7 +402,7 @@ def host_estimate(
 @dataclass(frozen=True)
 class StepTimeModel:
     """Modelled seconds of one training step, to rank the option sets that fit (docs/method.md
-    "Training memory", "Which options are fastest"). A model, not a measurement: the rates are
+    "Training memory": which options are fastest). A model, not a measurement: the rates are
     assumptions for a consumer GPU (bf16 tensor cores with fp32 accumulation, PCIe 4.0 x16 with
     pinned memory), to be replaced by `benchmarks/gpu_memory.py`'s s/step once measured. The
     ranking depends on their ratios more than on their values.

@@ -1,5 +1,5 @@
 """Host (CPU) memory of a training run: page-locked buffers of exact size, the RAM check before
-start, and host-memory failures reported as such (docs/method.md "Training memory", "Host memory").
+start, and host-memory failures reported as such (docs/method.md "Training memory": host memory).
 
 Why not `torch.empty(..., pin_memory=True)`: torch's caching host allocator rounds every request up
 to a power of two and keeps the blocks for reuse, never returning them: 48 swapped fp8 blocks of
@@ -156,14 +156,3 @@ def check_host_memory(
         )
     return f"host memory: {what} need {need_bytes / GIB:.2f} GiB of {available / GIB:.2f} GiB available RAM"
 
-
-def host_check_for(model: torch.nn.Module, options, latent: tuple[int, int, int], batch: int = 1,
-                   available: int | None = None) -> str:
-    """`check_host_memory` for what a run with `options` will page-lock (estimate.host_estimate)."""
-    from .estimate import MochiDims, host_estimate
-
-    dims = MochiDims.from_config(dict(model.config)) if hasattr(model, "config") else MochiDims()
-    need = host_estimate(latent, options, dims, batch).pinned
-    if need == 0:
-        return "host memory: nothing to page-lock (no block swap, no offload)"
-    return check_host_memory(need, "the block swap store and the offloaded block inputs", available)
