@@ -34,6 +34,7 @@ from .errors import ModelFileError
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
 MARKER = "scaled_fp8"
+SCALE_KEYS = (MARKER, "scale_weight", "scale_input")  # last parts of keys that are not weights
 
 
 def is_fp8(dtype: torch.dtype) -> bool:
@@ -142,8 +143,11 @@ def freeze_linears(model: nn.Module, dtype: torch.dtype | None = None, keep: tup
     `keep` keep a compute dtype (their bias's, an fp8 weight dequantised): models that cast their
     input to a module's parameter dtype (Wan's time embedder) need one.
     """
-    targets = [(n, m) for n, m in model.named_modules() if type(m) in (nn.Linear, FrozenLinear)]
-    for name, lin in targets:
+    # names only: holding the old modules until the loop ends would keep every weight in both
+    # dtypes at once (bf16 -> fp8 of Mochi: 30 GB instead of 20 shrinking to 10)
+    names = [n for n, m in model.named_modules() if type(m) in (nn.Linear, FrozenLinear)]
+    for name in names:
+        lin = model.get_submodule(name)
         if any(name == k or name.startswith(k + ".") for k in keep):
             if is_fp8(lin.weight.dtype):
                 bias_dtype = lin.bias.dtype if lin.bias is not None else torch.bfloat16
@@ -153,12 +157,12 @@ def freeze_linears(model: nn.Module, dtype: torch.dtype | None = None, keep: tup
         if isinstance(lin, FrozenLinear):
             if dtype is None or lin.weight.dtype == dtype:
                 continue
-            w = lin.dequantized() if lin.scale_weight is not None else lin.weight
-            new = FrozenLinear.from_weight(w, lin.bias, dtype)
+            new = FrozenLinear.from_weight(lin.dequantized() if lin.scale_weight is not None else lin.weight, lin.bias, dtype)
         else:
             new = FrozenLinear.from_weight(lin.weight, lin.bias, dtype)
         new.matmul_dtype = getattr(lin, "matmul_dtype", None)
         _set_module(model, name, new)
+        del lin, new
     return model
 
 

@@ -202,3 +202,59 @@ def test_fp8_linear_forward_backward_allocates_only_output_weight_and_input_grad
     w = lin.dequantized()
     assert torch.allclose(y, x.detach() @ w.T + lin.bias, rtol=1e-5, atol=1e-4)
     assert torch.allclose(x.grad, grad_y @ w, rtol=1e-5, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# loading without a second copy
+
+
+def _model_bytes(model) -> int:
+    storages = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        st = t.untyped_storage()
+        storages[st.data_ptr()] = st.nbytes()
+    return sum(storages.values())
+
+
+def _load_peak(fn):
+    from dreamrelation_core.training.memory.trace import LiveBytes
+
+    counter = LiveBytes(device_type="cpu")
+    with counter:
+        model = fn()
+    return model, counter.peak
+
+
+@torch.no_grad()
+def test_loading_holds_about_one_model(tmp_path):
+    """The genmo loader's peak of live CPU tensors is the model it returns plus one tensor's
+    temporaries: a bf16 file is quantised to fp8 while it is read (before: the whole bf16 model,
+    then fp8 beside it), and the SwiGLU halves are swapped in place (before: a copy of each)."""
+    src = tiny_transformer(num_layers=12, heads=4, head_dim=64, text_hidden=128, seed=4)
+    genmo = {k: v.to(torch.bfloat16).contiguous() for k, v in diffusers_to_genmo(src.state_dict(), "model.diffusion_model.").items()}
+    save_file(genmo, str(tmp_path / "bf16.safetensors"))
+    largest = max(v.numel() for k, v in genmo.items() if k.endswith(".weight") and v.ndim == 2)
+    bf16_model = sum(v.numel() * 2 for v in genmo.values())
+
+    model, peak = _load_peak(lambda: load_transformer(str(tmp_path / "bf16.safetensors"), dtype=torch.bfloat16,
+                                                      linear_dtype=E4M3))
+    final = _model_bytes(model)
+    assert all(m.weight.dtype == E4M3 for _, m in fp8.frozen_linears(model))
+    assert final < 0.6 * bf16_model
+    # the largest weight read in bf16, its fp32 copy and two more fp32 temporaries of the quantisation
+    assert peak <= final + largest * (2 + 3 * 4) + 64 * 1024, (peak, final, largest)
+    # the way it went before (load in bf16, then re-store in fp8) peaks at the bf16 model
+    _, old_peak = _load_peak(lambda: fp8.freeze_linears(load_transformer(str(tmp_path / "bf16.safetensors"),
+                                                                         dtype=torch.bfloat16), E4M3))
+    assert old_peak >= bf16_model > peak
+    # same weights up to fp8 rounding (per tensor of genmo's layout: q, k, v share their fused scale)
+    for name, lin in fp8.frozen_linears(model):
+        ref = src.get_submodule(name).weight.to(torch.bfloat16).float()
+        assert rel(lin.dequantized(), ref) < 0.05, name
+
+    # a scaled fp8 file: the model is the file's tensors; the half swap costs one half, not a copy
+    write_scaled_fp8(src, tmp_path / "fp8.safetensors", scale_input=False)
+    model, peak = _load_peak(lambda: load_transformer(str(tmp_path / "fp8.safetensors"), dtype=torch.bfloat16))
+    rows = sum(v.shape[0] for k, v in genmo.items() if k.endswith(".weight") and v.ndim == 2)
+    # + the scales carried through the key converter: one fp32 value per weight row (a few MB for Mochi)
+    assert peak <= _model_bytes(model) + largest // 2 + 5 * rows + 64 * 1024
