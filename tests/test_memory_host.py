@@ -106,3 +106,21 @@ def test_offload_buffers_are_exact_and_reused():
 ])
 def test_attention_kernel_rule(cap, dtype, flash, efficient, expected):
     assert choose_kernel(cap, dtype, flash, efficient) == expected
+
+
+def test_gpu_benchmark_runs_dry_and_refuses_without_cuda():
+    """benchmarks/gpu_memory.py: its cases run (tiny model, CPU) and swap / offload agree with the
+    plain run; without --dry-run on a machine without CUDA it refuses with exit code 2."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_memory.py"
+    dry = subprocess.run([sys.executable, str(script), "--dry-run", "--cases", "fp8", "fp8_swap_offload"],
+                         capture_output=True, text=True, timeout=600)
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    assert "| fp8_swap_offload | fp8 ckpt swap2 offload | 2 | ok |" in dry.stdout
+    assert "fp8_swap_offload vs fp8: losses agree" in dry.stdout and "DRY RUN" in dry.stdout
+    if not torch.cuda.is_available():
+        real = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
+        assert real.returncode == 2 and "needs a CUDA GPU" in real.stderr
