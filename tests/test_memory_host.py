@@ -124,3 +124,26 @@ def test_gpu_benchmark_runs_dry_and_refuses_without_cuda():
     if not torch.cuda.is_available():
         real = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
         assert real.returncode == 2 and "needs a CUDA GPU" in real.stderr
+
+
+def test_policy_reports_the_math_kernel_cost(tmp_path):
+    """On a pre-Ampere card the choice counts the score matrices and says what they cost; at 61
+    frames nothing fits 16 GB then, and the refusal says why."""
+    from diffusers import MochiTransformer3DModel
+
+    from dreamrelation_core.errors import TrainingError
+    from dreamrelation_core.training.config import TrainConfig
+    from dreamrelation_core.training.memory.policy import resolve
+
+    with torch.device("meta"):
+        mochi = MochiTransformer3DModel()
+    cfg = TrainConfig(output_dir=str(tmp_path / "run"))
+    cuda = torch.device("cuda")
+    small = resolve(cfg, cuda, mochi, (5, 30, 52), free_bytes=int(15.3 * GIB), attention="math")  # 25 frames, 240x416
+    flash = resolve(cfg, cuda, mochi, (5, 30, 52), free_bytes=int(15.3 * GIB), attention="flash")
+    assert small.estimate.attention_kernel == "math" and small.estimate.parts["attention"] > 3 * flash.estimate.parts["attention"]
+    assert small.options.blocks_to_swap >= flash.options.blocks_to_swap
+    assert "attention kernel: math" in small.summary() and "GiB more than a flash kernel" in small.summary()
+    assert "attention kernel" not in flash.summary()
+    with pytest.raises(TrainingError, match=r"no option set fits.*attention kernel: math .* \d+\.\d+ GiB more"):
+        resolve(cfg, cuda, mochi, (11, 60, 106), free_bytes=int(15.3 * GIB), attention="math")

@@ -34,8 +34,8 @@ def choose_kernel(
 
 def probe(device: torch.device, dtype: torch.dtype = torch.bfloat16, heads: int = 24, head_dim: int = 128) -> str:
     """The kernel torch picks on `device` for [1, heads, S, head_dim] attention in `dtype` (CUDA
-    only; 'flash' elsewhere, where the estimate does not apply)."""
-    if device.type != "cuda":
+    only; 'flash' elsewhere, where the GPU estimate does not apply)."""
+    if device.type != "cuda" or not torch.cuda.is_available():  # no GPU to ask (CPU runs, tests)
         return "flash"
     name = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "bf16")
     cap = torch.cuda.get_device_capability(device)

@@ -482,12 +482,25 @@ def fastest_fitting(
     among `candidates` (default `option_ladder`), the earlier rung on a tie. context=False: the
     budget is free memory measured in a running process, the CUDA context already paid."""
     dims = dims or MochiDims()
+    cands = candidates if candidates is not None else option_ladder(dims.layers)
+    cands = [o for o in cands if allow_fp8 or o.base_dtype != "fp8"]
+    best = fastest_fitting_latent(latent_shape(frames, height, width), int(budget_gib * GIB), cands, dims, rank,
+                                  context=context, attention=attention, model=model)
+    if best is not None:
+        best.frames, best.height, best.width = frames, height, width
+    return best
+
+
+def fastest_fitting_latent(
+    latent: tuple[int, int, int], budget_bytes: int, candidates: list[MemoryOptions], dims: MochiDims, rank: int = 16,
+    batch: int = 1, context: bool = False, attention: str = "flash", model: StepTimeModel = STEP_TIME,
+) -> Estimate | None:
+    """`fastest_fitting` for a latent shape (T, h, w), a budget in bytes and given candidates in
+    ladder order (the trainer's `auto`: free memory measured in the worker, context=False)."""
     best: Estimate | None = None
-    for opts in candidates if candidates is not None else option_ladder(dims.layers):
-        if opts.base_dtype == "fp8" and not allow_fp8:
-            continue
-        est = estimate(frames, height, width, opts, dims, rank, attention)
-        if MARGIN.needed_bytes(est.peak, context) > budget_gib * GIB:
+    for opts in candidates:
+        est = estimate_latent(latent, opts, dims, rank, batch, attention)
+        if MARGIN.needed_bytes(est.peak, context) > budget_bytes:
             continue
         est.seconds = model.seconds(dims, opts, est.tokens, dims.text_len)
         if best is None or est.seconds < best.seconds * (1 - TIE):

@@ -2,7 +2,8 @@
 
 On the CPU 'auto' keeps today's behaviour: weights as loaded (fp8 stays fp8), no swap, no
 checkpointing, no offload. On CUDA the estimator picks, among the option sets that agree with
-every option the user fixed, the fastest one whose peak fits the free GPU memory; a fully fixed
+every option the user fixed, the fastest one (by `estimate.StepTimeModel`, ladder order on
+ties) whose peak fits the free GPU memory; a fully fixed
 set that does not fit is refused before the model is moved, with the set that would fit.
 
 When a step still runs out of GPU memory (the estimate cannot see everything), the run steps down
@@ -23,7 +24,15 @@ import torch
 from ...errors import TrainingError
 from ...mochi import fp8
 from . import attention as sdpa
-from .estimate import FRAGMENTATION, GIB, Estimate, MochiDims, estimate_latent, option_ladder
+from .estimate import (
+    FRAGMENTATION,
+    GIB,
+    Estimate,
+    MochiDims,
+    estimate_latent,
+    fastest_fitting_latent,
+    option_ladder,
+)
 from .setup import MemoryOptions
 from .warmup import warm_up_block
 
@@ -174,14 +183,13 @@ def resolve(
     candidates = [o for o in option_ladder(dims.layers, both_dtypes=True) if agrees(o)]
     if not candidates:  # a fixed combination outside the ladder (e.g. bf16 + swap + no checkpointing)
         candidates = [MemoryOptions(dtype or "fp8", swap or 0, bool(ckpt), bool(offload))]
-    for opts in candidates:
-        est = estimate_latent(latent, opts, dims, config.rank, batch, kernel)
-        if est.peak * (1 + FRAGMENTATION) <= free_bytes:
-            note = ""
-            if kernel == "math":
-                flash = estimate_latent(latent, opts, dims, config.rank, batch)
-                note = sdpa.describe_cost(kernel, flash.peak_gib, est.peak_gib)
-            return Choice(opts, est, free_bytes, _blocks(model), note)
+    est = fastest_fitting_latent(latent, free_bytes, candidates, dims, config.rank, batch, attention=kernel)
+    if est is not None:  # the fastest by the step-time model, ladder order on ties (estimate.py)
+        note = ""
+        if kernel == "math":
+            flash = estimate_latent(latent, est.options, dims, config.rank, batch)
+            note = sdpa.describe_cost(kernel, flash.peak_gib, est.peak_gib)
+        return Choice(est.options, est, free_bytes, _blocks(model), note)
     first = estimate_latent(latent, candidates[0], dims, config.rank, batch, kernel)
     advice = None
     for opts in option_ladder(dims.layers):
