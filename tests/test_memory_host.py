@@ -36,6 +36,7 @@ def test_swap_store_pins_exactly_each_blocks_bytes(cuda_register):
     expected = [sum(m.weight.numel() for _, m in fp8.frozen_linears(b)) for b in model.transformer_blocks]
     swap = BlockSwap(model, 3, "cpu", pin_memory=True)
     sizes = [n for _, n in cuda_register["register"]]
+    assert all(ptr % 4096 == 0 for ptr, _ in cuda_register["register"])  # whole pages registered
     assert sizes == [swap.layouts[i].nbytes for i in range(3)] == [swap.store[i].numel() for i in range(3)]
     # fp8: one byte per weight, each weight view aligned to 256 bytes: no power-of-two rounding
     assert all(e <= n < e + 256 * 16 for e, n in zip(expected, sizes))
@@ -93,6 +94,23 @@ def test_offload_buffers_are_exact_and_reused():
     pool.give(a)
     assert pool.take(1000) is a and pool.allocated == 1003  # the next step reuses it
     assert pool.take(1000) is not a and pool.allocated == 2003
+
+
+def test_offload_gives_back_the_buffer_it_took(cuda_register):
+    """Page-aligned registered buffers are views into a slightly larger allocation: the offload
+    hands the pool back exactly the bytes it took (same start, same length)."""
+    from dreamrelation_core.training.memory.activations import ActivationOffload
+
+    off = ActivationOffload("cpu")
+    off.pool = host.HostBuffers(pin=True)  # registered buffers (recorded), as on CUDA
+    t = torch.randn(3, 5, dtype=torch.bfloat16)
+    h, _ = off.to_host(t)
+    assert torch.equal(h, t) and cuda_register["register"][-1] == (h.data_ptr(), 30)
+    off.release(h)
+    (buf,) = off.pool.free[30]
+    assert buf.data_ptr() == h.data_ptr() and buf.numel() == 30
+    h2, _ = off.to_host(t * 2)
+    assert h2.data_ptr() == h.data_ptr() and off.pool.allocated == 30 and len(cuda_register["register"]) == 1
 
 
 @pytest.mark.parametrize("cap, dtype, flash, efficient, expected", [

@@ -87,7 +87,9 @@ class ActivationOffload:
     def release(self, host: torch.Tensor) -> None:
         """`host` is no longer needed: its buffer serves the next step (any later copy into it is
         queued behind the compute stream, which queued the copy out of it)."""
-        flat = torch.empty(0, dtype=torch.uint8).set_(host.untyped_storage())  # the whole buffer, as taken
+        size = host.element_size()
+        flat = torch.empty(0, dtype=torch.uint8).set_(  # the buffer as taken: same bytes, same start
+            host.untyped_storage(), host.storage_offset() * size, (host.numel() * size,))
         self.pool.give(flat)
 
     def hooks(self, targets: tuple[torch.Tensor, ...]):

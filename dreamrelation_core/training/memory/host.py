@@ -22,6 +22,7 @@ import torch
 from ...errors import HostMemoryError
 
 GIB = 1024**3
+PAGE = 4096
 # RAM to leave to the OS and the rest of the process (torch and CUDA libraries, the clips, the
 # LoRA's host copies, the Python heap) when checking what the pinned buffers need.
 HOST_RESERVE_GIB = 2.0
@@ -44,16 +45,20 @@ def pinned_empty(
     nbytes: int, what: str = "pinned buffer", register: Callable[[int, int], int] | None = None,
     unregister: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
-    """A flat uint8 CPU tensor of exactly `nbytes`, page-locked for asynchronous copies.
+    """A flat uint8 CPU tensor of exactly `nbytes` (starting on a page; its storage is at most one
+    page larger), page-locked for asynchronous copies.
 
     `register(ptr, nbytes) -> CUDA error code` / `unregister(ptr)` default to the CUDA runtime's
     cudaHostRegister / cudaHostUnregister (tests pass their own). A failure is a HostMemoryError."""
     register, unregister = register or _cuda_register, unregister or _cuda_unregister
     try:
-        t = torch.empty(nbytes, dtype=torch.uint8)
+        raw = torch.empty(nbytes + PAGE, dtype=torch.uint8)
     except RuntimeError as e:
         raise HostMemoryError(f"not enough host memory (RAM) for the {what} ({nbytes / GIB:.2f} GiB): {ADVICE}. "
                               f"[{str(e).strip().splitlines()[0]}]") from e
+    start = -raw.data_ptr() % PAGE  # registration in whole pages: start on one
+    t = raw[start: start + nbytes]
+    del raw
     if nbytes == 0:
         return t
     ptr = t.data_ptr()
