@@ -67,6 +67,14 @@ def test_pinning_failure_is_a_host_memory_error(cuda_register):
     assert "swap fewer" in msg  # ... and its advice goes the other way
 
 
+def test_cpu_allocator_failure_is_reported_as_host_memory():
+    e = RuntimeError("[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: not enough memory: "
+                     "you tried to allocate 10737418240 bytes.")
+    msg = describe_failure(e)
+    assert msg.startswith("not enough host memory (RAM)") and "DefaultCPUAllocator" in msg
+    assert describe_failure(MemoryError()).startswith("not enough host memory (RAM)")
+
+
 def test_ram_check_before_start():
     need = 5 * GIB
     with pytest.raises(HostMemoryError, match=r"need 5\.00 GiB .* but 6\.00 GiB are available"):

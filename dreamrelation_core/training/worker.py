@@ -294,6 +294,10 @@ def out_of_memory_advice(e: BaseException, config: TrainConfig | None, clip_shap
 def describe_failure(e: BaseException, config: TrainConfig | None = None, clip_shape: tuple | None = None,
                      step: int | None = None, log_file: Path | None = None, choice=None) -> str:
     """The error event's message: the library's own message for known errors, advice for OOM."""
+    from .memory.host import host_out_of_memory_message, is_host_out_of_memory
+
+    if is_host_out_of_memory(e):  # RAM, not the GPU: its own advice (HostMemoryError speaks for itself)
+        return host_out_of_memory_message(e)
     if is_out_of_memory(e):
         return out_of_memory_advice(e, config, clip_shape, step, choice)
     if isinstance(e, (DreamRelationError, ValueError, FileNotFoundError)):

@@ -161,3 +161,13 @@ def check_host_memory(
         )
     return f"host memory: {what} need {need_bytes / GIB:.2f} GiB of {available / GIB:.2f} GiB available RAM"
 
+
+
+def is_host_out_of_memory(e: BaseException) -> bool:
+    """An allocation in RAM failed (torch's CPU allocator, or Python's): not the GPU's memory."""
+    return isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and "DefaultCPUAllocator" in str(e))
+
+
+def host_out_of_memory_message(e: BaseException) -> str:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return f"not enough host memory (RAM) for the training process: {ADVICE}. [{first}]"
