@@ -42,7 +42,8 @@ PARTS: list[Part] = [
          "`BaseModelSpec`, the type each base model's spec implements"),
     Part(2, ("mochi",), "Mochi 1: `spec` (its `BaseModelSpec`), `loading` (transformer, VAE, T5, tokenizer from local files), `latents` "
          "(frame and size rules, latent normalisation, timestep convention), `dit_keys` / `vae_keys` (genmo/ComfyUI "
-         "↔ diffusers weights), `fp8` (frozen Linears stored in fp8, upcast per layer), `tiny` (random tiny models)"),
+         "↔ diffusers weights), `fp8` (frozen Linears stored in fp8, upcast per layer), `attention` (our Mochi attention processor: the "
+         "valid text tokens found once per step), `tiny` (random tiny models)"),
     Part(2, ("wan",), "Wan 2.1 / 2.2: `spec` (`WAN21`, `WAN22_5B` and the adapter placements), `loading` (ComfyUI's "
          "Wan DiT, VAE and umT5 files, fp8 scaled included), `latents` (4k + 1 frames, both VAEs' normalisation, time "
          "convention), `dit_keys` / `vae_keys` (ComfyUI ↔ diffusers weights, size detection), `tokenizer` (umT5's "
