@@ -186,11 +186,12 @@ class Trainer:
         if self.on_memory is not None:
             self.on_memory(self.memory)
         if self.device.type == "cuda":  # page-locked host memory: refuse now rather than fail mid-setup
-            from .memory.estimate import MochiDims, host_estimate
+            from .memory.estimate import host_estimate
             from .memory.host import check_host_memory
+            from .memory.policy import model_dims
 
-            dims = MochiDims.from_config(dict(self.model.config)) if hasattr(self.model, "config") else MochiDims()
-            pinned = host_estimate((int(t), int(h), int(w)), self.memory.options, dims, cfg.batch_size).pinned
+            pinned = host_estimate((int(t), int(h), int(w)), self.memory.options, model_dims(self.model),
+                                   cfg.batch_size).pinned
             if pinned:
                 log.info(check_host_memory(pinned, "the block swap store and the offloaded block inputs"))
         prepared = prepare_model(self.model, self.memory.options, self.device, rank=cfg.rank, alpha=cfg.alpha,

@@ -385,7 +385,7 @@ def host_estimate(
     n = t * (h // dims.patch) * (w // dims.patch)
     linears = [lin for b in range(dims.layers) for lin in dims.block_linears(b)] + dims.outer_linears()
     loading = sum(i * o * wb + (o * COMPUTE_BYTES if b else 0) for _, i, o, b in linears)
-    loading += dims.other_params() * COMPUTE_BYTES
+    loading += (dims.other_params() if hasattr(dims, "other_params") else 0) * COMPUTE_BYTES  # norms, patch conv
     swapped = range(min(options.blocks_to_swap, dims.layers))
     store = sum(sum(_align(i * o * wb) for _, i, o, _ in dims.block_linears(b)) for b in swapped)
     offload = 0
