@@ -72,7 +72,9 @@ def cmd_memory(args: argparse.Namespace) -> int:
     if args.attention != "flash":
         flash = estimate(args.frames, height, width, est.options, dims, args.rank)
         print(describe_cost(args.attention, flash.peak_gib, est.peak_gib))
-    host = host_estimate(latent_shape(args.frames, height, width), est.options, dims)
+    shape = dims.latent_shape(args.frames, height, width) if hasattr(dims, "latent_shape") else latent_shape(
+        args.frames, height, width)
+    host = host_estimate(shape, est.options, dims)
     print(host.report())
     print(f"peak_gib={est.peak_gib:.2f}")
     print(f"host_gib={host.peak_gib:.2f}")

@@ -484,7 +484,8 @@ def fastest_fitting(
     dims = dims or MochiDims()
     cands = candidates if candidates is not None else option_ladder(dims.layers)
     cands = [o for o in cands if allow_fp8 or o.base_dtype != "fp8"]
-    best = fastest_fitting_latent(latent_shape(frames, height, width), int(budget_gib * GIB), cands, dims, rank,
+    shape = dims.latent_shape(frames, height, width) if hasattr(dims, "latent_shape") else latent_shape(frames, height, width)
+    best = fastest_fitting_latent(shape, int(budget_gib * GIB), cands, dims, rank,
                                   context=context, attention=attention, model=model)
     if best is not None:
         best.frames, best.height, best.width = frames, height, width
