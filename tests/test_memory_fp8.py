@@ -258,3 +258,25 @@ def test_loading_holds_about_one_model(tmp_path):
     rows = sum(v.shape[0] for k, v in genmo.items() if k.endswith(".weight") and v.ndim == 2)
     # + the scales carried through the key converter: one fp32 value per weight row (a few MB for Mochi)
     assert peak <= _model_bytes(model) + largest // 2 + 5 * rows + 64 * 1024
+
+
+@torch.no_grad()
+def test_trainer_with_base_dtype_fp8_quantises_a_bf16_file_while_reading(tmp_path):
+    """`base_dtype: fp8` reaches the loader: a bf16 genmo file's Linears arrive in fp8 and the load
+    never holds the whole bf16 model (auto and bf16 still load the file's own precision)."""
+    from dreamrelation_core.training.config import TrainConfig
+    from dreamrelation_core.training.trainer import load_transformer as trainer_load
+
+    src = tiny_transformer(num_layers=4, heads=4, head_dim=64, text_hidden=128, seed=5)
+    genmo = {k: v.to(torch.bfloat16).contiguous() for k, v in diffusers_to_genmo(src.state_dict(), "model.diffusion_model.").items()}
+    path = tmp_path / "mochi_bf16.safetensors"
+    save_file(genmo, str(path))
+    bf16_model = sum(v.numel() * 2 for v in genmo.values())
+
+    model, peak = _load_peak(lambda: trainer_load(TrainConfig(transformer=str(path), base_dtype="fp8"), torch.bfloat16))
+    assert all(m.weight.dtype == E4M3 for _, m in fp8.frozen_linears(model))
+    assert peak < bf16_model, (peak, bf16_model)
+    for base_dtype in ("auto", "bf16"):
+        kept = trainer_load(TrainConfig(transformer=str(path), base_dtype=base_dtype), torch.bfloat16)
+        weights = [t for t in kept.state_dict().values() if t.ndim == 2]
+        assert weights and not any(fp8.is_fp8(t.dtype) for t in weights), base_dtype

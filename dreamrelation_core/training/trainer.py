@@ -89,9 +89,12 @@ def base_model_spec(config: TrainConfig) -> BaseModelSpec:
 
 
 def load_transformer(config: TrainConfig, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """The frozen base model, from local files only (or the tiny random test model)."""
+    """The frozen base model, from local files only (or the tiny random test model). With
+    `base_dtype: fp8` a bf16 file is quantised while it is read: the bf16 model is never whole in
+    host memory (docs/method.md "Training memory")."""
+    linear_dtype = torch.float8_e4m3fn if config.base_dtype == "fp8" else None
     return base_model_spec(config).load_transformer(
-        config.transformer, config.transformer_config, dtype, config.seed, config.extra.get("tiny"))
+        config.transformer, config.transformer_config, dtype, config.seed, config.extra.get("tiny"), linear_dtype)
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
