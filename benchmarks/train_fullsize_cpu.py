@@ -9,12 +9,15 @@ in ComfyUI's scaled-fp8 key layout, with every block swapped, within 16 GB of RS
    into the 'device' buffers before forward, recompute and backward), gradient checkpointing.
 3. Prints the peak RSS (VmHWM), load and step times, the losses and how far the LoRA moved.
 
-Measured on a shared 2-core machine: file written in 927 s; loaded and prepared in 102 s;
-steps of 626 s and 352 s (losses 46.2, 32.0; 94 block copies per step); peak RSS 16.42e9 bytes
-= 15.3 GiB, of which ~10.4 GB are the weights file's pages mapped by safetensors (the swap
-store is those weights: no second copy) and ~5.4 GB anonymous (the un-swapped halves of the
-SwiGLU input weights that the genmo -> diffusers conversion rebuilds, 3.0 GB; LoRA + AdamW;
-torch).
+Measured on a shared 2-core machine, first (before the loader read the file into its own
+memory): file written in 927 s; loaded and prepared in 102 s; steps of 626 s and 352 s (losses
+46.2, 32.0; 94 block copies per step); peak RSS 16.42e9 bytes = 15.3 GiB, of which ~10.4 GB were
+the weights file's pages mapped by safetensors and ~5.4 GB anonymous, 3.0 GB of it copies of the
+SwiGLU input weights made by the genmo -> diffusers conversion.
+Then, with the loader reading tensor by tensor into its own memory and swapping those halves in
+place (`--steps 1`): file written in 380 s; loaded and prepared in 37 s (RSS 11.33e9 bytes); one
+step of 480 s (loss 46.16, 94 block copies); peak RSS 13.39e9 bytes = 12.47 GiB, 12.56 GB of it
+anonymous (the 9.93 GB swap store is the weights as read: no second copy).
 
 Not for CI: ~10 GB of disk and ~10-30 minutes on two cores.
 
@@ -159,7 +162,7 @@ def main() -> None:
     peak = rss() * GB / 2**30
     print(f"LoRA moved by {moved:.4g} (sum of |change|); peak RSS {rss():.2f} GB = {peak:.2f} GiB "
           f"({'within' if peak < 16 else 'OVER'} 16 GiB); now file-backed {rss('RssFile'):.2f} GB "
-          f"(the weights file, mapped by safetensors), anonymous {rss('RssAnon'):.2f} GB")
+          f"(libraries; the weights file is read, not mapped), anonymous {rss('RssAnon'):.2f} GB")
     if not args.keep:
         path.unlink()
 

@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 warnings.filterwarnings("ignore")
 
-from dreamrelation_core.training.memory.estimate import GIB, MochiDims, estimate, fastest_fitting  # noqa: E402
+from dreamrelation_core.training.memory.estimate import GIB, MARGIN, MochiDims, estimate, fastest_fitting  # noqa: E402
 from dreamrelation_core.training.memory.setup import MemoryOptions  # noqa: E402
 from dreamrelation_core.training.memory.trace import trace_step  # noqa: E402
 
@@ -69,11 +69,12 @@ def main() -> None:
             print(f"| {frames} | {opts.label()} | {est.peak_gib:.2f} | {tr.peak_gib:.2f} | {ratio:.3f} | {parts} | {dt:.0f} |",
                   flush=True)
     print(f"\nparts: trace / estimate. Largest |estimate/trace - 1|: {100 * worst:.1f} %")
-    print("\nFastest option set per GPU size (estimate; needs = peak x 1.05 + 0.6 GiB CUDA context):")
+    print(f"\nFastest option set per GPU size (estimate and step-time model; needs = {MARGIN.describe()}):")
     for frames in args.frames:
         for gib in GPU_SIZES:
             est = fastest_fitting(frames, h, w, gib, dims)
-            txt = f"{est.options.label()}: peak {est.peak_gib:.2f} GiB, needs {est.needed_gib():.2f}" if est else "none fits"
+            txt = (f"{est.options.label()}: peak {est.peak_gib:.2f} GiB, needs {est.needed_gib():.2f}, "
+                   f"modelled {est.seconds:.1f} s/step") if est else "none fits"
             print(f"  {frames} frames, {gib:>2} GiB: {txt}")
     print("\nNo GPU figures: this machine has no GPU (peak and s/step on a GPU are still to be measured).")
 

@@ -171,8 +171,10 @@ class BaseModelSpec:
         return self
 
     def load_transformer(self, source: str, config_dir: str = "", dtype: torch.dtype = torch.float32, seed: int = 0,
-                         tiny: dict | None = None) -> torch.nn.Module:
-        """The frozen transformer from local files ("tiny": the random test model)."""
+                         tiny: dict | None = None, linear_dtype: torch.dtype | None = None) -> torch.nn.Module:
+        """The frozen transformer from local files ("tiny": the random test model). `linear_dtype`
+        fp8: the Linear weights may be quantised while the file is read, so that a bf16 file never
+        sits in memory whole (a loader that cannot leaves it to `fp8.freeze_linears` later)."""
         raise NotImplementedError
 
     def load_vae(self, path, config_dir=None, dtype: torch.dtype = torch.float32, device="cpu") -> torch.nn.Module:

@@ -54,6 +54,20 @@ class TrainingError(DreamRelationError, RuntimeError):
     """A training run cannot start or cannot go on (non-finite loss, bad checkpoint, settings)."""
 
 
+class RunLockedError(TrainingError):
+    """Another training process holds the run folder (its lock names the holder)."""
+
+
+class DiskFullError(DreamRelationError, OSError):
+    """A file could not be written for lack of space; the message names the file, the bytes it
+    needed and the space that was free. Nothing was half-written: the old file (if any) is intact."""
+
+
+class HostMemoryError(TrainingError):
+    """Host memory (RAM) ran out or cannot be page-locked: not a GPU out-of-memory, and its advice
+    differs (swapping more blocks would need more RAM, not less)."""
+
+
 class Cancelled(DreamRelationError):
     """The user cancelled a long operation (mask extraction, training)."""
 

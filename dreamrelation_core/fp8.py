@@ -4,7 +4,8 @@ Shared by the base models (floor 1: Mochi and Wan both load ComfyUI's scaled fp8
 frozen Mochi weights are ~10 B parameters: 18.6 GiB in bf16, 9.3 GiB in fp8. `FrozenLinear`
 keeps its weight in the storage dtype and converts it to the compute dtype only for the duration
 of one matmul (bf16 on CUDA, fp32 on the CPU), so at most one layer's upcast copy exists at a
-time. It is an `nn.Linear` subclass, so peft wraps it in a LoRA layer as usual (peft's
+time; the per-tensor scale is folded into that copy (no output-sized temporary). It is an
+`nn.Linear` subclass, so peft wraps it in a LoRA layer as usual (peft's
 `lora.Linear` calls `base_layer(x)`, then adds the LoRA term); its `compute_dtype` tells peft to
 create the LoRA weights on top in fp32.
 
@@ -33,6 +34,7 @@ from .errors import ModelFileError
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
 MARKER = "scaled_fp8"
+SCALE_KEYS = (MARKER, "scale_weight", "scale_input")  # last parts of keys that are not weights
 
 
 def is_fp8(dtype: torch.dtype) -> bool:
@@ -40,7 +42,11 @@ def is_fp8(dtype: torch.dtype) -> bool:
 
 
 class _FrozenLinearFn(torch.autograd.Function):
-    """y = (x @ W^T) * scale + b with W fetched from the module now and again in backward."""
+    """y = x @ (W * scale)^T + b with W fetched from the module now and again in backward.
+
+    Memory (docs/method.md "Training memory"): besides its output, forward makes one temporary,
+    the upcast weight (the scale is folded into it in place, the bias added by the matmul's own
+    epilogue); backward the same upcast weight and the input gradient. No output-sized copies."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, module: FrozenLinear, dtype: torch.dtype) -> torch.Tensor:
@@ -49,12 +55,10 @@ class _FrozenLinearFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        m = ctx.module
-        w = m.compute_weight(ctx.dtype)
-        g = grad.to(ctx.dtype)
-        if m.scale_weight is not None:
-            g = g * m.scale_weight.to(ctx.dtype)
-        return (g @ w).to(ctx.x_dtype), None, None
+        w = ctx.module.compute_weight(ctx.dtype, scaled=True)  # [out, in]
+        dx = grad.to(ctx.dtype) @ w  # [..., in]
+        del w
+        return dx.to(ctx.x_dtype), None, None
 
 
 class FrozenLinear(nn.Linear):
@@ -86,17 +90,19 @@ class FrozenLinear(nn.Linear):
             return cls(q, b, scale)
         return cls(w.to(dtype), b)
 
-    def compute_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        """The stored weight in `dtype`, without its scale (fp8 -> bf16 is exact)."""
-        return self.weight.to(dtype)
+    def compute_weight(self, dtype: torch.dtype, scaled: bool = False) -> torch.Tensor:
+        """The stored weight in `dtype` (fp8 -> bf16 is exact); `scaled`: times its scale, folded
+        in place into the upcast copy (the product is formed in fp32 and rounded once)."""
+        w = self.weight.to(dtype)
+        if scaled and self.scale_weight is not None:
+            if self.weight.dtype == dtype:  # no upcast happened: never scale the stored weight
+                w = w.clone()
+            w.mul_(self.scale_weight)
+        return w
 
     def linear(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        y = F.linear(x.to(dtype), self.compute_weight(dtype))
-        if self.scale_weight is not None:
-            y = y * self.scale_weight.to(dtype)
-        if self.bias is not None:
-            y = y + self.bias.to(dtype)
-        return y
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return F.linear(x.to(dtype), self.compute_weight(dtype, scaled=True), bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.matmul_dtype
@@ -137,8 +143,11 @@ def freeze_linears(model: nn.Module, dtype: torch.dtype | None = None, keep: tup
     `keep` keep a compute dtype (their bias's, an fp8 weight dequantised): models that cast their
     input to a module's parameter dtype (Wan's time embedder) need one.
     """
-    targets = [(n, m) for n, m in model.named_modules() if type(m) in (nn.Linear, FrozenLinear)]
-    for name, lin in targets:
+    # names only: holding the old modules until the loop ends would keep every weight in both
+    # dtypes at once (bf16 -> fp8 of Mochi: 30 GB instead of 20 shrinking to 10)
+    names = [n for n, m in model.named_modules() if type(m) in (nn.Linear, FrozenLinear)]
+    for name in names:
+        lin = model.get_submodule(name)
         if any(name == k or name.startswith(k + ".") for k in keep):
             if is_fp8(lin.weight.dtype):
                 bias_dtype = lin.bias.dtype if lin.bias is not None else torch.bfloat16
@@ -148,12 +157,12 @@ def freeze_linears(model: nn.Module, dtype: torch.dtype | None = None, keep: tup
         if isinstance(lin, FrozenLinear):
             if dtype is None or lin.weight.dtype == dtype:
                 continue
-            w = lin.dequantized() if lin.scale_weight is not None else lin.weight
-            new = FrozenLinear.from_weight(w, lin.bias, dtype)
+            new = FrozenLinear.from_weight(lin.dequantized() if lin.scale_weight is not None else lin.weight, lin.bias, dtype)
         else:
             new = FrozenLinear.from_weight(lin.weight, lin.bias, dtype)
         new.matmul_dtype = getattr(lin, "matmul_dtype", None)
         _set_module(model, name, new)
+        del lin, new
     return model
 
 

@@ -28,13 +28,28 @@ def read_state_dict(path: str | os.PathLike, what: str = "model") -> dict[str, t
             return load_file(str(path))
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickled code, corrupt zip, not a torch file, truncated safetensors
-        raise ModelFileError(f"{path}: not a readable weights-only checkpoint for the {what} ({type(e).__name__}: {e})") from e
+        raise ModelFileError(f"{path}: not a readable weights-only checkpoint for the {what} ({torch_load_reason(e)})") from e
     for wrapper in ("model", "state_dict", "module"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ModelFileError(f"{path}: expected a dict of tensors (or {{'model': dict}}), got {type(obj).__name__}")
     return obj
+
+
+_ADVICE_RE = re.compile(r"weights_only|trusted source|file an issue|documentation of torch\.load|safe_globals|"
+                        r"Weights only load failed|internal miniz error|high likelihood|saved properly", re.I)
+
+
+def torch_load_reason(e: BaseException) -> str:
+    """Why torch.load(weights_only=True) failed, in one line, without torch's advice to load the
+    file with weights_only=False: that would run whatever code the file holds."""
+    sentences = re.split(r"\n\s*\n|(?<=\.)\s+", str(e))
+    kept = [" ".join(s.split()) for s in sentences if s.strip() and not _ADVICE_RE.search(s)]
+    detail = " ".join(kept[:2])
+    if type(e).__name__ == "UnpicklingError":
+        detail = "not plain tensors and numbers, refused without running anything" + (f": {detail}" if detail else "")
+    return f"{type(e).__name__}: {detail}" if detail else type(e).__name__
 
 
 def indices(keys: Iterable[str], prefix: str) -> list[int]:

@@ -17,6 +17,7 @@ import torch
 from comfy_api.latest import io, ui
 
 from dreamrelation_core.data.dataset import describe_dataset, folder_stamp
+from dreamrelation_core.data.mask_files import as_bool_mask
 from dreamrelation_core.errors import DatasetError
 
 from .comfy_types import Dataset
@@ -82,7 +83,7 @@ def _bool_mask(mask: torch.Tensor, what: str) -> np.ndarray:
         m = m[None]
     if m.ndim != 3:
         raise DatasetError(f"{what}: expected a MASK [frames, height, width], got shape {tuple(mask.shape)}")
-    return (m > 0.5).numpy()
+    return as_bool_mask(m.float().numpy() if m.dtype != torch.bool else m.numpy(), "the " + what + " input", what)
 
 
 class DreamRelationAddToDataset(io.ComfyNode):

@@ -126,7 +126,7 @@ def _stack(mask: torch.Tensor, what: str) -> np.ndarray:
         m = m[None]
     if m.ndim != 3:
         raise ValueError(f"{what}: expected a MASK [frames, height, width], got shape {tuple(mask.shape)}")
-    return (m > 0.5).numpy()
+    return mask_io.as_bool_mask(m.float().numpy() if m.dtype != torch.bool else m.numpy(), "the " + what + " input", what)
 
 
 def _has_frame_pngs(folder: Path) -> bool:

@@ -34,13 +34,16 @@ PARTS: list[Part] = [
     Part(0, ("", "errors"), "`__init__.py` stays empty (importing it runs before any submodule); `errors.py`: the "
          "one error hierarchy, `DreamRelationError` and its subclasses; every message names the file / key / shape / "
          "field and what was expected"),
-    Part(1, ("fileio", "dtypes", "statedict", "fp8", "basemodel"), "atomic writes (`atomic_path`, `save_safetensors`); "
-         "precision names → torch dtypes; weights files read without unpickling code, keys taken and leftovers "
-         "refused; frozen Linears stored in fp8 / bf16 (ComfyUI's scaled fp8 files), upcast per layer; "
+    Part(1, ("fileio", "dtypes", "statedict", "fp8", "basemodel"), "atomic writes (`atomic_file`, "
+         "`save_safetensors`, `save_torch`; a full disk is one `DiskFullError`; temporary files of killed writes "
+         "removed); precision names → torch dtypes, casts that refuse values the dtype cannot hold; weights files "
+         "read without unpickling code (torch's `weights_only=False` advice never passed on), keys taken and "
+         "leftovers refused; frozen Linears stored in fp8 / bf16 (ComfyUI's scaled fp8 files), upcast per layer; "
          "`BaseModelSpec`, the type each base model's spec implements"),
     Part(2, ("mochi",), "Mochi 1: `spec` (its `BaseModelSpec`, with the relation placements of the ablations), `loading` (transformer, VAE, T5, tokenizer from local files), `latents` "
          "(frame and size rules, latent normalisation, timestep convention), `dit_keys` / `vae_keys` (genmo/ComfyUI "
-         "↔ diffusers weights), `fp8` (frozen Linears stored in fp8, upcast per layer), `tiny` (random tiny models)"),
+         "↔ diffusers weights), `fp8` (frozen Linears stored in fp8, upcast per layer), `attention` (our Mochi attention processor: the "
+         "valid text tokens found once per step), `tiny` (random tiny models)"),
     Part(2, ("wan",), "Wan 2.1 / 2.2: `spec` (`WAN21`, `WAN22_5B` and the adapter placements), `loading` (ComfyUI's "
          "Wan DiT, VAE and umT5 files, fp8 scaled included), `latents` (4k + 1 frames, both VAEs' normalisation, time "
          "convention), `dit_keys` / `vae_keys` (ComfyUI ↔ diffusers weights, size detection), `tokenizer` (umT5's "
@@ -54,7 +57,9 @@ PARTS: list[Part] = [
     Part(4, ("data",), "`video`, `mask_files`, `latent_masks`, `dataset` (scan and validate a folder), `exemplars` "
          "(add one exemplar to a dataset folder), `encode`, `cache` (the prepared training cache), `synthetic`"),
     Part(5, ("training",), "`config` (`TrainConfig`), `flow` (noise, masked loss), `contrastive` (RCL and its banks), "
-         "`trainer` (loop, checkpoints, resume), `runs` (a run folder: new, resumed or already finished), `worker` / "
+         "`trainer` (loop, checkpoints, resume), `lock` (one trainer per run folder), `runs` (a run folder: new, "
+         "resumed or already finished; walk-back past unreadable checkpoints; `run_training`, the one path of "
+         "`train`, `resume` and the worker), `worker` / "
          "`worker_client` (training in a worker process that reports JSON lines, and the parent side that follows "
          "it), `outside_inference` (training under a caller's `torch.inference_mode()`), `memory/` (peak-memory "
          "estimate and its meta-device trace, gradient checkpointing, block swap, fp8 base; chosen by `TrainConfig`), "

@@ -139,6 +139,14 @@ def test_export_through_stock_lora_loader_equals_ours(env):
         run_node(exp, **args)
 
 
+def test_our_loader_reads_the_comfy_export(env):
+    # export-comfy's genmo-key file, picked in the Relation LoRA Loader: the same model as our triplet
+    ours = _pred(env["loaded"])
+    model, report = env["load"](env["base"], "rel_stock.safetensors", 1.0)
+    assert "(format genmo)" in report and "applied relation: 7 modules" in report
+    assert (_pred(model) - ours).abs().max().item() <= 1e-5
+
+
 def test_strength_zero_is_base_and_unpatch_restores_bits(env):
     base, load = env["base"], env["load"]
     # the weights as loaded from the "checkpoint", before any LoRA was merged

@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from dreamrelation_core.errors import TrainingError
 from dreamrelation_core.generate import add_relation_lora
 from dreamrelation_core.lora import files as formats
 from dreamrelation_core.lora import peft_triplet as triplet
@@ -165,6 +166,11 @@ def test_bad_files(tmp_path, lora):
     p = tmp_path / "trunc.safetensors"
     p.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     expect_error(p, "trunc.safetensors", "not a readable safetensors")
+    # NaN / inf weights (written past our own writer, which refuses them)
+    for bad in (float("nan"), float("inf")):
+        p = tmp_path / "nonfinite.safetensors"
+        save_file({**sd, k: torch.full_like(sd[k], bad)}, str(p), metadata=meta)
+        expect_error(p, "nonfinite.safetensors", k.replace("lora_A", "lora_A/B"), "non-finite")
 
 
 def test_reference_bad_files(tmp_path):
@@ -192,20 +198,33 @@ def test_pickle_with_code_is_refused(tmp_path):
     marker = tmp_path / "pwned"
     p = tmp_path / "evil.lora.pt"
     torch.save({"state_dict": {}, "kwargs": _Evil(marker)}, p)
-    expect_error(p, "evil.lora.pt", "weights_only=True")
+    msg = expect_error(p, "evil.lora.pt", "code is never run", "posix.system")
+    assert "weights_only" not in msg  # torch's advice to load it with weights_only=False is not passed on
     assert not marker.exists()
 
 
+def test_code_running_pickles_are_refused_everywhere_without_running(tmp_path):
+    """Training checkpoints and model weights too (LoRA files: the test above)."""
+    from dreamrelation_core.errors import ModelFileError
+    from dreamrelation_core.statedict import read_state_dict
+    from dreamrelation_core.training.trainer import load_checkpoint
+
+    marker = tmp_path / "pwned"
+    p = tmp_path / "checkpoint_000010.pt"
+    torch.save({"format": "dreamrelation.checkpoint", "step": 10, "config": _Evil(marker)}, p)
+    with pytest.raises(TrainingError, match=r"checkpoint_000010\.pt: not a readable training checkpoint .*posix\.system"):
+        load_checkpoint(p)
+    with pytest.raises(ModelFileError, match=r"not a readable weights-only checkpoint for the SAM .*posix\.system") as e:
+        read_state_dict(p, "SAM checkpoint")
+    assert "weights_only" not in str(e.value) and not marker.exists()
+
+
 def test_failed_write_leaves_no_file(tmp_path, lora, monkeypatch):
-    import safetensors.torch
+    from dreamrelation_core.errors import DiskFullError
+    from fixtures.faults import fill_disk
 
-    def broken(tensors, filename, metadata=None):
-        with open(filename, "wb") as f:
-            f.write(b"partial")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(safetensors.torch, "save_file", broken)
-    with pytest.raises(OSError, match="disk full"):
+    fill_disk(monkeypatch, limit=100)  # a disk that is full after 100 bytes of the file
+    with pytest.raises(DiskFullError, match=r"t\.safetensors: not written, the disk is full"):
         formats.save_triplet(tmp_path / "t.safetensors", lora)
     assert list(tmp_path.iterdir()) == []
 

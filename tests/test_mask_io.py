@@ -64,3 +64,34 @@ def test_bad_mask_files_are_explained(tmp_path: Path) -> None:
         mask_io.load_compact_masks(tmp_path / "x.masks.npz")
     with pytest.raises(mask_io.MaskFormatError, match="same shape"):
         mask_io.save_compact_masks(tmp_path / "y.masks.npz", np.zeros((2, 3, 3)), np.zeros((3, 3, 3)))
+
+
+def test_one_mask_rule_thresholds_numbers_at_half_and_refuses_the_rest(tmp_path: Path) -> None:
+    from dreamrelation_core.data.latent_masks import latent_mask
+    from dreamrelation_core.errors import MaskFormatError
+
+    m1, m2 = _masks(7)
+    f1 = np.where(m1, 0.9, 0.4).astype(np.float32)  # 0.4 is background: > 0.5 is the subject
+    path = tmp_path / "soft.masks.npz"
+    np.savez(path, subject1=f1, subject2=m2.astype(np.uint8))
+    r1, r2 = mask_io.load_compact_masks(path)
+    assert r1.dtype == bool and np.array_equal(r1, m1) and np.array_equal(r2, m2)
+    assert np.array_equal(latent_mask(f1, (2, 2)).numpy(), latent_mask(m1, (2, 2)).numpy())  # same rule on the grid
+    for bad, shown in ((np.nan, "nan"), (np.inf, "inf"), (-0.2, "-0.2"), (1.5, "1.5"), (255, "255")):
+        arr = f1.copy() if not isinstance(bad, int) else m2.astype(np.int32)
+        arr[2, 3, 4] = bad
+        p = tmp_path / "bad.masks.npz"
+        np.savez(p, subject1=m1, subject2=arr)
+        with pytest.raises(MaskFormatError, match=rf"bad\.masks\.npz: mask array 'subject2' .* holds {shown}\S* at "
+                                                   r"\[2, 3, 4\]"):
+            mask_io.load_compact_masks(p)
+        with pytest.raises(MaskFormatError, match=rf"holds {shown}"):
+            latent_mask(arr, (2, 2))
+    with pytest.raises(MaskFormatError, match="divide it by 255"):
+        mask_io.as_bool_mask(m1.astype(np.uint8) * 255, "x.masks.npz", "subject1")
+    with pytest.raises(MaskFormatError, match="holds <U1 values"):
+        mask_io.as_bool_mask(np.array(["a"]), "x", "subject1")
+    # saving refuses the same values (never turned into True by a cast)
+    with pytest.raises(MaskFormatError, match="nan"):
+        mask_io.save_masks(tmp_path / "s.masks.npz", np.where(m1, np.nan, 0.0), m2)
+    assert not (tmp_path / "s.masks.npz").exists()

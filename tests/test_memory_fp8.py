@@ -155,3 +155,128 @@ def test_wrong_or_missing_scales_are_caught(tmp_path):
     save_file(orphan, str(tmp_path / "orphan.safetensors"))
     with pytest.raises(ModelFileError, match="extra.scale_weight has no weight"):
         load_transformer(str(tmp_path / "orphan.safetensors"))
+
+
+# ---------------------------------------------------------------------------------------------
+# memory of one fp8 Linear: no output-sized temporaries
+
+
+class _Allocations(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the bytes of every new storage an op returns (in-place results and views are not new)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes: list[tuple[str, int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        seen = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_flatten((args, kwargs))[0]
+                if isinstance(t, torch.Tensor)}
+        for t in torch.utils._pytree.tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
+                self.sizes.append((str(func), t.untyped_storage().nbytes()))
+        return out
+
+
+def test_fp8_linear_forward_backward_allocates_only_output_weight_and_input_grad():
+    """Mochi's feed-forward input projection (ff.net.0.proj: 3072 -> 2 x 8192), with a bias (as
+    the modulation Linears have), at 64 tokens: forward allocates the upcast weight and the output,
+    backward the upcast weight and the input gradient; nothing else bigger than 64 KiB. (Before:
+    `y * scale`, `y + bias` and `grad * scale` each made an output-sized copy.)"""
+    tokens, d_in, d_out = 64, 3072, 2 * 8192
+    g = torch.Generator().manual_seed(0)
+    lin = fp8.FrozenLinear.from_weight(torch.randn(d_out, d_in, generator=g) / d_in**0.5,
+                                       torch.randn(d_out, generator=g), E4M3)
+    x = torch.randn(1, tokens, d_in, generator=g, requires_grad=True)
+    grad_y = torch.randn(1, tokens, d_out, generator=g)
+    weight, out, dx = d_in * d_out * 4, tokens * d_out * 4, tokens * d_in * 4  # fp32 on the CPU
+    fwd, bwd = _Allocations(), _Allocations()
+    with fwd:
+        y = lin(x)
+    with bwd:
+        y.backward(grad_y)
+    big = 64 * 1024
+    assert sorted(n for _, n in fwd.sizes if n > big) == sorted([weight, out]), fwd.sizes
+    assert sorted(n for _, n in bwd.sizes if n > big) == sorted([weight, dx]), bwd.sizes
+    # and the math: the scaled fp8 weight and the bias, exactly as dequantised
+    w = lin.dequantized()
+    assert torch.allclose(y, x.detach() @ w.T + lin.bias, rtol=1e-5, atol=1e-4)
+    assert torch.allclose(x.grad, grad_y @ w, rtol=1e-5, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# loading without a second copy
+
+
+def _model_bytes(model) -> int:
+    storages = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        st = t.untyped_storage()
+        storages[st.data_ptr()] = st.nbytes()
+    return sum(storages.values())
+
+
+def _load_peak(fn):
+    from dreamrelation_core.training.memory.trace import LiveBytes
+
+    counter = LiveBytes(device_type="cpu")
+    with counter:
+        model = fn()
+    return model, counter.peak
+
+
+@torch.no_grad()
+def test_loading_holds_about_one_model(tmp_path):
+    """The genmo loader's peak of live CPU tensors is the model it returns plus one tensor's
+    temporaries: a bf16 file is quantised to fp8 while it is read (before: the whole bf16 model,
+    then fp8 beside it), and the SwiGLU halves are swapped in place (before: a copy of each)."""
+    src = tiny_transformer(num_layers=12, heads=4, head_dim=64, text_hidden=128, seed=4)
+    genmo = {k: v.to(torch.bfloat16).contiguous() for k, v in diffusers_to_genmo(src.state_dict(), "model.diffusion_model.").items()}
+    save_file(genmo, str(tmp_path / "bf16.safetensors"))
+    largest = max(v.numel() for k, v in genmo.items() if k.endswith(".weight") and v.ndim == 2)
+    bf16_model = sum(v.numel() * 2 for v in genmo.values())
+
+    model, peak = _load_peak(lambda: load_transformer(str(tmp_path / "bf16.safetensors"), dtype=torch.bfloat16,
+                                                      linear_dtype=E4M3))
+    final = _model_bytes(model)
+    assert all(m.weight.dtype == E4M3 for _, m in fp8.frozen_linears(model))
+    assert final < 0.6 * bf16_model
+    # the largest weight read in bf16, its fp32 copy and two more fp32 temporaries of the quantisation
+    assert peak <= final + largest * (2 + 3 * 4) + 64 * 1024, (peak, final, largest)
+    # the way it went before (load in bf16, then re-store in fp8) peaks at the bf16 model
+    _, old_peak = _load_peak(lambda: fp8.freeze_linears(load_transformer(str(tmp_path / "bf16.safetensors"),
+                                                                         dtype=torch.bfloat16), E4M3))
+    assert old_peak >= bf16_model > peak
+    # same weights up to fp8 rounding (per tensor of genmo's layout: q, k, v share their fused scale)
+    for name, lin in fp8.frozen_linears(model):
+        ref = src.get_submodule(name).weight.to(torch.bfloat16).float()
+        assert rel(lin.dequantized(), ref) < 0.05, name
+
+    # a scaled fp8 file: the model is the file's tensors; the half swap costs one half, not a copy
+    write_scaled_fp8(src, tmp_path / "fp8.safetensors", scale_input=False)
+    model, peak = _load_peak(lambda: load_transformer(str(tmp_path / "fp8.safetensors"), dtype=torch.bfloat16))
+    rows = sum(v.shape[0] for k, v in genmo.items() if k.endswith(".weight") and v.ndim == 2)
+    # + the scales carried through the key converter: one fp32 value per weight row (a few MB for Mochi)
+    assert peak <= _model_bytes(model) + largest // 2 + 5 * rows + 64 * 1024
+
+
+@torch.no_grad()
+def test_trainer_with_base_dtype_fp8_quantises_a_bf16_file_while_reading(tmp_path):
+    """`base_dtype: fp8` reaches the loader: a bf16 genmo file's Linears arrive in fp8 and the load
+    never holds the whole bf16 model (auto and bf16 still load the file's own precision)."""
+    from dreamrelation_core.training.config import TrainConfig
+    from dreamrelation_core.training.trainer import load_transformer as trainer_load
+
+    src = tiny_transformer(num_layers=4, heads=4, head_dim=64, text_hidden=128, seed=5)
+    genmo = {k: v.to(torch.bfloat16).contiguous() for k, v in diffusers_to_genmo(src.state_dict(), "model.diffusion_model.").items()}
+    path = tmp_path / "mochi_bf16.safetensors"
+    save_file(genmo, str(path))
+    bf16_model = sum(v.numel() * 2 for v in genmo.values())
+
+    model, peak = _load_peak(lambda: trainer_load(TrainConfig(transformer=str(path), base_dtype="fp8"), torch.bfloat16))
+    assert all(m.weight.dtype == E4M3 for _, m in fp8.frozen_linears(model))
+    assert peak < bf16_model, (peak, bf16_model)
+    for base_dtype in ("auto", "bf16"):
+        kept = trainer_load(TrainConfig(transformer=str(path), base_dtype=base_dtype), torch.bfloat16)
+        weights = [t for t in kept.state_dict().values() if t.ndim == 2]
+        assert weights and not any(fp8.is_fp8(t.dtype) for t in weights), base_dtype

@@ -227,3 +227,12 @@ def test_add_to_dataset_node(models_dir: Path, classes) -> None:
     with pytest.raises(DatasetError, match="nearest valid lengths are 7 and 13"):
         run_node(add, **{**args, "images": args["images"][:6], "subject1_mask": args["subject1_mask"][:6],
                          "subject2_mask": args["subject2_mask"][:6]})
+    # the one mask rule: > 0.5 is the subject, NaN / out-of-range values are refused naming the input
+    soft = args["subject1_mask"] * 0.9 + 0.4 * (1 - args["subject1_mask"])  # 0.4 background, 0.9 subject
+    assert "already in the dataset" in run_node(add, **{**args, "subject1_mask": soft}).outputs[1]
+    nan = args["subject2_mask"].clone()
+    nan[3, 5, 7] = float("nan")
+    with pytest.raises(DatasetError, match=r"the subject2_mask input: mask array 'subject2_mask' .* holds nan at "
+                                           r"\[3, 5, 7\]"):
+        run_node(add, **{**args, "subject2_mask": nan, "clip_name": "other"})
+    assert len(list(folder.glob("*.txt"))) == 1

@@ -100,6 +100,21 @@ def test_train_in_worker_reports_what_the_run_did(pack, comfy_dirs, prepared):
         run_train(pack, prepared, resume=False)
 
 
+def test_train_node_reports_a_run_folder_in_use(pack, comfy_dirs, prepared):
+    """Another trainer (here: this process) holds the run folder: the node refuses at once, naming it."""
+    import os
+
+    from dreamrelation_core.errors import TrainingError
+    from dreamrelation_core.training.lock import RunLock
+
+    run = comfy_dirs / "output" / "dreamrelation" / "busy"
+    with RunLock(run):
+        with pytest.raises(TrainingError, match=rf"{run} is in use by another training run \(PID {os.getpid()} on "):
+            run_train(pack, prepared, name="busy")
+        assert [p.name for p in run.iterdir()] == [".dreamrelation.lock"]  # nothing written
+    assert not run.exists()
+
+
 def test_bad_run_name(pack, comfy_dirs, prepared):
     from dreamrelation_core.errors import TrainingError
 

@@ -49,24 +49,35 @@ def options_text(options) -> str:
 
 
 def cmd_memory(args: argparse.Namespace) -> int:
-    from ..training.memory.estimate import estimate, fastest_fitting
+    from ..training.memory.attention import describe_cost
+    from ..training.memory.estimate import MARGIN, estimate, fastest_fitting, host_estimate, latent_shape
     from ..training.memory.setup import MemoryOptions
 
     height, width = args.size
     dims = _dims(args.transformer_config, args.base_model)
     if args.fit is not None:
-        est = fastest_fitting(args.frames, height, width, args.fit, dims, args.rank)
+        est = fastest_fitting(args.frames, height, width, args.fit, dims, args.rank, attention=args.attention)
         if est is None:
-            print(f"no option set fits {args.fit} GiB at {args.frames} frames, {height}x{width}: "
-                  "use fewer frames or a smaller size")
+            print(f"no option set fits {args.fit} GiB at {args.frames} frames, {height}x{width}"
+                  + (" with the math attention kernel" if args.attention == "math" else "")
+                  + ": use fewer frames or a smaller size")
             return 1
-        print(f"fastest option set that fits {args.fit} GiB (peak x 1.05 + 0.6 GiB CUDA context):")
+        print(f"fastest option set that fits {args.fit} GiB (needs {MARGIN.describe()}; "
+              f"modelled step time {est.seconds:.1f} s, see docs/method.md):")
         print(options_text(est.options))
     else:
         opts = MemoryOptions(args.base_dtype, args.blocks_to_swap, args.gradient_checkpointing, args.offload_activations)
-        est = estimate(args.frames, height, width, opts, dims, args.rank)
+        est = estimate(args.frames, height, width, opts, dims, args.rank, args.attention)
     print(est.report())
+    if args.attention != "flash":
+        flash = estimate(args.frames, height, width, est.options, dims, args.rank)
+        print(describe_cost(args.attention, flash.peak_gib, est.peak_gib))
+    shape = dims.latent_shape(args.frames, height, width) if hasattr(dims, "latent_shape") else latent_shape(
+        args.frames, height, width)
+    host = host_estimate(shape, est.options, dims)
+    print(host.report())
     print(f"peak_gib={est.peak_gib:.2f}")
+    print(f"host_gib={host.peak_gib:.2f}")
     return 0
 
 
@@ -74,7 +85,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "memory", help="predict the peak GPU memory of a training step; --fit GIB finds the fastest options that fit",
         description="Analytic peak GPU memory of one training step (validated against a meta-device trace of the "
-                    "real step, see benchmarks/train_memory.py). The last line is peak_gib=<live tensors at the peak>.",
+                    "real step, see benchmarks/train_memory.py), and the host memory (RAM) of the run. The last two lines are "
+                    "peak_gib=<GPU: live tensors at the peak> and host_gib=<RAM at its peak>.",
     )
     p.add_argument("--base-model", default="mochi",
                    choices=("mochi", "wan2.1-1.3b", "wan2.1-14b", "wan2.2-a14b", "wan2.2-5b"),
@@ -87,6 +99,9 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--offload-activations", action="store_true", help="checkpointed block inputs in CPU memory")
     p.add_argument("--fit", type=float, metavar="GIB", help="GPU memory in GiB: print the fastest option set that fits")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
+    p.add_argument("--attention", choices=("flash", "efficient", "math"), default="flash",
+                   help="the GPU's attention kernel: flash/efficient (Ampere or newer), math (older GPUs with bf16: "
+                        "S x S score matrices)")
     p.add_argument("--transformer-config", help="a diffusers transformer config.json (or its folder) of the --base-model "
                    "family; default: the released model's")
     p.set_defaults(func=cmd_memory)

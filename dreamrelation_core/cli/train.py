@@ -20,51 +20,69 @@ def cmd_train(args: argparse.Namespace) -> int:
         from ..training.worker import run_worker
 
         return run_worker(args.config, output_dir=args.output_dir, resume=args.resume, overwrite=args.overwrite,
-                          control=args.control, overrides=_memory_flags(args))
-    from ..training.allocator import apply_allocator_environment
-
-    apply_allocator_environment()  # the native allocator with expandable segments, before CUDA starts
+                          control=args.control, overrides=_memory_flags(args), remove_config=args.remove_config)
     from ..training.config import TrainConfig
-    from ..training.fallback import execute_with_fallback
-    from ..training.runs import plan_run
 
     config = TrainConfig.load_yaml(args.config)
     if args.output_dir:
         config.output_dir = args.output_dir
     _memory_overrides(config, args)
-    from ..training.worker import StopRequest
-
-    plan = plan_run(config, resume=args.resume, overwrite=args.overwrite)
-    print(plan.report())
-    stop = StopRequest()  # Ctrl+C: checkpoint at the current step, then exit (twice: at once)
-    stop.parent_pid = None
-    restore = stop.install_signal_handlers()
-    bar, update = training_bar(plan.config.num_steps, plan.step) if args.progress == "bar" else (None, None)
-
-    def say(text: str) -> None:
-        (bar.write if bar is not None else print)(text)
-
-    try:
-        return _report(execute_with_fallback(plan, progress=update, should_cancel=stop,
-                                             on_memory=lambda choice: say(choice.summary()),
-                                             on_retry=lambda message, _options: say(message)))
-    finally:
-        stop.finished.set()  # the checkpoint is written: a console-close handler may let the process end
-        restore()
-        if bar is not None:
-            bar.close()
+    return _run(config, resume=args.resume, overwrite=args.overwrite, progress=args.progress)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from ..training.trainer import Trainer
+    """`resume DIR`: the run's saved settings, then exactly what `train --resume` does."""
+    from ..training.runs import saved_config
 
-    trainer = Trainer.resume(args.run_dir, checkpoint=args.checkpoint)
-    print(trainer.memory.summary())
-    bar, update = training_bar(trainer.config.num_steps, trainer.step)
+    config = saved_config(args.run_dir, args.checkpoint)
+    return _run(config, resume=True, overwrite=False, progress=args.progress, checkpoint=args.checkpoint)
+
+
+def _run(config, resume: bool, overwrite: bool, progress: str, checkpoint: str | None = None) -> int:
+    """The one path of `train` and `resume`: the run folder's lock, the plan's report, the memory
+    fallback, Ctrl+C / SIGTERM -> a checkpoint at the current step (twice: at once), history.json,
+    the result."""
+    from ..training.allocator import apply_allocator_environment
+
+    apply_allocator_environment()  # the native allocator with expandable segments, before CUDA starts
+    from ..training.fallback import execute_with_fallback
+    from ..training.runs import run_training
+    from ..training.worker import StopRequest
+
+    stop = StopRequest()
+    stop.parent_pid = None  # a terminal user: only signals stop the run
+    restore = stop.install_signal_handlers()
+    bar: list = []
+
+    def say(text: str) -> None:
+        (bar[0].write if bar else print)(text)
+
+    def on_plan(plan) -> None:
+        print(plan.report(), flush=True)
+        if progress == "bar":
+            bar.extend(training_bar(plan.config.num_steps, plan.step))
+
+    def update(info) -> None:
+        if bar:
+            bar[1](info)
+
+    def executor(plan, **kw):
+        return execute_with_fallback(plan, on_memory=lambda choice: say(choice.summary()),
+                                     on_retry=lambda message, _options: say(message), **kw)
+
     try:
-        return _report(trainer.train(progress=update))
+        _, result = run_training(config, resume, overwrite, checkpoint=checkpoint, on_plan=on_plan,
+                                 progress=update, should_cancel=stop, executor=executor)
     finally:
-        bar.close()
+        stop.finished.set()  # the checkpoint is written: a console-close handler may let the process end
+        restore()
+        if bar:
+            bar[0].close()
+    if result.status == "cancelled":
+        print(f"stopped ({stop.reason}): " + (f"checkpoint {result.checkpoint.name} written at step {result.step}; "
+                                              "run the same command again to continue"
+                                              if result.checkpoint else "before the first step, nothing written"))
+    return _report(result)
 
 
 def _memory_flags(args: argparse.Namespace) -> dict:
@@ -111,6 +129,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--progress", choices=("bar", "jsonl", "none"), default="bar",
                    help="bar: a progress bar; jsonl: one JSON event per line on stdout (worker mode, see "
                         "dreamrelation_core/training/worker.py); none: quiet")
+    p.add_argument("--remove-config", action="store_true",
+                   help="delete the config file once read (worker_client hands the worker a temporary one)")
     p.add_argument("--control", choices=("none", "stdin"), default="none",
                    help="stdin: read `cancel` lines on stdin (checkpoint at the current step, then exit) and stop "
                         "the same way when stdin closes (the parent is gone); used by worker_client")
@@ -118,4 +138,5 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("resume", help="continue an interrupted run from its last checkpoint")
     p.add_argument("run_dir", help="the run's output folder (holds config.yaml and checkpoints/)")
     p.add_argument("--checkpoint", help="a specific checkpoint_<step>.pt instead of the last one")
+    p.add_argument("--progress", choices=("bar", "none"), default="bar", help="bar: a progress bar; none: quiet")
     p.set_defaults(func=cmd_resume)

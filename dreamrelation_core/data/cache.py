@@ -25,7 +25,7 @@ import torch
 from ..base_models import get_spec
 from ..basemodel import BaseModelSpec
 from ..errors import DatasetError
-from ..fileio import atomic_path, save_safetensors
+from ..fileio import remove_stale_temps, save_safetensors, write_text
 from .dataset import VideoEntry, describe_dataset, load_entry_masks
 from .encode import encode_captions, encode_frames
 from .latent_masks import latent_grid, latent_mask
@@ -173,8 +173,7 @@ def _up_to_date(path: Path, fingerprint: str) -> bool:
 
 
 def _json_write(path: Path, obj) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2), encoding="utf-8")
+    write_text(path, json.dumps(obj, indent=2))
 
 
 @dataclass
@@ -252,6 +251,8 @@ def prepare_dataset(
     entries, size = described.entries, described.size
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
+    # Temporary files of a prepare that was killed mid-write (an hour old: not one running now).
+    remove_stale_temps(cache_dir, older_than_s=3600)
     settings = {"num_frames": num_frames, "size": list(size), "max_text_len": max_text_len}
     tags = encoders.tags
     out = [cache_dir / f"{entry.name}.safetensors" for entry in entries]

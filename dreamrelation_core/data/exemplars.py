@@ -100,7 +100,8 @@ def check_exemplar(frames: np.ndarray, subject1: np.ndarray, subject2: np.ndarra
 def content_hash(frames: np.ndarray, subject1: np.ndarray, subject2: np.ndarray, caption: str) -> str:
     """sha256 of the frames, both masks and the caption (shapes included, so no two layouts collide)."""
     h = hashlib.sha256()
-    for a in (frames, np.asarray(subject1, bool), np.asarray(subject2, bool)):
+    for a in (frames, mask_io.as_bool_mask(subject1, "subject1_mask", "subject1"),
+              mask_io.as_bool_mask(subject2, "subject2_mask", "subject2")):
         h.update(f"{a.dtype}{a.shape}|".encode())
         h.update(np.ascontiguousarray(a).tobytes())
     h.update(caption.encode("utf-8"))
@@ -149,7 +150,8 @@ def add_exemplar(folder: str | os.PathLike, name: str | None, frames: np.ndarray
     used by other content. The same content added again is found (by hash) and not written twice.
     """
     frames = np.asarray(frames)
-    subject1, subject2 = np.asarray(subject1, bool), np.asarray(subject2, bool)
+    subject1 = mask_io.as_bool_mask(subject1, "subject1_mask", "subject1")
+    subject2 = mask_io.as_bool_mask(subject2, "subject2_mask", "subject2")
     text = check_exemplar(frames, subject1, subject2, caption)
     digest = content_hash(frames, subject1, subject2, text)
     name = check_name(name) if name and name.strip() else f"clip_{digest[:10]}"

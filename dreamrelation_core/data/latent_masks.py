@@ -20,7 +20,8 @@ latent grid of the training size (`latent_mask(cropped, grid=(H // 8, W // 8))`)
 reference does. Resizing it to the training size first and marking after loses the cells of thin
 subjects that fall between the resize's samples (3-5 % of the cells on 1920x1080 masks).
 
-A source pixel is "positive" when its value is > 0.5 (bool masks, or float masks in [0, 1]).
+A source pixel is "positive" by the one mask rule (`mask_files.as_bool_mask`): bool masks as they
+are, finite numbers in [0, 1] where > 0.5; other values are refused.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch
 
 from ..base_models import get_spec
 from ..basemodel import BaseModelSpec
+from .mask_files import as_bool_mask
 
 
 def _row_groups(n_src: int, n_dst: int) -> np.ndarray:
@@ -60,7 +62,7 @@ def _as_bool_stack(mask: torch.Tensor | np.ndarray) -> np.ndarray:
     mask = np.asarray(mask)
     if mask.ndim != 3:
         raise ValueError(f"expected per-frame masks of shape [F, H, W], got shape {tuple(mask.shape)}")
-    return mask if mask.dtype == bool else mask > 0.5
+    return as_bool_mask(mask, "latent mask")
 
 
 def latent_grid(size: tuple[int, int], spec: BaseModelSpec | None = None) -> tuple[int, int]:

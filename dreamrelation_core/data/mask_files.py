@@ -8,12 +8,19 @@ subject 1's colour is written, so overlaps are lost in this layout.
 
 Compact layout (ours): one `<name>.masks.npz` holding two boolean arrays `subject1` and
 `subject2` of shape [F, H, W]; exact, overlaps kept. Loaded with `allow_pickle=False`.
+
+One rule turns any mask array into booleans, everywhere (files, the latent masks, the nodes):
+`as_bool_mask` - boolean arrays as they are, numbers that are finite and in [0, 1] thresholded at
+0.5 (> 0.5 is the subject); anything else (NaN, inf, -1, 255, text) is refused naming the file,
+the array and the offending value.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import MaskExtractionError, MaskFormatError
-from ..fileio import atomic_path
+from ..fileio import atomic_file, disk_full_error, is_disk_full
 
 # A subject whose mask is empty on more than this share of the frames is "missing": mask extraction
 # fails, saving refuses to replace better masks with such masks, the dataset refuses the clip.
@@ -29,6 +36,32 @@ MOSTLY_EMPTY = 0.5
 SUBJECT_COLOURS: tuple[tuple[int, int, int], tuple[int, int, int]] = ((102, 221, 225), (179, 62, 234))
 COMPACT_SUFFIX = ".masks.npz"
 _FRAME_RE = re.compile(r"^frame(\d+)\.png$", re.IGNORECASE)
+
+
+MASK_THRESHOLD = 0.5
+
+
+def as_bool_mask(array, where: str, name: str = "mask") -> np.ndarray:
+    """The one mask rule (module docstring): bool as is; finite numbers in [0, 1] -> value > 0.5.
+    Raises MaskFormatError naming `where` (file / input), the array `name` and the first bad value."""
+    a = np.asarray(array)
+    if a.dtype == bool:
+        return a
+    if not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)):
+        raise MaskFormatError(f"{where}: mask array {name!r} holds {a.dtype} values; expected booleans, or numbers "
+                              "in [0, 1]")
+    if a.size:
+        bad = ~np.isfinite(a) | (a < 0) | (a > 1) if np.issubdtype(a.dtype, np.floating) else (a < 0) | (a > 1)
+        if bad.any():
+            idx = tuple(int(i) for i in np.argwhere(bad)[0])
+            value = a[idx].item()
+            hint = " (a 0-255 mask? divide it by 255)" if np.isfinite(value) and value > 1 and a.max() <= 255 else ""
+            raise MaskFormatError(
+                f"{where}: mask array {name!r} ({a.dtype}, shape {tuple(a.shape)}) holds {value!r} at {list(idx)} "
+                f"({int(bad.sum())} such value(s)); masks are booleans, or finite numbers in [0, 1] read as the "
+                f"subject where > {MASK_THRESHOLD}{hint}"
+            )
+    return a > MASK_THRESHOLD
 
 
 def _check_stacks(m1: np.ndarray, m2: np.ndarray, where: str) -> None:
@@ -90,19 +123,33 @@ def load_reference_masks(folder: str | os.PathLike) -> tuple[np.ndarray, np.ndar
 
 
 def save_reference_masks(folder: str | os.PathLike, subject1: np.ndarray, subject2: np.ndarray) -> Path:
-    """Write `frame{i}.png` (i from 0) into `folder`; overlaps get subject 1's colour."""
-    subject1, subject2 = np.asarray(subject1, bool), np.asarray(subject2, bool)
+    """Write `frame{i}.png` (i from 0) into `folder`; overlaps get subject 1's colour.
+
+    The new frames are written into a temporary folder beside it first and moved in only when all
+    are written: a failed write (a full disk: DiskFullError) leaves the old frames as they were."""
+    subject1, subject2 = as_bool_mask(subject1, str(folder), "subject1"), as_bool_mask(subject2, str(folder), "subject2")
     _check_stacks(subject1, subject2, str(folder))
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    for old in folder.glob("frame*.png"):
-        if _FRAME_RE.match(old.name):
-            old.unlink()
-    for i in range(subject1.shape[0]):
-        rgb = np.zeros(subject1.shape[1:] + (3,), np.uint8)
-        rgb[subject2[i]] = SUBJECT_COLOURS[1]
-        rgb[subject1[i]] = SUBJECT_COLOURS[0]
-        Image.fromarray(rgb).save(folder / f"frame{i}.png")
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".partial", dir=folder.parent))
+    try:
+        for i in range(subject1.shape[0]):
+            rgb = np.zeros(subject1.shape[1:] + (3,), np.uint8)
+            rgb[subject2[i]] = SUBJECT_COLOURS[1]
+            rgb[subject1[i]] = SUBJECT_COLOURS[0]
+            Image.fromarray(rgb).save(staging / f"frame{i}.png")
+        for old in folder.glob("frame*.png"):
+            if _FRAME_RE.match(old.name):
+                old.unlink()
+        for new in staging.iterdir():
+            os.replace(new, folder / new.name)
+    except OSError as e:
+        if is_disk_full(e):
+            written = sum(p.stat().st_size for p in staging.iterdir())
+            raise disk_full_error(folder, None, written) from e
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return folder
 
 
@@ -119,16 +166,15 @@ def load_compact_masks(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]
     except Exception as e:  # zip/npy corruption, pickled objects
         raise MaskFormatError(f"{path}: not a readable mask file ({type(e).__name__}: {e})") from e
     _check_stacks(m1, m2, str(path))
-    return m1.astype(bool), m2.astype(bool)
+    return as_bool_mask(m1, str(path), "subject1"), as_bool_mask(m2, str(path), "subject2")
 
 
 def save_compact_masks(path: str | os.PathLike, subject1: np.ndarray, subject2: np.ndarray) -> Path:
-    """Write `<name>.masks.npz` atomically (temp file, then rename)."""
-    subject1, subject2 = np.asarray(subject1, bool), np.asarray(subject2, bool)
+    """Write `<name>.masks.npz` atomically (temp file, then rename; a full disk: DiskFullError)."""
+    subject1, subject2 = as_bool_mask(subject1, str(path), "subject1"), as_bool_mask(subject2, str(path), "subject2")
     _check_stacks(subject1, subject2, str(path))
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez_compressed(f, subject1=subject1, subject2=subject2)
+    with atomic_file(path, subject1.nbytes + subject2.nbytes) as f:  # hint: at most, uncompressed
+        np.savez_compressed(f, subject1=subject1, subject2=subject2)
     return Path(path)
 
 
@@ -220,7 +266,7 @@ def save_masks(path: str | os.PathLike, subject1: np.ndarray, subject2: np.ndarr
       (MaskExtractionError saying how many frames each covers).
     """
     path = Path(path)
-    subject1, subject2 = np.asarray(subject1, bool), np.asarray(subject2, bool)
+    subject1, subject2 = as_bool_mask(subject1, str(path), "subject1"), as_bool_mask(subject2, str(path), "subject2")
     _check_stacks(subject1, subject2, str(path))
     new = mask_coverage(subject1, subject2)
     empty = [c for c in new if c.all_empty]

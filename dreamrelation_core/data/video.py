@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from ..base_models import get_spec
 from ..basemodel import BaseModelSpec
 from ..errors import VideoError
+from .mask_files import as_bool_mask
 
 STREAM_SUFFIXES = (".mp4", ".webm", ".mkv", ".mov")
 GIF_SUFFIXES = (".gif",)
@@ -263,7 +264,7 @@ def crop_masks(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The first num_frames of bool [F, H0, W0] masks, centre-cropped to size's aspect ratio exactly
     as fit_clip crops the frames, at the source resolution (no resize)."""
-    m1, m2 = (np.asarray(m, bool) for m in masks)
+    m1, m2 = (as_bool_mask(m, source, f"subject{k}") for k, m in enumerate(masks, 1))
     if m1.ndim != 3 or m1.shape != m2.shape:
         raise VideoError(f"{source}: subject masks have shapes {m1.shape} and {m2.shape}, expected two [F, H, W]")
     if m1.shape[0] < num_frames:

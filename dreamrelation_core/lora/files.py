@@ -28,8 +28,10 @@ from typing import Any
 import torch
 
 from ..base_models import all_specs, get_spec
+from ..dtypes import to_dtype_checked
 from ..errors import LoraFormatError
 from ..fileio import save_safetensors
+from ..statedict import torch_load_reason
 from . import genmo
 from .layout import (
     ADAPTER_MODULES,
@@ -62,12 +64,18 @@ _REF_MODULES = {
 # writing
 
 
-def lora_state_dict(lora: LoraSet, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+def lora_state_dict(lora: LoraSet, dtype: torch.dtype = torch.float32, source: str = "LoRA") -> dict[str, torch.Tensor]:
+    """Our keys -> tensors in `dtype`; a value the dtype cannot hold (or a non-finite one) is a
+    LoraFormatError naming the tensor."""
     sd = {}
     for adapter, mods in lora.weights.items():
         for path, (a, b) in mods.items():
-            sd[f"{path}.lora_A.{adapter}.weight"] = a.detach().to("cpu", dtype).contiguous()
-            sd[f"{path}.lora_B.{adapter}.weight"] = b.detach().to("cpu", dtype).contiguous()
+            for ab, t in (("A", a), ("B", b)):
+                key = f"{path}.lora_{ab}.{adapter}.weight"
+                try:
+                    sd[key] = to_dtype_checked(t.detach().to("cpu"), dtype, f"{source}: {key}").contiguous()
+                except ValueError as e:
+                    raise LoraFormatError(str(e)) from None
     return sd
 
 
@@ -97,7 +105,7 @@ def save_triplet(
     missing = [a for a in ADAPTERS if a not in lora.adapters]
     if missing:
         raise LoraFormatError(f"{path}: a triplet file needs all four adapters; missing {missing}")
-    return save_safetensors(Path(path), lora_state_dict(lora, dtype), _metadata(lora, FORMAT_TRIPLET, step, config))
+    return save_safetensors(Path(path), lora_state_dict(lora, dtype, str(path)), _metadata(lora, FORMAT_TRIPLET, step, config))
 
 
 def save_relation_only(
@@ -108,7 +116,7 @@ def save_relation_only(
     rel = lora.only(INFERENCE_ADAPTERS)
     if "relation" not in rel.adapters:
         raise LoraFormatError(f"{path}: nothing to export, the LoRA has no 'relation' adapter")
-    return save_safetensors(Path(path), lora_state_dict(rel, dtype), _metadata(rel, FORMAT_RELATION, step, config))
+    return save_safetensors(Path(path), lora_state_dict(rel, dtype, str(path)), _metadata(rel, FORMAT_RELATION, step, config))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,8 +140,8 @@ def _read_torch(path: Path) -> Any:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # includes pickles that reference code: weights_only refuses them
         raise LoraFormatError(
-            f"{path}: cannot be read as plain tensors with weights_only=True ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}); only tensor checkpoints are accepted, code is never run"
+            f"{path}: cannot be read as plain tensors ({torch_load_reason(e)}); only tensor checkpoints are "
+            "accepted, code is never run"
         ) from e
 
 
@@ -161,10 +169,15 @@ def load_lora_file(path: str | os.PathLike) -> LoraSet:
     fmt = meta.get("format", "")
     if fmt in (FORMAT_TRIPLET, FORMAT_RELATION):
         return _parse_ours(path, sd, meta)
+    # Before the reference check: genmo's `blocks.N.attn.proj_x.lora_A.weight` also fits the
+    # reference key pattern, and our ComfyUI export (format dreamrelation.comfy) is genmo keys.
+    if "kwargs" not in meta and genmo.is_genmo_lora(sd.keys()):
+        lora = genmo.genmo_to_lora_set(sd, source=str(path))
+        if fmt == genmo.FORMAT_COMFY:
+            lora.metadata["written_as"] = fmt
+        return lora
     if "kwargs" in meta or any(_REF_KEY_RE.match(k) for k in sd):
         return _parse_reference(path, sd, _json_meta(path, meta, "kwargs") if "kwargs" in meta else None)
-    if genmo.is_genmo_lora(sd.keys()):
-        return genmo.genmo_to_lora_set(sd, source=str(path))
     first = next(iter(sd), None)
     raise LoraFormatError(
         f"{path}: not a DreamRelation / Mochi LoRA file (metadata format={fmt or 'none'}; first key "

@@ -27,6 +27,7 @@ from typing import NamedTuple
 
 import torch
 
+from ..dtypes import to_dtype_checked
 from ..errors import LoraFormatError
 from ..fileio import save_safetensors
 from ..statedict import indices
@@ -144,14 +145,18 @@ def fused_loras(
 
 def comfy_state_dict(
     lora: LoraSet, *, adapters: Iterable[str] = INFERENCE_ADAPTERS, dtype: torch.dtype = torch.float32,
-    source: str = "LoRA",
+    source: str = "LoRA", target: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """Genmo-key LoRA state dict (`blocks.i.attn.qkv_x.lora_A.weight` / `.lora_B.weight` /
-    `.alpha`) that ComfyUI's stock LoRA loader applies to its Mochi."""
+    `.alpha`) that ComfyUI's stock LoRA loader applies to its Mochi. A value `dtype` cannot hold
+    is a LoraFormatError naming `target` (the file being written) and the tensor."""
     sd = {}
     for stem, f in fused_loras(lora, adapters, source).items():
-        sd[f"{stem}.lora_A.weight"] = f.down.to(dtype).contiguous()
-        sd[f"{stem}.lora_B.weight"] = f.up.to(dtype).contiguous()
+        for key, t in ((f"{stem}.lora_A.weight", f.down), (f"{stem}.lora_B.weight", f.up)):
+            try:
+                sd[key] = to_dtype_checked(t, dtype, f"{target or source}: {key}").contiguous()
+            except ValueError as e:
+                raise LoraFormatError(str(e)) from None
         # alpha = rank: ComfyUI multiplies by alpha / rank = 1; the scale is already in B.
         sd[f"{stem}.alpha"] = torch.tensor(float(f.rank))
     if not sd:
@@ -192,7 +197,7 @@ def save_comfy_lora(
     """Write relation + ffn of `lora` as a stock genmo-key Mochi LoRA (safetensors, atomic: a
     failure leaves no file)."""
     source = source or lora.metadata.get("source", "LoRA")
-    sd = comfy_state_dict(lora, dtype=dtype, source=source)
+    sd = comfy_state_dict(lora, dtype=dtype, source=source, target=str(path))
     kept = [a for a in INFERENCE_ADAPTERS if a in lora.weights]
     meta = {
         "format": FORMAT_COMFY,

@@ -2,7 +2,7 @@
 
 diffusers ships a one-way converter that hard-codes 48 blocks and empties its input; these two
 functions go both ways for any number of blocks (tiny test models included) and leave the input
-alone. Layout facts (docs/method.md "Base model"):
+alone (unless a loader asks to swap halves in place in its own copy). Layout facts (docs/method.md "Base model"):
 - `qkv_x` / `qkv_y` are q, k, v stacked on rows; diffusers keeps them as separate modules;
 - `proj_x -> to_out.0`, `proj_y -> to_add_out` (absent in the last block, which does not update text);
 - the SwiGLU input `mlp_*.w1` holds (gate, proj) halves in the opposite order to diffusers'
@@ -82,9 +82,14 @@ def _fused(i: int) -> dict[str, tuple[str, str, str]]:
     }
 
 
-def _swap_halves(t: torch.Tensor) -> torch.Tensor:
+def _swap_halves(t: torch.Tensor, in_place: bool = False) -> torch.Tensor:
     a, b = t.chunk(2, dim=0)
-    return torch.cat([b, a], dim=0)
+    if not in_place:
+        return torch.cat([b, a], dim=0)
+    first = a.clone()  # one half as a temporary instead of a second whole tensor
+    a.copy_(b)
+    b.copy_(first)
+    return t
 
 
 def _half_swapped(genmo_key: str) -> bool:
@@ -110,8 +115,12 @@ def _key_map(n: int) -> dict[str, str]:
     return m
 
 
-def genmo_to_diffusers(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """genmo / ComfyUI Mochi DiT weights -> diffusers `MochiTransformer3DModel` state dict."""
+def genmo_to_diffusers(state_dict: Mapping[str, torch.Tensor], in_place: bool = False) -> dict[str, torch.Tensor]:
+    """genmo / ComfyUI Mochi DiT weights -> diffusers `MochiTransformer3DModel` state dict.
+
+    The result shares the input's tensors (q, k, v are row views of the fused qkv). `in_place`:
+    the half-swapped tensors are swapped inside the input's tensor (a loader's own copy) instead of
+    copied, which changes the input."""
     sd = strip_prefix(state_dict)
     n = count_indexed(sd, "blocks.", "genmo Mochi weights")
     if n == 0:
@@ -119,7 +128,7 @@ def genmo_to_diffusers(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torc
     out: dict[str, torch.Tensor] = {}
     for g, d in _key_map(n).items():
         t = take(sd, g, "genmo Mochi weights")
-        out[d] = _swap_halves(t) if _half_swapped(g) else t
+        out[d] = _swap_halves(t, in_place) if _half_swapped(g) else t
     for i in range(n):
         for g, (q, k, v) in _fused(i).items():
             t = take(sd, g, "genmo Mochi weights")

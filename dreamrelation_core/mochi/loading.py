@@ -34,6 +34,7 @@ google/t5-v1_1-xxl).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -75,6 +76,50 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise ModelFileError(f"{path}: not a readable .safetensors file ({type(e).__name__}: {e})") from e
 
 
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+    "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+def read_safetensors(
+    path: Path, keep: Callable[[str, torch.Tensor], dict[str, torch.Tensor]] | None = None,
+) -> dict[str, torch.Tensor]:
+    """A .safetensors file read tensor by tensor into memory of its own (plain reads, no memory
+    map: the file's pages stay in the OS page cache, outside this process), each passed through
+    `keep(key, tensor) -> {key: tensor}` before the next is read, so a conversion (e.g. fp8
+    quantisation) never holds the whole file in its source form. Format: 8-byte little-endian
+    header length, a JSON header {key: {dtype, shape, data_offsets}}, then the data."""
+    import json
+    import math
+    import struct
+
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+            header.pop("__metadata__", None)
+            out: dict[str, torch.Tensor] = {}
+            for key, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+                dtype = _ST_DTYPES[info["dtype"]]
+                start, end = info["data_offsets"]
+                t = torch.empty(info["shape"], dtype=dtype)
+                nbytes = math.prod(info["shape"]) * t.element_size()
+                if end - start != nbytes:
+                    raise ValueError(f"{key}: {end - start} bytes for {info['dtype']} {info['shape']} ({nbytes} expected)")
+                if nbytes:
+                    f.seek(8 + n + start)
+                    got = f.readinto(t.reshape(-1).view(torch.uint8).numpy())
+                    if got != nbytes:
+                        raise ValueError(f"{key}: file ends after {got} of its {nbytes} bytes")
+                out.update(keep(key, t) if keep is not None else {key: t})
+                del t
+            return out
+    except (OSError, ValueError, KeyError, struct.error) as e:  # truncated or corrupt header or data
+        raise ModelFileError(f"{path}: not a readable .safetensors file ({type(e).__name__}: {e})") from e
+
+
 # ---------------------------------------------------------------- transformer
 
 def config_from_diffusers_state_dict(sd: dict[str, torch.Tensor]) -> dict:
@@ -94,27 +139,45 @@ def config_from_diffusers_state_dict(sd: dict[str, torch.Tensor]) -> dict:
     )
 
 
-def load_genmo_file(path: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+def load_genmo_file(
+    path: str | Path, dtype: torch.dtype = torch.float32, linear_dtype: torch.dtype | None = None,
+) -> torch.nn.Module:
     """A genmo / ComfyUI Mochi DiT `.safetensors` -> diffusers MochiTransformer3DModel.
 
     Scaled fp8 files (ComfyUI's `mochi_preview_fp8_scaled.safetensors`) keep their fp8 Linear
-    weights with their scales (as `fp8.FrozenLinear`); every other tensor is cast to `dtype`."""
-    from accelerate import init_empty_weights
+    weights with their scales (as `fp8.FrozenLinear`); every other tensor is cast to `dtype`.
+    `linear_dtype` fp8: a bf16/fp32 file's Linear weights are quantised (one scale per tensor) as
+    each is read, so the file's full-precision weights are never all in memory at once.
+
+    Memory: the file is read tensor by tensor into the process's own memory (`read_safetensors`);
+    the SwiGLU weights whose row halves genmo stores the other way round are swapped in place;
+    the model takes the tensors as they are (no copy): peak about the model's size."""
     from diffusers import MochiTransformer3DModel
 
     from . import fp8
 
     path = Path(path)
-    raw = _load_safetensors(path)
+    quantise = linear_dtype is not None and fp8.is_fp8(linear_dtype)
+
+    def keep(key: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each tensor as the model will hold it, before the next is read."""
+        if fp8.is_fp8(t.dtype) or not t.is_floating_point() or key.rsplit(".", 1)[-1] in fp8.SCALE_KEYS:
+            return {key: t}  # fp8 weights, the marker and the scales: as stored (split_scales reads them)
+        if quantise and t.ndim == 2 and key.endswith(".weight"):
+            q, scale = fp8.quantize_fp8(t, linear_dtype)  # genmo's fused qkv: one scale for q, k, v
+            return {key: q, key[: -len("weight")] + "scale_weight": scale}
+        return {key: t.to(dtype)}
+
+    raw = read_safetensors(path, keep)
     raw, scales, _ = fp8.split_scales(raw, str(path))  # fp8 marker and scale keys out of the way
     try:
-        sd = dit_keys.genmo_to_diffusers(raw)
+        sd = dit_keys.genmo_to_diffusers(raw, in_place=True)  # our own tensors: swap halves in place
         module_scales = fp8.convert_scales(raw, scales, dit_keys.genmo_to_diffusers) if scales else {}
     except KeyLayoutError as e:
         raise ModelFileError(f"{path}: not a Mochi DiT in genmo/ComfyUI key layout: {e}") from e
     del raw
     config = config_from_diffusers_state_dict(sd)
-    with init_empty_weights():
+    with torch.device("meta"):  # not accelerate's init_empty_weights: it makes each weight on the CPU first
         model = MochiTransformer3DModel(**config)
     expected = model.state_dict()
     for k, t in sd.items():
@@ -146,8 +209,10 @@ def _looks_genmo(path: Path) -> bool:
         return False
 
 
-def load_transformer(source: str, config_dir: str = "", dtype: torch.dtype = torch.float32, seed: int = 0, tiny: dict | None = None):
-    """Frozen base model from `source` (see module docstring)."""
+def load_transformer(source: str, config_dir: str = "", dtype: torch.dtype = torch.float32, seed: int = 0,
+                     tiny: dict | None = None, linear_dtype: torch.dtype | None = None):
+    """Frozen base model from `source` (see module docstring). `linear_dtype` fp8: a genmo/ComfyUI
+    file's Linear weights quantised while loading (other sources: later, by `fp8.freeze_linears`)."""
     from diffusers import MochiTransformer3DModel
 
     if source == "tiny":
@@ -160,7 +225,7 @@ def load_transformer(source: str, config_dir: str = "", dtype: torch.dtype = tor
         return MochiTransformer3DModel.from_pretrained(str(path), local_files_only=True, torch_dtype=dtype)
     if path.is_file():
         if path.suffix == ".safetensors" and _looks_genmo(path):
-            return load_genmo_file(path, dtype)
+            return load_genmo_file(path, dtype, linear_dtype)
         if not config_dir or not Path(config_dir).is_dir():
             raise ModelFileNotFoundError(
                 f"{path}: a diffusers single-file Mochi needs `transformer_config`, a local folder with the "

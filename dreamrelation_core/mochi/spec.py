@@ -97,10 +97,10 @@ class MochiSpec(BaseModelSpec):
         return any(".attn.qkv_x." in k or k.startswith("transformer_blocks.") and ".attn1.add_q_proj" in k for k in keys)
 
     def load_transformer(self, source: str, config_dir: str = "", dtype: torch.dtype = torch.float32, seed: int = 0,
-                         tiny: dict | None = None) -> torch.nn.Module:
+                         tiny: dict | None = None, linear_dtype: torch.dtype | None = None) -> torch.nn.Module:
         from .loading import load_transformer
 
-        return load_transformer(source, config_dir, dtype, seed, tiny)
+        return load_transformer(source, config_dir, dtype, seed, tiny, linear_dtype)
 
     def load_vae(self, path, config_dir=None, dtype: torch.dtype = torch.float32, device="cpu") -> torch.nn.Module:
         from .loading import load_vae

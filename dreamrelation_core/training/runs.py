@@ -12,6 +12,15 @@ model is loaded:
 - a run that already reached num_steps: "already finished at step N" with its LoRA files, and
   nothing is trained.
 
+The newest checkpoint that cannot be read (truncated, garbage) is skipped: the plan walks back to
+the newest readable one, says which file it skipped, and `execute` keeps the skipped file aside
+as `<name>.broken` (renamed, never deleted). `overwrite` never reads the old checkpoints. Files in
+`checkpoints/` with other names are ignored, with a note.
+
+`run_training(config, ...)` is the one way the CLI (`train`, `train --resume`, `resume`) and the
+worker run a request: under the run folder's lock (training.lock) it removes temporary files of
+killed writes, plans, reports the plan, and executes it.
+
 `execute(plan)` carries it out. A run that fails (or is cancelled) before its first checkpoint
 leaves nothing behind: what it created in the run folder is removed again.
 
@@ -36,9 +45,11 @@ from typing import Any
 import torch
 
 from ..errors import TrainingError
-from ..fileio import atomic_path
+from ..fileio import human_size, remove_stale_temps, write_text
 from .config import TrainConfig
+from .lock import RunLock, holds_lock
 from .trainer import (
+    BROKEN_SUFFIX,
     CHECKPOINT_DIR,
     CONFIG_FILE,
     RELATION_FILE,
@@ -47,8 +58,10 @@ from .trainer import (
     StepInfo,
     Trainer,
     TrainResult,
+    checkpoint_step,
     list_checkpoints,
     load_checkpoint,
+    unexpected_files,
 )
 
 log = logging.getLogger("dreamrelation")
@@ -100,6 +113,7 @@ class RunPlan:
     notes: list[str] = field(default_factory=list)
     overwrite: bool = False  # a new run replacing an existing one
     history: list[dict[str, Any]] = field(default_factory=list)  # the saved run's (finished runs)
+    skipped: list[Path] = field(default_factory=list)  # newer unreadable checkpoints, set aside by execute
 
     def report(self) -> str:
         return " ".join(self.notes)
@@ -175,15 +189,61 @@ def _saved_state(ckpt: Path) -> dict[str, Any]:
         state = load_checkpoint(ckpt)  # raises a TrainingError naming the file
     if not isinstance(state, dict) or state.get("format") != "dreamrelation.checkpoint":
         raise TrainingError(f"{ckpt}: not a DreamRelation training checkpoint")
-    return {"config": state["config"], "step": int(state["step"]), "history": list(state.get("history", []))}
-
-
-def _read_identity(run_dir: Path) -> dict[str, str] | None:
     try:
-        data = json.loads((run_dir / RUN_INFO).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data.get("identity") if isinstance(data, dict) else None
+        return {"config": dict(state["config"]), "step": int(state["step"]),
+                "history": list(state.get("history", []))}
+    except (KeyError, TypeError, ValueError) as e:
+        raise TrainingError(f"{ckpt}: a training checkpoint without a readable config / step ({e!r})") from e
+
+
+def newest_readable(run_dir: Path, checkpoint: Path | None = None) -> tuple[Path, dict[str, Any], list[tuple[Path, str]]]:
+    """The newest checkpoint that can be read (or `checkpoint`), its saved state, and the newer
+    ones skipped as unreadable with the reason. TrainingError when none can be read."""
+    if checkpoint is not None:
+        return checkpoint, _saved_state(checkpoint), []
+    ckpts = list_checkpoints(run_dir)
+    skipped: list[tuple[Path, str]] = []
+    for c in reversed(ckpts):
+        try:
+            return c, _saved_state(c), skipped
+        except TrainingError as e:
+            skipped.append((c, str(e)))
+    raise TrainingError(
+        f"{run_dir}: none of its {len(ckpts)} checkpoint(s) can be read - " + "; ".join(r for _, r in skipped)
+        + ". Start over with overwrite (CLI: train --overwrite), or choose another run name"
+    )
+
+
+def saved_config(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | None = None) -> TrainConfig:
+    """The settings of the run in `run_dir` (from its newest readable checkpoint, or `checkpoint`),
+    with output_dir pointing at the folder: what `resume DIR` continues with."""
+    run_dir = Path(run_dir)
+    ckpt = Path(checkpoint) if checkpoint else None
+    if ckpt is None and not list_checkpoints(run_dir):
+        raise TrainingError(f"{run_dir / CHECKPOINT_DIR}: no checkpoint_<step>.pt to resume from")
+    path, state, _ = newest_readable(run_dir, ckpt)
+    config = TrainConfig.from_dict(state["config"], source=str(path))
+    config.output_dir = str(run_dir)
+    return config
+
+
+def _read_identity(run_dir: Path) -> tuple[dict[str, str] | None, str | None]:
+    """run.json's identity, and a note when it is missing or malformed (then the data and the
+    base model are compared by path instead of by content: the explicit fallback)."""
+    path = run_dir / RUN_INFO
+    fallback = "the data (cache_dir) and base model (transformer) are compared by path instead of by content"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None, f"{path} is missing: {fallback}."
+    except (OSError, ValueError) as e:
+        return None, f"{path} is unreadable ({type(e).__name__}: {e}): {fallback}; it is written again."
+    identity = data.get("identity") if isinstance(data, dict) else None
+    if not (isinstance(identity, dict) and identity and all(isinstance(k, str) and isinstance(v, str)
+                                                            for k, v in identity.items())):
+        return None, (f"{path} has no valid identity (expected {{\"identity\": {{\"data\": ..., \"transformer\": "
+                      f"...}}}}, found {json.dumps(data)[:120]}): {fallback}; it is written again.")
+    return identity, None
 
 
 def compare_settings(
@@ -205,7 +265,8 @@ def compare_settings(
 
 
 def plan_run(
-    config: TrainConfig, resume: bool, overwrite: bool = False, clips: Sequence[Clip] | None = None
+    config: TrainConfig, resume: bool, overwrite: bool = False, clips: Sequence[Clip] | None = None,
+    checkpoint: str | os.PathLike | None = None,
 ) -> RunPlan:
     """Decide what training `config` does with its run folder (module docstring). Reads files only.
 
@@ -215,22 +276,30 @@ def plan_run(
     run_dir = Path(config.output_dir)
     identity = run_identity(config, clips)
     ckpts = list_checkpoints(run_dir)
+    notes = _unexpected_note(run_dir)
     if not ckpts:
         note = (f"No run found at {run_dir}: starting a new run." if resume
                 else f"Starting a new run in {run_dir}.")
-        return RunPlan("new", run_dir, config, 0, None, identity, notes=[note])
-    saved = _saved_state(ckpts[-1])
+        return RunPlan("new", run_dir, config, 0, None, identity, notes=[note, *notes])
+    if overwrite:  # the old checkpoints are not read: they may be the broken ones
+        return RunPlan("new", run_dir, config, 0, None, identity, overwrite=True, notes=[
+            f"Replacing the run at step {checkpoint_step(ckpts[-1])} in {run_dir} with a new run (overwrite; its "
+            "checkpoints are not read).", *notes])
+    ckpt, saved, skipped = newest_readable(run_dir, Path(checkpoint) if checkpoint else None)
     step = saved["step"]
-    if overwrite:
-        return RunPlan("new", run_dir, config, 0, None, identity, overwrite=True,
-                       notes=[f"Replacing the run at step {step} in {run_dir} with a new run (overwrite)."])
+    for bad, reason in skipped:
+        notes.append(f"Skipped {bad.name}, which cannot be read ({reason}); it is kept aside as "
+                     f"{bad.name}{BROKEN_SUFFIX}.")
     if not resume:
         raise TrainingError(
             f"{run_dir} already holds a run (step {step} of {saved['config'].get('num_steps')}): turn resume on "
             "to continue it (CLI: train --resume), or choose another run name / output_dir"
         )
-    saved_config = TrainConfig.from_dict(saved["config"], source=str(ckpts[-1]))
-    changes = compare_settings(saved_config, config, _read_identity(run_dir), identity)
+    saved_config = TrainConfig.from_dict(saved["config"], source=str(ckpt))
+    saved_identity, identity_note = _read_identity(run_dir)
+    if identity_note:
+        notes.append(identity_note)
+    changes = compare_settings(saved_config, config, saved_identity, identity)
     refused = [c for c in changes if c.field not in APPLIED_ON_RESUME]
     if refused:
         raise TrainingError(
@@ -247,7 +316,8 @@ def plan_run(
         saved_config, **{c.field: c.new for c in changes}, output_dir=config.output_dir, cache_dir=config.cache_dir,
         transformer=config.transformer,
     )
-    plan = RunPlan("resume", run_dir, effective, step, ckpts[-1], identity, applied=changes)
+    plan = RunPlan("resume", run_dir, effective, step, ckpt, identity, applied=changes,
+                   skipped=[p for p, _ in skipped])
     if step >= effective.num_steps:
         plan.action, plan.history = "finished", saved["history"]
         triplet, relation = plan.lora_paths
@@ -256,12 +326,23 @@ def plan_run(
         if changes:
             plan.notes.append("Changed settings have no effect on a finished run: "
                               + "; ".join(str(c) for c in changes) + ".")
+        plan.notes += notes
         return plan
     plan.notes.append(f"Resuming run {run_dir.name} at step {step} of {effective.num_steps} "
-                      f"(checkpoint {ckpts[-1].name}).")
+                      f"(checkpoint {ckpt.name}).")
     for c in changes:
         plan.notes.append(f"Applied {c.field}: {c.saved!r} -> {c.new!r} ({APPLIED_ON_RESUME[c.field]}).")
+    plan.notes += notes
     return plan
+
+
+def _unexpected_note(run_dir: Path) -> list[str]:
+    odd = unexpected_files(run_dir)
+    if not odd:
+        return []
+    names = ", ".join(repr(p.name) for p in odd[:5]) + (" ..." if len(odd) > 5 else "")
+    log.warning("%s: ignored %d file(s) that are not checkpoint_<step>.pt: %s", run_dir / CHECKPOINT_DIR, len(odd), names)
+    return [f"Ignored {len(odd)} file(s) in {CHECKPOINT_DIR}/ that are not checkpoint_<step>.pt: {names}."]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,17 +350,13 @@ def plan_run(
 
 
 def _write_run_info(run_dir: Path, identity: dict[str, str]) -> None:
-    with atomic_path(run_dir / RUN_INFO) as tmp:
-        tmp.write_text(json.dumps({"format": "dreamrelation.run", "identity": identity}, indent=2), encoding="utf-8")
+    write_text(run_dir / RUN_INFO, json.dumps({"format": "dreamrelation.run", "identity": identity}, indent=2))
 
 
 def write_history(run_dir: Path, history: list[dict[str, Any]]) -> Path:
     """`history.json`: one entry per step (step, branch, lr, loss terms; NaN as null)."""
     clean = [{k: (None if isinstance(v, float) and v != v else v) for k, v in h.items()} for h in history]
-    path = run_dir / HISTORY_FILE
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(clean), encoding="utf-8")
-    return path
+    return write_text(run_dir / HISTORY_FILE, json.dumps(clean))
 
 
 def _clear_run(run_dir: Path) -> None:
@@ -322,7 +399,12 @@ def execute(
     `on_memory` receives the resolved memory options before the model is set up (see Trainer).
 
     Status of the result: "finished", "stopped" (max_steps), "cancelled", or "already finished".
-    A run that fails or is cancelled before it wrote its first checkpoint leaves no files."""
+    A run that fails or is cancelled before it wrote its first checkpoint leaves no files. Runs
+    under the run folder's lock (taken here unless the caller holds it)."""
+    if not holds_lock(plan.run_dir):
+        with RunLock(plan.run_dir):
+            return execute(plan, clips, model, progress, should_cancel, on_checkpoint, max_steps, on_memory)
+    _set_aside(plan)
     if plan.action == "finished":
         result = _finished(plan, clips, model)
         write_history(plan.run_dir, result.history)
@@ -354,6 +436,57 @@ def execute(
 
 class _CancelledBeforeStart(Exception):
     pass
+
+
+def _set_aside(plan: RunPlan) -> None:
+    """Rename the unreadable newer checkpoints the plan skipped to `<name>.broken` (kept, not deleted)."""
+    for p in plan.skipped:
+        if not p.is_file():
+            continue
+        target, n = p.with_name(p.name + BROKEN_SUFFIX), 1
+        while target.exists():
+            n += 1
+            target = p.with_name(f"{p.name}.{n}{BROKEN_SUFFIX}")
+        p.rename(target)
+        log.warning("%s cannot be read: kept aside as %s", p, target.name)
+
+
+def run_training(
+    config: TrainConfig,
+    resume: bool = False,
+    overwrite: bool = False,
+    *,
+    checkpoint: str | os.PathLike | None = None,
+    clips: Sequence[Clip] | None = None,
+    model: torch.nn.Module | None = None,
+    on_plan: Callable[[RunPlan], None] | None = None,
+    progress: Progress | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+    on_checkpoint: Callable[[Path], None] | None = None,
+    max_steps: int | None = None,
+    executor: Callable[..., TrainResult] | None = None,
+) -> tuple[RunPlan, TrainResult]:
+    """One training request, as the CLI and the worker run it: take the run folder's lock (a
+    RunLockedError at once when another trainer holds it), remove temporary files of killed
+    writes, plan, hand the plan to `on_plan` (to report it), execute (`executor(plan, clips=,
+    progress=, should_cancel=, on_checkpoint=, max_steps=)`: `execute` by default, the memory
+    fallback for the CLI and the worker). The lock is released on every exit."""
+    run_dir = Path(config.output_dir)
+    with RunLock(run_dir) as lock:
+        removed = remove_stale_temps(run_dir) + remove_stale_temps(run_dir / CHECKPOINT_DIR)
+        plan = plan_run(config, resume, overwrite, clips, checkpoint)
+        if lock.took_over:
+            plan.notes.insert(0, f"The run folder's lock was held by {lock.took_over}, which is no longer running: "
+                                 "taken over.")
+        if removed:
+            size = human_size(sum(n for _, n in removed))
+            plan.notes.append(f"Removed {len(removed)} temporary file(s) left by interrupted writes ({size}).")
+            log.info("removed stale temporary files: %s", ", ".join(p.name for p, _ in removed))
+        if on_plan is not None:
+            on_plan(plan)
+        run = executor or (lambda p, **kw: execute(p, model=model, **kw))
+        return plan, run(plan, clips=clips, progress=progress, should_cancel=should_cancel,
+                         on_checkpoint=on_checkpoint, max_steps=max_steps)
 
 
 def _finished(plan: RunPlan, clips: Sequence[Clip] | None, model: torch.nn.Module | None) -> TrainResult:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,9 +27,10 @@ from ..base_models import resolve_spec, spec_of_model
 from ..basemodel import BaseModelSpec
 from ..data.latent_masks import relation_mask
 from ..errors import TrainingError
-from ..fileio import atomic_path
+from ..fileio import is_temp_file, save_torch
 from ..lora import files as lora_files
 from ..lora import peft_triplet as triplet
+from ..statedict import torch_load_reason
 from .config import TrainConfig
 from .contrastive import RCLSettings, RelationalContrastiveLoss
 from .flow import masked_flow_loss, noisy
@@ -87,9 +89,12 @@ def base_model_spec(config: TrainConfig) -> BaseModelSpec:
 
 
 def load_transformer(config: TrainConfig, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """The frozen base model, from local files only (or the tiny random test model)."""
+    """The frozen base model, from local files only (or the tiny random test model). With
+    `base_dtype: fp8` a bf16 file is quantised while it is read: the bf16 model is never whole in
+    host memory (docs/method.md "Training memory")."""
+    linear_dtype = torch.float8_e4m3fn if config.base_dtype == "fp8" else None
     return base_model_spec(config).load_transformer(
-        config.transformer, config.transformer_config, dtype, config.seed, config.extra.get("tiny"))
+        config.transformer, config.transformer_config, dtype, config.seed, config.extra.get("tiny"), linear_dtype)
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -185,6 +190,15 @@ class Trainer:
         log.info(self.memory.summary())
         if self.on_memory is not None:
             self.on_memory(self.memory)
+        if self.device.type == "cuda":  # page-locked host memory: refuse now rather than fail mid-setup
+            from .memory.estimate import host_estimate
+            from .memory.host import check_host_memory
+            from .memory.policy import model_dims
+
+            pinned = host_estimate((int(t), int(h), int(w)), self.memory.options, model_dims(self.model),
+                                   cfg.batch_size).pinned
+            if pinned:
+                log.info(check_host_memory(pinned, "the block swap store and the offloaded block inputs"))
         prepared = prepare_model(self.model, self.memory.options, self.device, rank=cfg.rank, alpha=cfg.alpha,
                                  dropout=cfg.dropout, spec=self.spec)
         self.swap, self.offload = prepared.swap, prepared.offload
@@ -340,7 +354,7 @@ class Trainer:
                 ckpt = self.save_checkpoint()
         if self.step < cfg.num_steps and status == "finished":
             status = "stopped"
-        if ckpt is None or int(ckpt.stem.split("_")[-1]) != self.step:
+        if ckpt is None or checkpoint_step(ckpt) != self.step:
             ckpt = self.save_checkpoint()
         triplet_path, relation_path = self.export()
         return TrainResult(self.run_dir, self.step, status, ckpt, triplet_path, relation_path, list(self.history))
@@ -396,8 +410,7 @@ class Trainer:
         d = self.run_dir / CHECKPOINT_DIR
         d.mkdir(parents=True, exist_ok=True)
         path = d / f"checkpoint_{self.step:06d}.pt"
-        with atomic_path(path) as tmp:
-            torch.save(self.state_dict(), tmp)
+        save_torch(path, self.state_dict())  # atomic; a full disk is a DiskFullError, earlier ones intact
         keep = self.config.keep_checkpoints
         if keep > 0:
             for old in list_checkpoints(self.run_dir)[:-keep]:
@@ -423,11 +436,33 @@ class Trainer:
         return trainer
 
 
+_CHECKPOINT_RE = re.compile(r"^checkpoint_(\d+)\.pt$")
+BROKEN_SUFFIX = ".broken"  # a checkpoint that could not be read, kept aside by resume
+
+
+def checkpoint_step(path: str | os.PathLike) -> int:
+    m = _CHECKPOINT_RE.match(Path(path).name)
+    if m is None:
+        raise ValueError(f"{path}: not a checkpoint_<step>.pt name")
+    return int(m.group(1))
+
+
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """`checkpoints/checkpoint_<step>.pt` by step; other names are not checkpoints (see unexpected_files)."""
     d = Path(run_dir) / CHECKPOINT_DIR
     if not d.is_dir():
         return []
-    return sorted(d.glob("checkpoint_*.pt"), key=lambda p: int(p.stem.split("_")[-1]))
+    return sorted((p for p in d.iterdir() if _CHECKPOINT_RE.match(p.name) and p.is_file()), key=checkpoint_step)
+
+
+def unexpected_files(run_dir: str | os.PathLike) -> list[Path]:
+    """Files in checkpoints/ that are neither checkpoints, nor set aside as broken, nor temporary
+    files of a write (e.g. 'checkpoint_000040 copy.pt'): ignored, and the caller warns about them."""
+    d = Path(run_dir) / CHECKPOINT_DIR
+    if not d.is_dir():
+        return []
+    return sorted(p for p in d.iterdir() if not (_CHECKPOINT_RE.match(p.name) or p.name.endswith(BROKEN_SUFFIX)
+                                                or is_temp_file(p)))
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path:
@@ -444,7 +479,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     except FileNotFoundError:
         raise
     except Exception as e:
-        raise TrainingError(f"{path}: not a readable training checkpoint ({type(e).__name__}: {e})") from e
+        raise TrainingError(f"{path}: not a readable training checkpoint ({torch_load_reason(e)})") from e
     if not isinstance(state, dict) or state.get("format") != "dreamrelation.checkpoint":
         raise TrainingError(f"{path}: not a DreamRelation training checkpoint")
     return state

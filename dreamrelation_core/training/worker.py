@@ -1,9 +1,11 @@
 """Training as a worker process that reports on a JSON-lines channel (the worker side).
 
-Started as `python -m dreamrelation_core train CONFIG --progress jsonl --control stdin [--resume]`
-(the CLI's own entry point; `worker_client` starts it). It writes one JSON object per line on
-stdout and nothing else there: everything else the process prints goes to stderr (stdout is
-moved to stderr at start and the channel keeps a private copy of the original stdout).
+Started as `python -m dreamrelation_core train CONFIG --progress jsonl --control stdin [--resume]
+[--remove-config]` (the CLI's own entry point; `worker_client` starts it, with `--remove-config`
+when CONFIG is a temporary file it wrote: the worker deletes it once read). The run goes through
+`training.runs.run_training`: a run folder another trainer holds is an error event naming it.
+It writes one JSON object per line on stdout and nothing else there: everything else the process
+prints goes to stderr (stdout is moved to stderr at start and the channel keeps a private copy of the original stdout).
 
 Events (keys absent where they do not apply; NaN losses are null):
     {"event": "start", "protocol": 1, "pid", "action": "new"|"resume"|"finished", "step", "total",
@@ -292,6 +294,10 @@ def out_of_memory_advice(e: BaseException, config: TrainConfig | None, clip_shap
 def describe_failure(e: BaseException, config: TrainConfig | None = None, clip_shape: tuple | None = None,
                      step: int | None = None, log_file: Path | None = None, choice=None) -> str:
     """The error event's message: the library's own message for known errors, advice for OOM."""
+    from .memory.host import host_out_of_memory_message, is_host_out_of_memory
+
+    if is_host_out_of_memory(e):  # RAM, not the GPU: its own advice (HostMemoryError speaks for itself)
+        return host_out_of_memory_message(e)
     if is_out_of_memory(e):
         return out_of_memory_advice(e, config, clip_shape, step, choice)
     if isinstance(e, (DreamRelationError, ValueError, FileNotFoundError)):
@@ -327,8 +333,12 @@ def run_worker(
     control: str = "none",
     channel: Channel | None = None,
     overrides: dict[str, Any] | None = None,
+    remove_config: bool = False,
 ) -> int:
-    """Run one training request and report it on the channel; returns the process exit code."""
+    """Run one training request and report it on the channel; returns the process exit code.
+
+    `remove_config`: the config file is a temporary one written for this worker (worker_client):
+    it is deleted as soon as it has been read, so that it never outlives the worker."""
     from .allocator import apply_allocator_environment
 
     apply_allocator_environment()  # before anything starts CUDA (the client's environment already has it)
@@ -336,16 +346,16 @@ def run_worker(
     stop = StopRequest()
     restore = stop.install_signal_handlers()
     try:
-        return _run(stop, config_path, output_dir, resume, overwrite, control, channel, overrides)
+        return _run(stop, config_path, output_dir, resume, overwrite, control, channel, overrides, remove_config)
     finally:
         stop.finished.set()  # a console-close handler waiting for the checkpoint may let the process end
         restore()
 
 
 def _run(stop: StopRequest, config_path, output_dir, resume: bool, overwrite: bool, control: str, channel: Channel,
-         overrides: dict[str, Any] | None) -> int:
+         overrides: dict[str, Any] | None, remove_config: bool = False) -> int:
     from .fallback import execute_with_fallback
-    from .runs import plan_run
+    from .runs import run_training
 
     if control == "stdin":
         stop.watch_stdin()
@@ -355,18 +365,24 @@ def _run(stop: StopRequest, config_path, output_dir, resume: bool, overwrite: bo
     plan = None
     state: dict[str, Any] = {"step": None, "clip_shape": None, "choice": None}
     try:
-        config = TrainConfig.load_yaml(config_path)
+        try:
+            config = TrainConfig.load_yaml(config_path)
+        finally:
+            if remove_config:
+                Path(config_path).unlink(missing_ok=True)
         if output_dir:
             config.output_dir = output_dir
         for name, value in (overrides or {}).items():  # the command line's memory flags
             setattr(config, name, value)
         config.validate()
-        plan = plan_run(config, resume=resume, overwrite=overwrite)
-        total = plan.config.num_steps
-        channel.emit("start", protocol=PROTOCOL_VERSION, pid=os.getpid(), action=plan.action, step=plan.step,
-                     total=total, run_dir=plan.run_dir, message=plan.report())
-        state["step"] = plan.step
         rate = _Rate()
+
+        def on_plan(p) -> None:
+            nonlocal plan
+            plan = p
+            channel.emit("start", protocol=PROTOCOL_VERSION, pid=os.getpid(), action=p.action, step=p.step,
+                         total=p.config.num_steps, run_dir=p.run_dir, message=p.report())
+            state["step"] = p.step
 
         def progress(info: StepInfo) -> None:
             state["step"] = info.step
@@ -374,7 +390,7 @@ def _run(stop: StopRequest, config_path, output_dir, resume: bool, overwrite: bo
                          lr=info.lr, step_s=info.step_time, it_s=rate.add(info.step_time), eta_s=info.eta)
 
         def checkpoint(path: Path) -> None:
-            channel.emit("checkpoint", step=state["step"], total=total, checkpoint=path)
+            channel.emit("checkpoint", step=state["step"], total=plan.config.num_steps, checkpoint=path)
 
         def memory(choice) -> None:
             state["choice"] = choice
@@ -383,8 +399,11 @@ def _run(stop: StopRequest, config_path, output_dir, resume: bool, overwrite: bo
         def retry(message: str, options) -> None:
             channel.emit("memory", message=message, options=_options_dict(options), retry=True)
 
-        result = execute_with_fallback(plan, progress=progress, should_cancel=stop, on_checkpoint=checkpoint,
-                                       on_memory=memory, on_retry=retry)
+        def executor(p, **kw):
+            return execute_with_fallback(p, on_memory=memory, on_retry=retry, **kw)
+
+        plan, result = run_training(config, resume=resume, overwrite=overwrite, on_plan=on_plan, progress=progress,
+                                    should_cancel=stop, on_checkpoint=checkpoint, executor=executor)
     except BaseException as e:  # noqa: B036 - every failure becomes the error event
         log_file = _log_traceback(e, plan)
         step = state["step"] if state["step"] is not None and plan is not None and plan.action != "finished" else None

@@ -15,6 +15,8 @@ hands each to `on_event` as a `WorkerEvent`, and returns a `WorkerResult` when t
   that dies without one (killed, crashed) gives a TrainingError with its exit code and the last
   line it wrote on stderr.
 - The worker stops by itself, with a checkpoint, if this process dies (its stdin closes).
+- A TrainConfig is handed over as a temporary YAML file that the worker deletes once read (and
+  this side when the worker ends); see write_temp_config.
 A training run's isolation is the point: an out-of-memory error or a crash ends the worker, not
 the caller, and all of the worker's GPU memory is returned when it exits.
 """
@@ -25,6 +27,7 @@ import json
 import math
 import os
 import queue
+import re
 import subprocess
 import sys
 import tempfile
@@ -38,6 +41,7 @@ from typing import IO, Any
 
 from ..errors import TrainingError
 from .config import TrainConfig
+from .lock import pid_running
 from .worker import CANCEL_COMMAND, PROTOCOL_VERSION
 
 EVENTS = ("start", "memory", "step", "checkpoint", "done", "error", "cancelled")
@@ -106,7 +110,7 @@ class WorkerResult:
 
 
 def worker_command(config_path: str | os.PathLike, resume: bool = True, overwrite: bool = False,
-                   python: str | None = None) -> list[str]:
+                   python: str | None = None, remove_config: bool = False) -> list[str]:
     """The worker's command line: this interpreter, the CLI entry point, worker mode."""
     cmd = [python or sys.executable, "-c", _BOOTSTRAP, str(_PACKAGE_ROOT), "train", str(config_path),
            "--progress", "jsonl", "--control", "stdin"]
@@ -114,7 +118,43 @@ def worker_command(config_path: str | os.PathLike, resume: bool = True, overwrit
         cmd.append("--resume")
     if overwrite:
         cmd.append("--overwrite")
+    if remove_config:
+        cmd.append("--remove-config")
     return cmd
+
+
+# The temporary config handed to a worker: `dreamrelation_train_<parent pid>_<random>.yaml` in the
+# system's temp folder. The worker deletes it once read, the parent when the worker ends; one left
+# by a parent and worker both killed early is removed by the next start (its parent PID is gone).
+_TEMP_CONFIG_PREFIX = "dreamrelation_train_"
+_TEMP_CONFIG_RE = re.compile(r"^dreamrelation_train_(\d+)_[A-Za-z0-9_]+\.yaml$")
+
+
+def write_temp_config(config: TrainConfig, folder: str | os.PathLike | None = None) -> Path:
+    folder = Path(folder or tempfile.gettempdir())
+    remove_stale_configs(folder)
+    fd, name = tempfile.mkstemp(prefix=f"{_TEMP_CONFIG_PREFIX}{os.getpid()}_", suffix=".yaml", dir=folder)
+    os.close(fd)
+    return config.save_yaml(name)
+
+
+def remove_stale_configs(folder: str | os.PathLike | None = None) -> list[Path]:
+    """Temporary worker configs whose parent process is gone (the parent and worker were killed)."""
+    removed = []
+    folder = Path(folder or tempfile.gettempdir())
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return []
+    for p in entries:
+        m = _TEMP_CONFIG_RE.match(p.name)
+        if m and not pid_running(int(m.group(1))):
+            try:
+                p.unlink()
+                removed.append(p)
+            except OSError:
+                pass
+    return removed
 
 
 def worker_environment(base: dict[str, str] | None = None, platform: str | None = None) -> dict[str, str]:
@@ -158,16 +198,14 @@ class TrainingWorker:
     # -- process --------------------------------------------------------------------------------
     def start(self) -> TrainingWorker:
         if isinstance(self.config, TrainConfig):
-            fd, name = tempfile.mkstemp(prefix="dreamrelation_train_", suffix=".yaml")
-            os.close(fd)
-            self._config_file = self.config.save_yaml(name)
+            self._config_file = write_temp_config(self.config)
             path = self._config_file
         else:
             path = Path(self.config)
         self.proc = subprocess.Popen(
-            worker_command(path, self.resume, self.overwrite, self.python), stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=worker_environment(self.env), text=True,
-            encoding="utf-8", errors="replace", bufsize=1, **_process_options(),
+            worker_command(path, self.resume, self.overwrite, self.python, remove_config=self._config_file is not None),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=worker_environment(self.env),
+            text=True, encoding="utf-8", errors="replace", bufsize=1, **_process_options(),
         )
         self._threads = [
             threading.Thread(target=self._read_stdout, name="dreamrelation-worker-out", daemon=True),

@@ -158,7 +158,8 @@ class WanSpec(BaseModelSpec):
         return WAN22_5B if variant.latent_channels == latents.WAN22_CHANNELS else WAN21
 
     def load_transformer(self, source: str, config_dir: str = "", dtype: torch.dtype = torch.float32, seed: int = 0,
-                         tiny: dict | None = None) -> torch.nn.Module:
+                         tiny: dict | None = None, linear_dtype: torch.dtype | None = None) -> torch.nn.Module:
+        # Wan's loader reads in `dtype`; fp8 storage follows in `fp8.freeze_linears` (linear_dtype unused)
         from .loading import load_transformer
 
         if source == "tiny":

@@ -13,29 +13,47 @@ text mask) stay on the device: they are one tensor for all 48 blocks.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from .host import HostBuffers
+
 
 class ActivationOffload:
     """Saved-tensor pack/unpack that parks chosen tensors in host memory.
 
-    On CUDA the device-to-host copy runs on a side stream into pinned memory; the unpack waits on
-    its event and copies back on the compute stream. On the CPU it is a plain copy (same path,
-    testable). The trace subclasses `to_host` / `to_device` to keep host bytes out of its count.
+    On CUDA the device-to-host copy runs on a side stream into page-locked buffers of exact size
+    (`host.HostBuffers`: reused every step, registered rather than taken from torch's rounding
+    pinned allocator); when a block's inputs come back for its recompute, the inputs of the block
+    below (next in backward) start their host-to-device copy on the side stream (`prefetch`), so
+    the compute stream finds them ready; that costs one more block input on the device. On the CPU
+    it is the same path with plain copies (testable). The trace subclasses `to_host` /
+    `to_device` / `release` to keep host bytes out of its count.
     """
 
-    def __init__(self, device: torch.device | str):
+    def __init__(self, device: torch.device | str, prefetch: bool = True):
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self.pool = HostBuffers(pin=self.cuda)
+        self.prefetch = prefetch
         self.offloaded_bytes = 0  # bytes sent to the host so far (tests, logs)
+        self.prefetched = 0  # tensors brought back ahead of their use (tests, logs)
+        self._groups: dict[int, list[weakref.ref]] = {}  # one group per checkpointed call, in forward order
+        self._group = 0
+
+    @property
+    def host_bytes(self) -> int:
+        """Host memory the offload holds (its buffers, in use or pooled for the next step)."""
+        return self.pool.allocated
 
     def to_host(self, t: torch.Tensor):
-        host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=self.cuda)
+        buf = self.pool.take(t.numel() * t.element_size())
+        host = buf.view(t.dtype).view(t.shape)
         if not self.cuda:
             host.copy_(t)
             return host, None
@@ -50,29 +68,83 @@ class ActivationOffload:
     def to_device(self, host: torch.Tensor, done, device: torch.device) -> torch.Tensor:
         if done is not None:
             torch.cuda.current_stream(device).wait_event(done)
-        return host.to(device, non_blocking=self.cuda)
+        # a copy even on the CPU: the host buffer is reused next step
+        return host.to(device, non_blocking=self.cuda, copy=True)
+
+    def to_device_ahead(self, host: torch.Tensor, done, device: torch.device):
+        """Start the copy back on the side stream: (device tensor, event the user must wait on)."""
+        if not self.cuda:
+            return self.to_device(host, done, device), None
+        compute = torch.cuda.current_stream(device)
+        out = torch.empty(host.shape, dtype=host.dtype, device=device)  # owned by the compute stream
+        self.stream.wait_stream(compute)  # its memory may be what finished kernels just freed
+        with torch.cuda.stream(self.stream):  # after the offload copy `done` (same stream)
+            out.copy_(host, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record(self.stream)
+        return out, ready
+
+    def release(self, host: torch.Tensor) -> None:
+        """`host` is no longer needed: its buffer serves the next step (any later copy into it is
+        queued behind the compute stream, which queued the copy out of it)."""
+        size = host.element_size()
+        flat = torch.empty(0, dtype=torch.uint8).set_(  # the buffer as taken: same bytes, same start
+            host.untyped_storage(), host.storage_offset() * size, (host.numel() * size,))
+        self.pool.give(flat)
 
     def hooks(self, targets: tuple[torch.Tensor, ...]):
         """saved_tensors_hooks that offload exactly the tensors in `targets` (by identity)."""
         ids = {id(t) for t in targets}
+        group = self._group
+        self._group += 1
+        self._groups = {g: refs for g, refs in self._groups.items() if any(r() is not None for r in refs)}
+        self._groups[group] = []
 
         def pack(t: torch.Tensor):
             if id(t) not in ids:
                 return t
             self.offloaded_bytes += t.numel() * t.element_size()
             host, done = self.to_host(t)
-            return (_Offloaded, host, done, t.device)
+            parked = _Offloaded(self, host, done, t.device, group)
+            self._groups[group].append(weakref.ref(parked))
+            return parked
 
         def unpack(p):
-            if isinstance(p, tuple) and len(p) == 4 and p[0] is _Offloaded:
-                return self.to_device(p[1], p[2], p[3])
-            return p
+            if not isinstance(p, _Offloaded):
+                return p
+            if p.ahead is not None:
+                (out, ready), p.ahead = p.ahead, None  # the device copy is the caller's now
+                if ready is not None:
+                    torch.cuda.current_stream(p.device).wait_event(ready)
+            else:
+                out = self.to_device(p.host, p.done, p.device)
+            p.used = True
+            if self.prefetch:
+                self._prefetch(p.group - 1)
+            return out
 
         return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
+    def _prefetch(self, group: int) -> None:
+        for ref in self._groups.get(group, []):
+            q = ref()
+            if q is not None and q.ahead is None and not q.used:  # used: fetched already
+                q.ahead = self.to_device_ahead(q.host, q.done, q.device)
+                self.prefetched += 1
+
 
 class _Offloaded:
-    """Marker of an offloaded saved tensor."""
+    """One offloaded saved tensor: its host copy, the event of the copy, and (once prefetched)
+    its device copy; gives the host buffer back when autograd frees it."""
+
+    __slots__ = ("offload", "host", "done", "device", "group", "ahead", "used", "__weakref__")
+
+    def __init__(self, offload: ActivationOffload, host: torch.Tensor, done, device: torch.device, group: int):
+        self.offload, self.host, self.done, self.device, self.group = offload, host, done, device, group
+        self.ahead, self.used = None, False
+
+    def __del__(self):
+        self.offload.release(self.host)
 
 
 def checkpoint_function(

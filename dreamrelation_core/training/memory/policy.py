@@ -2,7 +2,8 @@
 
 On the CPU 'auto' keeps today's behaviour: weights as loaded (fp8 stays fp8), no swap, no
 checkpointing, no offload. On CUDA the estimator picks, among the option sets that agree with
-every option the user fixed, the fastest one whose peak fits the free GPU memory; a fully fixed
+every option the user fixed, the fastest one (by `estimate.StepTimeModel`, ladder order on
+ties) whose peak fits the free GPU memory; a fully fixed
 set that does not fit is refused before the model is moved, with the set that would fit.
 
 When a step still runs out of GPU memory (the estimate cannot see everything), the run steps down
@@ -22,7 +23,16 @@ import torch
 
 from ...errors import TrainingError
 from ...mochi import fp8
-from .estimate import FRAGMENTATION, GIB, Estimate, MochiDims, estimate_latent, option_ladder
+from . import attention as sdpa
+from .estimate import (
+    FRAGMENTATION,
+    GIB,
+    Estimate,
+    MochiDims,
+    estimate_latent,
+    fastest_fitting_latent,
+    option_ladder,
+)
 from .setup import MemoryOptions
 from .warmup import warm_up_block
 
@@ -37,6 +47,7 @@ class Choice:
     estimate: Estimate | None  # None on the CPU
     free_bytes: int | None
     blocks: int = 0  # transformer blocks of the model (the swap rungs of the ladder)
+    attention_note: str = ""  # what a math attention kernel costs, where the GPU has no better one
 
     def summary(self) -> str:
         s = f"memory options: {self.options.label()}"
@@ -47,6 +58,8 @@ class Choice:
             s += f"; {self.free_bytes / GIB:.2f} GiB free (fp32 weights: no estimate)"
         else:
             s += " (on the CPU: no GPU memory estimate)"
+        if self.attention_note:
+            s += f"; {self.attention_note}"
         return s
 
 
@@ -139,9 +152,11 @@ def is_fp8_model(model: torch.nn.Module) -> bool:
 
 def resolve(
     config, device: torch.device, model: torch.nn.Module, latent: tuple[int, int, int], free_bytes: int | None = None,
+    attention: str | None = None,
 ) -> Choice:
     """The options of this run. `latent` = (T, h, w) of the training clips; `free_bytes`: free
-    device memory (default: torch.cuda.mem_get_info on CUDA)."""
+    device memory (default: torch.cuda.mem_get_info on CUDA); `attention`: the SDPA kernel
+    (default: probed on the device, see attention.py)."""
     ckpt = _bool(config.gradient_checkpointing, "gradient_checkpointing")
     offload = _bool(config.offload_activations, "offload_activations")
     swap = None if config.blocks_to_swap == "auto" else int(config.blocks_to_swap)
@@ -159,6 +174,7 @@ def resolve(
         dtype = "fp8"  # the file is fp8: bf16 would only cost memory
     dims = model_dims(model)
     batch = config.batch_size
+    kernel = attention if attention is not None else sdpa.probe(device, heads=dims.heads, head_dim=dims.head_dim)
 
     def agrees(o: MemoryOptions) -> bool:
         return ((dtype is None or o.base_dtype == dtype) and (swap is None or o.blocks_to_swap == swap)
@@ -167,14 +183,17 @@ def resolve(
     candidates = [o for o in option_ladder(dims.layers, both_dtypes=True) if agrees(o)]
     if not candidates:  # a fixed combination outside the ladder (e.g. bf16 + swap + no checkpointing)
         candidates = [MemoryOptions(dtype or "fp8", swap or 0, bool(ckpt), bool(offload))]
-    for opts in candidates:
-        est = estimate_latent(latent, opts, dims, config.rank, batch)
-        if est.peak * (1 + FRAGMENTATION) <= free_bytes:
-            return Choice(opts, est, free_bytes, _blocks(model))
-    first = estimate_latent(latent, candidates[0], dims, config.rank, batch)
+    est = fastest_fitting_latent(latent, free_bytes, candidates, dims, config.rank, batch, attention=kernel)
+    if est is not None:  # the fastest by the step-time model, ladder order on ties (estimate.py)
+        note = ""
+        if kernel == "math":
+            flash = estimate_latent(latent, est.options, dims, config.rank, batch)
+            note = sdpa.describe_cost(kernel, flash.peak_gib, est.peak_gib)
+        return Choice(est.options, est, free_bytes, _blocks(model), note)
+    first = estimate_latent(latent, candidates[0], dims, config.rank, batch, kernel)
     advice = None
     for opts in option_ladder(dims.layers):
-        est = estimate_latent(latent, opts, dims, config.rank, batch)
+        est = estimate_latent(latent, opts, dims, config.rank, batch, kernel)
         if est.peak * (1 + FRAGMENTATION) <= free_bytes:
             advice = opts
             break
@@ -186,4 +205,7 @@ def resolve(
                 f"offload_activations: {str(advice.offload_activations).lower()} (or set them to auto)")
     else:
         msg += "; no option set fits: train on shorter or smaller clips"
+    if kernel == "math":
+        flash = estimate_latent(latent, candidates[0], dims, config.rank, batch)
+        msg += f" ({sdpa.describe_cost(kernel, flash.peak_gib, first.peak_gib)})"
     raise TrainingError(msg)

@@ -26,6 +26,7 @@ from torch import nn
 
 from ...base_models import spec_of_model
 from ...mochi.fp8 import FrozenLinear
+from .host import pinned_empty
 
 ALIGN = 256  # bytes; every weight view starts on a boundary kernels like
 
@@ -107,12 +108,14 @@ class BlockSwap:
     def _take_out(layout: _Layout, pin: bool, store_device: torch.device) -> torch.Tensor | list[torch.Tensor]:
         """Move the block's weights out of the model (size-0 stand-ins stay in it).
 
-        Pinned (CUDA): one flat pinned tensor per block, copied with one DMA. Otherwise the
+        Pinned (CUDA): one flat page-locked tensor of the block's exact size, copied with one DMA. Otherwise the
         weights as loaded are the store (no copy: on the CPU a second copy of 10 GB of fp8
         weights would double the memory the swap is there to save)."""
         flat = None
-        if pin or any(m.weight.device != store_device for m in layout.modules):
-            flat = torch.empty(layout.nbytes, dtype=torch.uint8, device=store_device, pin_memory=pin)
+        if pin:  # exact size, page-locked by registration (host.py: torch's pinned allocator rounds up)
+            flat = pinned_empty(layout.nbytes, "block swap's weight store")
+        elif any(m.weight.device != store_device for m in layout.modules):
+            flat = torch.empty(layout.nbytes, dtype=torch.uint8, device=store_device)
         kept = []
         for m, off in zip(layout.modules, layout.offsets):
             w = m.weight.data

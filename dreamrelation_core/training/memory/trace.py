@@ -239,6 +239,9 @@ class _TraceOffload(ActivationOffload):
     def to_device(self, host, done, device):
         return torch.empty_like(host)
 
+    def release(self, host) -> None:
+        pass
+
 
 # ---------------------------------------------------------------------------------------------
 # the traced step
