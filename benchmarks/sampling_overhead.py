@@ -3,7 +3,7 @@
 Median time of one sampling step (CFG: conditional + unconditional pass) with
   base     : the Mochi as loaded,
   loader   : + DreamRelation Relation LoRA Loader (patches merged into the weights),
-  patch    : + Mochi Sampler Patch, "cond only" over the whole range (low-rank correction
+  patch    : + Sampler Patch, "cond only" over the whole range (low-rank correction
              hooks run on the unconditional half of every step: the patch's worst case),
   attention: + attention recording of two prompt words (loader defaults otherwise),
 all in one process, rounds interleaved so drift hits every variant alike. Prints the ratios.

@@ -277,7 +277,7 @@ def patch_model(model, strength: float = 1.0, start_percent: float = 0.0, end_pe
 
     infos = model.model_options.get("transformer_options", {}).get(INFO_KEY, [])
     if not infos:
-        raise ValueError("DreamRelation Mochi Sampler Patch: the MODEL carries no relation LoRA; connect "
+        raise ValueError("DreamRelation Sampler Patch: the MODEL carries no relation LoRA; connect "
                          "'DreamRelation Relation LoRA Loader' before it")
     if not 0.0 <= start_percent <= 1.0 or not 0.0 <= end_percent <= 1.0:
         raise ValueError(f"start_percent {start_percent} / end_percent {end_percent}: both must lie in [0, 1]")
@@ -298,7 +298,7 @@ class MochiSamplerPatch(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="DreamRelationMochiSamplerPatch",
-            display_name="DreamRelation Mochi Sampler Patch",
+            display_name="DreamRelation Sampler Patch",
             category="DreamRelation/sampling",
             description="Relation LoRA strength per denoising range and pass; optional attention recording of prompt words.",
             inputs=[
@@ -369,7 +369,7 @@ class AttentionMaps(io.ComfyNode):
             category="DreamRelation/sampling",
             description="Heat maps of how much the video tokens attend to a prompt word during sampling (paper Fig. attention maps).",
             inputs=[
-                Attention.Input("attention", tooltip="From 'DreamRelation Mochi Sampler Patch' (attention_words set)."),
+                Attention.Input("attention", tooltip="From 'DreamRelation Sampler Patch' (attention_words set)."),
                 io.Latent.Input("samples", tooltip="KSampler's output latent: makes this node run after sampling."),
                 io.String.Input("word", default="", tooltip="Which recorded word to show; empty = the first."),
                 io.Combo.Input("colormap", options=["inferno", "viridis", "magma", "gray"], tooltip="Heat-map colours."),
@@ -386,7 +386,7 @@ class AttentionMaps(io.ComfyNode):
     def execute(cls, attention: AttentionRecorder | None, samples: dict, word: str, colormap: str,
                 upscale: int) -> io.NodeOutput:
         if attention is None:
-            raise ValueError("no attention recorded: set attention_words on the Mochi Sampler Patch")
+            raise ValueError("no attention recorded: set attention_words on the DreamRelation Sampler Patch")
         maps = attention.maps()
         i = 0
         if word.strip():
