@@ -139,3 +139,21 @@ def test_bad_inputs(tmp_path, clips):
         f = tmp_path / "mochi.safetensors"
         f.write_bytes(b"x")
         Trainer(config(tmp_path, transformer=str(f)), clips=clips)
+
+
+def test_resume_with_more_steps_follows_the_new_schedule(tmp_path, clips):
+    """Extending a run (num_steps 6 -> 12) or changing its learning rate: the first resumed step
+    uses the new schedule's rate, not the rate the old schedule saved (0 at its last step)."""
+    Trainer(config(tmp_path, num_steps=6), clips=clips).train()
+    ckpt = load_checkpoint(latest_checkpoint(tmp_path / "run"))
+    longer = Trainer(config(tmp_path, num_steps=12, learning_rate=1e-2), clips=clips)
+    longer.load_state_dict(ckpt)
+    assert longer.step == 6
+    assert [g["lr"] for g in longer.optimizer.param_groups] == [1e-2 * lr_factor(6, 2, 12)]
+    # unchanged settings: exactly the rate the checkpoint saved
+    same = Trainer(config(tmp_path / "same", num_steps=12), clips=clips)
+    same.train(max_steps=6)
+    saved = load_checkpoint(latest_checkpoint(tmp_path / "same" / "run"))
+    again = Trainer(config(tmp_path / "same", num_steps=12), clips=clips)
+    again.load_state_dict(saved)
+    assert [g["lr"] for g in again.optimizer.param_groups] == [g["lr"] for g in saved["optimizer"]["param_groups"]]

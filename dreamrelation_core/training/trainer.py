@@ -397,6 +397,13 @@ class Trainer:
                 p.copy_(t)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        # The next step's learning rate from this run's schedule: a resumed run may have changed
+        # num_steps, warmup_steps or learning_rate (the saved rate is the old schedule's). Unchanged
+        # settings give the saved values exactly (the same expression LambdaLR evaluates).
+        self.scheduler.base_lrs = [self.config.learning_rate for _ in self.optimizer.param_groups]
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group["initial_lr"] = base
+            group["lr"] = base * lr_factor(self.scheduler.last_epoch, self.config.warmup_steps, self.config.num_steps)
         self.rng.set_state(state["rng"]["generator"])
         torch.set_rng_state(state["rng"]["torch"])
         if "cuda" in state["rng"] and torch.cuda.is_available():
