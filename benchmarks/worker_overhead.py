@@ -1,8 +1,8 @@
 """Cost of training in a worker process: the same tiny run in-process vs. through the worker.
 
 In-process: `training.runs.execute` in this process, a progress callback taking a timestamp per
-step. Worker: `training.worker_client.run_training_worker` (a `python -m dreamrelation_core train
---progress jsonl` subprocess), the timestamp taken here when each step's JSON line arrives - so
+step. Worker: `training.worker_client.run_training_worker` (a `python -m
+dreamrelation_core.training.worker` subprocess), the timestamp taken here when each step's JSON line arrives - so
 the worker's figure includes the channel (JSON encoding, pipe, parsing, the reader thread).
 
 Steady state: steps after the first `--warmup` steps, rate = steps / seconds between step

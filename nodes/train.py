@@ -324,6 +324,7 @@ class DreamRelationTrain(io.ComfyNode):
 
         from dreamrelation_core.errors import TrainingError
         from dreamrelation_core.training.config import TrainConfig
+        from dreamrelation_core.training.protocol import Status
         from dreamrelation_core.training.worker_client import run_training_worker
 
         name = name.strip()
@@ -348,7 +349,7 @@ class DreamRelationTrain(io.ComfyNode):
             config, resume=resume, overwrite=False, on_event=live, should_cancel=mm.processing_interrupted,
             stderr_log=live.temp_dir / f"{name}_worker.log",
         )
-        if result.status == "cancelled":
+        if result.status == Status.CANCELLED:
             mm.throw_exception_if_processing_interrupted()  # checkpoint written: stop the queue here
             raise TrainingError(f"run {name}: {result.message}")  # stopped by a signal, not by ComfyUI
         if result.relation_path is None or not result.relation_path.is_file():
@@ -422,17 +423,19 @@ class _LiveProgress:
         self.last_preview = -1
 
     def __call__(self, ev) -> None:
-        if ev.event == "start":
+        from dreamrelation_core.training.protocol import Event
+
+        if ev.event == Event.START:
             self.total = int(ev.total or self.total)
             if ev.action == "resume" and ev.run_dir:
                 self.history = [h for h in _saved_history(Path(ev.run_dir)) if h.get("step", 0) <= (ev.step or 0)]
             self.bar.update_absolute(int(ev.step or 0), self.total)
-        elif ev.event == "step":
+        elif ev.event == Event.STEP:
             self.history.append(ev.history_entry())
             every = max(1, self.total // PREVIEW_EVERY)
             due = ev.step % every == 0 or ev.step == self.total
             self.bar.update_absolute(ev.step, self.total, self._preview(ev.step) if due else None)
-        elif ev.event == "checkpoint" and ev.step != self.last_preview:
+        elif ev.event == Event.CHECKPOINT and ev.step != self.last_preview:
             self.bar.update_absolute(int(ev.step or 0), self.total, self._preview(int(ev.step or 0)))
 
     def _preview(self, step: int):
@@ -453,13 +456,9 @@ class _LiveProgress:
 
 def _saved_history(run_dir: Path) -> list[dict]:
     """The history.json of an earlier session of the run (NaN as null), or nothing."""
-    import json
+    from dreamrelation_core.training.protocol import read_history
 
-    try:
-        data = json.loads((run_dir / "history.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return []
-    return [{k: (float("nan") if v is None else v) for k, v in h.items()} for h in data if isinstance(h, dict)]
+    return read_history(run_dir)
 
 
 def _report(result, name: str, run_dir: Path) -> str:

@@ -1,4 +1,4 @@
-"""Training in a worker process (`python -m dreamrelation_core train --progress jsonl`), for real:
+"""Training in a worker process (`python -m dreamrelation_core.training.worker`), for real:
 tiny model, prepared synthetic data, the client the ComfyUI node calls. Each test starts 1-2
 workers (about 5 s each, mostly importing diffusers)."""
 

@@ -16,11 +16,11 @@ def _report(result) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    if args.progress == "jsonl":  # worker mode: every outcome, errors included, is an event on stdout
+    if args.progress == "jsonl":  # the worker's JSON lines in a terminal (the node starts training.worker itself)
         from ..training.worker import run_worker
 
         return run_worker(args.config, output_dir=args.output_dir, resume=args.resume, overwrite=args.overwrite,
-                          control=args.control, overrides=_memory_flags(args), remove_config=args.remove_config)
+                          control=args.control, overrides=_memory_flags(args))
     from ..training.config import TrainConfig
 
     config = TrainConfig.load_yaml(args.config)
@@ -46,6 +46,7 @@ def _run(config, resume: bool, overwrite: bool, progress: str, checkpoint: str |
 
     apply_allocator_environment()  # the native allocator with expandable segments, before CUDA starts
     from ..training.fallback import execute_with_fallback
+    from ..training.protocol import Status
     from ..training.runs import run_training
     from ..training.worker import StopRequest
 
@@ -78,7 +79,7 @@ def _run(config, resume: bool, overwrite: bool, progress: str, checkpoint: str |
         restore()
         if bar:
             bar[0].close()
-    if result.status == "cancelled":
+    if result.status == Status.CANCELLED:
         print(f"stopped ({stop.reason}): " + (f"checkpoint {result.checkpoint.name} written at step {result.step}; "
                                               "run the same command again to continue"
                                               if result.checkpoint else "before the first step, nothing written"))
@@ -129,11 +130,9 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--progress", choices=("bar", "jsonl", "none"), default="bar",
                    help="bar: a progress bar; jsonl: one JSON event per line on stdout (worker mode, see "
                         "dreamrelation_core/training/worker.py); none: quiet")
-    p.add_argument("--remove-config", action="store_true",
-                   help="delete the config file once read (worker_client hands the worker a temporary one)")
     p.add_argument("--control", choices=("none", "stdin"), default="none",
                    help="stdin: read `cancel` lines on stdin (checkpoint at the current step, then exit) and stop "
-                        "the same way when stdin closes (the parent is gone); used by worker_client")
+                        "the same way when stdin closes (the parent is gone)")
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("resume", help="continue an interrupted run from its last checkpoint")
     p.add_argument("run_dir", help="the run's output folder (holds config.yaml and checkpoints/)")

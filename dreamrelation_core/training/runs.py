@@ -48,6 +48,7 @@ from ..errors import TrainingError
 from ..fileio import human_size, remove_stale_temps, write_text
 from .config import TrainConfig
 from .lock import RunLock, holds_lock
+from .protocol import HISTORY_FILE, Status, write_history
 from .trainer import (
     BROKEN_SUFFIX,
     CHECKPOINT_DIR,
@@ -67,7 +68,6 @@ from .trainer import (
 log = logging.getLogger("dreamrelation")
 
 RUN_INFO = "run.json"
-HISTORY_FILE = "history.json"
 
 # Settings a resumed run takes from the new request, with what the change means. Everything else
 # must match the saved run. (Memory-only options belong here too: they do not change the result.)
@@ -353,12 +353,6 @@ def _write_run_info(run_dir: Path, identity: dict[str, str]) -> None:
     write_text(run_dir / RUN_INFO, json.dumps({"format": "dreamrelation.run", "identity": identity}, indent=2))
 
 
-def write_history(run_dir: Path, history: list[dict[str, Any]]) -> Path:
-    """`history.json`: one entry per step (step, branch, lr, loss terms; NaN as null)."""
-    clean = [{k: (None if isinstance(v, float) and v != v else v) for k, v in h.items()} for h in history]
-    return write_text(run_dir / HISTORY_FILE, json.dumps(clean))
-
-
 def _clear_run(run_dir: Path) -> None:
     """Remove the files of an earlier run (overwrite): checkpoints, LoRAs, config, run info."""
     shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
@@ -398,7 +392,8 @@ def execute(
     """Carry out a plan: train (new or resumed) or hand back a finished run's files.
     `on_memory` receives the resolved memory options before the model is set up (see Trainer).
 
-    Status of the result: "finished", "stopped" (max_steps), "cancelled", or "already finished".
+    Status of the result: one of protocol.STATUSES ("finished", "stopped" (max_steps), "cancelled",
+    "already finished").
     A run that fails or is cancelled before it wrote its first checkpoint leaves no files. Runs
     under the run folder's lock (taken here unless the caller holds it)."""
     if not holds_lock(plan.run_dir):
@@ -425,7 +420,7 @@ def execute(
         result = trainer.train(progress=progress, should_cancel=should_cancel, max_steps=max_steps)
     except _CancelledBeforeStart:
         leftovers.remove_if_no_checkpoint()
-        return TrainResult(plan.run_dir, 0, "cancelled", None, None, None, [])
+        return TrainResult(plan.run_dir, 0, Status.CANCELLED, None, None, None, [])
     except BaseException:
         if leftovers.remove_if_no_checkpoint():
             log.info("run failed before its first checkpoint: removed what it wrote in %s", plan.run_dir)
@@ -498,5 +493,5 @@ def _finished(plan: RunPlan, clips: Sequence[Clip] | None, model: torch.nn.Modul
         trainer.load_state_dict(load_checkpoint(plan.checkpoint), source=str(plan.checkpoint))
         triplet, relation = trainer.export()
         plan.notes.append("Its LoRA files were missing and were written again from the last checkpoint.")
-    return TrainResult(plan.run_dir, plan.step, "already finished", plan.checkpoint, triplet, relation,
+    return TrainResult(plan.run_dir, plan.step, Status.ALREADY_FINISHED, plan.checkpoint, triplet, relation,
                        list(plan.history))

@@ -35,6 +35,7 @@ from .config import TrainConfig
 from .contrastive import RCLSettings, RelationalContrastiveLoss
 from .flow import masked_flow_loss, noisy
 from .outside_inference import make_trainable, normal_tree, without_inference_tensors
+from .protocol import Status
 
 log = logging.getLogger("dreamrelation")
 
@@ -72,7 +73,7 @@ class StepInfo:
 class TrainResult:
     run_dir: Path
     step: int
-    status: str  # "finished" or "cancelled"
+    status: str  # one of protocol.STATUSES: "finished", "stopped" (max_steps), "cancelled"; runs adds "already finished"
     checkpoint: Path | None
     triplet_path: Path | None
     relation_path: Path | None
@@ -337,10 +338,10 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save_yaml(self.run_dir / CONFIG_FILE)
         stop_at = cfg.num_steps if max_steps is None else min(cfg.num_steps, self.step + max_steps)
-        start, t_start, status, ckpt = self.step, time.perf_counter(), "finished", None
+        start, t_start, status, ckpt = self.step, time.perf_counter(), Status.FINISHED, None
         while self.step < stop_at:
             if should_cancel is not None and should_cancel():
-                status = "cancelled"
+                status = Status.CANCELLED
                 break
             t0 = time.perf_counter()
             lr = self.optimizer.param_groups[0]["lr"]
@@ -352,8 +353,8 @@ class Trainer:
                 progress(StepInfo(self.step, cfg.num_steps, branch, losses, lr, dt, mean * (stop_at - self.step)))
             if self.step % cfg.checkpoint_every == 0:
                 ckpt = self.save_checkpoint()
-        if self.step < cfg.num_steps and status == "finished":
-            status = "stopped"
+        if self.step < cfg.num_steps and status == Status.FINISHED:
+            status = Status.STOPPED
         if ckpt is None or checkpoint_step(ckpt) != self.step:
             ckpt = self.save_checkpoint()
         triplet_path, relation_path = self.export()

@@ -1,8 +1,10 @@
 """Training as a worker process that reports on a JSON-lines channel (the worker side).
 
-Started as `python -m dreamrelation_core train CONFIG --progress jsonl --control stdin [--resume]
-[--remove-config]` (the CLI's own entry point; `worker_client` starts it, with `--remove-config`
-when CONFIG is a temporary file it wrote: the worker deletes it once read). The run goes through
+Started as `python -m dreamrelation_core.training.worker CONFIG --control stdin [--resume]
+[--overwrite] [--remove-config]` (`worker_client` starts it, with `--remove-config` when CONFIG is
+a temporary file it wrote: the worker deletes it once read; the CLI's `train --progress jsonl`
+runs the same `run_worker` in a terminal). Event names, the cancel command, exit codes, run
+statuses and the history file are defined in `protocol`. The run goes through
 `training.runs.run_training`: a run folder another trainer holds is an error event naming it.
 It writes one JSON object per line on stdout and nothing else there: everything else the process
 prints goes to stderr (stdout is moved to stderr at start and the channel keeps a private copy of the original stdout).
@@ -51,15 +53,14 @@ from typing import IO, TYPE_CHECKING, Any
 
 from ..errors import DreamRelationError
 from .config import TrainConfig
+from .protocol import CANCEL_COMMAND, HISTORY_FILE, PROTOCOL_VERSION, Event, Exit, Status
 
 if TYPE_CHECKING:  # torch and the trainer load in run_worker: the client imports this module, light
     from .trainer import StepInfo
 
 log = logging.getLogger("dreamrelation")
 
-PROTOCOL_VERSION = 1
-EXIT_OK, EXIT_ERROR, EXIT_CANCELLED = 0, 1, 3
-CANCEL_COMMAND = "cancel"
+EXIT_OK, EXIT_ERROR, EXIT_CANCELLED = Exit.OK, Exit.ERROR, Exit.CANCELLED
 ERROR_LOG = "worker_error.log"
 
 
@@ -380,24 +381,24 @@ def _run(stop: StopRequest, config_path, output_dir, resume: bool, overwrite: bo
         def on_plan(p) -> None:
             nonlocal plan
             plan = p
-            channel.emit("start", protocol=PROTOCOL_VERSION, pid=os.getpid(), action=p.action, step=p.step,
+            channel.emit(Event.START, protocol=PROTOCOL_VERSION, pid=os.getpid(), action=p.action, step=p.step,
                          total=p.config.num_steps, run_dir=p.run_dir, message=p.report())
             state["step"] = p.step
 
         def progress(info: StepInfo) -> None:
             state["step"] = info.step
-            channel.emit("step", step=info.step, total=info.num_steps, branch=info.branch, losses=info.losses,
+            channel.emit(Event.STEP, step=info.step, total=info.num_steps, branch=info.branch, losses=info.losses,
                          lr=info.lr, step_s=info.step_time, it_s=rate.add(info.step_time), eta_s=info.eta)
 
         def checkpoint(path: Path) -> None:
-            channel.emit("checkpoint", step=state["step"], total=plan.config.num_steps, checkpoint=path)
+            channel.emit(Event.CHECKPOINT, step=state["step"], total=plan.config.num_steps, checkpoint=path)
 
         def memory(choice) -> None:
             state["choice"] = choice
-            channel.emit("memory", message=choice.summary(), options=_options_dict(choice.options), retry=False)
+            channel.emit(Event.MEMORY, message=choice.summary(), options=_options_dict(choice.options), retry=False)
 
         def retry(message: str, options) -> None:
-            channel.emit("memory", message=message, options=_options_dict(options), retry=True)
+            channel.emit(Event.MEMORY, message=message, options=_options_dict(options), retry=True)
 
         def executor(p, **kw):
             return execute_with_fallback(p, on_memory=memory, on_retry=retry, **kw)
@@ -418,24 +419,24 @@ def _run(stop: StopRequest, config_path, output_dir, resume: bool, overwrite: bo
                         shape = tuple(f.get_slice("mean").get_shape())
         except Exception:
             shape = None
-        channel.emit("error", message=describe_failure(e, plan.config if plan else config, shape, step, log_file,
+        channel.emit(Event.ERROR, message=describe_failure(e, plan.config if plan else config, shape, step, log_file,
                                                        state["choice"]), step=step)
         return EXIT_ERROR
     lora = {"triplet": result.triplet_path, "relation": result.relation_path} if result.relation_path else None
-    history = plan.run_dir / "history.json" if (plan.run_dir / "history.json").is_file() else None
+    history = plan.run_dir / HISTORY_FILE if (plan.run_dir / HISTORY_FILE).is_file() else None
     fields = dict(step=result.step, total=plan.config.num_steps, run_dir=result.run_dir, checkpoint=result.checkpoint,
                   lora=lora, history=history)
-    if result.status == "cancelled":
+    if result.status == Status.CANCELLED:
         if result.checkpoint is None:
             msg = f"cancelled before the first step ({stop.reason}): nothing was written"
         else:
             msg = (f"cancelled at step {result.step} ({stop.reason}): checkpoint {result.checkpoint.name} written; "
                    f"resume continues from step {result.step}")
-        channel.emit("cancelled", message=msg, **fields)
+        channel.emit(Event.CANCELLED, message=msg, **fields)
         return EXIT_CANCELLED
-    msg = (f"already finished at step {result.step}: nothing trained" if result.status == "already finished"
+    msg = (f"already finished at step {result.step}: nothing trained" if result.status == Status.ALREADY_FINISHED
            else f"{result.status} at step {result.step}")
-    channel.emit("done", status=result.status, message=msg, **fields)
+    channel.emit(Event.DONE, status=result.status, message=msg, **fields)
     return EXIT_OK
 
 
@@ -458,3 +459,69 @@ def _log_traceback(e: BaseException, plan) -> Path | None:
     except OSError:
         return None
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# the entry point: python -m dreamrelation_core.training.worker
+
+
+_USAGE = """usage: python -m dreamrelation_core.training.worker CONFIG [--control none|stdin] [--resume]
+       [--overwrite] [--output-dir DIR] [--remove-config]
+
+Run one training as a worker: JSON-line events on stdout (see dreamrelation_core/training/worker.py).
+
+  CONFIG            YAML file of TrainConfig options
+  --control stdin   read `cancel` lines on stdin and stop the same way when stdin closes (default: none)
+  --resume          continue the run in output_dir if there is one
+  --overwrite       start over even if output_dir has checkpoints
+  --output-dir DIR  override output_dir of the config
+  --remove-config   delete the config file once read (worker_client hands the worker a temporary one)
+"""
+_FLAGS = {"--resume": "resume", "--overwrite": "overwrite", "--remove-config": "remove_config"}
+_VALUES = {"--control": "control", "--output-dir": "output_dir"}
+
+
+def parse_arguments(argv: list[str]) -> dict[str, Any]:
+    """The worker's command line as run_worker's keyword arguments; ValueError names what is wrong.
+    (Parsed here, not with argparse: the command-line tools stay in cli/, and this line is the client's.)"""
+    out: dict[str, Any] = {"control": "none"}
+    rest = list(argv)
+    while rest:
+        arg = rest.pop(0)
+        name, eq, value = arg.partition("=")
+        if name in _VALUES:
+            if not eq:
+                if not rest:
+                    raise ValueError(f"{name} needs a value")
+                value = rest.pop(0)
+            out[_VALUES[name]] = value
+        elif arg in _FLAGS:
+            out[_FLAGS[arg]] = True
+        elif arg.startswith("-") or "config_path" in out:
+            raise ValueError(f"unexpected argument {arg!r}")
+        else:
+            out["config_path"] = arg
+    if "config_path" not in out:
+        raise ValueError("the CONFIG file is missing")
+    if out["control"] not in ("none", "stdin"):
+        raise ValueError(f"--control takes none or stdin, not {out['control']!r}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The worker process: exit code Exit.OK, Exit.ERROR or Exit.CANCELLED (Exit.USAGE: bad arguments)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(_USAGE, end="")
+        return Exit.OK
+    try:
+        kwargs = parse_arguments(argv)
+    except ValueError as e:
+        print(f"{_USAGE}\nerror: {e}", file=sys.stderr)
+        return Exit.USAGE
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)  # as the CLI
+    return run_worker(**kwargs)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

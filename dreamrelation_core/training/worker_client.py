@@ -2,8 +2,9 @@
 
     result = run_training_worker(config, resume=True, on_event=show, should_cancel=interrupted)
 
-starts `python -m dreamrelation_core train <config> --progress jsonl --control stdin [--resume]`
-with the parent's own interpreter (`sys.executable`), reads its events (see training.worker),
+starts `python -m dreamrelation_core.training.worker <config> --control stdin [--resume]` with the
+parent's own interpreter (`sys.executable`), reads its events (see training.worker and
+training.protocol),
 hands each to `on_event` as a `WorkerEvent`, and returns a `WorkerResult` when the worker ends.
 
 - Cancel: when `should_cancel()` turns true, the worker is told (`cancel` on its stdin); it
@@ -42,14 +43,13 @@ from typing import IO, Any
 from ..errors import TrainingError
 from .config import TrainConfig
 from .lock import pid_running
-from .worker import CANCEL_COMMAND, PROTOCOL_VERSION
+from .protocol import CANCEL_COMMAND, END_EVENTS, EVENTS, PROTOCOL_VERSION, WORKER_MODULE, Event, read_history
 
-EVENTS = ("start", "memory", "step", "checkpoint", "done", "error", "cancelled")
 _PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding dreamrelation_core/
-# `python -m dreamrelation_core`, with the package's folder put on sys.path first: embedded Pythons
+# `python -m dreamrelation_core.training.worker`, with the package's folder put on sys.path first: embedded Pythons
 # (ComfyUI's Windows portable build) ignore PYTHONPATH because of their `._pth` file.
 _BOOTSTRAP = ("import runpy, sys; sys.path.insert(0, sys.argv.pop(1)); "
-              "runpy.run_module('dreamrelation_core', run_name='__main__', alter_sys=True)")
+              "runpy.run_module(sys.argv.pop(1), run_name='__main__', alter_sys=True)")
 
 
 @dataclass
@@ -94,7 +94,7 @@ class WorkerEvent:
 
 @dataclass
 class WorkerResult:
-    status: str  # "finished", "stopped", "already finished" or "cancelled"
+    status: str  # one of protocol.STATUSES
     step: int
     total: int
     action: str  # what the run did: "new", "resume" or "finished"
@@ -111,9 +111,9 @@ class WorkerResult:
 
 def worker_command(config_path: str | os.PathLike, resume: bool = True, overwrite: bool = False,
                    python: str | None = None, remove_config: bool = False) -> list[str]:
-    """The worker's command line: this interpreter, the CLI entry point, worker mode."""
-    cmd = [python or sys.executable, "-c", _BOOTSTRAP, str(_PACKAGE_ROOT), "train", str(config_path),
-           "--progress", "jsonl", "--control", "stdin"]
+    """The worker's command line: this interpreter, the worker module (protocol.WORKER_MODULE)."""
+    cmd = [python or sys.executable, "-c", _BOOTSTRAP, str(_PACKAGE_ROOT), WORKER_MODULE, str(config_path),
+           "--control", "stdin"]
     if resume:
         cmd.append("--resume")
     if overwrite:
@@ -327,16 +327,16 @@ def run_training_worker(
                 continue
             if ev is None:
                 break
-            if ev.event == "start":
+            if ev.event == Event.START:
                 start = ev
                 if ev.raw.get("protocol") != PROTOCOL_VERSION:
                     raise TrainingError(f"training worker speaks protocol {ev.raw.get('protocol')}, "
                                         f"expected {PROTOCOL_VERSION}: the pack's files are from different versions")
-            elif ev.event == "step":
+            elif ev.event == Event.STEP:
                 history.append(ev.history_entry())
-            elif ev.event == "memory" and ev.message:
+            elif ev.event == Event.MEMORY and ev.message:
                 memory.append(ev.message)
-            elif ev.event in ("done", "cancelled", "error"):
+            elif ev.event in END_EVENTS:
                 end = ev
             if on_event is not None and pending is None:
                 try:
@@ -367,19 +367,9 @@ def run_training_worker(
             how = f"exited with code {rc}"
         raise TrainingError(f"the training worker {how} without a result"
                             + (f"; its last message: {detail}" if detail else ""))
-    if end.event == "error":
+    if end.event == Event.ERROR:
         raise TrainingError(end.message or f"training failed (worker exit code {rc})")
     return _result(end, start, history, rc, memory)
-
-
-def _load_history(path: str | None, fallback: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    if not path:
-        return fallback
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return fallback
-    return [{k: (math.nan if v is None else v) for k, v in h.items()} for h in data]
 
 
 def _result(end: WorkerEvent, start: WorkerEvent | None, history: list[dict[str, Any]], rc: int,
@@ -392,5 +382,5 @@ def _result(end: WorkerEvent, start: WorkerEvent | None, history: list[dict[str,
         status=end.status or end.event, step=int(end.step or 0), total=int(end.total or 0),
         action=(start.action if start else "") or "", run_dir=Path(end.run_dir or ""), checkpoint=path(end.checkpoint),
         triplet_path=path(lora.get("triplet")), relation_path=path(lora.get("relation")), message=message,
-        history=_load_history(end.history, history), returncode=rc, memory=memory,
+        history=read_history(end.history, history) if end.history else history, returncode=rc, memory=memory,
     )
