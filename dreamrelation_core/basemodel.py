@@ -19,7 +19,31 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import numpy as np
 import torch
+
+
+def nearest_causal_frame_counts(num_frames: int, step: int) -> tuple[int, int]:
+    """The two valid clip lengths (step * k + 1, k >= 1) closest to `num_frames`, smaller first: the
+    frame rule of a VAE that encodes frame 0 alone, then groups of `step` frames (Mochi 6, Wan 4)."""
+    smallest = 1 + step
+    if num_frames <= smallest:
+        return smallest, smallest + step
+    below = 1 + ((num_frames - 1) // step) * step
+    if below == num_frames:  # already valid: its neighbours below and above
+        return below - step if below > smallest else below, below + step
+    return below, below + step
+
+
+def check_causal_frame_count(num_frames: int, step: int, what: str) -> None:
+    """Raise ValueError unless num_frames = step * k + 1 with k >= 1; `what` names the model and
+    its rule in the message ("Mochi needs 6k + 1 frames with k >= 1 (7, 13, ..., 61, ..., 85)")."""
+    if not isinstance(num_frames, (int, np.integer)) or isinstance(num_frames, bool):
+        raise ValueError(f"frame count must be an integer, got {num_frames!r}")
+    if num_frames >= 1 + step and (num_frames - 1) % step == 0:
+        return
+    lo, hi = nearest_causal_frame_counts(int(num_frames), step)
+    raise ValueError(f"{num_frames} frames: {what}; the nearest valid lengths are {lo} and {hi}")
 
 
 class BaseModelSpec:

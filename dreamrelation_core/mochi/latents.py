@@ -18,9 +18,9 @@ ComfyUI's Mochi (genmo's `AsymmDiTJoint`) takes sigma and predicts eps - z = -u.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
+from ..basemodel import check_causal_frame_count, nearest_causal_frame_counts
 from ..errors import DatasetError
 
 TEMPORAL_COMPRESSION = 6
@@ -47,25 +47,12 @@ LATENT_CHANNELS = 12
 
 def nearest_valid_frame_counts(num_frames: int) -> tuple[int, int]:
     """The two valid clip lengths (6k + 1, k >= 1) closest to `num_frames`, smaller first."""
-    if num_frames <= MIN_FRAMES:
-        return MIN_FRAMES, MIN_FRAMES + TEMPORAL_COMPRESSION
-    below = 1 + ((num_frames - 1) // TEMPORAL_COMPRESSION) * TEMPORAL_COMPRESSION
-    if below == num_frames:  # already valid: its neighbours below and above
-        return below - TEMPORAL_COMPRESSION if below > MIN_FRAMES else below, below + TEMPORAL_COMPRESSION
-    return below, below + TEMPORAL_COMPRESSION
+    return nearest_causal_frame_counts(num_frames, TEMPORAL_COMPRESSION)
 
 
 def check_frame_count(num_frames: int) -> None:
-    """Raise ValueError unless num_frames = 6k + 1 with k >= 1 (7, 13, 19, 25, ..., 61, ..., 85)."""
-    if not isinstance(num_frames, (int, np.integer)) or isinstance(num_frames, bool):
-        raise ValueError(f"frame count must be an integer, got {num_frames!r}")
-    if num_frames >= MIN_FRAMES and (num_frames - 1) % TEMPORAL_COMPRESSION == 0:
-        return
-    lo, hi = nearest_valid_frame_counts(int(num_frames))
-    raise ValueError(
-        f"{num_frames} frames: Mochi needs 6k + 1 frames with k >= 1 (7, 13, ..., 61, ..., 85); "
-        f"the nearest valid lengths are {lo} and {hi}"
-    )
+    """Raise ValueError unless num_frames = 6k + 1 with k >= 1."""
+    check_causal_frame_count(num_frames, TEMPORAL_COMPRESSION, "Mochi needs 6k + 1 frames with k >= 1 (7, 13, ..., 61, ..., 85)")
 
 
 def latent_frame_count(num_frames: int) -> int:
