@@ -128,6 +128,19 @@ def quantize_fp8(w: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn) -> t
     return (w.float() / scale).clamp(-FP8_MAX[dtype], FP8_MAX[dtype]).to(dtype), scale
 
 
+def dequantize_outside_linears(state_dict: dict[str, torch.Tensor], model: nn.Module,
+                               module_scales: dict[str, torch.Tensor]) -> None:
+    """In place: fp8 tensors of `state_dict` that are not a Linear weight of `model` (a norm, an
+    embedding stored in fp8 by a scaled file) become float32 times their module's scale (1 where
+    the file gives none); that scale is taken out of `module_scales`. fp8 stays for Linears only."""
+    linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    for k in list(state_dict):
+        t, module = state_dict[k], k.rpartition(".")[0]
+        if is_fp8(t.dtype) and not (k.endswith(".weight") and module in linears):
+            scale = module_scales.pop(module, None)
+            state_dict[k] = t.float() * (scale if scale is not None else 1.0)
+
+
 def frozen_linears(model: nn.Module) -> Iterator[tuple[str, FrozenLinear]]:
     for name, m in model.named_modules():
         if isinstance(m, FrozenLinear):

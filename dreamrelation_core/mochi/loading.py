@@ -183,15 +183,10 @@ def load_genmo_file(
     for k, t in sd.items():
         if k in expected and expected[k].shape != t.shape:
             raise ModelFileError(f"{path}: {k} has shape {tuple(t.shape)}, a Mochi with config {config} expects {tuple(expected[k].shape)}")
-    linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    for k in list(sd):
-        t, module = sd[k], k.rpartition(".")[0]
-        if fp8.is_fp8(t.dtype) and not (k.endswith(".weight") and module in linears):
-            # an fp8 tensor outside a Linear weight: dequantise it (scale 1 where none is given)
-            scale = module_scales.pop(module, None)
-            sd[k] = t.float() * (scale if scale is not None else 1.0)
-        if not fp8.is_fp8(sd[k].dtype):
-            sd[k] = sd[k].to(dtype)
+    fp8.dequantize_outside_linears(sd, model, module_scales)
+    for k, t in sd.items():
+        if not fp8.is_fp8(t.dtype):
+            sd[k] = t.to(dtype)
     model.load_state_dict(sd, strict=True, assign=True)
     if any(fp8.is_fp8(t.dtype) for t in sd.values()):
         fp8.attach_scales(model, module_scales, str(path))

@@ -97,13 +97,7 @@ def _transformer_from_diffusers_sd(
                 f"{path}: {k} has shape {tuple(t.shape)}, a {variant.name} with config {config} expects "
                 f"{tuple(expected[k].shape)}"
             )
-    linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    for k in list(sd):
-        t, module = sd[k], k.rpartition(".")[0]
-        if fp8.is_fp8(t.dtype) and not (k.endswith(".weight") and module in linears):
-            # an fp8 tensor outside a Linear weight: dequantise it (scale 1 where none is given)
-            scale = module_scales.pop(module, None)
-            sd[k] = t.float() * (scale if scale is not None else 1.0)
+    fp8.dequantize_outside_linears(sd, model, module_scales)
     sd = _cast(sd, dtype, getattr(model, "_keep_in_fp32_modules", None))
     try:
         model.load_state_dict(sd, strict=True, assign=True)
