@@ -57,7 +57,8 @@ PARTS: list[Part] = [
     Part(4, ("data",), "`video`, `mask_files`, `latent_masks`, `dataset` (scan and validate a folder), `exemplars` "
          "(add one exemplar to a dataset folder), `encode`, `cache` (the prepared training cache), `synthetic`"),
     Part(5, ("training",), "`config` (`TrainConfig`), `flow` (noise, masked loss), `contrastive` (RCL and its banks), "
-         "`trainer` (loop, checkpoints, resume), `lock` (one trainer per run folder), `runs` (a run folder: new, "
+         "`trainer` (loop, checkpoints, resume), `distributed` (data parallel under torchrun: the process group, each "
+         "process's share of the batch, contrastive features gathered, gradients summed), `lock` (one trainer per run folder), `runs` (a run folder: new, "
          "resumed or already finished; walk-back past unreadable checkpoints; `run_training`, the one path of "
          "`train`, `resume` and the worker), `protocol` (the worker protocol: event names, the cancel command, exit "
          "codes, run statuses, the history file read and written), `worker` / "

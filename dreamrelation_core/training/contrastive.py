@@ -91,19 +91,23 @@ class RelationalContrastiveLoss:
 
     def loss(self, pred: torch.Tensor, generator: torch.Generator) -> torch.Tensor | None:
         """RCL of pred [B, C, T, h, w]; None while the positive bank holds nothing usable."""
-        s = frame_features(pred)  # [B, T, C]
+        return self.loss_of_features(frame_features(pred), generator)
+
+    def loss_of_features(self, s: torch.Tensor, generator: torch.Generator) -> torch.Tensor | None:
+        """RCL of single-frame features s [B, T, C] (`frame_features`): what data-parallel training
+        gathers over processes, so that every process computes the whole batch's loss."""
         anchors = relational_features(s)  # [B, T-1, C]
         b, n, c = anchors.shape
         usable = self.positive_bank.compatible(anchors.shape[1:])
         if not usable or n == 0:
             return None
         k = min(self.settings.positives_per_anchor, len(usable))
-        bank = torch.stack([self.positive_bank.entries[i] for i in usable]).to(pred.device)  # [P, T-1, C]
+        bank = torch.stack([self.positive_bank.entries[i] for i in usable]).to(s.device)  # [P, T-1, C]
         t = s.shape[1]
         extra = max(self.settings.negatives - t, 0)
         neg_pool = list(self.negative_bank.entries)
         extra = min(extra, len(neg_pool))
-        neg_bank = torch.stack(neg_pool).to(pred.device) if extra else None  # [Nn, C]
+        neg_bank = torch.stack(neg_pool).to(s.device) if extra else None  # [Nn, C]
         losses = []
         for i in range(b):
             # anchors visited in random order: the order decides which draws each one gets
@@ -119,7 +123,11 @@ class RelationalContrastiveLoss:
 
     def update(self, pred: torch.Tensor) -> None:
         """Push this step's detached anchors (one positive entry per sample) and frame features."""
-        s = frame_features(pred.detach())
+        self.update_features(frame_features(pred.detach()))
+
+    def update_features(self, s: torch.Tensor) -> None:
+        """`update` from single-frame features s [B, T, C]."""
+        s = s.detach()
         self.positive_bank.push(relational_features(s))
         self.negative_bank.push(s.reshape(-1, s.shape[-1]))
 

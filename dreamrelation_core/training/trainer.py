@@ -7,6 +7,10 @@ predict u = z - eps, and minimise
     L = MSE + mask_weight * MSE_masked + rcl_weight * RCL.
 All randomness of a step comes from one `torch.Generator` (plus torch's global RNG for LoRA
 dropout); both are checkpointed, so a resumed run repeats an uninterrupted one step for step.
+
+Under torchrun (training.distributed) every process draws the same numbers, computes its share of
+the global batch and the contrastive loss of the whole batch; the LoRA gradients are summed over
+processes: the same run as on one process (docs/distributed.md). Only rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -31,8 +35,9 @@ from ..fileio import is_temp_file, save_torch
 from ..lora import files as lora_files
 from ..lora import peft_triplet as triplet
 from ..statedict import torch_load_reason
+from . import distributed
 from .config import TrainConfig
-from .contrastive import RCLSettings, RelationalContrastiveLoss
+from .contrastive import RCLSettings, RelationalContrastiveLoss, frame_features
 from .flow import masked_flow_loss, noisy
 from .outside_inference import make_trainable, normal_tree, without_inference_tensors
 from .protocol import Status
@@ -139,9 +144,9 @@ class Trainer:
         self.config = config
         self.on_memory = on_memory
         self.run_dir = Path(run_dir or config.output_dir)
-        self.device = torch.device(
-            ("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device
-        )
+        self.world = distributed.world()
+        self.rows = distributed.share(config.batch_size, self.world)  # this process's rows of each batch
+        self.device = distributed.device_for(config.device, self.world)
         self.autocast = self.device.type == "cuda" and config.mixed_precision != "no"
         self.clips = [without_inference_tensors(c) for c in (clips if clips is not None else self._load_clips())]
         if not self.clips:
@@ -269,12 +274,24 @@ class Trainer:
         if (lo, hi) != (0.0, 1.0):  # one expert of Wan 2.2 A14B: its own noise levels only
             sigma = lo + (hi - lo) * sigma
         x, u = noisy(z, eps, sigma)
-        mask = branch_mask(batch, branch).to(dev)
+        mask = branch_mask(batch, branch)
+        r = self.rows  # every draw above is the global batch's; the model sees this process's rows
+        x, u, y, ym, sigma, mask = x[r], u[r], y[r], ym[r], sigma[r], mask[r]
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.autocast):
             pred = self.spec.predict(self.model, x.to(dev), y.to(dev), ym.to(dev), sigma.to(dev))
-        rec, mse, masked = masked_flow_loss(pred, u.to(dev), mask, mask_weight)
-        rcl = self.rcl.loss(pred, rng) if cfg.rcl_weight > 0 else None
+        rec, mse, masked = masked_flow_loss(pred, u.to(dev), mask.to(dev), mask_weight)
+        # the whole batch's features [B, T, C] on every process: the banks hold what one process holds
+        feats = distributed.gather_rows(frame_features(pred)) if cfg.rcl_weight > 0 else None
+        rcl = self.rcl.loss_of_features(feats, rng) if feats is not None else None
+        n = self.world.size
+        if n > 1:
+            # each rank's mean over its equal share, / n: the sum over ranks of these gradients is
+            # the global mean's; the contrastive term is whole on every rank (gather_rows)
+            objective = rec / n + cfg.rcl_weight * rcl if rcl is not None else rec / n
+            rec, mse, masked = distributed.sum_values(torch.stack([rec, mse, masked]).detach() / n)
         total = rec + cfg.rcl_weight * rcl if rcl is not None else rec
+        if n == 1:
+            objective = total
         terms = {"total": total, "mse": mse, "masked": masked, "rcl": rcl}
         for name, v in terms.items():
             if v is not None and not torch.isfinite(v):
@@ -284,14 +301,15 @@ class Trainer:
                     f"(a lower learning_rate may help), "
                     + (f"the last good checkpoint {kept[-1]} is kept" if kept else "no checkpoint had been written yet")
                 )
-        total.backward()
+        objective.backward()
+        distributed.sum_gradients(p for _, p in triplet.lora_parameters(self.model))
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_([p for _, p in triplet.lora_parameters(self.model) if p.grad is not None], cfg.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)  # None grads: inactive adapters stay untouched
-        if cfg.rcl_weight > 0:
-            self.rcl.update(pred)
+        if feats is not None:
+            self.rcl.update_features(feats)
         self.step += 1
         return branch, {k: (float(v.detach()) if v is not None else float("nan")) for k, v in terms.items()}
 
@@ -332,15 +350,21 @@ class Trainer:
     ) -> TrainResult:
         """Run until num_steps (or `max_steps` more steps, or until `should_cancel()` is true).
 
-        A checkpoint is written every `checkpoint_every` steps and when the run stops.
+        A checkpoint is written every `checkpoint_every` steps and when the run stops. Under
+        torchrun `should_cancel` is asked on every process and the answers are combined, so all
+        stop at the same step; `progress` is called on rank 0 only.
         """
         cfg = self.config
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        cfg.save_yaml(self.run_dir / CONFIG_FILE)
+        if self.world.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            cfg.save_yaml(self.run_dir / CONFIG_FILE)
         stop_at = cfg.num_steps if max_steps is None else min(cfg.num_steps, self.step + max_steps)
         start, t_start, status, ckpt = self.step, time.perf_counter(), Status.FINISHED, None
         while self.step < stop_at:
-            if should_cancel is not None and should_cancel():
+            requested = should_cancel is not None and bool(should_cancel())
+            if self.world.active:
+                requested = distributed.any_rank(requested)
+            if requested:
                 status = Status.CANCELLED
                 break
             t0 = time.perf_counter()
@@ -348,7 +372,7 @@ class Trainer:
             branch, losses = self.train_step()
             dt = time.perf_counter() - t0
             self.history.append({"step": self.step, "branch": branch, "lr": lr, **losses})
-            if progress is not None:
+            if progress is not None and self.world.main:
                 mean = (time.perf_counter() - t_start) / (self.step - start)
                 progress(StepInfo(self.step, cfg.num_steps, branch, losses, lr, dt, mean * (stop_at - self.step)))
             if self.step % cfg.checkpoint_every == 0:
@@ -362,7 +386,10 @@ class Trainer:
 
     # -- files ---------------------------------------------------------------------------------
     def export(self) -> tuple[Path, Path]:
-        """Write the triplet and the relation-only LoRA of the current weights into run_dir."""
+        """Write the triplet and the relation-only LoRA of the current weights into run_dir (rank 0;
+        the other processes get the paths)."""
+        if not self.world.main:
+            return self.run_dir / TRIPLET_FILE, self.run_dir / RELATION_FILE
         lora = triplet.to_lora_set(self.model)
         lora.metadata["placement"] = self.spec.placement
         dtype = torch.bfloat16 if self.config.save_dtype == "bf16" else torch.float32
@@ -414,10 +441,13 @@ class Trainer:
         self.step = int(state["step"])
 
     def save_checkpoint(self) -> Path:
-        """`run_dir/checkpoints/checkpoint_<step>.pt`, atomically; older ones beyond keep_checkpoints pruned."""
+        """`run_dir/checkpoints/checkpoint_<step>.pt`, atomically; older ones beyond keep_checkpoints
+        pruned. Written once, by rank 0 (every process holds the same state); the others get the path."""
         d = self.run_dir / CHECKPOINT_DIR
-        d.mkdir(parents=True, exist_ok=True)
         path = d / f"checkpoint_{self.step:06d}.pt"
+        if not self.world.main:
+            return path
+        d.mkdir(parents=True, exist_ok=True)
         save_torch(path, self.state_dict())  # atomic; a full disk is a DiskFullError, earlier ones intact
         keep = self.config.keep_checkpoints
         if keep > 0:
