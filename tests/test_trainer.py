@@ -130,6 +130,20 @@ def test_progress_and_cancel(tmp_path, clips):
     assert result.relation_path.exists()
 
 
+def test_resume_walks_back_past_unreadable_checkpoints(tmp_path, clips, caplog):
+    Trainer(config(tmp_path, num_steps=4, checkpoint_every=2), clips=clips).train()
+    newest = list_checkpoints(tmp_path / "run")[-1]
+    newest.write_bytes(newest.read_bytes()[:100])  # a write cut short
+    with caplog.at_level("WARNING", logger="dreamrelation"):
+        resumed = Trainer.resume(tmp_path / "run", clips=clips)
+    assert resumed.step == 2 and "checkpoint_000004.pt: skipped" in caplog.text
+    assert newest.exists()  # left in place: runs sets broken files aside, the Python API only reads
+    for c in list_checkpoints(tmp_path / "run"):
+        c.write_bytes(b"garbage")
+    with pytest.raises(TrainingError, match="none of its 2 checkpoint"):
+        Trainer.resume(tmp_path / "run", clips=clips)
+
+
 def test_bad_inputs(tmp_path, clips):
     with pytest.raises(TrainingError, match="no training clips"):
         Trainer(config(tmp_path), clips=[])

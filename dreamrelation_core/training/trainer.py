@@ -463,10 +463,11 @@ class Trainer:
         cls, run_dir: str | os.PathLike, clips: Sequence[Clip] | None = None, model: torch.nn.Module | None = None,
         checkpoint: str | os.PathLike | None = None,
     ) -> Trainer:
-        """Rebuild a run from its folder and load its last (or the given) checkpoint."""
+        """Rebuild a run from its folder and load its newest readable (or the given) checkpoint.
+        Newer unreadable ones are skipped with a warning and left in place (the CLI and the worker,
+        through training.runs, also set them aside as `.broken`)."""
         run_dir = Path(run_dir)
-        ckpt = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir)
-        state = load_checkpoint(ckpt)
+        ckpt, state = (Path(checkpoint), load_checkpoint(checkpoint)) if checkpoint else newest_readable_checkpoint(run_dir)
         config = TrainConfig.from_dict(state["config"], source=str(ckpt))
         trainer = cls(config, clips=clips, model=model, run_dir=run_dir)
         trainer.load_state_dict(state, source=str(ckpt))
@@ -508,6 +509,24 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path:
     if not found:
         raise FileNotFoundError(f"{Path(run_dir) / CHECKPOINT_DIR}: no checkpoint_<step>.pt to resume from")
     return found[-1]
+
+
+def newest_readable_checkpoint(run_dir: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
+    """The newest checkpoint of a run that loads, and its state; newer unreadable ones are logged.
+    FileNotFoundError without checkpoints, TrainingError naming each file when none loads."""
+    found = list_checkpoints(run_dir)
+    if not found:
+        latest_checkpoint(run_dir)  # raises the FileNotFoundError naming the folder
+    reasons: list[str] = []
+    for path in reversed(found):
+        try:
+            state = load_checkpoint(path)
+        except TrainingError as e:
+            log.warning("%s: skipped (%s)", path.name, e)
+            reasons.append(str(e))
+            continue
+        return path, state
+    raise TrainingError(f"{Path(run_dir)}: none of its {len(found)} checkpoint(s) can be read - " + "; ".join(reasons))
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
