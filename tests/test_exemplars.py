@@ -84,3 +84,31 @@ def test_all_empty_mask_is_refused_and_nothing_written(tmp_path):
     with pytest.raises(MaskExtractionError, match="subject 2's mask is empty on all 7 frames"):
         add_exemplar(tmp_path / "rel", "a", frames, m1, np.zeros_like(m2), "x")
     assert not list((tmp_path / "rel").glob("a*"))
+
+
+def test_full_disk_while_writing_frames_leaves_the_dataset_as_it_was(tmp_path, monkeypatch):
+    import errno
+
+    from PIL import Image
+
+    from dreamrelation_core.errors import DiskFullError
+
+    frames, m1, m2 = clip()
+    first = add_exemplar(tmp_path / "rel", "one", frames, m1, m2, "a square touches a disc")
+    before = sorted(p.relative_to(tmp_path).as_posix() for p in (tmp_path / "rel").rglob("*"))
+    real, saved = Image.Image.save, []
+
+    def save(self, fp, *args, **kwargs):  # the third frame hits a full disk, after part of it landed
+        if len(saved) == 2:
+            open(fp, "wb").write(b"\x89PNG partial")
+            raise OSError(errno.ENOSPC, "No space left on device", str(fp))
+        saved.append(fp)
+        return real(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", save)
+    frames2, n1, n2 = clip(seed=1)
+    with pytest.raises(DiskFullError, match=r"two: not written, the disk is full: the file needs about .* free there"):
+        add_exemplar(tmp_path / "rel", "two", frames2, n1, n2, "a square passes a disc")
+    after = sorted(p.relative_to(tmp_path).as_posix() for p in (tmp_path / "rel").rglob("*"))
+    assert after == before  # no masks, caption, frames or partial folder of "two"
+    assert [e.name for e in scan_dataset(tmp_path / "rel", full=True)] == [first.name]

@@ -26,7 +26,7 @@ import numpy as np
 from ..base_models import get_spec
 from ..basemodel import BaseModelSpec
 from ..errors import DatasetError
-from ..fileio import atomic_path
+from ..fileio import atomic_path, disk_full_error, is_disk_full
 from . import mask_files as mask_io
 from .video import VIDEO_SUFFIXES
 
@@ -137,9 +137,16 @@ def _write_frames(target: Path, frames: np.ndarray) -> None:
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    for i, frame in enumerate(frames):
-        Image.fromarray(frame).save(tmp / f"frame{i:0{_FRAME_DIGITS}d}.png", compress_level=4)
-    os.replace(tmp, target)
+    try:
+        for i, frame in enumerate(frames):
+            Image.fromarray(frame).save(tmp / f"frame{i:0{_FRAME_DIGITS}d}.png", compress_level=4)
+        os.replace(tmp, target)
+    except BaseException as e:
+        written = sum(f.stat().st_size for f in tmp.glob("*.png")) if tmp.is_dir() else 0
+        shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(e):  # PNGs are at most about the raw size: a fair upper bound of the need
+            raise disk_full_error(target, int(frames.nbytes), written) from e
+        raise
 
 
 def add_exemplar(folder: str | os.PathLike, name: str | None, frames: np.ndarray, subject1: np.ndarray,
@@ -171,10 +178,17 @@ def add_exemplar(folder: str | os.PathLike, name: str | None, frames: np.ndarray
     folder.mkdir(parents=True, exist_ok=True)
     cov = mask_io.mask_coverage(subject1, subject2)
     # Masks first: save_masks refuses a subject empty on every frame before anything else is written.
-    mask_io.save_masks(folder / f"{name}{mask_io.COMPACT_SUFFIX}", subject1, subject2)
-    with atomic_path(folder / f"{name}.txt") as tmp:
-        Path(tmp).write_text(text + "\n", encoding="utf-8")
-    _write_frames(folder / name, frames)
+    masks, caption_file = folder / f"{name}{mask_io.COMPACT_SUFFIX}", folder / f"{name}.txt"
+    try:
+        mask_io.save_masks(masks, subject1, subject2)
+        with atomic_path(caption_file) as tmp:
+            Path(tmp).write_text(text + "\n", encoding="utf-8")
+        _write_frames(folder / name, frames)
+    except BaseException:
+        # all or nothing: a clip with masks and a caption but no frames would break the dataset
+        for p in (masks, caption_file):
+            p.unlink(missing_ok=True)
+        raise
     index[digest] = name
     _write_index(folder, index)
     f, h, w = subject1.shape
