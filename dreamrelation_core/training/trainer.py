@@ -401,8 +401,8 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         lora = {n: p.detach().cpu().clone() for n, p in triplet.lora_parameters(self.model)}
         rng = {"generator": self.rng.get_state(), "torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
+        if self.device.type == "cuda":  # this process's device only: reading every GPU's state would
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)  # open a CUDA context on each (torchrun)
         return {
             "format": "dreamrelation.checkpoint", "version": 1, "step": self.step, "config": self.config.to_dict(),
             "lora": lora, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
@@ -434,8 +434,11 @@ class Trainer:
             group["lr"] = base * lr_factor(self.scheduler.last_epoch, self.config.warmup_steps, self.config.num_steps)
         self.rng.set_state(state["rng"]["generator"])
         torch.set_rng_state(state["rng"]["torch"])
-        if "cuda" in state["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        cuda_rng = state["rng"].get("cuda")
+        if isinstance(cuda_rng, (list, tuple)):  # older checkpoints kept every device's state
+            cuda_rng = cuda_rng[0] if cuda_rng else None
+        if cuda_rng is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(cuda_rng, self.device)
         self.rcl.load_state_dict(state["rcl"])
         self.history = list(state["history"])
         self.step = int(state["step"])
