@@ -119,6 +119,11 @@ class BaseModelSpec:
         sigma [B] on the model's device."""
         raise NotImplementedError
 
+    def block_inputs(self, model: torch.nn.Module, device: torch.device) -> tuple[tuple, dict]:
+        """(args, kwargs) for one transformer block at a few tokens on `device`: what the memory
+        warm-up runs a copy of block 0 with (training.memory.warmup)."""
+        raise NotImplementedError
+
     # -- blocks and LoRA placement -------------------------------------------------------------
     def blocks(self, model: torch.nn.Module) -> torch.nn.ModuleList:
         """The transformer blocks (what block swap streams and checkpointing wraps)."""

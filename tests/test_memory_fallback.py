@@ -148,14 +148,17 @@ def test_fixed_options_are_not_changed(cache, tmp_path, monkeypatch):
 # before free memory is read
 
 
-def test_warm_up_runs_one_block_and_leaves_the_model_as_it_was():
-    from dreamrelation_core.mochi.tiny import tiny_transformer
+@pytest.mark.parametrize("base", ["mochi", "wan"])
+def test_warm_up_runs_one_block_and_leaves_the_model_as_it_was(base):
+    from dreamrelation_core.mochi import tiny as mochi_tiny
     from dreamrelation_core.training.memory.warmup import warm_up_block
+    from dreamrelation_core.wan import tiny as wan_tiny
 
-    model = tiny_transformer(seed=0)
+    model = (mochi_tiny if base == "mochi" else wan_tiny).tiny_transformer(seed=0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     calls = []
-    model.transformer_blocks[0].register_forward_hook(lambda *a: calls.append(1))  # the copy keeps the hook
+    block = model.transformer_blocks[0] if base == "mochi" else model.blocks[0]
+    block.register_forward_hook(lambda *a: calls.append(1))  # the copy keeps the hook
     warm_up_block(model, "cpu", autocast=True)
     assert calls == [1]
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -72,6 +72,19 @@ class MochiSpec(BaseModelSpec):
         return model(hidden_states=latents_, encoder_hidden_states=text, timestep=self.model_timestep(sigma),
                      encoder_attention_mask=text_mask, return_dict=False)[0]
 
+    @torch.no_grad()
+    def block_inputs(self, model, device: torch.device) -> tuple[tuple, dict]:
+        cfg = model.config
+        d = cfg.num_attention_heads * cfg.attention_head_dim
+        frames, height, width, text = 1, 2, 4, 2  # a few patches and text tokens
+        rope = model.rope(model.pos_frequencies.detach().to(device), frames, height, width, device=device,
+                          dtype=torch.float32)  # (cos, sin) [n, heads, head_dim / 2]
+        return (), dict(hidden_states=torch.randn(1, frames * height * width, d, device=device),  # [1, n, d]
+                        encoder_hidden_states=torch.randn(1, text, cfg.pooled_projection_dim, device=device),
+                        temb=torch.randn(1, d, device=device),  # [1, d]
+                        encoder_attention_mask=torch.ones(1, text, dtype=torch.bool, device=device),
+                        image_rotary_emb=rope)
+
     def module_path(self, block: int, sub: str) -> str:
         return f"transformer_blocks.{block}.attn1.{sub}"
 

@@ -96,6 +96,19 @@ class WanSpec(BaseModelSpec):
                   return_dict=False)[0]
         return -v  # v = eps - z -> u = z - eps
 
+    @torch.no_grad()
+    def block_inputs(self, model, device: torch.device) -> tuple[tuple, dict]:
+        cfg = model.config
+        d = cfg.num_attention_heads * cfg.attention_head_dim
+        pt, ph, pw = cfg.patch_size
+        grid = torch.zeros(1, cfg.in_channels, pt, 2 * ph, 4 * pw, device=device)  # 1 x 2 x 4 patches
+        cos, sin = (t.to(device) for t in model.rope(grid))  # the rope reads the grid's shape only
+        n, text = 8, 2
+        return (torch.randn(1, n, d, device=device),  # video tokens [1, n, d]
+                torch.randn(1, text, d, device=device),  # text after the model's projection [1, L, d]
+                torch.randn(1, 6, d, device=device),  # the six modulation vectors [1, 6, d]
+                (cos, sin)), {}
+
     # -- model and LoRA placement ---------------------------------------------------------------
     def is_model(self, model) -> bool:
         if type(model).__name__ != self.diffusers_class:
