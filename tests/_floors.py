@@ -64,7 +64,7 @@ PARTS: list[Part] = [
          "codes, run statuses, the history file read and written), `worker` / "
          "`worker_client` (training in a worker process that reports JSON lines, and the parent side that follows "
          "it), `outside_inference` (training under a caller's `torch.inference_mode()`), `memory/` (peak-memory "
-         "estimate and its meta-device trace, gradient checkpointing, block swap, fp8 base; chosen by `TrainConfig`), "
+         "estimate and its meta-device trace, gradient checkpointing, block swap, the frozen base sharded over ranks (FSDP2), fp8 base; chosen by `TrainConfig`), "
          "`fallback` (an out-of-memory at step 1 retried one rung down the memory ladder), `allocator` (the "
          "training process's CUDA allocator settings), `plots`"),
     Part(5, ("masks",), "`grounding_dino`, `sam`, `tracking`, `extractor` (boxes → masks for a whole video), `images` "

@@ -88,12 +88,12 @@ def _run(config, resume: bool, overwrite: bool, progress: str, checkpoint: str |
 
 def _memory_flags(args: argparse.Namespace) -> dict:
     """The memory flags given on the command line (None: the config's value stays)."""
-    names = ("base_dtype", "blocks_to_swap", "gradient_checkpointing", "offload_activations")
+    names = ("base_dtype", "blocks_to_swap", "gradient_checkpointing", "offload_activations", "shard_base")
     return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 
 def _memory_overrides(config, args: argparse.Namespace) -> None:
-    """--base-dtype, --blocks-to-swap, --gradient-checkpointing, --offload-activations over the YAML."""
+    """--base-dtype, --blocks-to-swap, --gradient-checkpointing, --offload-activations, --shard-base over the YAML."""
     for name, value in _memory_flags(args).items():
         setattr(config, name, value)
     config.validate()
@@ -116,6 +116,8 @@ def _add_memory_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--blocks-to-swap", type=_auto_int, metavar="N|auto", help="blocks streamed from CPU memory")
     g.add_argument("--gradient-checkpointing", type=_auto_bool, metavar="auto|on|off")
     g.add_argument("--offload-activations", type=_auto_bool, metavar="auto|on|off")
+    g.add_argument("--shard-base", type=_auto_bool, metavar="auto|on|off",
+                   help="the frozen base blocks sharded over the processes of --nproc N (memory, not speed)")
 
 
 def add_cli(sub: argparse._SubParsersAction) -> None:

@@ -72,6 +72,10 @@ class TrainConfig:
     blocks_to_swap: int | str = "auto"  # blocks whose frozen weights stream from CPU memory: auto or 0..num_layers
     gradient_checkpointing: bool | str = "auto"  # auto (on for CUDA), true or false
     offload_activations: bool | str = "auto"  # checkpointed block inputs in CPU memory: auto, true or false
+    # the frozen block weights sharded over the processes of `train --nproc N` (FSDP2): each GPU holds
+    # 1/N of them plus the blocks in flight. auto: only where nothing else fits; true with one
+    # process: nothing to share with, the base stays whole (noted in the log). Excludes block swap.
+    shard_base: bool | str = "auto"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -119,6 +123,11 @@ class TrainConfig:
             need(v == "auto" or isinstance(v, bool), f"{name} must be auto, true or false, got {v!r}")
         need(not (self.offload_activations is True and self.gradient_checkpointing is False),
              "offload_activations needs gradient_checkpointing (it offloads the checkpointed block inputs)")
+        need(self.shard_base == "auto" or isinstance(self.shard_base, bool),
+             f"shard_base must be auto, true or false, got {self.shard_base!r}")
+        need(not (self.shard_base is True and swap not in ("auto", 0)),
+             f"blocks_to_swap: {swap} and shard_base: true exclude each other (a sharded base keeps 1/N of each "
+             "block on every GPU already); set blocks_to_swap to 0 (or auto) or shard_base to false")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -80,6 +80,7 @@ APPLIED_ON_RESUME: dict[str, str] = {
     "gradient_checkpointing": "memory/speed only; the result is the same",
     "blocks_to_swap": "memory/speed only; the result is the same",
     "offload_activations": "memory/speed only; the result is the same",
+    "shard_base": "memory/speed only; the result is the same",
     "base_dtype": "the frozen base weights are stored in the new precision from now on",
 }
 # Compared through run.json (content identity) instead of by path; by path where run.json is missing.

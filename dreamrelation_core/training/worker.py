@@ -13,7 +13,7 @@ Events (keys absent where they do not apply; NaN losses are null):
     {"event": "start", "protocol": 1, "pid", "action": "new"|"resume"|"finished", "step", "total",
      "run_dir", "message"}                          # the plan (training.runs), before the model loads
     {"event": "memory", "message", "options": {base_dtype, blocks_to_swap, gradient_checkpointing,
-     offload_activations}, "retry": bool}           # the memory options chosen (estimate, free memory),
+     offload_activations, shard_base}, "retry": bool}           # the memory options chosen (estimate, free memory),
                                                     # before step 1; again for each out-of-memory retry
     {"event": "step", "step", "total", "branch", "losses": {"total", "mse", "masked", "rcl"}, "lr",
      "step_s", "it_s", "eta_s"}                     # after every step
@@ -443,7 +443,7 @@ def _run(stop: StopRequest, config_path, output_dir, resume: bool, overwrite: bo
 def _options_dict(options) -> dict[str, Any]:
     return {"base_dtype": options.base_dtype, "blocks_to_swap": options.blocks_to_swap,
             "gradient_checkpointing": options.gradient_checkpointing,
-            "offload_activations": options.offload_activations}
+            "offload_activations": options.offload_activations, "shard_base": options.shard_base}
 
 
 def _log_traceback(e: BaseException, plan) -> Path | None:

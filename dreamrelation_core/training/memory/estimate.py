@@ -30,6 +30,15 @@ inputs (bf16 hidden and text states: 2d per token + 2c per text token) instead; 
 keeps them on the host (the recomputed block's input comes back, and the block below's is
 prefetched beside it). The transient at the peak: the
 incoming bf16 gradient (2d) and five fp32 [N, d] temporaries of the norm backward (20d).
+
+Several processes (`world` > 1, train --nproc N): every figure is one rank's. Each rank computes
+`batch` clips (the global batch / N). With the base sharded (`shard_base`, shard.py) a rank keeps
+1/N of each block's frozen Linear weights (FSDP2 pads dim 0 to a multiple of N) and holds two
+blocks' full weights in flight, the one computing and the one gathered next: the same two
+block-sized buffers block swap streams through ("swap_buffers"). Biases, norms and the weights
+outside the blocks are counted whole (a few MB per block; FSDP2 shards a block's biases and norms
+as well, so this errs high). The meta trace (trace.py) cannot run FSDP2 (it needs materialised
+weights); it traces the same memory pattern with block swap's buffers and a store of 1/N.
 """
 
 from __future__ import annotations
@@ -191,6 +200,8 @@ class Estimate:
     parts: dict[str, int] = field(default_factory=dict)  # bytes
     attention_kernel: str = "flash"  # see ATTENTION_KERNELS
     seconds: float | None = None  # modelled step time (`step_time`), where computed
+    world: int = 1  # processes of the launch: the figures are one rank's
+    batch: int = 1  # clips per rank and step
 
     @property
     def peak(self) -> int:
@@ -206,6 +217,10 @@ class Estimate:
 
     def report(self) -> str:
         lines = [f"options: {self.options.label()}  ({self.frames} frames, {self.height}x{self.width}, {self.tokens} visual tokens)"]
+        if self.world > 1:
+            lines.append(f"  per rank of {self.world} processes ({self.batch} clip{'s' if self.batch > 1 else ''} per rank"
+                         + (f"; frozen blocks sharded 1/{self.world}, two blocks gathered in flight)"
+                            if self.options.shard_base else "; the whole base on every GPU)"))
         if self.attention_kernel == "math":
             lines.append("  attention: the math kernel (no flash / memory-efficient kernel for this GPU and dtype): "
                          "its score matrices are in the attention line")
@@ -217,30 +232,31 @@ class Estimate:
 
 
 PART_LABELS = {
-    "weights": "weights resident", "swap_buffers": "swap buffers", "lora": "LoRA + optimizer",
+    "weights": "weights resident", "swap_buffers": "swap buffers / gathered", "lora": "LoRA + optimizer",
     "activations": "activations", "attention": "attention workspace",
 }
 
 
 def estimate(
     frames: int, height: int, width: int, options: MemoryOptions, dims: MochiDims | None = None, rank: int = 16,
-    attention: str = "flash",
+    attention: str = "flash", batch: int = 1, world: int = 1,
 ) -> Estimate:
     """Predicted peak GPU memory of one training step, split into PART_LABELS (`dims`: MochiDims, or
     another base model's dims with its own `latent_shape`, e.g. wan_dims.WanDims). `attention`: the
-    SDPA kernel the GPU runs (ATTENTION_KERNELS; `attention.py` probes it)."""
+    SDPA kernel the GPU runs (ATTENTION_KERNELS; `attention.py` probes it). `batch`: clips per
+    rank; `world`: processes (the figures are one rank's; see the module docstring)."""
     shape = dims.latent_shape(frames, height, width) if hasattr(dims, "latent_shape") else latent_shape(frames, height, width)
-    est = estimate_latent(shape, options, dims, rank, attention=attention)
+    est = estimate_latent(shape, options, dims, rank, batch, attention=attention, world=world)
     est.frames, est.height, est.width = frames, height, width
     return est
 
 
 def estimate_latent(
     latent: tuple[int, int, int], options: MemoryOptions, dims: MochiDims | None = None, rank: int = 16, batch: int = 1,
-    attention: str = "flash",
+    attention: str = "flash", world: int = 1,
 ) -> Estimate:
-    """`estimate` from the latent shape (T, h, w); a batch of B clips holds B times the
-    activations (an approximation for B > 1)."""
+    """`estimate` from the latent shape (T, h, w); a batch of B clips (per rank) holds B times the
+    activations (an approximation for B > 1). `world`: processes of the launch."""
     dims = dims or MochiDims()
     if options.base_dtype not in ("bf16", "fp8"):
         raise TrainingError(f"the GPU memory estimate covers base_dtype bf16 and fp8, not {options.base_dtype!r}")
@@ -251,24 +267,32 @@ def estimate_latent(
     act, att, grads = _activations(dims, options, n, dims.text_len, rank, attention)
     act, att = act * batch, att * batch
     parts = {
-        **_weights(dims, options),
+        **_weights(dims, options, world),
         # fp32 weights and AdamW's two moments; the gradients that exist at the peak
         "lora": dims.lora_params(rank) * 4 * 3 + grads,
         "activations": act, "attention": att,
     }
-    return Estimate(options, 1 + 6 * (t - 1), 8 * h, 8 * w, n, {k: parts[k] for k in PART_LABELS}, attention)
+    return Estimate(options, 1 + 6 * (t - 1), 8 * h, 8 * w, n, {k: parts[k] for k in PART_LABELS}, attention,
+                    world=world, batch=batch)
 
 
-def _weights(dims: MochiDims, options: MemoryOptions) -> dict[str, int]:
+def _weights(dims: MochiDims, options: MemoryOptions, world: int = 1) -> dict[str, int]:
     wb, scale = STORAGE_BYTES[options.base_dtype], 4 if options.base_dtype == "fp8" else 0
-    swapped = set(range(min(options.blocks_to_swap, dims.layers)))
+    sharded = options.shard_base and world > 1
+    # streamed through two block-sized buffers: the swapped blocks, or every block of a sharded base
+    swapped = set(range(dims.layers if sharded else min(options.blocks_to_swap, dims.layers)))
 
-    def linears_bytes(linears, resident_weights: bool) -> int:
-        return sum((i * o * wb if resident_weights else 0) + scale + (o * COMPUTE_BYTES if b else 0)
-                   for _, i, o, b in linears)
+    def linears_bytes(linears, rows) -> int:
+        """Weights of `rows(out)` rows each (all, none, or a rank's dim-0 shard), scales, biases."""
+        return sum(i * rows(o) * wb + scale + (o * COMPUTE_BYTES if b else 0) for _, i, o, b in linears)
 
-    resident = linears_bytes(dims.outer_linears(), True) + dims.other_params() * COMPUTE_BYTES
-    resident += sum(linears_bytes(dims.block_linears(i), i not in swapped) for i in range(dims.layers))
+    def block_rows(i: int):
+        if sharded:
+            return lambda o: -(-o // world)  # FSDP2 pads dim 0 to a multiple of the world size
+        return (lambda o: 0) if i in swapped else (lambda o: o)
+
+    resident = linears_bytes(dims.outer_linears(), lambda o: o) + dims.other_params() * COMPUTE_BYTES
+    resident += sum(linears_bytes(dims.block_linears(i), block_rows(i)) for i in range(dims.layers))
     slot = max((sum(_align(i * o * wb) for _, i, o, _ in dims.block_linears(b)) for b in swapped), default=0)
     return {"weights": resident, "swap_buffers": slot * min(2, len(swapped))}
 
@@ -411,11 +435,16 @@ class StepTimeModel:
     traffic); transfer = swapped weight bytes + offloaded input bytes / `pcie_gbps`. Copies run
     on a side stream beside compute, so a block costs max(compute, transfer), and each pass pays
     one block's transfer that nothing hides. Passes: forward, recompute (checkpointing), backward
-    (twice the forward's matmul work: input gradients and the LoRA's)."""
+    (twice the forward's matmul work: input gradients and the LoRA's). A sharded base (world > 1)
+    moves (N-1)/N of each block's weights per pass over `interconnect_gbps` (all-gathers, overlapped
+    like the swap copies)."""
 
     tflops: float = 60.0  # effective dense bf16 TFLOP/s
     pcie_gbps: float = 12.0  # effective host <-> GPU GB/s, each direction
     hbm_gbps: float = 700.0  # GPU memory GB/s (the fp8 upcast: read 1 byte, write 2, scale in place 4)
+    # GPU <-> GPU GB/s each rank receives in an all-gather: consumer cards talk over PCIe (this
+    # figure); NVLink (H100 nodes) is ~20x faster, so there sharding costs nearly nothing in time
+    interconnect_gbps: float = 12.0
 
     def block_flops(self, dims: MochiDims, i: int, n: int, l: int) -> float:
         """Forward FLOPs of block i: its Linears on the tokens they see, and attention (4 S^2 d)."""
@@ -425,10 +454,15 @@ class StepTimeModel:
         mm = sum(2.0 * rows.get(name, n) * a * b for name, a, b, _ in dims.block_linears(i))
         return mm + 4.0 * (n + l) ** 2 * dims.d
 
-    def seconds(self, dims: MochiDims, options: MemoryOptions, n: int, l: int) -> float:
+    def seconds(self, dims: MochiDims, options: MemoryOptions, n: int, l: int, world: int = 1) -> float:
         wb = STORAGE_BYTES[options.base_dtype]
         passes = 3 if options.gradient_checkpointing else 2  # weights used per step: fwd, (recompute), bwd
         swapped = set(range(min(options.blocks_to_swap, dims.layers)))
+        if options.shard_base and world > 1:  # every block gathered; (N-1)/N of it over the interconnect
+            swapped, wb = set(range(dims.layers)), wb * (world - 1) / world
+            rate = self.interconnect_gbps
+        else:
+            rate = self.pcie_gbps
         block_input = n * 2 * dims.d + l * 2 * dims.text_width
         total = 0.0
         for i in range(dims.layers):
@@ -436,25 +470,26 @@ class StepTimeModel:
             weights = sum(a * b for _, a, b, _ in dims.block_linears(i))
             upcast = weights * 7 / (self.hbm_gbps * 1e9) if options.base_dtype == "fp8" else 0.0
             compute = [fwd + upcast, 2 * fwd + upcast] + ([fwd + upcast] if options.gradient_checkpointing else [])
-            copy = weights * wb / (self.pcie_gbps * 1e9) if i in swapped else 0.0
+            copy = weights * wb / (rate * 1e9) if i in swapped else 0.0
             offload = block_input / (self.pcie_gbps * 1e9) if options.offload_activations else 0.0
             moves = [copy + offload, copy + offload] + ([copy] if options.gradient_checkpointing else [])
             total += sum(max(c, m) for c, m in zip(compute, moves))
         if swapped:
             first = max(sum(a * b for _, a, b, _ in dims.block_linears(i)) for i in swapped) * wb
-            total += passes * first / (self.pcie_gbps * 1e9)
+            total += passes * first / (rate * 1e9)
         return total
 
 
 STEP_TIME = StepTimeModel()
 
 
-def option_ladder(layers: int = 48, both_dtypes: bool = False) -> list[MemoryOptions]:
+def option_ladder(layers: int = 48, both_dtypes: bool = False, shard: bool = False) -> list[MemoryOptions]:
     """Every option set the automatic choice considers, in its order of preference: bf16 < fp8
     (cheap upcast), no checkpointing < checkpointing (a second forward), then more and more
     blocks swapped, then the checkpointed inputs offloaded as well (with 0..all blocks swapped).
     `both_dtypes` appends the bf16 versions of the swap/offload rungs (only reached when the user
-    fixes base_dtype: bf16).
+    fixes base_dtype: bf16). `shard` (several processes) appends the sharded-base sets last, so a
+    tie with an unsharded set goes to the unsharded one: sharding only where it is needed or faster.
 
     Contract (for `fastest_fitting`, the trainer's `auto` and its out-of-memory fallback): a
     list of distinct MemoryOptions, the same for the same arguments; along it, within the
@@ -467,6 +502,10 @@ def option_ladder(layers: int = 48, both_dtypes: bool = False) -> list[MemoryOpt
     for dtype in ("fp8", "bf16") if both_dtypes else ("fp8",):
         out += [MemoryOptions(dtype, k, True) for k in range(1, layers + 1)]
         out += [MemoryOptions(dtype, k, True, True) for k in range(0, layers + 1)]
+    if shard:
+        for dtype in ("bf16", "fp8"):
+            out += [MemoryOptions(dtype, 0, False, shard_base=True), MemoryOptions(dtype, 0, True, shard_base=True),
+                    MemoryOptions(dtype, 0, True, True, shard_base=True)]
     return out
 
 
@@ -476,17 +515,18 @@ TIE = 0.01  # modelled times within 1 % count as equal (the model is not that pr
 def fastest_fitting(
     frames: int, height: int, width: int, budget_gib: float, dims: MochiDims | None = None, rank: int = 16,
     allow_fp8: bool = True, context: bool = True, attention: str = "flash", model: StepTimeModel = STEP_TIME,
-    candidates: list[MemoryOptions] | None = None,
+    candidates: list[MemoryOptions] | None = None, batch: int = 1, world: int = 1,
 ) -> Estimate | None:
     """The option set that fits `budget_gib` with the shortest modelled step time (`StepTimeModel`),
     among `candidates` (default `option_ladder`), the earlier rung on a tie. context=False: the
-    budget is free memory measured in a running process, the CUDA context already paid."""
+    budget is free memory measured in a running process, the CUDA context already paid. `batch`:
+    clips per rank; `world`: processes (> 1 adds the sharded-base sets to the default candidates)."""
     dims = dims or MochiDims()
-    cands = candidates if candidates is not None else option_ladder(dims.layers)
+    cands = candidates if candidates is not None else option_ladder(dims.layers, shard=world > 1)
     cands = [o for o in cands if allow_fp8 or o.base_dtype != "fp8"]
     shape = dims.latent_shape(frames, height, width) if hasattr(dims, "latent_shape") else latent_shape(frames, height, width)
-    best = fastest_fitting_latent(shape, int(budget_gib * GIB), cands, dims, rank,
-                                  context=context, attention=attention, model=model)
+    best = fastest_fitting_latent(shape, int(budget_gib * GIB), cands, dims, rank, batch,
+                                  context=context, attention=attention, model=model, world=world)
     if best is not None:
         best.frames, best.height, best.width = frames, height, width
     return best
@@ -494,16 +534,16 @@ def fastest_fitting(
 
 def fastest_fitting_latent(
     latent: tuple[int, int, int], budget_bytes: int, candidates: list[MemoryOptions], dims: MochiDims, rank: int = 16,
-    batch: int = 1, context: bool = False, attention: str = "flash", model: StepTimeModel = STEP_TIME,
+    batch: int = 1, context: bool = False, attention: str = "flash", model: StepTimeModel = STEP_TIME, world: int = 1,
 ) -> Estimate | None:
     """`fastest_fitting` for a latent shape (T, h, w), a budget in bytes and given candidates in
     ladder order (the trainer's `auto`: free memory measured in the worker, context=False)."""
     best: Estimate | None = None
     for opts in candidates:
-        est = estimate_latent(latent, opts, dims, rank, batch, attention)
+        est = estimate_latent(latent, opts, dims, rank, batch, attention, world)
         if MARGIN.needed_bytes(est.peak, context) > budget_bytes:
             continue
-        est.seconds = model.seconds(dims, opts, est.tokens, dims.text_len)
+        est.seconds = model.seconds(dims, opts, est.tokens, dims.text_len, world)
         if best is None or est.seconds < best.seconds * (1 - TIE):
             best = est
     return best

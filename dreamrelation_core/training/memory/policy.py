@@ -33,7 +33,8 @@ from .estimate import (
     fastest_fitting_latent,
     option_ladder,
 )
-from .setup import MemoryOptions
+from .setup import SWAP_AND_SHARD, MemoryOptions
+from .shard import min_over_ranks, shard_world_size
 from .warmup import warm_up_block
 
 MEMORY_OPTIONS = ("base_dtype", "blocks_to_swap", "gradient_checkpointing", "offload_activations")
@@ -48,6 +49,8 @@ class Choice:
     free_bytes: int | None
     blocks: int = 0  # transformer blocks of the model (the swap rungs of the ladder)
     attention_note: str = ""  # what a math attention kernel costs, where the GPU has no better one
+    world: int = 1  # processes of the launch (the estimate is one rank's)
+    shard_note: str = ""  # why shard_base: true was not applied (one process)
 
     def summary(self) -> str:
         s = f"memory options: {self.options.label()}"
@@ -58,8 +61,12 @@ class Choice:
             s += f"; {self.free_bytes / GIB:.2f} GiB free (fp32 weights: no estimate)"
         else:
             s += " (on the CPU: no GPU memory estimate)"
+        if self.options.shard_base:
+            s += f"; frozen base blocks sharded over {self.world} processes (FSDP2)"
         if self.attention_note:
             s += f"; {self.attention_note}"
+        if self.shard_note:
+            s += f"; {self.shard_note}"
         return s
 
 
@@ -80,7 +87,7 @@ def next_rung(options: MemoryOptions, fixed: set[str], blocks: int) -> tuple[Mem
         return replace(options, gradient_checkpointing=True), "gradient checkpointing on"
     if options.base_dtype == "bf16" and "base_dtype" not in fixed:
         return replace(options, base_dtype="fp8"), "base weights in fp8"
-    if "blocks_to_swap" not in fixed:
+    if "blocks_to_swap" not in fixed and not options.shard_base:  # a sharded base streams every block already
         more = [k for k in _swap_rungs(blocks) if k > options.blocks_to_swap]
         if more:
             return replace(options, blocks_to_swap=more[0]), f"{more[0]} of {blocks} blocks swapped to CPU memory"
@@ -90,10 +97,10 @@ def next_rung(options: MemoryOptions, fixed: set[str], blocks: int) -> tuple[Mem
 
 
 def with_memory_options(config, options: MemoryOptions):
-    """A copy of `config` with the four memory options set to `options` (no 'auto' left)."""
+    """A copy of `config` with the memory options set to `options` (no 'auto' left)."""
     return replace(config, base_dtype=options.base_dtype, blocks_to_swap=options.blocks_to_swap,
                    gradient_checkpointing=options.gradient_checkpointing,
-                   offload_activations=options.offload_activations)
+                   offload_activations=options.offload_activations, shard_base=options.shard_base)
 
 
 def memory_advice(options: MemoryOptions | None, fixed: set[str], blocks: int) -> str:
@@ -161,39 +168,48 @@ def resolve(
     offload = _bool(config.offload_activations, "offload_activations")
     swap = None if config.blocks_to_swap == "auto" else int(config.blocks_to_swap)
     dtype = None if config.base_dtype == "auto" else config.base_dtype
+    world, shard, shard_note = shard_world_size(), _bool(getattr(config, "shard_base", False), "shard_base"), ""
+    if world < 2:  # nothing to share the base with: true is noted and ignored (a sharded run resumes on one GPU)
+        shard_note = "shard_base: true ignored: one process holds the whole base (it applies with --nproc N)" if shard else ""
+        shard = False
+    if shard and swap:
+        raise TrainingError(SWAP_AND_SHARD)
+    batch = max(1, config.batch_size // world)  # clips per rank: the global batch is shared by the ranks
     if device.type != "cuda":
         dtype = dtype or ("fp8" if is_fp8_model(model) else "fp32")
-        return Choice(MemoryOptions(dtype, swap or 0, bool(ckpt), bool(offload)), None, None, _blocks(model))
+        return Choice(MemoryOptions(dtype, swap or 0, bool(ckpt), bool(offload), bool(shard)), None, None,
+                      _blocks(model), world=world, shard_note=shard_note)
     if free_bytes is None:
         # kernels, handles and workspaces of one block first: the free memory read then is what a step has
         warm_up_block(model, device, autocast=config.mixed_precision != "no")
-        free_bytes = torch.cuda.mem_get_info(device)[0]
+        free_bytes = min_over_ranks(torch.cuda.mem_get_info(device)[0], device)  # the same choice on every rank
     if dtype == "fp32":  # fp32 weights on a GPU: outside the estimate (bf16 autocast runs); no check
-        return Choice(MemoryOptions("fp32", swap or 0, ckpt is not False, bool(offload)), None, free_bytes, _blocks(model))
+        return Choice(MemoryOptions("fp32", swap or 0, ckpt is not False, bool(offload), bool(shard)), None, free_bytes,
+                      _blocks(model), world=world, shard_note=shard_note)
     if dtype is None and is_fp8_model(model):
         dtype = "fp8"  # the file is fp8: bf16 would only cost memory
     dims = model_dims(model)
-    batch = config.batch_size
     kernel = attention if attention is not None else sdpa.probe(device, heads=dims.heads, head_dim=dims.head_dim)
 
     def agrees(o: MemoryOptions) -> bool:
         return ((dtype is None or o.base_dtype == dtype) and (swap is None or o.blocks_to_swap == swap)
-                and (ckpt is None or o.gradient_checkpointing == ckpt) and (offload is None or o.offload_activations == offload))
+                and (ckpt is None or o.gradient_checkpointing == ckpt) and (offload is None or o.offload_activations == offload)
+                and (shard is None or o.shard_base == shard))
 
-    candidates = [o for o in option_ladder(dims.layers, both_dtypes=True) if agrees(o)]
+    candidates = [o for o in option_ladder(dims.layers, both_dtypes=True, shard=world > 1) if agrees(o)]
     if not candidates:  # a fixed combination outside the ladder (e.g. bf16 + swap + no checkpointing)
-        candidates = [MemoryOptions(dtype or "fp8", swap or 0, bool(ckpt), bool(offload))]
-    est = fastest_fitting_latent(latent, free_bytes, candidates, dims, config.rank, batch, attention=kernel)
+        candidates = [MemoryOptions(dtype or "fp8", swap or 0, bool(ckpt), bool(offload), bool(shard))]
+    est = fastest_fitting_latent(latent, free_bytes, candidates, dims, config.rank, batch, attention=kernel, world=world)
     if est is not None:  # the fastest by the step-time model, ladder order on ties (estimate.py)
         note = ""
         if kernel == "math":
-            flash = estimate_latent(latent, est.options, dims, config.rank, batch)
+            flash = estimate_latent(latent, est.options, dims, config.rank, batch, world=world)
             note = sdpa.describe_cost(kernel, flash.peak_gib, est.peak_gib)
-        return Choice(est.options, est, free_bytes, _blocks(model), note)
-    first = estimate_latent(latent, candidates[0], dims, config.rank, batch, kernel)
+        return Choice(est.options, est, free_bytes, _blocks(model), note, world, shard_note)
+    first = estimate_latent(latent, candidates[0], dims, config.rank, batch, kernel, world)
     advice = None
-    for opts in option_ladder(dims.layers):
-        est = estimate_latent(latent, opts, dims, config.rank, batch, kernel)
+    for opts in option_ladder(dims.layers, shard=world > 1):
+        est = estimate_latent(latent, opts, dims, config.rank, batch, kernel, world)
         if est.peak * (1 + FRAGMENTATION) <= free_bytes:
             advice = opts
             break
@@ -202,10 +218,11 @@ def resolve(
     if advice is not None:
         msg += (f"; these options fit: base_dtype: {advice.base_dtype}, blocks_to_swap: {advice.blocks_to_swap}, "
                 f"gradient_checkpointing: {str(advice.gradient_checkpointing).lower()}, "
-                f"offload_activations: {str(advice.offload_activations).lower()} (or set them to auto)")
+                f"offload_activations: {str(advice.offload_activations).lower()}"
+                + (", shard_base: true" if advice.shard_base else "") + " (or set them to auto)")
     else:
         msg += "; no option set fits: train on shorter or smaller clips"
     if kernel == "math":
-        flash = estimate_latent(latent, candidates[0], dims, config.rank, batch)
+        flash = estimate_latent(latent, candidates[0], dims, config.rank, batch, world=world)
         msg += f" ({sdpa.describe_cost(kernel, flash.peak_gib, first.peak_gib)})"
     raise TrainingError(msg)

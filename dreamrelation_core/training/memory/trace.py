@@ -18,6 +18,11 @@ What stands in for the GPU (each is what CUDA does, written for meta tensors):
   its backward allocates dq, dk, dv and FlashAttention-2's fp32 dq accumulator.
 - host memory (block swap's weight store, offloaded activations): meta tensors the count leaves
   out.
+- a base sharded over N ranks (`shard_base`, `world` > 1): FSDP2 itself needs materialised weights
+  and a process group, so the trace stands in its memory pattern: every block streams through
+  block swap's two block-sized buffers (what FSDP2 holds gathered: the block computing and the one
+  gathered next), and each rank's dim-0 shard of every block's Linear weights (1/N, padded as
+  FSDP2 pads) is counted as resident. The step itself (activations, LoRA, optimizer) is the real one.
 Known fixes for meta (torch 2.14, diffusers 0.42): diffusers' RoPE enters `torch.autocast` with
 the tensor's device type, which refuses 'meta' (mapped to a disabled CPU autocast here);
 `torch.nonzero` on meta needs `meta_nonzero_assume_all_nonzero` (every text token counts as
@@ -31,7 +36,7 @@ from __future__ import annotations
 import contextlib
 import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -270,10 +275,11 @@ def _mochi(config: dict, dtype: torch.dtype, family: str = "mochi") -> torch.nn.
 def trace_step(
     config: dict, frames: int, height: int, width: int, options: MemoryOptions, rank: int = 16,
     text_len: int | None = None, mask_weight: float = 50.0, counter: LiveBytes | None = None,
-    base_model: str = "mochi",
+    base_model: str = "mochi", world: int = 1,
 ) -> TraceResult:
     """Peak live device bytes of one training step of a Mochi of `config` (MochiTransformer3DModel
-    keyword arguments), after a first step (AdamW's state exists, as in a run)."""
+    keyword arguments), after a first step (AdamW's state exists, as in a run). `world` > 1 with
+    `options.shard_base`: one rank's peak with the base sharded over `world` ranks (module docstring)."""
     from .estimate import latent_shape
 
     spec = get_spec(base_model)
@@ -290,8 +296,10 @@ def trace_step(
     with meta_patches():
         model = _mochi(config, torch.bfloat16, spec.family)
         offload = _TraceOffload(counter) if options.offload_activations else None
+        sharded = options.shard_base and world > 1
+        layers = len(spec.blocks(model))
         prepared = prepare_model(
-            model, options, "meta", rank=rank, alpha=float(rank), offload=offload,
+            model, replace(options, shard_base=False, blocks_to_swap=layers) if sharded else replace(options, shard_base=False), "meta", rank=rank, alpha=float(rank), offload=offload,
             swap_kwargs={"store_device": "meta"}, recompute_context=lambda: CudaAutocastOnMeta(counter),
         )
         from ...mochi.fp8 import frozen_linears
@@ -307,6 +315,7 @@ def trace_step(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         _baseline(counter, model, prepared, lora, optimizer)
+        shards = _shards(counter, prepared, world) if sharded else []  # alive (counted) through the step
         with counter, CudaAutocastOnMeta(counter):
             z = torch.randn(1, channels, t_lat, h_lat, w_lat, device="meta")
             eps = torch.randn_like(z)
@@ -326,10 +335,24 @@ def trace_step(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         counter.finish()
+        del shards
         parts = counter.peak_by_tag()
     parts = {"weights": parts.get("weights", 0), "swap_buffers": parts.get("swap_buffers", 0),
              "lora": parts.get("lora", 0), "activations": parts.get("step", 0), "attention": parts.get("attention", 0)}
     return TraceResult(options, t_lat * (h_lat // 2) * (w_lat // 2), counter.peak, parts)
+
+
+def _shards(counter: LiveBytes, prepared, world: int) -> list[torch.Tensor]:
+    """One rank's shard of every streamed Linear weight (dim 0 padded to a multiple of `world`, as
+    FSDP2 pads), counted as resident weights."""
+    out = []
+    for layout in prepared.swap.layouts.values():
+        for m in layout.modules:
+            rows, cols = m._swap_shape[0], int(torch.Size(m._swap_shape[1:]).numel())
+            t = torch.empty(-(-rows // world) * cols * m.weight.element_size(), dtype=torch.uint8, device="meta")
+            counter.track(t, "weights")
+            out.append(t)
+    return out
 
 
 def _baseline(counter: LiveBytes, model, prepared, lora, optimizer) -> None:
