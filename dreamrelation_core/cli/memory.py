@@ -45,7 +45,25 @@ def options_text(options) -> str:
     """The options as TrainConfig YAML lines."""
     return (f"base_dtype: {options.base_dtype}\nblocks_to_swap: {options.blocks_to_swap}\n"
             f"gradient_checkpointing: {str(options.gradient_checkpointing).lower()}\n"
-            f"offload_activations: {str(options.offload_activations).lower()}")
+            f"offload_activations: {str(options.offload_activations).lower()}\n"
+            f"shard_base: {str(options.shard_base).lower()}")
+
+
+def _per_rank(args: argparse.Namespace) -> tuple[int, int]:
+    """(processes, clips per rank) from --nproc and the global --batch; refuses what cannot run."""
+    world = args.nproc
+    batch = world if args.batch is None else args.batch
+    if world < 1:
+        raise ValueError(f"--nproc must be >= 1, got {world}")
+    if batch < world or batch % world:
+        raise ValueError(f"--batch {batch} must be a multiple of --nproc {world} (each process takes batch / nproc clips)")
+    if args.shard_base and world < 2:
+        raise ValueError("--shard-base needs --nproc 2 or more: with one process there is no other GPU to share the "
+                         "base with")
+    if args.shard_base and args.blocks_to_swap:
+        raise ValueError("--shard-base and --blocks-to-swap exclude each other (a sharded base keeps 1/N of each block "
+                         "on every GPU already)")
+    return world, batch // world
 
 
 def cmd_memory(args: argparse.Namespace) -> int:
@@ -55,8 +73,10 @@ def cmd_memory(args: argparse.Namespace) -> int:
 
     height, width = args.size
     dims = _dims(args.transformer_config, args.base_model)
+    world, batch = _per_rank(args)
     if args.fit is not None:
-        est = fastest_fitting(args.frames, height, width, args.fit, dims, args.rank, attention=args.attention)
+        est = fastest_fitting(args.frames, height, width, args.fit, dims, args.rank, attention=args.attention,
+                              batch=batch, world=world)
         if est is None:
             print(f"no option set fits {args.fit} GiB at {args.frames} frames, {height}x{width}"
                   + (" with the math attention kernel" if args.attention == "math" else "")
@@ -66,15 +86,16 @@ def cmd_memory(args: argparse.Namespace) -> int:
               f"modelled step time {est.seconds:.1f} s, see docs/method.md):")
         print(options_text(est.options))
     else:
-        opts = MemoryOptions(args.base_dtype, args.blocks_to_swap, args.gradient_checkpointing, args.offload_activations)
-        est = estimate(args.frames, height, width, opts, dims, args.rank, args.attention)
+        opts = MemoryOptions(args.base_dtype, args.blocks_to_swap, args.gradient_checkpointing, args.offload_activations,
+                             args.shard_base)
+        est = estimate(args.frames, height, width, opts, dims, args.rank, args.attention, batch, world)
     print(est.report())
     if args.attention != "flash":
-        flash = estimate(args.frames, height, width, est.options, dims, args.rank)
+        flash = estimate(args.frames, height, width, est.options, dims, args.rank, batch=batch, world=world)
         print(describe_cost(args.attention, flash.peak_gib, est.peak_gib))
     shape = dims.latent_shape(args.frames, height, width) if hasattr(dims, "latent_shape") else latent_shape(
         args.frames, height, width)
-    host = host_estimate(shape, est.options, dims)
+    host = host_estimate(shape, est.options, dims, batch)
     print(host.report())
     print(f"peak_gib={est.peak_gib:.2f}")
     print(f"host_gib={host.peak_gib:.2f}")
@@ -99,6 +120,12 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--offload-activations", action="store_true", help="checkpointed block inputs in CPU memory")
     p.add_argument("--fit", type=float, metavar="GIB", help="GPU memory in GiB: print the fastest option set that fits")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="processes of train --nproc N (one per GPU): the figures are one GPU's; with --fit, sharding "
+                        "the base is one of the options")
+    p.add_argument("--batch", type=int, help="global batch_size, a multiple of --nproc (default: one clip per process)")
+    p.add_argument("--shard-base", action="store_true",
+                   help="the frozen base blocks sharded over the --nproc processes (FSDP2): memory, not speed")
     p.add_argument("--attention", choices=("flash", "efficient", "math"), default="flash",
                    help="the GPU's attention kernel: flash/efficient (Ampere or newer), math (older GPUs with bf16: "
                         "S x S score matrices)")

@@ -488,8 +488,11 @@ def option_ladder(layers: int = 48, both_dtypes: bool = False, shard: bool = Fal
     (cheap upcast), no checkpointing < checkpointing (a second forward), then more and more
     blocks swapped, then the checkpointed inputs offloaded as well (with 0..all blocks swapped).
     `both_dtypes` appends the bf16 versions of the swap/offload rungs (only reached when the user
-    fixes base_dtype: bf16). `shard` (several processes) appends the sharded-base sets last, so a
-    tie with an unsharded set goes to the unsharded one: sharding only where it is needed or faster.
+    fixes base_dtype: bf16). `shard` (several processes) adds the sharded-base sets after the four
+    unswapped ones and before any swap (their offloading versions before the first offloading
+    set): on a tie sharding wins over block swap, which would keep a pinned copy of the swapped
+    blocks per process and share the host's PCIe lanes among the GPUs, and loses to a base that
+    fits whole.
 
     Contract (for `fastest_fitting`, the trainer's `auto` and its out-of-memory fallback): a
     list of distinct MemoryOptions, the same for the same arguments; along it, within the
@@ -499,13 +502,13 @@ def option_ladder(layers: int = 48, both_dtypes: bool = False, shard: bool = Fal
     rung wins."""
     out = [MemoryOptions("bf16", 0, False), MemoryOptions("fp8", 0, False),
            MemoryOptions("bf16", 0, True), MemoryOptions("fp8", 0, True)]
+    if shard:  # after the unswapped sets, before any swap: see the docstring
+        out += [MemoryOptions(dtype, 0, ckpt, shard_base=True) for ckpt in (False, True) for dtype in ("bf16", "fp8")]
     for dtype in ("fp8", "bf16") if both_dtypes else ("fp8",):
         out += [MemoryOptions(dtype, k, True) for k in range(1, layers + 1)]
+        if shard and dtype == "fp8":  # before the first offloading set
+            out += [MemoryOptions(d, 0, True, True, shard_base=True) for d in ("fp8", "bf16")]
         out += [MemoryOptions(dtype, k, True, True) for k in range(0, layers + 1)]
-    if shard:
-        for dtype in ("bf16", "fp8"):
-            out += [MemoryOptions(dtype, 0, False, shard_base=True), MemoryOptions(dtype, 0, True, shard_base=True),
-                    MemoryOptions(dtype, 0, True, True, shard_base=True)]
     return out
 
 
