@@ -46,6 +46,13 @@ def check_causal_frame_count(num_frames: int, step: int, what: str) -> None:
     raise ValueError(f"{num_frames} frames: {what}; the nearest valid lengths are {lo} and {hi}")
 
 
+def model_class_name(model: Any) -> str:
+    """The name of the class the model was built as. FSDP2 (a base sharded over processes) swaps in
+    a subclass named `FSDP<name>` defined by torch; the first class not defined by torch is the model's."""
+    return next((c.__name__ for c in type(model).__mro__ if not c.__module__.startswith("torch.")),
+                type(model).__name__)
+
+
 class BaseModelSpec:
     """One base model family as the core sees it. Subclasses set the class attributes and
     implement the methods that raise NotImplementedError."""
@@ -171,7 +178,7 @@ class BaseModelSpec:
         return self.name, self.placement, self.relation_placement
 
     def is_model(self, model: Any) -> bool:
-        return type(model).__name__ == self.diffusers_class
+        return model_class_name(model) == self.diffusers_class
 
     def num_blocks(self, model: torch.nn.Module) -> int:
         return len(self.blocks(model))

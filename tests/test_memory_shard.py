@@ -4,6 +4,8 @@ against the meta trace; the option's checks and the `memory --nproc` command."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -13,81 +15,98 @@ from dreamrelation_core.training.memory.estimate import MochiDims, estimate, fas
 from dreamrelation_core.training.memory.setup import MemoryOptions
 from dreamrelation_core.training.memory.trace import trace_step
 from dreamrelation_core.training.memory.wan_dims import WanDims
-from fixtures.shard_ranks import run_ranks
+from fixtures.distributed import run_processes
+from fixtures.sharding import gradients_job, train_job
 
-CASES = [("mochi", "fp32", True), ("mochi", "fp8", True), ("wan", "bf16", False)]
-
-
-def _model(family: str):
-    if family == "wan":
-        from dreamrelation_core.wan.tiny import tiny_transformer
-
-        return tiny_transformer(seed=0, num_layers=3, text_dim=32), torch.randn(1, 16, 3, 8, 8)
-    from dreamrelation_core.mochi.tiny import tiny_transformer
-
-    return tiny_transformer(seed=0, num_layers=3), torch.randn(1, 12, 3, 8, 8)
-
-
-def _grads(family: str, dtype: str, ckpt: bool, sharded: bool) -> dict:
-    """Two forward/backward passes of a tiny model with a peft triplet (random LoRA weights, the
-    same on every rank); the LoRA gradients, the loss and what the rank holds of the blocks."""
-    from torch.distributed.tensor import DTensor
-
-    from dreamrelation_core.base_models import spec_of_model
-    from dreamrelation_core.lora import peft_triplet as triplet
-    from dreamrelation_core.training.memory.setup import prepare_model
-
-    torch.manual_seed(0)
-    model, x = _model(family)
-    y, ym, sigma = torch.randn(1, 16, 32), torch.arange(16)[None] < 11, torch.tensor([0.4])
-    spec = spec_of_model(model)
-    full = {n: p.numel() * p.element_size() for b in spec.blocks(model) for n, p in b.named_parameters()}
-    prepared = prepare_model(model, MemoryOptions(dtype, 0, ckpt, shard_base=sharded), "cpu", rank=4, alpha=4.0)
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for _, p in triplet.lora_parameters(model):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    model.train()
-    triplet.activate_branch(model, "relation")
-    for _ in range(2):  # the second pass: FSDP's state after a full step (resharded, gathered again)
-        loss = spec.predict(model, x, y, ym, sigma).square().mean()
-        loss.backward()
-    blocks = spec.blocks(model)
-    local = {}
-    for i, b in enumerate(blocks):
-        for n, p in b.named_parameters():
-            if "lora_" not in n:
-                t = p.to_local() if isinstance(p, DTensor) else p
-                local[f"{i}.{n}"] = (t.numel() * t.element_size(), isinstance(p, DTensor))
-    return {"loss": loss.item(), "grads": {n: p.grad.clone() for n, p in triplet.lora_parameters(model) if p.grad is not None},
-            "lora_plain": all(not isinstance(p, DTensor) for _, p in triplet.lora_parameters(model)),
-            "local": local, "full": full, "info": prepared.shard}
-
-
-def _rank_cases(rank: int, world: int, out_dir: str) -> list:
-    return [(_grads(*case, sharded=False), _grads(*case, sharded=True)) for case in CASES]
+CASES = [("mochi", "fp8", True), ("wan", "bf16", False)]
+STEPS = 4
 
 
 def test_sharded_base_gives_the_same_gradients_and_holds_one_nth(tmp_path):
-    ranks = run_ranks(_rank_cases, 2, tmp_path)
+    """FSDP2 on a tiny Mochi (fp8 storage, gradient checkpointing) and Wan (bf16): the LoRA
+    gradients of the sharded model are the whole model's; each rank stores half the blocks."""
+    run_processes(2, gradients_job, str(tmp_path), CASES)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     for case, results in zip(CASES, zip(*ranks)):
-        for (plain, sharded) in results:
+        for plain, sharded in results:
             assert sharded["loss"] == pytest.approx(plain["loss"], abs=1e-6), case
             assert sharded["grads"].keys() == plain["grads"].keys() and len(plain["grads"]) > 0, case
             for n, g in plain["grads"].items():
                 assert torch.allclose(sharded["grads"][n], g, atol=1e-6, rtol=1e-5), (case, n)
             assert sharded["lora_plain"], "the LoRA weights stay whole on every rank (ignored by FSDP)"
-            info = sharded["info"]
-            assert info.world_size == 2 and info.blocks == 3
-            # every frozen block parameter is a DTensor whose local shard is about half of it
-            assert all(is_dt for _, is_dt in sharded["local"].values()), case
-            assert abs(info.local_bytes / info.full_bytes - 0.5) < 0.02, (case, info)
-            assert all(not is_dt for _, is_dt in plain["local"].values()) and plain["info"] is None
+            info, blocks = sharded["info"], sharded["blocks"]
+            assert info.world_size == 2 and info.blocks == 3 and blocks["sharded"] > 0
+            assert blocks["local"] == info.local_bytes and blocks["full"] == info.full_bytes
+            assert abs(blocks["local"] / blocks["full"] - 0.5) < 0.02, (case, blocks)
+            assert plain["blocks"]["sharded"] == 0 and plain["info"] is None
         # the two ranks' shards together are the whole blocks (dim 0 split, padded to even)
-        a, b = results[0][1]["local"], results[1][1]["local"]
-        full = results[0][1]["info"].full_bytes
-        assert full <= sum(v for v, _ in a.values()) + sum(v for v, _ in b.values()) < 1.02 * full
-        assert results[0][1]["info"].local_bytes == sum(v for v, _ in a.values())
+        total = results[0][1]["blocks"]["local"] + results[1][1]["blocks"]["local"]
+        assert results[0][1]["blocks"]["full"] <= total < 1.02 * results[0][1]["blocks"]["full"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    from dreamrelation_core.data.cache import Encoders, prepare_dataset
+    from dreamrelation_core.data.synthetic import write_synthetic_dataset
+    from dreamrelation_core.mochi.tiny import tiny_text_encoder, tiny_tokenizer, tiny_vae
+
+    root = tmp_path_factory.mktemp("shard")
+    data = write_synthetic_dataset(root / "data", num_videos=3, num_frames=13, size=(32, 32))
+    prepare_dataset(data, root / "cache", Encoders.from_models(tiny_vae(), tiny_text_encoder(), tiny_tokenizer(16)),
+                    13, (32, 32), max_text_len=16)
+    return root / "cache"
+
+
+def settings(out, **kw) -> dict:
+    base = dict(output_dir=str(out), num_steps=STEPS, warmup_steps=2, checkpoint_every=100, rank=4, alpha=4.0,
+                learning_rate=5e-3, device="cpu", save_dtype="fp32", keep_checkpoints=0, batch_size=2,
+                rcl_weight=1.0, positive_bank_size=3, negative_bank_size=8)
+    base.update(kw)
+    return base
+
+
+def assert_same(history, lora, ref_history, ref_lora) -> None:
+    def terms(h):
+        return torch.tensor([[0.0 if x is None or math.isnan(x) else x for x in (s["total"], s["mse"], s["masked"], s["rcl"])]
+                             for s in h])
+
+    assert [h["branch"] for h in history] == [h["branch"] for h in ref_history]
+    torch.testing.assert_close(terms(history), terms(ref_history), rtol=1e-5, atol=1e-6)
+    assert lora.keys() == ref_lora.keys()
+    for name, value in lora.items():
+        torch.testing.assert_close(value, ref_lora[name], rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_sharded_training_is_the_same_run_and_resumes_on_one_process(tmp_path, cache):
+    from dreamrelation_core.data.cache import load_prepared
+    from dreamrelation_core.training.trainer import Trainer, list_checkpoints
+    from fixtures.distributed import lora_state
+
+    torch.set_num_threads(1)
+    clips = load_prepared(cache)
+    ref = Trainer(TrainConfig(**settings(tmp_path / "one")), clips=clips)  # one process, the same global batch
+    ref.train()
+    runs = [dict(name="sharded", config=settings(tmp_path / "sharded", shard_base=True), cache=str(cache)),
+            dict(name="whole", config=settings(tmp_path / "whole", shard_base=False), cache=str(cache)),
+            dict(name="part", config=settings(tmp_path / "part", shard_base=True), cache=str(cache), max_steps=2)]
+    run_processes(2, train_job, str(tmp_path), runs)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    for rank in ranks:
+        sharded, whole = rank["sharded"], rank["whole"]
+        assert sharded["shard_base"] and not whole["shard_base"] and "sharded over 2 processes" in sharded["summary"]
+        # each process stores half of the frozen block weights; without sharding all of them
+        assert abs(sharded["blocks"]["local"] / sharded["blocks"]["full"] - 0.5) < 0.02, sharded["blocks"]
+        assert whole["blocks"]["local"] == whole["blocks"]["full"] == sharded["blocks"]["full"]
+        assert_same(sharded["history"], sharded["lora"], whole["history"], whole["lora"])
+        assert_same(sharded["history"], sharded["lora"], ref.history, lora_state(ref))
+    # the sharded run stopped at step 2 continues on one process (shard_base: true is ignored there)
+    assert [p.name for p in list_checkpoints(tmp_path / "part")] == ["checkpoint_000002.pt"]
+    cont = Trainer.resume(tmp_path / "part", clips=clips)
+    assert cont.config.shard_base is True and not cont.memory.options.shard_base
+    assert "shard_base: true ignored" in cont.memory.summary()
+    cont.train()
+    assert cont.step == STEPS
+    assert_same(cont.history, lora_state(cont), ref.history, lora_state(ref))
 
 
 @pytest.mark.parametrize("options,world", [

@@ -22,7 +22,7 @@ import re
 
 import torch
 
-from ..basemodel import BaseModelSpec
+from ..basemodel import BaseModelSpec, model_class_name
 from . import latents
 
 PLACEMENTS: dict[str, dict[str, tuple[str, ...]]] = {
@@ -111,7 +111,7 @@ class WanSpec(BaseModelSpec):
 
     # -- model and LoRA placement ---------------------------------------------------------------
     def is_model(self, model) -> bool:
-        if type(model).__name__ != self.diffusers_class:
+        if model_class_name(model) != self.diffusers_class:
             return False
         cfg = getattr(model, "config", {})
         out = cfg.get("out_channels") or cfg.get("in_channels")

@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from ...basemodel import model_class_name
 from ...errors import TrainingError
 from ...mochi import fp8
 from . import attention as sdpa
@@ -146,7 +147,7 @@ def model_dims(model: torch.nn.Module):
     """The memory dimensions of a loaded transformer: WanDims for Wan, else MochiDims."""
     if not hasattr(model, "config"):
         return MochiDims()
-    if type(model).__name__ == "WanTransformer3DModel":
+    if model_class_name(model) == "WanTransformer3DModel":
         from .wan_dims import WanDims
 
         return WanDims.from_config(dict(model.config))

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ...base_models import spec_of_model
-from ...basemodel import BaseModelSpec
+from ...basemodel import BaseModelSpec, model_class_name
 from ...lora import peft_triplet as triplet
 from ...mochi import attention as mochi_attention
 from ...mochi import fp8
@@ -79,7 +79,7 @@ def prepare_model(
     spec = spec or spec_of_model(model)
     fp8.freeze_linears(model, storage, keep=spec.keep_precision)
     triplet.add_triplet(model, rank, alpha, dropout, spec=spec)
-    if type(model).__name__ == "MochiTransformer3DModel":  # the valid text tokens found once per step, not per block
+    if model_class_name(model) == "MochiTransformer3DModel":  # the valid text tokens found once per step, not per block
         mochi_attention.install(model)
     for layer in triplet._tuner_layers(model):
         # peft would cast each LoRA input to fp32 (a full-size copy per layer, kept for backward

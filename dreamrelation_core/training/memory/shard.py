@@ -45,10 +45,10 @@ class ShardInfo:
 
 
 def shard_world_size() -> int:
-    """Processes that share the base (1 without an initialised process group)."""
-    import torch.distributed as dist
+    """Processes that share the base (1 without a process group)."""
+    from ..distributed import world
 
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return world().size
 
 
 def min_over_ranks(value: int, device: torch.device) -> int:
