@@ -39,6 +39,8 @@ def test_sharded_base_gives_the_same_gradients_and_holds_one_nth(tmp_path):
             assert blocks["local"] == info.local_bytes and blocks["full"] == info.full_bytes
             assert abs(blocks["local"] / blocks["full"] - 0.5) < 0.02, (case, blocks)
             assert plain["blocks"]["sharded"] == 0 and plain["info"] is None
+            # what the estimator counts: the block computing and at most one more gathered
+            assert 1 <= sharded["in_flight"] <= 2, sharded["in_flight"]
         # the two ranks' shards together are the whole blocks (dim 0 split, padded to even)
         total = results[0][1]["blocks"]["local"] + results[1][1]["blocks"]["local"]
         assert results[0][1]["blocks"]["full"] <= total < 1.02 * results[0][1]["blocks"]["full"]
