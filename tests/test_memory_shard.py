@@ -193,6 +193,11 @@ def test_memory_command_nproc(capsys):
     assert peak == pytest.approx(estimate(61, 480, 848, MemoryOptions("bf16", 0, True, shard_base=True), world=2).peak_gib,
                                  abs=0.01)
     assert peak < estimate(61, 480, 848, MemoryOptions("bf16", 0, True)).peak_gib - 8  # 9 of 18.6 GiB of blocks
+    # --fit with several processes: Wan 14B at 81 frames fits 24 GB per GPU with the base sharded
+    assert main(["memory", "--frames", "81", "--size", "480x832", "--base-model", "wan2.1-14b", "--nproc", "8",
+                 "--fit", "24"]) == 0
+    out = capsys.readouterr().out
+    assert "shard_base: true" in out and "blocks_to_swap: 0" in out and "per rank of 8 processes" in out
     assert main(["memory", "--frames", "61", "--size", "480x848", "--shard-base"]) == 1
     assert "--shard-base needs --nproc 2 or more" in capsys.readouterr().err
     assert main(["memory", "--frames", "61", "--size", "480x848", "--nproc", "2", "--batch", "3"]) == 1
