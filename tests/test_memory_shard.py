@@ -100,6 +100,8 @@ def test_sharded_training_is_the_same_run_and_resumes_on_one_process(tmp_path, c
         assert abs(sharded["blocks"]["local"] / sharded["blocks"]["full"] - 0.5) < 0.02, sharded["blocks"]
         assert whole["blocks"]["local"] == whole["blocks"]["full"] == sharded["blocks"]["full"]
         assert_same(sharded["history"], sharded["lora"], whole["history"], whole["lora"])
+        for term, value in whole["evaluate"].items():  # the no-grad evaluation forward, sharded
+            assert sharded["evaluate"][term] == pytest.approx(value, rel=1e-5, abs=1e-7), term
         assert_same(sharded["history"], sharded["lora"], ref.history, lora_state(ref))
     # the sharded run stopped at step 2 continues on one process (shard_base: true is ignored there)
     assert [p.name for p in list_checkpoints(tmp_path / "part")] == ["checkpoint_000002.pt"]
