@@ -175,6 +175,12 @@ def test_shard_option_checks():
         MemoryOptions("bf16", 2, True, shard_base=True)
     assert TrainConfig(shard_base=True, blocks_to_swap="auto").shard_base is True
     assert "shard" in MemoryOptions("bf16", 0, True, shard_base=True).label()
+    # the out-of-memory ladder never swaps blocks of a sharded base: it offloads next
+    from dreamrelation_core.training.memory.policy import next_rung, with_memory_options
+
+    rung = next_rung(MemoryOptions("fp8", 0, True, shard_base=True), set(), 48)
+    assert rung[0] == MemoryOptions("fp8", 0, True, True, shard_base=True)
+    assert with_memory_options(TrainConfig(), rung[0]).shard_base is True
 
 
 def test_one_process_ignores_shard_base_true():
