@@ -87,7 +87,7 @@ def test_worker_under_a_path_with_spaces_and_a_non_ascii_user_name_reports_its_m
     memory = [e for e in events if e.event == "memory"]
     assert [e.retry for e in memory] == [False, True, False]
     assert memory[2].options == {"base_dtype": "fp32", "blocks_to_swap": 0, "gradient_checkpointing": True,
-                                 "offload_activations": False}
+                                 "offload_activations": False, "shard_base": False}
     first_step = next(i for i, e in enumerate(events) if e.event == "step")
     assert events.index(memory[-1]) < first_step  # stated before step 1
     assert result.memory == [e.message for e in memory]
