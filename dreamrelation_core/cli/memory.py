@@ -97,6 +97,8 @@ def cmd_memory(args: argparse.Namespace) -> int:
         args.frames, height, width)
     host = host_estimate(shape, est.options, dims, batch)
     print(host.report())
+    if world > 1:  # every process loads the whole base before sharding or training on it
+        print(f"  (RAM of one process: {world} processes on one machine need about {world} x the model while loading)")
     print(f"peak_gib={est.peak_gib:.2f}")
     print(f"host_gib={host.peak_gib:.2f}")
     return 0
