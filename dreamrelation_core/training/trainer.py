@@ -202,7 +202,7 @@ class Trainer:
             from .memory.policy import model_dims
 
             pinned = host_estimate((int(t), int(h), int(w)), self.memory.options, model_dims(self.model),
-                                   cfg.batch_size).pinned
+                                   self.rows.stop - self.rows.start).pinned  # this process's clips
             if pinned:
                 log.info(check_host_memory(pinned, "the block swap store and the offloaded block inputs"))
         prepared = prepare_model(self.model, self.memory.options, self.device, rank=cfg.rank, alpha=cfg.alpha,
