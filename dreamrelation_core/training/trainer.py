@@ -203,8 +203,10 @@ class Trainer:
 
             pinned = host_estimate((int(t), int(h), int(w)), self.memory.options, model_dims(self.model),
                                    self.rows.stop - self.rows.start).pinned  # this process's clips
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)  # torchrun: processes sharing this RAM
             if pinned:
-                log.info(check_host_memory(pinned, "the block swap store and the offloaded block inputs"))
+                log.info(check_host_memory(pinned * local, "the block swap store and the offloaded block inputs"
+                                           + (f" of {local} processes on this machine" if local > 1 else "")))
         prepared = prepare_model(self.model, self.memory.options, self.device, rank=cfg.rank, alpha=cfg.alpha,
                                  dropout=cfg.dropout, spec=self.spec)
         self.swap, self.offload = prepared.swap, prepared.offload
