@@ -423,11 +423,11 @@ class _LiveProgress:
         self.last_preview = -1
 
     def __call__(self, ev) -> None:
-        from dreamrelation_core.training.protocol import Event
+        from dreamrelation_core.training.protocol import Action, Event
 
         if ev.event == Event.START:
             self.total = int(ev.total or self.total)
-            if ev.action == "resume" and ev.run_dir:
+            if ev.action == Action.RESUME and ev.run_dir:
                 self.history = [h for h in _saved_history(Path(ev.run_dir)) if h.get("step", 0) <= (ev.step or 0)]
             self.bar.update_absolute(int(ev.step or 0), self.total)
         elif ev.event == Event.STEP:

@@ -12,10 +12,12 @@ from pathlib import Path
 
 from dreamrelation_core.training import protocol, worker
 from dreamrelation_core.training.protocol import (
+    ACTIONS,
     EVENTS,
     HISTORY_FILE,
     STATUSES,
     WORKER_MODULE,
+    Action,
     Event,
     Exit,
     Status,
@@ -60,16 +62,22 @@ def _constants(cls) -> dict[str, str]:
 def test_statuses_and_events_are_named_once_and_used_by_name():
     assert set(STATUSES) == set(_constants(Status).values()) and len(STATUSES) == 4
     assert set(EVENTS) == set(_constants(Event).values()) and len(EVENTS) == 7
+    assert set(ACTIONS) == set(_constants(Action).values()) and len(ACTIONS) == 3
     used: set[str] = set()
-    literal = re.compile(r"""(status|event)\s*(==|!=|in)\s*\(?\s*["']""")
+    actions: set[str] = set()
+    literal = re.compile(r"""(status|event|action)\s*(==|!=|in)\s*\(?\s*["']""")
+    plan_literal = re.compile(r"""RunPlan\(\s*["']""")
     for path in SOURCES:
         if path.name == "protocol.py":
             continue
         text = path.read_text(encoding="utf-8")
-        assert not literal.search(text), f"{path.relative_to(ROOT)} compares a status / event with a string"
+        assert not literal.search(text), f"{path.relative_to(ROOT)} compares a status / event / action with a string"
+        assert not plan_literal.search(text), f"{path.relative_to(ROOT)} makes a RunPlan with a bare action string"
         used |= set(re.findall(r"\bStatus\.([A-Z_]+)", text))
+        actions |= set(re.findall(r"\bAction\.([A-Z_]+)", text))
     # every status the code can take is a documented one, and each documented one is taken somewhere
     assert used == set(_constants(Status)), used
+    assert actions == set(_constants(Action)), actions
     worker_doc = worker.__doc__
     for status in (Status.FINISHED, Status.STOPPED, Status.ALREADY_FINISHED):  # the done event's statuses
         assert f'"{status}"' in worker_doc

@@ -26,7 +26,7 @@ WORKER_MODULE = "dreamrelation_core.training.worker"
 class Event:
     """The "event" value of each line the worker writes on stdout."""
 
-    START = "start"  # the plan (new / resume / finished), before the model loads
+    START = "start"  # the plan (an Action: new / resume / finished), before the model loads
     MEMORY = "memory"  # the memory options chosen before step 1; again for each out-of-memory retry
     STEP = "step"  # after every step: losses, lr, speed
     CHECKPOINT = "checkpoint"  # after every checkpoint written
@@ -60,6 +60,18 @@ class Status:
 
 
 STATUSES = (Status.FINISHED, Status.STOPPED, Status.ALREADY_FINISHED, Status.CANCELLED)
+
+
+class Action:
+    """What a request does with its run folder: `RunPlan.action`, the "action" of the start event,
+    `WorkerResult.action`."""
+
+    NEW = "new"  # no run there (or overwrite): train from step 0
+    RESUME = "resume"  # continue the run from its newest readable checkpoint
+    FINISHED = "finished"  # the run had reached num_steps: nothing to train, its LoRA files handed back
+
+
+ACTIONS = (Action.NEW, Action.RESUME, Action.FINISHED)
 
 # ---------------------------------------------------------------------------------------------
 # the history file

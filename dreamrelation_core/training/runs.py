@@ -48,7 +48,7 @@ from ..errors import TrainingError
 from ..fileio import human_size, remove_stale_temps, write_text
 from .config import TrainConfig
 from .lock import RunLock, holds_lock
-from .protocol import HISTORY_FILE, Status, write_history
+from .protocol import HISTORY_FILE, Action, Status, write_history
 from .trainer import (
     BROKEN_SUFFIX,
     CHECKPOINT_DIR,
@@ -104,7 +104,7 @@ class SettingChange:
 class RunPlan:
     """What a training request will do with its run folder (see module docstring)."""
 
-    action: str  # "new" | "resume" | "finished"
+    action: str  # one of protocol.ACTIONS: Action.NEW, Action.RESUME, Action.FINISHED
     run_dir: Path
     config: TrainConfig  # the settings the run uses: the saved ones plus the applied changes
     step: int  # the step training starts from (the saved step when resuming or finished)
@@ -281,9 +281,9 @@ def plan_run(
     if not ckpts:
         note = (f"No run found at {run_dir}: starting a new run." if resume
                 else f"Starting a new run in {run_dir}.")
-        return RunPlan("new", run_dir, config, 0, None, identity, notes=[note, *notes])
+        return RunPlan(Action.NEW, run_dir, config, 0, None, identity, notes=[note, *notes])
     if overwrite:  # the old checkpoints are not read: they may be the broken ones
-        return RunPlan("new", run_dir, config, 0, None, identity, overwrite=True, notes=[
+        return RunPlan(Action.NEW, run_dir, config, 0, None, identity, overwrite=True, notes=[
             f"Replacing the run at step {checkpoint_step(ckpts[-1])} in {run_dir} with a new run (overwrite; its "
             "checkpoints are not read).", *notes])
     ckpt, saved, skipped = newest_readable(run_dir, Path(checkpoint) if checkpoint else None)
@@ -317,10 +317,10 @@ def plan_run(
         saved_config, **{c.field: c.new for c in changes}, output_dir=config.output_dir, cache_dir=config.cache_dir,
         transformer=config.transformer,
     )
-    plan = RunPlan("resume", run_dir, effective, step, ckpt, identity, applied=changes,
+    plan = RunPlan(Action.RESUME, run_dir, effective, step, ckpt, identity, applied=changes,
                    skipped=[p for p, _ in skipped])
     if step >= effective.num_steps:
-        plan.action, plan.history = "finished", saved["history"]
+        plan.action, plan.history = Action.FINISHED, saved["history"]
         triplet, relation = plan.lora_paths
         plan.notes.append(f"Run {run_dir.name} already finished at step {step}: nothing to train. "
                           f"LoRA: {relation} (triplet: {triplet}).")
@@ -401,7 +401,7 @@ def execute(
         with RunLock(plan.run_dir):
             return execute(plan, clips, model, progress, should_cancel, on_checkpoint, max_steps, on_memory)
     _set_aside(plan)
-    if plan.action == "finished":
+    if plan.action == Action.FINISHED:
         result = _finished(plan, clips, model)
         write_history(plan.run_dir, result.history)
         return result
@@ -410,13 +410,13 @@ def execute(
         if plan.overwrite:
             _clear_run(plan.run_dir)
         trainer = Trainer(plan.config, clips=clips, model=model, run_dir=plan.run_dir, on_memory=on_memory)
-        if plan.action == "resume":
+        if plan.action == Action.RESUME:
             trainer.load_state_dict(load_checkpoint(plan.checkpoint), source=str(plan.checkpoint))
         trainer.checkpoint_saved = on_checkpoint
         plan.run_dir.mkdir(parents=True, exist_ok=True)
         _write_run_info(plan.run_dir, plan.identity)
         cancelled_at_start = should_cancel is not None and should_cancel()
-        if cancelled_at_start and plan.action == "new":
+        if cancelled_at_start and plan.action == Action.NEW:
             raise _CancelledBeforeStart
         result = trainer.train(progress=progress, should_cancel=should_cancel, max_steps=max_steps)
     except _CancelledBeforeStart:

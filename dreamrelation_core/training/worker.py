@@ -53,7 +53,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from ..errors import DreamRelationError
 from .config import TrainConfig
-from .protocol import CANCEL_COMMAND, HISTORY_FILE, PROTOCOL_VERSION, Event, Exit, Status
+from .protocol import CANCEL_COMMAND, HISTORY_FILE, PROTOCOL_VERSION, Action, Event, Exit, Status
 
 if TYPE_CHECKING:  # torch and the trainer load in run_worker: the client imports this module, light
     from .trainer import StepInfo
@@ -407,7 +407,7 @@ def _run(stop: StopRequest, config_path, output_dir, resume: bool, overwrite: bo
                                     should_cancel=stop, on_checkpoint=checkpoint, executor=executor)
     except BaseException as e:  # noqa: B036 - every failure becomes the error event
         log_file = _log_traceback(e, plan)
-        step = state["step"] if state["step"] is not None and plan is not None and plan.action != "finished" else None
+        step = state["step"] if state["step"] is not None and plan is not None and plan.action != Action.FINISHED else None
         shape = None
         try:
             if config is not None and config.cache_dir:

@@ -97,7 +97,7 @@ class WorkerResult:
     status: str  # one of protocol.STATUSES
     step: int
     total: int
-    action: str  # what the run did: "new", "resume" or "finished"
+    action: str  # what the run did: one of protocol.ACTIONS (new, resume, finished)
     run_dir: Path
     checkpoint: Path | None
     triplet_path: Path | None
