@@ -3,8 +3,9 @@
 Prepare: DREAMRELATION_DATASET + VAE + CLIP -> DREAMRELATION_PREPARED (an encoded cache folder).
 Train:   DREAMRELATION_PREPARED + a Mochi or Wan DiT file from models/diffusion_models -> relation LoRA
          written to models/loras/dreamrelation/, the run folder under output/dreamrelation/, a loss
-         plot and a report. Training runs in a worker process (dreamrelation_core's `train` command,
-         JSON-lines progress): ComfyUI's progress bar shows its steps with the loss curve as preview;
+         plot and a report. Training runs in a worker process (dreamrelation_core.training.worker,
+         JSON-lines progress; under torchrun with `gpus` > 1): ComfyUI's progress bar shows its steps
+         with the loss curve as preview;
          Cancel makes the worker checkpoint at the current step, and running the node again with
          `resume` on continues there.
 """
@@ -303,6 +304,7 @@ class DreamRelationTrain(io.ComfyNode):
                                tooltip=("Where the triplet sits on Wan: default puts the relation LoRA on self- and "
                                         "cross-attention Q and K; self_attention on the self-attention only. Mochi: "
                                         "default only.")),
+                *parallel_inputs(),  # last: the widget values of saved workflows keep their places
             ],
             outputs=[
                 io.String.Output(display_name="lora_name"),
@@ -316,7 +318,8 @@ class DreamRelationTrain(io.ComfyNode):
                 mask_weight: float, rcl_weight: float, positives_per_anchor: int, seed: int, resume: bool,
                 warmup_steps: int = 200, caption_dropout: float = 0.1, checkpoint_every: int = 200,
                 base_dtype: str = "auto", blocks_to_swap: str = "auto", gradient_checkpointing: str = "auto",
-                offload_activations: str = "auto", lora_placement: str = "default") -> io.NodeOutput:
+                offload_activations: str = "auto", lora_placement: str = "default", gpus: int = 1,
+                batch_size: int = 1) -> io.NodeOutput:
         import shutil
 
         import comfy.model_management as mm
@@ -324,6 +327,7 @@ class DreamRelationTrain(io.ComfyNode):
 
         from dreamrelation_core.errors import TrainingError
         from dreamrelation_core.training.config import TrainConfig
+        from dreamrelation_core.training.launch import Launch, check_devices
         from dreamrelation_core.training.protocol import Status
         from dreamrelation_core.training.worker_client import run_training_worker
 
@@ -331,14 +335,16 @@ class DreamRelationTrain(io.ComfyNode):
         if not _NAME_RE.match(name):
             raise TrainingError(f"name {name!r}: a run name uses letters, digits, '_', '-', '.' (at most 64, no path)")
         run_dir = Path(folder_paths.get_output_directory()) / RUN_SUBDIR / name
+        device = training_device(str(mm.get_torch_device()), gpus, batch_size)
+        check_devices(device, gpus)  # before anything starts: more processes than GPUs is an error
         # Paths only: the worker reads the prepared cache from disk (upstream tensors are inference tensors).
         config = TrainConfig(
             cache_dir=str(prepared.cache_dir), output_dir=str(run_dir),
             transformer=folder_paths.get_full_path_or_raise("diffusion_models", transformer),
             num_steps=steps, rank=rank, alpha=alpha, learning_rate=learning_rate, mask_weight=mask_weight,
             rcl_weight=rcl_weight, positives_per_anchor=positives_per_anchor, seed=seed, warmup_steps=warmup_steps,
-            caption_dropout=caption_dropout, checkpoint_every=checkpoint_every, device=str(mm.get_torch_device()),
-            lora_placement=lora_placement,
+            caption_dropout=caption_dropout, checkpoint_every=checkpoint_every, device=device,
+            lora_placement=lora_placement, batch_size=batch_size,
             **memory_config(base_dtype, blocks_to_swap, gradient_checkpointing, offload_activations),
         )
         released = release_comfy_models()  # the worker loads the DiT being trained: it needs the memory
@@ -347,7 +353,7 @@ class DreamRelationTrain(io.ComfyNode):
         # checkpoint at the current step and re-raises it. should_cancel covers the time between updates.
         result = run_training_worker(
             config, resume=resume, overwrite=False, on_event=live, should_cancel=mm.processing_interrupted,
-            stderr_log=live.temp_dir / f"{name}_worker.log",
+            stderr_log=live.temp_dir / f"{name}_worker.log", launch=Launch(nproc=gpus),
         )
         if result.status == Status.CANCELLED:
             mm.throw_exception_if_processing_interrupted()  # checkpoint written: stop the queue here
@@ -360,6 +366,8 @@ class DreamRelationTrain(io.ComfyNode):
         shutil.copyfile(result.relation_path, lora_dir / f"{name}.safetensors")
         plot = _loss_plot(result.history, run_dir / "loss_curve.png", name)
         report = f"{released} {_report(result, name, run_dir)}"
+        if gpus > 1:
+            report += f"; trained on {gpus} processes (torchrun), {batch_size} clip(s) per step over all of them"
         return io.NodeOutput(f"{RUN_SUBDIR}/{name}.safetensors", plot, report, ui=ui.PreviewText(report))
 
 
@@ -404,6 +412,36 @@ def memory_config(base_dtype: str, blocks_to_swap: str, gradient_checkpointing: 
     swap = blocks_to_swap if blocks_to_swap == "auto" else int(blocks_to_swap)
     return dict(base_dtype=base_dtype, blocks_to_swap=swap, gradient_checkpointing=on_off(gradient_checkpointing),
                 offload_activations=on_off(offload_activations))
+
+
+# ---------------------------------------------------------------------------------------------
+# several GPUs (advanced inputs; one GPU by default)
+
+MAX_GPUS = 64
+
+
+def parallel_inputs() -> list:
+    return [advanced(i) for i in (
+        io.Int.Input("gpus", default=1, min=1, max=MAX_GPUS, optional=True, tooltip=(
+            "Training processes, one per GPU of this machine (torchrun). More GPUs train more clips per second; "
+            "each GPU still holds the whole model. batch_size must be a multiple of it.")),
+        io.Int.Input("batch_size", default=1, min=1, max=256, optional=True, tooltip=(
+            "Clips per training step over all GPUs together, shared out evenly. The same batch_size on 1 or "
+            "several GPUs gives the same run.")),
+    )]
+
+
+def training_device(comfy_device: str, gpus: int, batch_size: int) -> str:
+    """The worker's device: ComfyUI's, or plain 'cuda' for several GPUs (each process takes its
+    own). A batch that several GPUs cannot share evenly is refused here, before anything starts."""
+    from dreamrelation_core.errors import TrainingError
+
+    if gpus > 1 and batch_size % gpus:
+        raise TrainingError(f"batch_size {batch_size} cannot be shared by {gpus} GPUs: batch_size counts the clips "
+                            f"of one step over all GPUs, so it must be a multiple of gpus ({gpus}, {2 * gpus}, ...)")
+    if gpus > 1 and comfy_device.startswith("cuda"):
+        return "cuda"
+    return comfy_device
 
 
 PREVIEW_EVERY = 10  # previews per run (plus one at each checkpoint)

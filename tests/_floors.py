@@ -63,7 +63,8 @@ PARTS: list[Part] = [
          "`train`, `resume` and the worker), `protocol` (the worker protocol: event names, the cancel command, exit "
          "codes, run statuses, the history file read and written), `worker` / "
          "`worker_client` (training in a worker process that reports JSON lines, and the parent side that follows "
-         "it), `outside_inference` (training under a caller's `torch.inference_mode()`), `memory/` (peak-memory "
+         "it), `launch` (several worker processes under torchrun: its command line, the device checks, its failure "
+         "summary read back), `outside_inference` (training under a caller's `torch.inference_mode()`), `memory/` (peak-memory "
          "estimate and its meta-device trace, gradient checkpointing, block swap, the frozen base sharded over ranks (FSDP2), fp8 base; chosen by `TrainConfig`), "
          "`fallback` (an out-of-memory at step 1 retried one rung down the memory ladder), `allocator` (the "
          "training process's CUDA allocator settings), `plots`"),

@@ -64,6 +64,17 @@ def test_schema_has_tooltips(pack, comfy_dirs):
     assert train in pack.nodes.train.NODES
 
 
+def test_gpus_take_their_own_devices_and_a_batch_they_cannot_share_is_refused(pack):
+    """Several GPUs: the worker's device is plain 'cuda' (process N takes GPU N), and a global batch
+    the GPUs cannot share evenly is refused before anything starts."""
+    from dreamrelation_core.errors import TrainingError
+
+    device = pack.nodes.train.training_device
+    assert device("cuda:0", 2, 2) == "cuda" and device("cuda:0", 1, 1) == "cuda:0" and device("cpu", 2, 4) == "cpu"
+    with pytest.raises(TrainingError, match="batch_size 3 cannot be shared by 2 GPUs.*multiple of gpus"):
+        device("cpu", 2, 3)
+
+
 def test_train_in_worker_reports_what_the_run_did(pack, comfy_dirs, prepared):
     """New run through the worker: steps and loss-curve previews on ComfyUI's progress bar, the LoRA in
     loras/dreamrelation/, the report; re-queued unchanged it is "already finished"; changed rank is refused.

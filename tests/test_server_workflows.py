@@ -407,6 +407,32 @@ def test_cancel_then_requeue_continues_where_it_stopped(comfy_server, tiny_model
     assert any(name in text for text in second.texts()), f"no report naming the run: {second.outputs}"
 
 
+def test_train_node_on_two_processes_through_the_server(comfy_server, tiny_models, tmp_path):
+    """The Train node's `gpus` and `batch_size` are advanced inputs in /object_info (1 by default); with
+    gpus 2 the node's worker runs under torchrun (two CPU processes with gloo on this server) and the
+    run ends as with one: the relation LoRA in models/loras, the report, one history of every step."""
+    from dreamrelation_core.training.protocol import read_history
+
+    optional = comfy_server.get("/object_info/DreamRelationTrain")["DreamRelationTrain"]["input"]["optional"]
+    for name in ("gpus", "batch_size"):
+        kind, options = optional[name]
+        assert kind == "INT" and options["default"] == 1 and options["min"] == 1, (name, options)
+        assert options["advanced"] is True and options["tooltip"].endswith("."), (name, options)
+
+    name = unique("e2e_two_processes")
+    before = lora_files(comfy_server)
+    prompt = train_prompt(comfy_server, tiny_models, tmp_path, write_dataset(comfy_server), name, steps=2, gpus=2,
+                          batch_size=2)
+    run = comfy_server.run(prompt, timeout=300)
+    assert_success(run)
+    new = lora_files(comfy_server) - before
+    assert len(new) == 1 and name in new.pop().name, lora_files(comfy_server)
+    report = next((t for t in run.texts() if name in t), "")
+    assert "starting a new run" in report and "Step 2/2" in report and "on 2 processes (torchrun)" in report, report
+    history = read_history(comfy_server.output / "dreamrelation" / name)
+    assert [h["step"] for h in history] == [1, 2], history
+
+
 # ---------------------------------------------------------------------------------------------
 # bad input: a readable message in /history naming the field / file
 

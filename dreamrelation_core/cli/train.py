@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import re
+import sys
 
 from .progress import training_bar
 
@@ -16,6 +18,9 @@ def _report(result) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    launch = _launch(args)
+    if launch.distributed:
+        return _run_several(args, launch)
     if args.progress == "jsonl":  # the worker's JSON lines in a terminal (the node starts training.worker itself)
         from ..training.worker import run_worker
 
@@ -86,6 +91,106 @@ def _run(config, resume: bool, overwrite: bool, progress: str, checkpoint: str |
     return _report(result)
 
 
+def _launch(args: argparse.Namespace):
+    from ..training.launch import Launch
+
+    return Launch(args.nproc, args.nnodes, args.node_rank, args.master_addr, args.master_port).validate()
+
+
+def _run_several(args: argparse.Namespace, launch) -> int:
+    """`train --nproc N` (and several machines): the worker under torchrun, followed through the
+    worker client as the ComfyUI node follows it; rank 0 reports, this process draws the bar.
+    Ctrl+C / SIGTERM: torchrun passes the signal to every process and this one sends `cancel`:
+    one checkpoint at the step all processes reached. On a machine other than 0 torchrun runs
+    in the foreground: machine 0 reports the run."""
+    import json
+    import subprocess
+
+    from ..training.config import TrainConfig
+    from ..training.launch import check_devices
+    from ..training.protocol import Event, Status
+    from ..training.worker import StopRequest
+    from ..training.worker_client import run_training_worker, worker_command, worker_environment, write_temp_config
+
+    config = TrainConfig.load_yaml(args.config)
+    if args.output_dir:
+        config.output_dir = args.output_dir
+    _memory_overrides(config, args)
+    check_devices(config.device, launch.nproc)
+    if not launch.reports:
+        path = write_temp_config(config)  # this machine's own copy: no shared file system needed
+        try:
+            print(f"node {launch.node_rank}: {launch.nproc} training process(es) join the run of node 0 at "
+                  f"{launch.master_addr}:{launch.master_port or 29500} (node 0 reports the progress and writes the "
+                  "files)", flush=True)
+            code = subprocess.call(worker_command(path, args.resume, args.overwrite, launch=launch),
+                                   env=worker_environment())
+        finally:
+            path.unlink(missing_ok=True)
+        print(f"node {launch.node_rank}: training processes ended (exit code {code})")
+        return code
+    stop = StopRequest()
+    stop.parent_pid = None  # a terminal user: only signals stop the run
+    restore = stop.install_signal_handlers()
+    bar: list = []
+    failed = []  # once the error event came: torchrun's own failure report is not shown
+
+    def say(text: str) -> None:
+        if bar:
+            bar[0].write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def on_event(ev) -> None:
+        if args.progress == "jsonl":
+            print(json.dumps(ev.raw), flush=True)
+            return
+        if ev.event == Event.START:
+            print(ev.message, flush=True)
+            if args.progress == "bar":
+                bar.extend(training_bar(int(ev.total or 0), int(ev.step or 0)))
+        elif ev.event == Event.MEMORY and ev.message:
+            say(ev.message)
+        elif ev.event == Event.STEP and bar:
+            bar[1](_StepView(ev))
+        elif ev.event == Event.ERROR:
+            failed.append(ev)
+
+    def on_stderr(line: str) -> None:
+        if not failed and not _TORCHRUN_LOG.match(line):
+            say(line)
+
+    try:
+        result = run_training_worker(config, resume=args.resume, overwrite=args.overwrite, on_event=on_event,
+                                     should_cancel=stop, launch=launch, on_stderr=on_stderr)
+    finally:
+        stop.finished.set()
+        restore()
+        if bar:
+            bar[0].close()
+    if args.progress == "jsonl":
+        return 0
+    if result.status == Status.CANCELLED:
+        print(f"stopped ({stop.reason or 'a signal reached the training processes'}): "
+              + (f"checkpoint {result.checkpoint.name} written at step {result.step}; run the same command with "
+                 "--resume to continue" if result.checkpoint else "before the first step, nothing written"))
+    return _report(result)
+
+
+# torchrun's own log lines (glog format: level, date, time, pid, file): not shown beside the bar
+_TORCHRUN_LOG = re.compile(r"^[IWE]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ .*torch/distributed/")
+
+
+class _StepView:
+    """A step event as the bar's callback reads a StepInfo."""
+
+    def __init__(self, ev) -> None:
+        self.step, self.branch, self.lr = int(ev.step), ev.branch or "", float(ev.lr or 0.0)
+        self.losses = {k: (float("nan") if v is None else v) for k, v in (ev.losses or {}).items()}
+        for k in ("total", "mse", "masked", "rcl"):
+            self.losses.setdefault(k, float("nan"))
+
+
 def _memory_flags(args: argparse.Namespace) -> dict:
     """The memory flags given on the command line (None: the config's value stays)."""
     names = ("base_dtype", "blocks_to_swap", "gradient_checkpointing", "offload_activations", "shard_base")
@@ -120,6 +225,17 @@ def _add_memory_args(p: argparse.ArgumentParser) -> None:
                    help="the frozen base blocks sharded over the processes of --nproc N (memory, not speed)")
 
 
+def _add_launch_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("several processes (torchrun; README \"Several GPUs\"): batch_size is the global batch")
+    g.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="training processes on this machine, one per GPU (default 1: no torchrun)")
+    g.add_argument("--nnodes", type=int, default=1, metavar="M", help="machines taking part (default 1)")
+    g.add_argument("--node-rank", type=int, default=0, metavar="R",
+                   help="this machine's place, 0 to M-1; machine 0 writes the run folder and shows the progress")
+    g.add_argument("--master-addr", metavar="HOST", help="address of machine 0, reachable from every machine")
+    g.add_argument("--master-port", type=int, metavar="PORT", help="a free TCP port on machine 0 (default 29500)")
+
+
 def add_cli(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a relation LoRA triplet from a YAML config")
     p.add_argument("config", help="YAML file of TrainConfig options (see README)")
@@ -135,6 +251,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--control", choices=("none", "stdin"), default="none",
                    help="stdin: read `cancel` lines on stdin (checkpoint at the current step, then exit) and stop "
                         "the same way when stdin closes (the parent is gone)")
+    _add_launch_args(p)
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("resume", help="continue an interrupted run from its last checkpoint")
     p.add_argument("run_dir", help="the run's output folder (holds config.yaml and checkpoints/)")

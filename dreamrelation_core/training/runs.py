@@ -46,6 +46,7 @@ import torch
 
 from ..errors import TrainingError
 from ..fileio import human_size, remove_stale_temps, write_text
+from . import distributed
 from .config import TrainConfig
 from .lock import RunLock, holds_lock
 from .protocol import HISTORY_FILE, Action, Status, write_history
@@ -415,7 +416,7 @@ def execute(
         trainer.checkpoint_saved = on_checkpoint
         plan.run_dir.mkdir(parents=True, exist_ok=True)
         _write_run_info(plan.run_dir, plan.identity)
-        cancelled_at_start = should_cancel is not None and should_cancel()
+        cancelled_at_start = _agreed_stop_before_start(should_cancel)
         if cancelled_at_start and plan.action == Action.NEW:
             raise _CancelledBeforeStart
         result = trainer.train(progress=progress, should_cancel=should_cancel, max_steps=max_steps)
@@ -432,6 +433,49 @@ def execute(
 
 class _CancelledBeforeStart(Exception):
     pass
+
+
+def _agreed_stop_before_start(should_cancel: Callable[[], bool] | None) -> bool:
+    """A stop asked before the first step, agreed by every training process (one collective, at the
+    same point in `execute` and `execute_follower`)."""
+    return distributed.any_rank(should_cancel is not None and bool(should_cancel()))
+
+
+# ---------------------------------------------------------------------------------------------
+# several processes: rank 0 plans, the others follow
+
+
+@dataclass
+class Handoff:
+    """What rank 0 hands the other training processes once it has planned (broadcast, so that no
+    file system shared between machines is needed): the plan, and the checkpoint's state when the
+    run resumes. `plan` None: rank 0 stopped before it could plan (its error event says why)."""
+
+    plan: RunPlan | None
+    state: dict[str, Any] | None = None
+
+
+def handoff(plan: RunPlan | None) -> Handoff:
+    """Rank 0's handoff for `plan` (the checkpoint read here when the plan resumes)."""
+    if plan is None or plan.action != Action.RESUME:
+        return Handoff(plan)
+    return Handoff(plan, load_checkpoint(plan.checkpoint))
+
+
+def execute_follower(h: Handoff, should_cancel: Callable[[], bool] | None = None) -> TrainResult | None:
+    """A rank other than 0 carries out rank 0's plan: the same Trainer, the same state, the same
+    steps (the Trainer shares each batch out and agrees the stop with the others); it writes
+    nothing. None when there is nothing to train (rank 0 failed, or the run had finished: rank 0
+    hands its files back alone)."""
+    plan = h.plan
+    if plan is None or plan.action == Action.FINISHED:
+        return None
+    trainer = Trainer(plan.config, run_dir=plan.run_dir)
+    if plan.action == Action.RESUME:
+        trainer.load_state_dict(h.state, source=f"rank 0's {plan.checkpoint}")
+    if _agreed_stop_before_start(should_cancel) and plan.action == Action.NEW:
+        return TrainResult(plan.run_dir, 0, Status.CANCELLED, None, None, None, [])
+    return trainer.train(should_cancel=should_cancel)
 
 
 def _set_aside(plan: RunPlan) -> None:

@@ -3,7 +3,15 @@
 Started as `python -m dreamrelation_core.training.worker CONFIG --control stdin [--resume]
 [--overwrite] [--remove-config]` (`worker_client` starts it, with `--remove-config` when CONFIG is
 a temporary file it wrote: the worker deletes it once read; the CLI's `train --progress jsonl`
-runs the same `run_worker` in a terminal). Event names, the cancel command, exit codes, run
+runs the same `run_worker` in a terminal), or under torchrun, one process per GPU
+(training.launch). Under torchrun every process joins the group; rank 0 alone takes the run
+folder's lock, plans, writes the events below and reads stdin; it hands the plan (and, when the
+run resumes, the checkpoint's state) to the others over the group, which train the same steps and
+write nothing (`runs.execute_follower`). A cancel or a signal reaching any process stops all of
+them at the same step (the trainer agrees it); every process then exits 0 (torchrun reports any
+other code as a failure): the event says how the run ended. A failing process other than rank 0
+writes `RANK_ERROR_PREFIX <rank>: <message>` on stderr; rank 0 then reports the lost process.
+There is no out-of-memory retry under several processes. Event names, the cancel command, exit codes, run
 statuses and the history file are defined in `protocol`. The run goes through
 `training.runs.run_training`: a run folder another trainer holds is an error event naming it.
 It writes one JSON object per line on stdout and nothing else there: everything else the process
@@ -41,6 +49,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -108,7 +117,9 @@ class Channel:
     that stray prints (libraries, warnings) cannot corrupt the channel. A closed pipe (parent gone)
     is noted and further events are dropped: the worker still finishes its checkpoint."""
 
-    def __init__(self, stream: IO[str] | None = None) -> None:
+    def __init__(self, stream: IO[str] | None = None, silent: bool = False) -> None:
+        """`silent`: a training process other than rank 0 (several processes share torchrun's
+        stdout): its stdout is moved to stderr all the same, and its events are dropped."""
         if stream is None:
             sys.stdout.flush()
             fd = os.dup(1)
@@ -116,8 +127,10 @@ class Channel:
             stream = os.fdopen(fd, "w", encoding="utf-8", newline="\n")
             sys.stderr = _Tolerant(sys.stderr)
             sys.stdout = sys.stderr
+        if silent:
+            stream.close()
         self.stream = stream
-        self.closed = False
+        self.closed = silent
         self.lock = threading.Lock()
 
     def emit(self, event: str, **fields: Any) -> None:
@@ -343,7 +356,7 @@ def run_worker(
     from .allocator import apply_allocator_environment
 
     apply_allocator_environment()  # before anything starts CUDA (the client's environment already has it)
-    channel = channel or Channel()
+    channel = channel or Channel(silent=launched_rank() != 0)  # under torchrun rank 0 alone speaks
     stop = StopRequest()
     restore = stop.install_signal_handlers()
     try:
@@ -353,37 +366,71 @@ def run_worker(
         restore()
 
 
+def launched_rank() -> int:
+    """This process's rank as torchrun set it (RANK), 0 when not started by torchrun. Read before
+    the process group exists: it decides who speaks on stdout and who reads stdin."""
+    try:
+        return int(os.environ.get("RANK", "0") or 0) if _launched_size() > 1 else 0
+    except ValueError:
+        return 0
+
+
+def _launched_size() -> int:
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1") or 1)
+    except ValueError:
+        return 1
+
+
+# The line a training process other than rank 0 writes on stderr when it fails (its channel is
+# silent); the client adds it to the error it reports.
+RANK_ERROR_PREFIX = "dreamrelation training process rank"
+
+
 def _run(stop: StopRequest, config_path, output_dir, resume: bool, overwrite: bool, control: str, channel: Channel,
          overrides: dict[str, Any] | None, remove_config: bool = False) -> int:
+    from . import distributed
     from .fallback import execute_with_fallback
-    from .runs import run_training
+    from .runs import Handoff, execute, execute_follower, handoff, run_training
 
+    rank = launched_rank()
     if control == "stdin":
-        stop.watch_stdin()
+        if rank == 0:  # every process inherits torchrun's stdin: rank 0 alone reads the commands
+            stop.watch_stdin()
     else:
         stop.parent_pid = None  # a terminal user: only signals stop the run
     config: TrainConfig | None = None
     plan = None
+    world = distributed.World()
+    handed_off = False  # rank 0 has sent the others its plan (or that there is none)
     state: dict[str, Any] = {"step": None, "clip_shape": None, "choice": None}
     try:
         try:
             config = TrainConfig.load_yaml(config_path)
         finally:
-            if remove_config:
+            if remove_config and _launched_size() <= 1:  # several processes read it: the client removes it
                 Path(config_path).unlink(missing_ok=True)
         if output_dir:
             config.output_dir = output_dir
         for name, value in (overrides or {}).items():  # the command line's memory flags
             setattr(config, name, value)
         config.validate()
+        if _launched_size() > 1:
+            world = distributed.init_from_env(config.device)
+        if not world.main:
+            execute_follower(distributed.broadcast_object(None), should_cancel=stop)
+            return EXIT_OK
         rate = _Rate()
 
         def on_plan(p) -> None:
-            nonlocal plan
+            nonlocal plan, handed_off
             plan = p
             channel.emit(Event.START, protocol=PROTOCOL_VERSION, pid=os.getpid(), action=p.action, step=p.step,
                          total=p.config.num_steps, run_dir=p.run_dir, message=p.report())
             state["step"] = p.step
+            if world.active:
+                handed_off = True
+                distributed.broadcast_object(handoff(p))
 
         def progress(info: StepInfo) -> None:
             state["step"] = info.step
@@ -401,11 +448,21 @@ def _run(stop: StopRequest, config_path, output_dir, resume: bool, overwrite: bo
             channel.emit(Event.MEMORY, message=message, options=_options_dict(options), retry=True)
 
         def executor(p, **kw):
+            if world.active:  # no memory ladder: every process would have to step down together
+                return execute(p, on_memory=memory, **kw)
             return execute_with_fallback(p, on_memory=memory, on_retry=retry, **kw)
 
         plan, result = run_training(config, resume=resume, overwrite=overwrite, on_plan=on_plan, progress=progress,
                                     should_cancel=stop, on_checkpoint=checkpoint, executor=executor)
     except BaseException as e:  # noqa: B036 - every failure becomes the error event
+        if not world.main:
+            return _follower_failed(e, world)
+        if world.active and not handed_off:  # the others wait for a plan: there is none
+            handed_off = True
+            try:
+                distributed.broadcast_object(Handoff(None))
+            except BaseException:  # noqa: B036 - the group itself is broken: torchrun stops the others
+                pass
         log_file = _log_traceback(e, plan)
         step = state["step"] if state["step"] is not None and plan is not None and plan.action != Action.FINISHED else None
         shape = None
@@ -419,8 +476,10 @@ def _run(stop: StopRequest, config_path, output_dir, resume: bool, overwrite: bo
                         shape = tuple(f.get_slice("mean").get_shape())
         except Exception:
             shape = None
-        channel.emit(Event.ERROR, message=describe_failure(e, plan.config if plan else config, shape, step, log_file,
-                                                       state["choice"]), step=step)
+        message = describe_failure(e, plan.config if plan else config, shape, step, log_file, state["choice"])
+        if world.active:
+            message = _several_processes_note(e, message, step)
+        channel.emit(Event.ERROR, message=message, step=step)
         return EXIT_ERROR
     lora = {"triplet": result.triplet_path, "relation": result.relation_path} if result.relation_path else None
     history = plan.run_dir / HISTORY_FILE if (plan.run_dir / HISTORY_FILE).is_file() else None
@@ -433,11 +492,49 @@ def _run(stop: StopRequest, config_path, output_dir, resume: bool, overwrite: bo
             msg = (f"cancelled at step {result.step} ({stop.reason}): checkpoint {result.checkpoint.name} written; "
                    f"resume continues from step {result.step}")
         channel.emit(Event.CANCELLED, message=msg, **fields)
-        return EXIT_CANCELLED
+        # torchrun counts any exit code but 0 as a failure (and reports it): the event says cancelled
+        return EXIT_OK if world.active else EXIT_CANCELLED
     msg = (f"already finished at step {result.step}: nothing trained" if result.status == Status.ALREADY_FINISHED
            else f"{result.status} at step {result.step}")
     channel.emit(Event.DONE, status=result.status, message=msg, **fields)
     return EXIT_OK
+
+
+def is_peer_failure(e: BaseException) -> bool:
+    """An error of torch.distributed's communication: another process died or the network failed."""
+    names = {c.__name__ for c in type(e).__mro__}
+    if names & {"DistError", "DistBackendError", "DistNetworkError"}:
+        return True
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and any(w in text for w in (
+        "gloo", "nccl", "connection closed", "connection reset", "broken pipe", "socket"))
+
+
+def _several_processes_note(e: BaseException, message: str, step: int | None) -> str:
+    """The error event's message under several processes: what a lost peer or an out-of-memory means there."""
+    if is_peer_failure(e):
+        at = f" during step {step + 1}" if step is not None else ""
+        return one_line(f"another training process stopped{at} (killed, crashed or out of memory; see its rank's "
+                        "stderr): every process stopped, the last checkpoint is kept and resume continues from it. "
+                        f"[{_first_sentence(e)}]")
+    if is_out_of_memory(e):
+        return (f"{message} With several processes there is no automatic retry with less memory: set the memory "
+                "options yourself (`python -m dreamrelation_core memory --fit GIB` names the fastest that fit one GPU).")
+    return message
+
+
+def _first_sentence(e: BaseException) -> str:
+    """The communication library's message without its source location, to its first full stop."""
+    text = re.sub(r"^\[[^\]]*\]\s*", "", str(e).strip().splitlines()[0] if str(e).strip() else "")
+    return f"{type(e).__name__}: {text.split('. ')[0].rstrip('.')}"
+
+
+def _follower_failed(e: BaseException, world) -> int:
+    """A rank other than 0 failed: its traceback and one line on stderr (its channel is silent)."""
+    traceback.print_exception(type(e), e, e.__traceback__, file=sys.stderr)
+    if not is_peer_failure(e):  # a lost peer is rank 0's to report
+        print(f"{RANK_ERROR_PREFIX} {world.rank}: {describe_failure(e)}", file=sys.stderr, flush=True)
+    return EXIT_ERROR
 
 
 def _options_dict(options) -> dict[str, Any]:
@@ -520,7 +617,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{_USAGE}\nerror: {e}", file=sys.stderr)
         return Exit.USAGE
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)  # as the CLI
-    return run_worker(**kwargs)
+    code = run_worker(**kwargs)
+    if code == EXIT_OK:  # a failed group may hang in its teardown: the process's end frees it then
+        from .distributed import shutdown
+
+        shutdown()
+    return code
 
 
 if __name__ == "__main__":

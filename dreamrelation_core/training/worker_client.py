@@ -3,9 +3,10 @@
     result = run_training_worker(config, resume=True, on_event=show, should_cancel=interrupted)
 
 starts `python -m dreamrelation_core.training.worker <config> --control stdin [--resume]` with the
-parent's own interpreter (`sys.executable`), reads its events (see training.worker and
-training.protocol),
-hands each to `on_event` as a `WorkerEvent`, and returns a `WorkerResult` when the worker ends.
+parent's own interpreter (`sys.executable`), or torchrun running it in several processes
+(`launch=Launch(nproc=N)`, training.launch: rank 0 alone reads stdin and writes events), reads
+its events (see training.worker and training.protocol), hands each to `on_event` as a
+`WorkerEvent`, and returns a `WorkerResult` when the worker ends.
 
 - Cancel: when `should_cancel()` turns true, the worker is told (`cancel` on its stdin); it
   finishes the step in progress, writes a checkpoint at that step and the LoRA files, and the
@@ -14,7 +15,8 @@ hands each to `on_event` as a `WorkerEvent`, and returns a `WorkerResult` when t
   checkpoint, and the exception is re-raised.
 - Errors: the worker's error event becomes a TrainingError carrying its one-line message. A worker
   that dies without one (killed, crashed) gives a TrainingError with its exit code and the last
-  line it wrote on stderr.
+  line it wrote on stderr. Under torchrun the error also names the process that failed first
+  (torchrun's summary) and the one-line errors of the other ranks.
 - The worker stops by itself, with a checkpoint, if this process dies (its stdin closes).
 - A TrainConfig is handed over as a temporary YAML file that the worker deletes once read (and
   this side when the worker ends); see write_temp_config.
@@ -42,14 +44,12 @@ from typing import IO, Any
 
 from ..errors import TrainingError
 from .config import TrainConfig
+from .launch import Launch, launcher_failure, module_command, torchrun_command
 from .lock import pid_running
 from .protocol import CANCEL_COMMAND, END_EVENTS, EVENTS, PROTOCOL_VERSION, WORKER_MODULE, Event, read_history
 
-_PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding dreamrelation_core/
-# `python -m dreamrelation_core.training.worker`, with the package's folder put on sys.path first: embedded Pythons
-# (ComfyUI's Windows portable build) ignore PYTHONPATH because of their `._pth` file.
-_BOOTSTRAP = ("import runpy, sys; sys.path.insert(0, sys.argv.pop(1)); "
-              "runpy.run_module(sys.argv.pop(1), run_name='__main__', alter_sys=True)")
+# A failed training process other than rank 0 writes this on stderr (training.worker.RANK_ERROR_PREFIX).
+_RANK_ERROR_PREFIX = "dreamrelation training process rank"
 
 
 @dataclass
@@ -110,17 +110,19 @@ class WorkerResult:
 
 
 def worker_command(config_path: str | os.PathLike, resume: bool = True, overwrite: bool = False,
-                   python: str | None = None, remove_config: bool = False) -> list[str]:
-    """The worker's command line: this interpreter, the worker module (protocol.WORKER_MODULE)."""
-    cmd = [python or sys.executable, "-c", _BOOTSTRAP, str(_PACKAGE_ROOT), WORKER_MODULE, str(config_path),
-           "--control", "stdin"]
+                   python: str | None = None, remove_config: bool = False, launch: Launch | None = None) -> list[str]:
+    """The worker's command line: this interpreter, the worker module (protocol.WORKER_MODULE); under
+    torchrun when `launch` asks for several processes (training.launch)."""
+    args = [str(config_path), "--control", "stdin"]
     if resume:
-        cmd.append("--resume")
+        args.append("--resume")
     if overwrite:
-        cmd.append("--overwrite")
+        args.append("--overwrite")
     if remove_config:
-        cmd.append("--remove-config")
-    return cmd
+        args.append("--remove-config")
+    if launch is not None and launch.distributed:
+        return torchrun_command(WORKER_MODULE, args, launch, python)
+    return module_command(WORKER_MODULE, args, python)
 
 
 # The temporary config handed to a worker: `dreamrelation_train_<parent pid>_<random>.yaml` in the
@@ -183,14 +185,18 @@ class TrainingWorker:
 
     def __init__(self, config: TrainConfig | str | os.PathLike, resume: bool = True, overwrite: bool = False,
                  python: str | None = None, env: dict[str, str] | None = None,
-                 stderr_log: str | os.PathLike | None = None) -> None:
+                 stderr_log: str | os.PathLike | None = None, launch: Launch | None = None,
+                 on_stderr: Callable[[str], None] | None = None) -> None:
         self.config = config
         self.resume, self.overwrite, self.python = resume, overwrite, python
         self.env = env
+        self.launch = launch if launch is not None and launch.distributed else None
         self.stderr_log = Path(stderr_log) if stderr_log else None
+        self.on_stderr = on_stderr  # each stderr line as it arrives (the CLI shows them)
         self.proc: subprocess.Popen | None = None
         self.events: queue.Queue[WorkerEvent | None] = queue.Queue()
-        self.stderr_tail: deque[str] = deque(maxlen=40)
+        self.stderr_tail: deque[str] = deque(maxlen=80)  # torchrun's failure summary alone is ~35 lines
+        self.rank_errors: list[str] = []  # the one-line errors of failed processes other than rank 0
         self._config_file: Path | None = None
         self._threads: list[threading.Thread] = []
         self.cancel_sent = False
@@ -203,7 +209,8 @@ class TrainingWorker:
         else:
             path = Path(self.config)
         self.proc = subprocess.Popen(
-            worker_command(path, self.resume, self.overwrite, self.python, remove_config=self._config_file is not None),
+            worker_command(path, self.resume, self.overwrite, self.python, launch=self.launch,
+                           remove_config=self._config_file is not None and self.launch is None),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=worker_environment(self.env),
             text=True, encoding="utf-8", errors="replace", bufsize=1, **_process_options(),
         )
@@ -239,6 +246,10 @@ class TrainingWorker:
                     log.write(line)
                 if line.strip():
                     self.stderr_tail.append(line.rstrip())
+                    if line.startswith(_RANK_ERROR_PREFIX):
+                        self.rank_errors.append(line.strip())
+                if self.on_stderr is not None:
+                    self.on_stderr(line.rstrip("\n"))
         finally:
             if log is not None:
                 log.close()
@@ -265,9 +276,19 @@ class TrainingWorker:
             t.join(timeout=5)
         return rc
 
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
+    def kill(self, grace_s: float = 30.0) -> None:
+        """End the worker now. Under torchrun: SIGTERM first (torchrun ends its processes, which
+        run in sessions of their own), then SIGKILL after `grace_s`."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        if self.launch is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(grace_s)
+                return
+            except subprocess.TimeoutExpired:
+                pass
+        self.proc.kill()
 
     def close(self) -> None:
         if self.proc is not None:
@@ -280,6 +301,17 @@ class TrainingWorker:
         if self._config_file is not None:
             self._config_file.unlink(missing_ok=True)
             self._config_file = None
+
+    def failure_detail(self) -> str:
+        """What the other processes said about a failure under torchrun: their one-line errors, and
+        which process failed first and how (torchrun's summary); empty for one process."""
+        if self.launch is None:
+            return ""
+        parts = list(dict.fromkeys(self.rank_errors))
+        first = launcher_failure(self.stderr_tail)
+        if first is not None and first.rank != 0:
+            parts.append(first.describe())
+        return "; ".join(parts)
 
     def last_stderr_line(self) -> str:
         for line in reversed(self.stderr_tail):
@@ -299,12 +331,18 @@ def run_training_worker(
     python: str | None = None,
     env: dict[str, str] | None = None,
     stderr_log: str | os.PathLike | None = None,
+    launch: Launch | None = None,
+    on_stderr: Callable[[str], None] | None = None,
 ) -> WorkerResult:
     """Train `config` (a TrainConfig or a YAML path) in a worker process; see the module docstring.
 
     `should_cancel` is polled every `poll_s` seconds; `cancel_timeout_s` bounds the wait for the
-    checkpoint after a cancel before the worker is killed."""
-    worker = TrainingWorker(config, resume, overwrite, python, env, stderr_log).start()
+    checkpoint after a cancel before the worker is killed. `launch`: several processes under
+    torchrun (training.launch; this machine must hold rank 0, the one that reports). `on_stderr`
+    receives each line the worker writes on stderr."""
+    if launch is not None and not launch.reports:
+        raise TrainingError(f"node rank {launch.node_rank} does not report: only machine 0 follows a run's events")
+    worker = TrainingWorker(config, resume, overwrite, python, env, stderr_log, launch, on_stderr).start()
     history: list[dict[str, Any]] = []
     memory: list[str] = []
     start: WorkerEvent | None = None
@@ -359,8 +397,12 @@ def run_training_worker(
         raise pending
     if end is None:
         detail = worker.last_stderr_line()
+        first = launcher_failure(worker.stderr_tail) if worker.launch is not None else None
         if killed:
             how = f"did not stop within {cancel_timeout_s:.0f} s of the cancel and was killed"
+        elif first is not None:  # several processes: torchrun's summary says which one failed first
+            how = f"ended: {first.describe()},"
+            detail = "; ".join(worker.rank_errors) or detail
         elif rc < 0:
             how = f"was killed by signal {-rc}" + (" (out of system memory?)" if rc == -9 else "")
         else:
@@ -368,7 +410,9 @@ def run_training_worker(
         raise TrainingError(f"the training worker {how} without a result"
                             + (f"; its last message: {detail}" if detail else ""))
     if end.event == Event.ERROR:
-        raise TrainingError(end.message or f"training failed (worker exit code {rc})")
+        message = end.message or f"training failed (worker exit code {rc})"
+        detail = worker.failure_detail()
+        raise TrainingError(f"{message} ({detail})" if detail else message)
     return _result(end, start, history, rc, memory)
 
 
