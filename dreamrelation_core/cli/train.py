@@ -104,11 +104,12 @@ def _run_several(args: argparse.Namespace, launch) -> int:
     one checkpoint at the step all processes reached. On a machine other than 0 torchrun runs
     in the foreground: machine 0 reports the run."""
     import json
+    import signal
     import subprocess
 
     from ..training.config import TrainConfig
     from ..training.launch import check_devices
-    from ..training.protocol import Event, Status
+    from ..training.protocol import END_EVENTS, Event, Status
     from ..training.worker import StopRequest
     from ..training.worker_client import run_training_worker, worker_command, worker_environment, write_temp_config
 
@@ -123,8 +124,14 @@ def _run_several(args: argparse.Namespace, launch) -> int:
             print(f"node {launch.node_rank}: {launch.nproc} training process(es) join the run of node 0 at "
                   f"{launch.master_addr}:{launch.master_port or 29500} (node 0 reports the progress and writes the "
                   "files)", flush=True)
-            code = subprocess.call(worker_command(path, args.resume, args.overwrite, launch=launch),
-                                   env=worker_environment())
+            # Ctrl+C reaches torchrun too (the same terminal): it stops its processes with the
+            # others; this process only waits for it (Python's default would kill torchrun).
+            previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+            try:
+                code = subprocess.call(worker_command(path, args.resume, args.overwrite, launch=launch),
+                                       env=worker_environment())
+            finally:
+                signal.signal(signal.SIGINT, previous)
         finally:
             path.unlink(missing_ok=True)
         print(f"node {launch.node_rank}: training processes ended (exit code {code})")
@@ -133,7 +140,7 @@ def _run_several(args: argparse.Namespace, launch) -> int:
     stop.parent_pid = None  # a terminal user: only signals stop the run
     restore = stop.install_signal_handlers()
     bar: list = []
-    failed = []  # once the error event came: torchrun's own failure report is not shown
+    ended = []  # once the last event came: torchrun's own report (failure, shutdown) is not shown
 
     def say(text: str) -> None:
         if bar:
@@ -142,6 +149,8 @@ def _run_several(args: argparse.Namespace, launch) -> int:
             print(text, file=sys.stderr, flush=True)
 
     def on_event(ev) -> None:
+        if ev.event in END_EVENTS:
+            ended.append(ev)
         if args.progress == "jsonl":
             print(json.dumps(ev.raw), flush=True)
             return
@@ -153,11 +162,9 @@ def _run_several(args: argparse.Namespace, launch) -> int:
             say(ev.message)
         elif ev.event == Event.STEP and bar:
             bar[1](_StepView(ev))
-        elif ev.event == Event.ERROR:
-            failed.append(ev)
 
     def on_stderr(line: str) -> None:
-        if not failed and not _TORCHRUN_LOG.match(line):
+        if not ended and not _TORCHRUN_LOG.match(line):
             say(line)
 
     try:
@@ -170,10 +177,8 @@ def _run_several(args: argparse.Namespace, launch) -> int:
             bar[0].close()
     if args.progress == "jsonl":
         return 0
-    if result.status == Status.CANCELLED:
-        print(f"stopped ({stop.reason or 'a signal reached the training processes'}): "
-              + (f"checkpoint {result.checkpoint.name} written at step {result.step}; run the same command with "
-                 "--resume to continue" if result.checkpoint else "before the first step, nothing written"))
+    if result.status == Status.CANCELLED:  # the event's message names the signal or the cancel
+        print(f"{ended[-1].message}" + ("; run the same command with --resume to continue" if result.checkpoint else ""))
     return _report(result)
 
 
