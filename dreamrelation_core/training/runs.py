@@ -24,6 +24,10 @@ killed writes, plans, reports the plan, and executes it.
 `execute(plan)` carries it out. A run that fails (or is cancelled) before its first checkpoint
 leaves nothing behind: what it created in the run folder is removed again.
 
+Under torchrun (several processes) rank 0 alone runs `run_training` (lock, plan, files); it hands
+the plan, and a resumed run's checkpoint state, to the other processes (`Handoff`, broadcast: no
+shared file system needed), which train the same steps with `execute_follower` and write nothing.
+
 The identity of the data (the prepared cache's clips and their source fingerprints) and of the
 base model file are stored in `run.json` when a run starts, so a resume with a re-prepared
 dataset under the same folder name is noticed.
