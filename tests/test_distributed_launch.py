@@ -95,6 +95,12 @@ def test_cancel_through_the_client_stops_both_processes_at_one_checkpoint_and_re
     assert steps_of(run) == [k] and result.checkpoint == run / "checkpoints" / f"checkpoint_{k:06d}.pt"
     assert [e.event for e in events].count(Event.START) == 1  # rank 0 alone speaks
     assert [e.step for e in events if e.event == Event.STEP] == list(range(1, k + 1))
+    # refused by rank 0's plan (resume off on an existing run): the others, waiting for a plan, end quietly
+    t0 = time.monotonic()
+    with pytest.raises(TrainingError) as err:
+        run_training_worker(cfg(cache, run, num_steps=k + 2), resume=False, launch=TWO)
+    assert str(err.value).startswith(f"{run} already holds a run (step {k} of 500)"), str(err.value)
+    assert "rank 1" not in str(err.value) and time.monotonic() - t0 < 120
     # resume on two processes: rank 0 reads the checkpoint and hands its state to rank 1
     events.clear()
     again = run_training_worker(cfg(cache, run, num_steps=k + 2, checkpoint_every=100), on_event=events.append,
