@@ -20,7 +20,13 @@ def _report(result) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     launch = _launch(args)
     if launch.distributed:
-        return _run_several(args, launch)
+        from ..training.config import TrainConfig
+
+        config = TrainConfig.load_yaml(args.config)
+        if args.output_dir:
+            config.output_dir = args.output_dir
+        _memory_overrides(config, args)
+        return _run_several(config, launch, args.resume, args.overwrite, args.progress)
     if args.progress == "jsonl":  # the worker's JSON lines in a terminal (the node starts training.worker itself)
         from ..training.worker import run_worker
 
@@ -39,7 +45,13 @@ def cmd_resume(args: argparse.Namespace) -> int:
     """`resume DIR`: the run's saved settings, then exactly what `train --resume` does."""
     from ..training.runs import saved_config
 
+    launch = _launch(args)
+    if launch.distributed and args.checkpoint:
+        raise ValueError("resume --checkpoint runs in one process: leave out --nproc / --nnodes, or move the newer "
+                         "checkpoints out of checkpoints/ to resume from an older one on several processes")
     config = saved_config(args.run_dir, args.checkpoint)
+    if launch.distributed:
+        return _run_several(config, launch, True, False, args.progress)
     return _run(config, resume=True, overwrite=False, progress=args.progress, checkpoint=args.checkpoint)
 
 
@@ -97,7 +109,7 @@ def _launch(args: argparse.Namespace):
     return Launch(args.nproc, args.nnodes, args.node_rank, args.master_addr, args.master_port).validate()
 
 
-def _run_several(args: argparse.Namespace, launch) -> int:
+def _run_several(config, launch, resume: bool, overwrite: bool, progress: str) -> int:
     """`train --nproc N` (and several machines): the worker under torchrun, followed through the
     worker client as the ComfyUI node follows it; rank 0 reports, this process draws the bar.
     Ctrl+C / SIGTERM: torchrun passes the signal to every process and this one sends `cancel`:
@@ -107,16 +119,11 @@ def _run_several(args: argparse.Namespace, launch) -> int:
     import signal
     import subprocess
 
-    from ..training.config import TrainConfig
     from ..training.launch import check_devices
     from ..training.protocol import END_EVENTS, Event, Status
     from ..training.worker import StopRequest
     from ..training.worker_client import run_training_worker, worker_command, worker_environment, write_temp_config
 
-    config = TrainConfig.load_yaml(args.config)
-    if args.output_dir:
-        config.output_dir = args.output_dir
-    _memory_overrides(config, args)
     check_devices(config.device, launch.nproc)
     if not launch.reports:
         path = write_temp_config(config)  # this machine's own copy: no shared file system needed
@@ -128,7 +135,7 @@ def _run_several(args: argparse.Namespace, launch) -> int:
             # others; this process only waits for it (Python's default would kill torchrun).
             previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
             try:
-                code = subprocess.call(worker_command(path, args.resume, args.overwrite, launch=launch),
+                code = subprocess.call(worker_command(path, resume, overwrite, launch=launch),
                                        env=worker_environment())
             finally:
                 signal.signal(signal.SIGINT, previous)
@@ -151,12 +158,12 @@ def _run_several(args: argparse.Namespace, launch) -> int:
     def on_event(ev) -> None:
         if ev.event in END_EVENTS:
             ended.append(ev)
-        if args.progress == "jsonl":
+        if progress == "jsonl":
             print(json.dumps(ev.raw), flush=True)
             return
         if ev.event == Event.START:
             print(ev.message, flush=True)
-            if args.progress == "bar":
+            if progress == "bar":
                 bar.extend(training_bar(int(ev.total or 0), int(ev.step or 0)))
         elif ev.event == Event.MEMORY and ev.message:
             say(ev.message)
@@ -168,14 +175,14 @@ def _run_several(args: argparse.Namespace, launch) -> int:
             say(line)
 
     try:
-        result = run_training_worker(config, resume=args.resume, overwrite=args.overwrite, on_event=on_event,
+        result = run_training_worker(config, resume=resume, overwrite=overwrite, on_event=on_event,
                                      should_cancel=stop, launch=launch, on_stderr=on_stderr)
     finally:
         stop.finished.set()
         restore()
         if bar:
             bar[0].close()
-    if args.progress == "jsonl":
+    if progress == "jsonl":
         return 0
     if result.status == Status.CANCELLED:  # the event's message names the signal or the cancel
         print(f"{ended[-1].message}" + ("; run the same command with --resume to continue" if result.checkpoint else ""))
@@ -262,4 +269,5 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run_dir", help="the run's output folder (holds config.yaml and checkpoints/)")
     p.add_argument("--checkpoint", help="a specific checkpoint_<step>.pt instead of the last one")
     p.add_argument("--progress", choices=("bar", "none"), default="bar", help="bar: a progress bar; none: quiet")
+    _add_launch_args(p)
     p.set_defaults(func=cmd_resume)

@@ -566,6 +566,8 @@ _USAGE = """usage: python -m dreamrelation_core.training.worker CONFIG [--contro
        [--overwrite] [--output-dir DIR] [--remove-config]
 
 Run one training as a worker: JSON-line events on stdout (see dreamrelation_core/training/worker.py).
+Under torchrun (WORLD_SIZE > 1) every process joins the group; rank 0 alone reads stdin and writes
+the events (training/launch.py starts it so).
 
   CONFIG            YAML file of TrainConfig options
   --control stdin   read `cancel` lines on stdin and stop the same way when stdin closes (default: none)
