@@ -169,16 +169,19 @@ def test_launch_options_and_device_checks():
                       (Launch(2, nnodes=2, node_rank=2, master_addr="h"), "--node-rank must be 0 to 1")):
         with pytest.raises(TrainingError, match=says):
             bad.validate()
-    check_devices("cpu", 4, cuda_count=0)  # gloo processes on the CPU: allowed
+    check_devices("cpu", 4, cuda_count=0, platform="linux")  # gloo processes on the CPU: allowed
     check_devices("cuda", 1, cuda_count=0)  # one process: nothing to check here
     with pytest.raises(TrainingError, match="has 1 CUDA GPU"):
-        check_devices("cuda", 2, cuda_count=1)
+        check_devices("cuda", 2, cuda_count=1, platform="linux")
     with pytest.raises(TrainingError, match="has 2 CUDA GPU"):
-        check_devices("auto", 4, cuda_count=2)
+        check_devices("auto", 4, cuda_count=2, platform="linux")
     with pytest.raises(TrainingError, match="no CUDA GPU"):
-        check_devices("cuda", 2, cuda_count=0)
+        check_devices("cuda", 2, cuda_count=0, platform="linux")
     with pytest.raises(TrainingError, match="names one GPU"):
         check_devices("cuda:0", 2, cuda_count=2)
+    with pytest.raises(TrainingError, match="NCCL, which PyTorch does not ship for Windows"):
+        check_devices("cuda", 2, cuda_count=2, platform="win32")
+    check_devices("cpu", 2, cuda_count=0, platform="win32")
     summary = ["Root Cause (first observed failure):", "[0]:", "  host      : localhost",
                "  rank      : 1 (local_rank: 1)", "  exitcode  : -9 (pid: 28950)  (SIGKILL)"]
     first = launcher_failure(summary)

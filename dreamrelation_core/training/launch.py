@@ -113,10 +113,11 @@ def torchrun_command(worker_module: str, worker_args: Sequence[str], launch: Lau
 # devices
 
 
-def check_devices(device: str, nproc: int, cuda_count: int | None = None) -> None:
+def check_devices(device: str, nproc: int, cuda_count: int | None = None, platform: str | None = None) -> None:
     """Refuse, before anything starts, more processes on this machine than it has GPUs when the
-    run is on CUDA (`device` 'cuda', 'cuda:N', or 'auto' with a GPU). On the CPU several gloo
-    processes are allowed (the tests run that way). `cuda_count`: the GPUs (found here if None)."""
+    run is on CUDA (`device` 'cuda', 'cuda:N', or 'auto' with a GPU), and several GPUs on Windows
+    (PyTorch has no NCCL there). On the CPU several gloo processes are allowed (the tests run that
+    way). `cuda_count`: the GPUs (found here if None); `platform`: sys.platform's value."""
     if nproc <= 1:
         return
     if re.fullmatch(r"cuda:\d+", device):
@@ -129,6 +130,9 @@ def check_devices(device: str, nproc: int, cuda_count: int | None = None) -> Non
     on_cuda = device.startswith("cuda") or (device == "auto" and cuda_count > 0)
     if not on_cuda:
         return
+    if (platform or sys.platform) == "win32":
+        raise TrainingError(f"{nproc} GPU processes on Windows: the GPUs talk through NCCL, which PyTorch does not "
+                            "ship for Windows. Train on one GPU here, or on several under Linux or WSL2")
     if cuda_count == 0:
         raise TrainingError(f"{nproc} training processes on device {device!r}, but this machine has no CUDA GPU: "
                             "use 1 process, or device 'cpu' (several CPU processes share the CPU's cores)")
