@@ -457,24 +457,33 @@ class Handoff:
 
     plan: RunPlan | None
     state: dict[str, Any] | None = None
+    rebuild: bool = False  # a finished run whose LoRA files rank 0 writes again: every process builds the model
 
 
 def handoff(plan: RunPlan | None) -> Handoff:
-    """Rank 0's handoff for `plan` (the checkpoint read here when the plan resumes)."""
-    if plan is None or plan.action != Action.RESUME:
-        return Handoff(plan)
-    return Handoff(plan, load_checkpoint(plan.checkpoint))
+    """Rank 0's handoff for `plan` (the checkpoint read here when the plan resumes, or when a
+    finished run's LoRA files must be written again)."""
+    if plan is not None and plan.action == Action.RESUME:
+        return Handoff(plan, load_checkpoint(plan.checkpoint))
+    if plan is not None and plan.action == Action.FINISHED and _lora_missing(plan):
+        return Handoff(plan, load_checkpoint(plan.checkpoint), rebuild=True)
+    return Handoff(plan)
 
 
 def execute_follower(h: Handoff, should_cancel: Callable[[], bool] | None = None) -> TrainResult | None:
     """A rank other than 0 carries out rank 0's plan: the same Trainer, the same state, the same
     steps (the Trainer shares each batch out and agrees the stop with the others); it writes
-    nothing. None when there is nothing to train (rank 0 failed, or the run had finished: rank 0
-    hands its files back alone)."""
+    nothing. None when there is nothing to train (rank 0 failed, or the run had finished). A
+    finished run whose LoRA files rank 0 writes again is built here too: setting the model up may
+    involve every process (the memory options agreed on CUDA, a sharded base)."""
     plan = h.plan
-    if plan is None or plan.action == Action.FINISHED:
+    if plan is None or (plan.action == Action.FINISHED and not h.rebuild):
         return None
     trainer = Trainer(plan.config, run_dir=plan.run_dir)
+    if plan.action == Action.FINISHED:
+        trainer.load_state_dict(h.state, source=f"rank 0's {plan.checkpoint}")
+        trainer.export()  # rank 0 writes; here only the paths
+        return None
     if plan.action == Action.RESUME:
         trainer.load_state_dict(h.state, source=f"rank 0's {plan.checkpoint}")
     if _agreed_stop_before_start(should_cancel) and plan.action == Action.NEW:
@@ -533,9 +542,14 @@ def run_training(
                          on_checkpoint=on_checkpoint, max_steps=max_steps)
 
 
+def _lora_missing(plan: RunPlan) -> bool:
+    triplet, relation = plan.lora_paths
+    return not (triplet.is_file() and relation.is_file())
+
+
 def _finished(plan: RunPlan, clips: Sequence[Clip] | None, model: torch.nn.Module | None) -> TrainResult:
     triplet, relation = plan.lora_paths
-    if not (triplet.is_file() and relation.is_file()):
+    if _lora_missing(plan):
         # The LoRA files were removed (or the run stopped between checkpoint and export): write them
         # again from the last checkpoint; this loads the model but trains nothing.
         trainer = Trainer(plan.config, clips=clips, model=model, run_dir=plan.run_dir)
