@@ -434,11 +434,9 @@ def parallel_inputs() -> list:
 def training_device(comfy_device: str, gpus: int, batch_size: int) -> str:
     """The worker's device: ComfyUI's, or plain 'cuda' for several GPUs (each process takes its
     own). A batch that several GPUs cannot share evenly is refused here, before anything starts."""
-    from dreamrelation_core.errors import TrainingError
+    from dreamrelation_core.training.launch import check_batch
 
-    if gpus > 1 and batch_size % gpus:
-        raise TrainingError(f"batch_size {batch_size} cannot be shared by {gpus} GPUs: batch_size counts the clips "
-                            f"of one step over all GPUs, so it must be a multiple of gpus ({gpus}, {2 * gpus}, ...)")
+    check_batch(batch_size, gpus, "GPUs")
     if gpus > 1 and comfy_device.startswith("cuda"):
         return "cuda"
     return comfy_device

@@ -186,3 +186,19 @@ def test_launch_options_and_device_checks():
                "  rank      : 1 (local_rank: 1)", "  exitcode  : -9 (pid: 28950)  (SIGKILL)"]
     first = launcher_failure(summary)
     assert (first.rank, first.exitcode, first.signal) == (1, -9, "SIGKILL") and launcher_failure(["no"]) is None
+
+
+def test_train_refuses_an_uneven_global_batch_before_starting_processes(tmp_path, capsys, monkeypatch):
+    from dreamrelation_core.cli import main
+    from dreamrelation_core.training import launch
+    from dreamrelation_core.training.config import TrainConfig
+
+    started = []
+    monkeypatch.setattr(launch, "torchrun_command", lambda *a, **k: started.append(a))
+    cfg = TrainConfig(output_dir=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"), batch_size=3, device="cpu")
+    cfg.save_yaml(tmp_path / "c.yaml")
+    assert main(["train", str(tmp_path / "c.yaml"), "--nproc", "2"]) == 1
+    assert "batch_size 3 cannot be shared by 2 processes" in capsys.readouterr().err
+    assert not started and not (tmp_path / "run").exists()
+    launch.check_batch(4, 2)
+    launch.check_batch(3, 1)

@@ -71,7 +71,7 @@ def test_gpus_take_their_own_devices_and_a_batch_they_cannot_share_is_refused(pa
 
     device = pack.nodes.train.training_device
     assert device("cuda:0", 2, 2) == "cuda" and device("cuda:0", 1, 1) == "cuda:0" and device("cpu", 2, 4) == "cpu"
-    with pytest.raises(TrainingError, match="batch_size 3 cannot be shared by 2 GPUs.*multiple of gpus"):
+    with pytest.raises(TrainingError, match="batch_size 3 cannot be shared by 2 GPUs.*multiple of 2"):
         device("cpu", 2, 3)
 
 

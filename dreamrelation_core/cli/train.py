@@ -119,12 +119,13 @@ def _run_several(config, launch, resume: bool, overwrite: bool, progress: str) -
     import signal
     import subprocess
 
-    from ..training.launch import check_devices
+    from ..training.launch import check_batch, check_devices
     from ..training.protocol import END_EVENTS, Event, Status
     from ..training.worker import StopRequest
     from ..training.worker_client import run_training_worker, worker_command, worker_environment, write_temp_config
 
     check_devices(config.device, launch.nproc)
+    check_batch(config.batch_size, launch.world_size)
     if not launch.reports:
         path = write_temp_config(config)  # this machine's own copy: no shared file system needed
         try:

@@ -113,6 +113,15 @@ def torchrun_command(worker_module: str, worker_args: Sequence[str], launch: Lau
 # devices
 
 
+def check_batch(batch_size: int, processes: int, what: str = "processes") -> None:
+    """Refuse, before anything starts, a global batch the processes cannot share evenly (each
+    process computes batch_size / processes clips of every step)."""
+    if processes > 1 and batch_size % processes:
+        raise TrainingError(f"batch_size {batch_size} cannot be shared by {processes} {what}: batch_size counts the "
+                            f"clips of one step over all of them, so it must be a multiple of {processes} "
+                            f"({processes}, {2 * processes}, ...)")
+
+
 def check_devices(device: str, nproc: int, cuda_count: int | None = None, platform: str | None = None) -> None:
     """Refuse, before anything starts, more processes on this machine than it has GPUs when the
     run is on CUDA (`device` 'cuda', 'cuda:N', or 'auto' with a GPU), and several GPUs on Windows
