@@ -2,6 +2,7 @@
 ablation switches, relation placements (a spec operation) through the LoRA files and the loader, and the `ablation`
 command's quick chain."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -48,6 +49,36 @@ def test_new_pairs_never_share_the_exemplars_kinds_or_colours():
     for s1, s2 in pairs:
         assert s1.colour != s2.colour and s1.kind != s2.kind
         assert not {s1.colour, s1.kind, s2.colour, s2.kind} & taken
+
+
+def test_layouts_limit_the_motion_not_the_subjects():
+    rng = np.random.default_rng(0)
+    clips = [world.make_clip("pass_by", *world.random_pair(rng), rng, SHAPE, layouts=3) for _ in range(40)]
+    motions = {(c.track1.tobytes(), c.track2.tobytes()) for c in clips}
+    assert len(motions) == 3  # every layout drawn, no other
+    assert len({(c.subject1, c.subject2) for c in clips}) > 10
+    ex = world.exemplars("approach_touch", 4, SHAPE, seed=1, layouts=2)
+    assert np.array_equal(ex[0].track1, ex[2].track1) and not np.array_equal(ex[0].track1, ex[1].track1)
+    assert all(judge.classify(c.latents, c.subject1, c.subject2) == "approach_touch" for c in ex)
+    free = [world.make_clip("pass_by", *world.random_pair(rng), rng, SHAPE) for _ in range(10)]
+    assert len({c.track1.tobytes() for c in free}) > 3
+
+
+def test_base_rope_starts_spread_and_stays_fixed(tmp_path):
+    from dreamrelation_core.ablation.base import pretrain
+    from dreamrelation_core.ablation.recipe import Recipe
+
+    r = Recipe.quick()
+    base = pretrain(dataclasses.replace(r, pretrain_steps=2))
+    f = base.transformer_state["pos_frequencies"]  # [3 axes, heads, head_dim / 2]
+    assert f[0, 0, 0] == pytest.approx(r.rope_max) and f[0, 0, 3] < f[0, 0, 0]  # time: radians per frame
+    assert f[0, :, 1].abs().max() == 0 and (f[1, :, 1] > 0).all()  # one axis per frequency pair
+    unit = (192 * 192 / (SHAPE[1] // 2 * SHAPE[2] // 2)) ** 0.5  # rows and columns: per patch
+    assert f[2, 0, 2] * unit == pytest.approx(r.rope_max, rel=1e-5)
+    again = pretrain(dataclasses.replace(r, pretrain_steps=3))
+    assert torch.equal(again.transformer_state["pos_frequencies"], f)  # not learned
+    assert not torch.equal(again.transformer_state["proj_out.weight"], base.transformer_state["proj_out.weight"])
+    assert dataclasses.replace(r, rope_max=0.0).base_hash() != r.base_hash()
 
 
 def test_judge_rules_on_hand_made_tracks():

@@ -68,6 +68,43 @@ def transformer_config(r: Recipe) -> dict:
                                    text_len=r.text_len)
 
 
+def init_rope(model: torch.nn.Module, r: Recipe) -> None:
+    """Start the learned RoPE frequencies [3 axes, heads, head_dim / 2] at a spread of wavelengths.
+
+    diffusers starts `pos_frequencies` at zero (Mochi's checkpoint brings trained ones); from zero a
+    small base pretrained from scratch never learned them (after 6,000 steps the largest was 0.04
+    rad per unit): with no positions its tokens could not tell one frame from the next, and it drew
+    every frame on its own (docs/ablation.md "The base"). Each frequency pair gets one axis (time,
+    row, column in turn) and a per-patch angular speed from `rope_max` down to `rope_min`
+    (geometric); rows and columns are divided by the unit Mochi's RoPE measures one patch in."""
+    from ..mochi.tiny import PATCH_SIZE
+
+    freqs = torch.zeros_like(model.pos_frequencies)  # [3, heads, head_dim / 2]
+    t, h, w = r.shape
+    hp, wp = h // PATCH_SIZE, w // PATCH_SIZE
+    unit = (192 * 192 / (hp * wp)) ** 0.5  # diffusers' MochiRoPE: patch centres this far apart on both axes
+    n = freqs.shape[-1]
+    for axis in range(3):
+        idx = list(range(axis, n, 3))
+        speeds = r.rope_max * (r.rope_min / r.rope_max) ** (torch.arange(len(idx)) / max(1, len(idx) - 1))
+        freqs[axis, :, idx] = (speeds if axis == 0 else speeds / unit).to(freqs.dtype)
+    with torch.no_grad():
+        model.pos_frequencies.copy_(freqs)
+
+
+SIGMA_LOGIT_MEAN = 0.5  # logit-normal sigma: median 0.62, where the world's subjects sink into the noise
+
+
+def draw_sigmas(n: int, g: torch.Generator, how: str) -> torch.Tensor:
+    """[n] noise levels: uniform on (0, 1), or logit-normal (SD3's choice; mean SIGMA_LOGIT_MEAN,
+    std 1), which spends the steps at middle noise, where sampling decides where the subjects go."""
+    if how == "uniform":
+        return torch.rand(n, generator=g)
+    if how == "logit_normal":
+        return torch.sigmoid(SIGMA_LOGIT_MEAN + torch.randn(n, generator=g))
+    raise ValueError(f"unknown sigma sampling {how!r}: expected 'uniform' or 'logit_normal'")
+
+
 def _relation_weights(r: Recipe) -> np.ndarray:
     """Pretraining share of each relation: target_share for the target, the rest split evenly."""
     rest = (1.0 - r.target_share) / (len(RELATIONS) - 1)
@@ -90,7 +127,10 @@ def pretrain(r: Recipe, progress: Callable[[int, int, float], None] | None = Non
         t5.load_state_dict(init.text_encoder.state_dict())
         t5.requires_grad_(True)
         steps, lr, seed = r.pretrain_more, r.pretrain_lr / 2, r.base_seed + 1  # new clips, not a replay
-    params = list(model.parameters()) + list(t5.parameters())
+    if r.rope_max and (init is not None or not r.rope_at_more):
+        init_rope(model, r)  # over the loaded frequencies when a base pretrained without positions goes on
+        model.pos_frequencies.requires_grad_(False)  # fixed: Adam's steps of pretrain_lr are as large as these
+    params = [p for p in model.parameters() if p.requires_grad] + list(t5.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     warm = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -101,7 +141,7 @@ def pretrain(r: Recipe, progress: Callable[[int, int, float], None] | None = Non
     t0, loss_ema = time.perf_counter(), float("nan")
     for step in range(steps):
         rels = rng.choice(len(RELATIONS), r.pretrain_batch, p=probs)
-        clips = [make_clip(RELATIONS[i], *random_pair(rng), rng, r.shape) for i in rels]
+        clips = [make_clip(RELATIONS[i], *random_pair(rng), rng, r.shape, layouts=r.layouts) for i in rels]
         z = torch.stack([c.latents for c in clips])  # [B, 12, T, h, w]
         ids = tok([c.caption for c in clips], padding="max_length", max_length=r.text_len, truncation=True,
                   return_tensors="pt")
@@ -109,7 +149,7 @@ def pretrain(r: Recipe, progress: Callable[[int, int, float], None] | None = Non
         y = t5(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"]).last_hidden_state * keep[:, None, None]
         ym = ids["attention_mask"].bool() & keep.bool()[:, None]
         eps = torch.randn(z.shape, generator=g)
-        sigma = torch.rand(len(clips), generator=g)
+        sigma = draw_sigmas(len(clips), g, r.more_sigma if init is not None else "uniform")  # [B]
         x, u = noisy(z, eps, sigma)
         pred = model(hidden_states=x, encoder_hidden_states=y, timestep=diffusers_timestep(sigma),
                      encoder_attention_mask=ym, return_dict=False)[0]
@@ -167,7 +207,10 @@ def get_base(r: Recipe, cache_dir: Path | None = None,
     if base is None:
         first = None
         if r.pretrain_more:
-            first = get_base(dataclasses.replace(r, pretrain_more=0), cache_dir, progress)
+            first_recipe = dataclasses.replace(r, pretrain_more=0, more_sigma="uniform")
+            if r.rope_at_more:  # the first stage has diffusers' zero (learned) frequencies
+                first_recipe = dataclasses.replace(first_recipe, rope_max=0.0, rope_at_more=False)
+            first = get_base(first_recipe, cache_dir, progress)
         base = pretrain(r, progress, init=first)
         save_base(base, cache_dir)
     return base

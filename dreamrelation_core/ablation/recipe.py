@@ -19,23 +19,28 @@ class Recipe:
     shape: tuple[int, int, int] = (7, 8, 16)  # latent (T, h, w): 37 frames at 64x128 pixels in Mochi's terms
     target: str = "approach_touch"  # the relation the LoRAs learn; the base never sees it
     target_share: float = 0.0  # share of pretraining clips of the target relation
+    layouts: int = 0  # fixed motion layouts per relation (0: every clip's motion drawn afresh)
     # base: diffusers MochiTransformer3DModel + tiny T5, pretrained together on the other relations
     layers: int = 4
     heads: int = 2
     head_dim: int = 32
     text_dim: int = 32  # T5 width
     text_len: int = 16
-    pretrain_steps: int = 2000
+    rope_max: float = 1.5  # initial RoPE angular speeds, radians per frame / per patch (0: diffusers' zeros)
+    rope_min: float = 0.15
+    rope_at_more: bool = True  # start them only for the pretrain_more stage (the first stage keeps the zeros)
+    pretrain_steps: int = 6000
     pretrain_batch: int = 8
     pretrain_lr: float = 1e-3
-    pretrain_more: int = 0  # then this many more steps from that base (own cache entry), lr pretrain_lr / 2
+    pretrain_more: int = 2000  # then this many more steps from that base (own cache entry), lr pretrain_lr / 2
+    more_sigma: str = "logit_normal"  # noise levels of the pretrain_more stage: uniform or logit_normal
     base_seed: int = 0
     # exemplars
     exemplars: int = 6
     exemplar_seed: int = 1
     # LoRA training (through the trainer; the TrainConfig fields not named here keep their defaults)
     rank: int = 8
-    train_steps: int = 150
+    train_steps: int = 400
     train_lr: float = 1e-3
     train_batch: int = 2
     warmup_steps: int = 20
@@ -54,18 +59,29 @@ class Recipe:
 
     @classmethod
     def quick(cls) -> Recipe:
-        return cls(layers=1, heads=2, head_dim=16, pretrain_steps=40, pretrain_batch=4, pretrain_more=0, exemplars=5,
+        return cls(layers=1, heads=2, head_dim=16, pretrain_steps=40, pretrain_batch=4, pretrain_more=0,
+                   rope_at_more=False, more_sigma="uniform", exemplars=5,
                    train_steps=6, train_batch=1, warmup_steps=2, pairs=2, gen_seeds=1, sample_steps=4, judge_clips=6)
 
     def base_fields(self) -> dict:
         names = ("shape", "target", "target_share", "layers", "heads", "head_dim", "text_dim", "text_len",
-                 "pretrain_steps", "pretrain_batch", "pretrain_lr", "base_seed", "pretrain_more")
+                 "pretrain_steps", "pretrain_batch", "pretrain_lr", "base_seed", "pretrain_more",
+                 "rope_max", "rope_min", "rope_at_more", "layouts",
+                 "more_sigma")
         return {n: getattr(self, n) for n in names}
 
     def base_hash(self) -> str:
         fields = self.base_fields()
         if not fields["pretrain_more"]:
             del fields["pretrain_more"]  # hashes of bases made before the field existed stay valid
+        if not fields["rope_max"]:
+            del fields["rope_max"], fields["rope_min"]  # likewise
+        if not fields["rope_at_more"]:
+            del fields["rope_at_more"]
+        if not fields["layouts"]:
+            del fields["layouts"]
+        if fields["more_sigma"] == "uniform":
+            del fields["more_sigma"]
         text = json.dumps({"version": 2, "amplitude": AMPLITUDE, **fields}, sort_keys=True, default=list)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -137,7 +137,7 @@ def run_study(out_dir: str | Path, r: Recipe, seeds: int, cache_dir: Path | None
     report(f"base ready ({'cached' if base.cached else 'pretrained'}; pretraining took {base.pretrain_seconds:.0f} s)")
     known = base_sanity(base, r)
     report(f"base on the relations it knows (new pairs): {known}")
-    ex = exemplars(r.target, r.exemplars, r.shape, r.exemplar_seed)
+    ex = exemplars(r.target, r.exemplars, r.shape, r.exemplar_seed, r.layouts)
     y, ym = base.encode([c.caption for c in ex])
     for c, f, m in zip(ex, y, ym):
         c.y_feat, c.y_mask = f, m

@@ -209,9 +209,18 @@ class WorldClip:
         return self.latents.clone()  # the world's latents are exact: nothing to sample
 
 
+def layout_rng(relation: str, k: int, seed: int = 0) -> np.random.Generator:
+    """The generator of layout k of a relation: a world with a few layouts per relation draws every
+    clip's positions, speeds and direction from one of these (the subjects stay free)."""
+    return np.random.default_rng([seed, RELATIONS.index(relation), k])
+
+
 def make_clip(relation: str, s1: Subject, s2: Subject, rng: np.random.Generator, shape: tuple[int, int, int],
-              name: str = "") -> WorldClip:
-    t1, t2 = relation_tracks(relation, rng, shape)
+              name: str = "", layouts: int = 0) -> WorldClip:
+    """One clip; with `layouts` > 0 its motion is one of that many fixed layouts of the relation
+    (drawn with rng), else a fresh random one."""
+    pos_rng = layout_rng(relation, int(rng.integers(layouts))) if layouts else rng
+    t1, t2 = relation_tracks(relation, pos_rng, shape)
     z, m1, m2 = render(s1, s2, t1, t2, shape)
     return WorldClip(name or relation, relation, s1, s2, t1, t2, z, m1, m2)
 
@@ -237,8 +246,16 @@ def new_pairs(n: int) -> list[tuple[Subject, Subject]]:
     return pairs[:n]
 
 
-def exemplars(relation: str, n: int, shape: tuple[int, int, int], seed: int) -> list[WorldClip]:
-    """n clips of `relation` between the fixed exemplar subjects, positions drawn from `seed`."""
+def exemplars(relation: str, n: int, shape: tuple[int, int, int], seed: int, layouts: int = 0) -> list[WorldClip]:
+    """n clips of `relation` between the fixed exemplar subjects, positions drawn from `seed` (with
+    `layouts` > 0: exemplar i shows layout i mod layouts of the relation, so all of them appear)."""
     rng = np.random.default_rng(seed)
     s1, s2 = (Subject(c, k) for c, k in EXEMPLAR_SUBJECTS)
-    return [make_clip(relation, s1, s2, rng, shape, f"exemplar{i}") for i in range(n)]
+    if not layouts:
+        return [make_clip(relation, s1, s2, rng, shape, f"exemplar{i}") for i in range(n)]
+    out = []
+    for i in range(n):
+        t1, t2 = relation_tracks(relation, layout_rng(relation, i % layouts), shape)
+        z, m1, m2 = render(s1, s2, t1, t2, shape)
+        out.append(WorldClip(f"exemplar{i}", relation, s1, s2, t1, t2, z, m1, m2))
+    return out
