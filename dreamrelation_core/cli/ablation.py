@@ -52,8 +52,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
                    "exit 1 if it is not trustworthy")
     p.add_argument("--cache-dir", help="where the pretrained base is cached (default $DREAMRELATION_CACHE/ablation "
                    "or ~/.cache/dreamrelation/ablation)")
-    p.add_argument("--pretrain-steps", type=int, default=0, help="pretraining steps of the base (default: the "
-                   "recipe's; each count is its own cache entry)")
+    p.add_argument("--pretrain-steps", type=int, default=0, help="pretraining steps of the base's first stage "
+                   "(default: the recipe's; the second stage follows; each count is its own cache entry)")
     p.add_argument("--variants", nargs="+", choices=list(_variants()), help="run only these variants (default all)")
     p.set_defaults(func=cmd_ablation)
 
