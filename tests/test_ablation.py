@@ -127,6 +127,29 @@ def test_mean_ci_and_orderings():
     assert "full > base" not in o
 
 
+def test_denoising_scores_compare_like_with_like():
+    from dreamrelation_core.ablation import denoising
+    from dreamrelation_core.ablation.recipe import Recipe
+
+    r = Recipe.quick()
+    clips = denoising.held_out(r)
+    assert len(clips["pairs"]) == r.pairs
+    for p in clips["pairs"]:
+        assert set(p["by_relation"]) == set(world.RELATIONS) and world.PHRASES[r.target] in p["prompt"]
+        target, look = p["by_relation"][r.target], p["exemplar_look"]
+        # the leakage pairs differ in appearance only: the same cells occupied on every frame
+        assert torch.equal(target.abs().sum(1) > 0, look.abs().sum(1) > 0) and not torch.equal(target, look)
+    assert denoising._wins(torch.tensor([1.0, 2.0]), torch.tensor([3.0, 2.0])) == 0.875  # 3 wins + 1 tie of 4
+    # every clip is scored at the same draws: identical clips get identical errors
+    from dreamrelation_core.mochi.tiny import tiny_transformer
+
+    model = tiny_transformer(seed=0).eval()
+    z = torch.randn(1, 12, 3, 8, 16).expand(3, -1, -1, -1, -1)
+    y, ym = torch.randn(1, 4, model.config.text_embed_dim), torch.ones(1, 4, dtype=torch.bool)
+    e = denoising.errors(model, z, y, ym)
+    assert torch.allclose(e, e[0].expand(3)) and torch.equal(e, denoising.errors(model, z, y, ym))
+
+
 # ---------------------------------------------------------------- trainer switches
 
 
@@ -240,8 +263,10 @@ def test_ablation_quick_chain_and_judge_check(tmp_path, monkeypatch):
     assert set(out["variants"]) == {"full", "no_hybrid_masks", "no_contrastive", "no_subject_loras", "relation_on_v",
                                     "relation_on_q", "plain_lora", "base"}
     full = out["variants"]["full"]["seeds"][0]
-    assert set(full) >= {"relation_accuracy", "text_alignment", "leakage", "train_seconds"}
+    assert set(full) >= {"relation_accuracy", "text_alignment", "leakage", "relation_auc", "leakage_auc", "train_seconds"}
     assert 0 <= full["relation_accuracy"] <= 1 and out["judge_check"]["trustworthy"]
+    assert 0 <= full["relation_auc"] <= 1 and 0 <= full["leakage_auc"] <= 1
+    assert "relation AUC: full > no_contrastive" in out["orderings"]
     assert out["recipe"]["base_hash"] and not out["base"]["cached"] and out["recipe"]["pretrain_steps"] == 30
     assert (tmp_path / "q" / "runs" / "relation_on_v" / "seed0" / "relation_only.safetensors").is_file()
     assert list((tmp_path / "cache" / "ablation").glob("base-*/base.json"))

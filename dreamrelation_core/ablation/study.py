@@ -26,7 +26,7 @@ from ..generate import add_relation_lora, generate_latents
 from ..lora.files import load_lora_file
 from ..training.config import TrainConfig
 from ..training.trainer import Trainer
-from . import judge
+from . import denoising, judge
 from .base import Base, get_base
 from .recipe import Recipe
 from .world import RELATIONS, Subject, caption, exemplars, new_pairs
@@ -48,7 +48,7 @@ PAPER_RELATION_ACCURACY = {
     "full": 0.4452, "no_hybrid_masks": 0.3574, "no_contrastive": 0.3416, "no_subject_loras": 0.3769,
     "relation_on_v": 0.3444, "relation_on_q": 0.3921, "plain_lora": 0.3258, "base": 0.2623,
 }
-METRICS = ("relation_accuracy", "text_alignment", "leakage")
+METRICS = ("relation_accuracy", "text_alignment", "leakage", "relation_auc", "leakage_auc")
 # Student's t, two-sided 95 %, by degrees of freedom
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
@@ -142,6 +142,7 @@ def run_study(out_dir: str | Path, r: Recipe, seeds: int, cache_dir: Path | None
     for c, f, m in zip(ex, y, ym):
         c.y_feat, c.y_mask = f, m
     prompts = [(s1, s2, r.target) for s1, s2 in new_pairs(r.pairs)]
+    scored = denoising.held_out(r)  # the same rendered clips and draws for every variant
     results: dict[str, dict] = {}
     for name in variants or list(VARIANTS):
         switches = VARIANTS[name]
@@ -154,10 +155,12 @@ def run_study(out_dir: str | Path, r: Recipe, seeds: int, cache_dir: Path | None
                 path, extra = _train(r, base, switches, seed, out_dir / "runs" / name / f"seed{seed}", ex)
                 model = add_relation_lora(base.transformer(), load_lora_file(path))
             gen_seeds = [1000 * seed + g for g in range(r.gen_seeds)]
-            row = {"seed": seed, **_summary(_generate(model, base, prompts, gen_seeds, r)), **extra}
+            row = {"seed": seed, **_summary(_generate(model, base, prompts, gen_seeds, r)),
+                   **denoising.scores(model, base.encode, r, scored), **extra}
             per_seed.append(row)
             report(f"{name} seed {seed}: relation {row['relation_accuracy']:.3f} text {row['text_alignment']:.3f} "
-                   f"leakage {row['leakage']:.3f} judged {row['judged']}")
+                   f"leakage {row['leakage']:.3f} judged {row['judged']}; denoising: relation AUC "
+                   f"{row['relation_auc']:.3f} leakage AUC {row['leakage_auc']:.3f}")
         stats = {m: mean_ci([s[m] for s in per_seed]) for m in METRICS}
         results[name] = {
             "switches": switches, "paper_relation_accuracy": PAPER_RELATION_ACCURACY[name], "seeds": per_seed,
@@ -194,6 +197,14 @@ def orderings(results: dict[str, dict]) -> dict[str, dict]:
         "full > plain_lora": cmp("full", "plain_lora", "relation_accuracy", True),
         "full > base": cmp("full", "base", "relation_accuracy", True),
         "full leaks less than plain_lora": cmp("full", "plain_lora", "leakage", False),
+        # the same orderings on the denoising scores (docs/ablation.md "Denoising scores")
+        "relation AUC: full > no_contrastive": cmp("full", "no_contrastive", "relation_auc", True),
+        "relation AUC: full > no_hybrid_masks": cmp("full", "no_hybrid_masks", "relation_auc", True),
+        "relation AUC: full (Q/K) > relation_on_v": cmp("full", "relation_on_v", "relation_auc", True),
+        "relation AUC: full (Q/K) > relation_on_q": cmp("full", "relation_on_q", "relation_auc", True),
+        "relation AUC: full > plain_lora": cmp("full", "plain_lora", "relation_auc", True),
+        "relation AUC: full > base": cmp("full", "base", "relation_auc", True),
+        "leakage AUC: full leaks less than plain_lora": cmp("full", "plain_lora", "leakage_auc", False),
     }
     return {k: v for k, v in checks.items() if v is not None}
 
@@ -207,8 +218,8 @@ def format_check(check: dict) -> str:
 
 def table(result: dict) -> str:
     """Markdown table: per variant the means ± 95 % intervals beside the paper's relation accuracy."""
-    lines = ["| variant | relation accuracy | text alignment | leakage | paper (relation accuracy) |",
-             "|---|---|---|---|---|"]
+    lines = ["| variant | relation accuracy | text alignment | leakage | relation AUC | leakage AUC "
+             "| paper (relation accuracy) |", "|---|---|---|---|---|---|---|"]
     for name, v in result["variants"].items():
         m, c = v["mean"], v["ci95"]
         cells = " | ".join(f"{m[k]:.3f} ± {c[k]:.3f}" for k in METRICS)

@@ -1,0 +1,91 @@
+"""Denoising scores: what a model prefers among exactly rendered clips, without sampling
+(docs/ablation.md "Denoising scores").
+
+The generation judge needs a base that samples coherent motion; ours does not (docs/ablation.md).
+These scores ask the model a question it can answer without sampling: under the prompt "<new
+subject 1> <target relation> <new subject 2>", which of two rendered clips does it denoise better
+(a lower flow-matching error at the same noise draws)? A lower error means the clip is more
+likely under the model (the same idea as a diffusion model used as a classifier).
+
+- relation AUC: per new subject pair, a clip of the target relation against a clip of another
+  relation, both between the prompted subjects: the share of such comparisons the target relation
+  wins (0.5: the model does not tell the target motion apart; 1: always).
+- leakage AUC: the same target-relation tracks drawn once with the prompted subjects and once
+  with the exemplars' subjects: the share the exemplars' appearance wins (0: the prompt's
+  subjects always preferred; higher: the exemplars' appearance leaks into the model).
+Every clip and model is scored at the same (sigma, noise) draws: differences between variants
+are not noise of the draws.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..base_models import spec_of_model
+from .recipe import Recipe
+from .world import EXEMPLAR_SUBJECTS, RELATIONS, Subject, caption, new_pairs, relation_tracks, render
+
+CLIPS_PER_RELATION = 2  # per subject pair and relation
+DRAWS = 6  # (sigma, noise) draws per clip
+SIGMAS = (0.3, 0.8)  # noise levels scored: where the motion is decided, not the last details
+
+
+def held_out(r: Recipe, seed: int = 7) -> dict:
+    """The clips scored: per new pair, CLIPS_PER_RELATION clips of every relation (fresh positions
+    from `seed`), and the target relation's tracks drawn with the exemplars' subjects."""
+    rng = np.random.default_rng(seed)
+    ex1, ex2 = (Subject(c, k) for c, k in EXEMPLAR_SUBJECTS)
+    pairs = []
+    for s1, s2 in new_pairs(r.pairs):
+        by_relation, leak = {}, []
+        for rel in RELATIONS:
+            clips = []
+            for _ in range(CLIPS_PER_RELATION):
+                t1, t2 = relation_tracks(rel, rng, r.shape)
+                clips.append(render(s1, s2, t1, t2, r.shape)[0])  # [12, T, h, w]
+                if rel == r.target:
+                    leak.append(render(ex1, ex2, t1, t2, r.shape)[0])  # the same motion, the exemplars' look
+            by_relation[rel] = torch.stack(clips)
+        pairs.append({"prompt": caption(s1, r.target, s2), "by_relation": by_relation, "exemplar_look": torch.stack(leak)})
+    return {"pairs": pairs, "seed": seed}
+
+
+@torch.no_grad()
+def errors(model: torch.nn.Module, z: torch.Tensor, y: torch.Tensor, ym: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """Mean flow-matching error of each clip z [N, C, T, h, w] under one prompt (y [1, L, D],
+    ym [1, L]) over DRAWS draws shared by all clips -> [N]."""
+    spec = spec_of_model(model)
+    g = torch.Generator().manual_seed(seed)
+    n = z.shape[0]
+    total = torch.zeros(n)
+    for _ in range(DRAWS):
+        sigma = SIGMAS[0] + (SIGMAS[1] - SIGMAS[0]) * torch.rand(1, generator=g)
+        eps = torch.randn(z.shape[1:], generator=g).expand_as(z)  # one noise for every clip of the draw
+        s = sigma.view(1, 1, 1, 1, 1)
+        x, u = (1 - s) * z + s * eps, z - eps
+        pred = spec.predict(model, x, y.expand(n, -1, -1), ym.expand(n, -1), sigma.expand(n))
+        total += (pred.float() - u).square().mean(dim=(1, 2, 3, 4))
+    return total / DRAWS
+
+
+def _wins(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Share of (i, j) with a[i] < b[j] (ties count half)."""
+    a, b = a[:, None], b[None, :]
+    return float(((a < b).float() + 0.5 * (a == b).float()).mean())
+
+
+def scores(model: torch.nn.Module, encode, r: Recipe, clips: dict) -> dict[str, float]:
+    """relation_auc and leakage_auc of `model` (module docstring); `encode(captions)` -> (y, ym)."""
+    model.eval()
+    rel_wins, leak_wins = [], []
+    for i, p in enumerate(clips["pairs"]):
+        y, ym = encode([p["prompt"]])
+        target = p["by_relation"][r.target]
+        others = torch.cat([c for rel, c in p["by_relation"].items() if rel != r.target])
+        look = p["exemplar_look"]
+        err = errors(model, torch.cat([target, others, look]), y, ym, seed=i)
+        e_t, e_o, e_l = err[:len(target)], err[len(target):len(target) + len(others)], err[len(target) + len(others):]
+        rel_wins.append(_wins(e_t, e_o))
+        leak_wins.append(float(((e_l < e_t).float() + 0.5 * (e_l == e_t).float()).mean()))  # same tracks, paired
+    return {"relation_auc": float(np.mean(rel_wins)), "leakage_auc": float(np.mean(leak_wins))}
