@@ -150,6 +150,21 @@ def test_denoising_scores_compare_like_with_like():
     assert torch.allclose(e, e[0].expand(3)) and torch.equal(e, denoising.errors(model, z, y, ym))
 
 
+def test_gain_auc_sees_what_a_lora_adds_to_the_target_motion_only(monkeypatch):
+    from dreamrelation_core.ablation import denoising
+    from dreamrelation_core.ablation.recipe import Recipe
+
+    t = torch.tensor
+    # the target motion is harder for both models; the LoRA lowers its error more than the others'
+    base = [{"target": t([0.5, 0.6]), "others": t([0.2, 0.3, 0.25]), "look": t([0.9, 0.9])}]
+    lora = [{"target": t([0.4, 0.5]), "others": t([0.19, 0.29, 0.24]), "look": t([0.3, 0.9])}]
+    monkeypatch.setattr(denoising, "clip_errors", lambda *a: lora)
+    s = denoising.scores(None, None, Recipe.quick(), {}, base)
+    assert s["relation_auc"] == 0.0  # raw errors: the others always look likelier
+    assert s["relation_gain_auc"] == 1.0  # gains: the target's drop is always the larger
+    assert s["leakage_auc"] == 0.5 and s["error_change"] < 0  # one exemplar look wins; errors fell
+
+
 # ---------------------------------------------------------------- trainer switches
 
 
@@ -265,7 +280,9 @@ def test_ablation_quick_chain_and_judge_check(tmp_path, monkeypatch):
     full = out["variants"]["full"]["seeds"][0]
     assert set(full) >= {"relation_accuracy", "text_alignment", "leakage", "relation_auc", "leakage_auc", "train_seconds"}
     assert 0 <= full["relation_accuracy"] <= 1 and out["judge_check"]["trustworthy"]
-    assert 0 <= full["relation_auc"] <= 1 and 0 <= full["leakage_auc"] <= 1
+    assert 0 <= full["relation_auc"] <= 1 and 0 <= full["leakage_auc"] <= 1 and 0 <= full["relation_gain_auc"] <= 1
+    base = out["variants"]["base"]["seeds"][0]  # the gain is measured against the base: none for itself
+    assert base["relation_gain_auc"] == 0.5 and base["error_change"] == 0.0
     assert "relation AUC: full > no_contrastive" in out["orderings"]
     assert out["recipe"]["base_hash"] and not out["base"]["cached"] and out["recipe"]["pretrain_steps"] == 30
     assert (tmp_path / "q" / "runs" / "relation_on_v" / "seed0" / "relation_only.safetensors").is_file()

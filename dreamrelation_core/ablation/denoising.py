@@ -10,6 +10,12 @@ likely under the model (the same idea as a diffusion model used as a classifier)
 - relation AUC: per new subject pair, a clip of the target relation against a clip of another
   relation, both between the prompted subjects: the share of such comparisons the target relation
   wins (0.5: the model does not tell the target motion apart; 1: always).
+- relation gain AUC: the same comparisons on how much the model lowers the error against the base
+  (err_base - err_model): the clips' own difficulty cancels, so this isolates what a LoRA added
+  to the target motion over the other motions (0.5 for the base itself, and for a LoRA that
+  helps or hurts every motion alike).
+- error change: the mean relative change of the error against the base over all these clips
+  (negative: the LoRA denoises the world better, positive: worse).
 - leakage AUC: the same target-relation tracks drawn once with the prompted subjects and once
   with the exemplars' subjects: the share the exemplars' appearance wins (0: the prompt's
   subjects always preferred; higher: the exemplars' appearance leaks into the model).
@@ -75,17 +81,32 @@ def _wins(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(((a < b).float() + 0.5 * (a == b).float()).mean())
 
 
-def scores(model: torch.nn.Module, encode, r: Recipe, clips: dict) -> dict[str, float]:
-    """relation_auc and leakage_auc of `model` (module docstring); `encode(captions)` -> (y, ym)."""
+def clip_errors(model: torch.nn.Module, encode, r: Recipe, clips: dict) -> list[dict[str, torch.Tensor]]:
+    """Per new pair: the errors of its target, other and exemplar-look clips under `model`."""
     model.eval()
-    rel_wins, leak_wins = [], []
+    out = []
     for i, p in enumerate(clips["pairs"]):
         y, ym = encode([p["prompt"]])
         target = p["by_relation"][r.target]
         others = torch.cat([c for rel, c in p["by_relation"].items() if rel != r.target])
-        look = p["exemplar_look"]
-        err = errors(model, torch.cat([target, others, look]), y, ym, seed=i)
-        e_t, e_o, e_l = err[:len(target)], err[len(target):len(target) + len(others)], err[len(target) + len(others):]
-        rel_wins.append(_wins(e_t, e_o))
-        leak_wins.append(float(((e_l < e_t).float() + 0.5 * (e_l == e_t).float()).mean()))  # same tracks, paired
-    return {"relation_auc": float(np.mean(rel_wins)), "leakage_auc": float(np.mean(leak_wins))}
+        err = errors(model, torch.cat([target, others, p["exemplar_look"]]), y, ym, seed=i)
+        nt, no = len(target), len(others)
+        out.append({"target": err[:nt], "others": err[nt:nt + no], "look": err[nt + no:]})
+    return out
+
+
+def scores(model: torch.nn.Module, encode, r: Recipe, clips: dict,
+           base_errors: list[dict[str, torch.Tensor]] | None = None) -> dict[str, float]:
+    """The scores of `model` (module docstring); `encode(captions)` -> (y, ym); `base_errors`:
+    clip_errors of the base (the gain scores need them; None: `model` is the base)."""
+    errs = clip_errors(model, encode, r, clips)
+    ref = base_errors if base_errors is not None else errs
+    rel, gain, leak, change = [], [], [], []
+    for e, b in zip(errs, ref):
+        rel.append(_wins(e["target"], e["others"]))
+        gain.append(_wins(e["target"] - b["target"], e["others"] - b["others"]))  # larger drop wins
+        leak.append(float(((e["look"] < e["target"]).float() + 0.5 * (e["look"] == e["target"]).float()).mean()))
+        both, both_b = torch.cat([e["target"], e["others"]]), torch.cat([b["target"], b["others"]])
+        change.append(float(((both - both_b) / both_b).mean()))
+    return {"relation_auc": float(np.mean(rel)), "relation_gain_auc": float(np.mean(gain)),
+            "error_change": float(np.mean(change)), "leakage_auc": float(np.mean(leak))}

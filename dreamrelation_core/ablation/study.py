@@ -48,7 +48,8 @@ PAPER_RELATION_ACCURACY = {
     "full": 0.4452, "no_hybrid_masks": 0.3574, "no_contrastive": 0.3416, "no_subject_loras": 0.3769,
     "relation_on_v": 0.3444, "relation_on_q": 0.3921, "plain_lora": 0.3258, "base": 0.2623,
 }
-METRICS = ("relation_accuracy", "text_alignment", "leakage", "relation_auc", "leakage_auc")
+METRICS = ("relation_accuracy", "text_alignment", "leakage", "relation_auc", "relation_gain_auc", "error_change",
+           "leakage_auc")
 # Student's t, two-sided 95 %, by degrees of freedom
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
@@ -143,6 +144,7 @@ def run_study(out_dir: str | Path, r: Recipe, seeds: int, cache_dir: Path | None
         c.y_feat, c.y_mask = f, m
     prompts = [(s1, s2, r.target) for s1, s2 in new_pairs(r.pairs)]
     scored = denoising.held_out(r)  # the same rendered clips and draws for every variant
+    base_errors = denoising.clip_errors(base.transformer(), base.encode, r, scored)
     results: dict[str, dict] = {}
     for name in variants or list(VARIANTS):
         switches = VARIANTS[name]
@@ -156,11 +158,12 @@ def run_study(out_dir: str | Path, r: Recipe, seeds: int, cache_dir: Path | None
                 model = add_relation_lora(base.transformer(), load_lora_file(path))
             gen_seeds = [1000 * seed + g for g in range(r.gen_seeds)]
             row = {"seed": seed, **_summary(_generate(model, base, prompts, gen_seeds, r)),
-                   **denoising.scores(model, base.encode, r, scored), **extra}
+                   **denoising.scores(model, base.encode, r, scored, base_errors), **extra}
             per_seed.append(row)
             report(f"{name} seed {seed}: relation {row['relation_accuracy']:.3f} text {row['text_alignment']:.3f} "
                    f"leakage {row['leakage']:.3f} judged {row['judged']}; denoising: relation AUC "
-                   f"{row['relation_auc']:.3f} leakage AUC {row['leakage_auc']:.3f}")
+                   f"{row['relation_auc']:.3f} gain AUC {row['relation_gain_auc']:.3f} error change "
+                   f"{row['error_change']:+.3f} leakage AUC {row['leakage_auc']:.3f}")
         stats = {m: mean_ci([s[m] for s in per_seed]) for m in METRICS}
         results[name] = {
             "switches": switches, "paper_relation_accuracy": PAPER_RELATION_ACCURACY[name], "seeds": per_seed,
@@ -204,6 +207,11 @@ def orderings(results: dict[str, dict]) -> dict[str, dict]:
         "relation AUC: full (Q/K) > relation_on_q": cmp("full", "relation_on_q", "relation_auc", True),
         "relation AUC: full > plain_lora": cmp("full", "plain_lora", "relation_auc", True),
         "relation AUC: full > base": cmp("full", "base", "relation_auc", True),
+        "gain AUC: full > no_contrastive": cmp("full", "no_contrastive", "relation_gain_auc", True),
+        "gain AUC: full > no_hybrid_masks": cmp("full", "no_hybrid_masks", "relation_gain_auc", True),
+        "gain AUC: full (Q/K) > relation_on_v": cmp("full", "relation_on_v", "relation_gain_auc", True),
+        "gain AUC: full (Q/K) > relation_on_q": cmp("full", "relation_on_q", "relation_gain_auc", True),
+        "gain AUC: full > plain_lora": cmp("full", "plain_lora", "relation_gain_auc", True),
         "leakage AUC: full leaks less than plain_lora": cmp("full", "plain_lora", "leakage_auc", False),
     }
     return {k: v for k, v in checks.items() if v is not None}
@@ -218,8 +226,8 @@ def format_check(check: dict) -> str:
 
 def table(result: dict) -> str:
     """Markdown table: per variant the means ± 95 % intervals beside the paper's relation accuracy."""
-    lines = ["| variant | relation accuracy | text alignment | leakage | relation AUC | leakage AUC "
-             "| paper (relation accuracy) |", "|---|---|---|---|---|---|---|"]
+    lines = ["| variant | relation accuracy | text alignment | leakage | relation AUC | gain AUC | error change "
+             "| leakage AUC | paper (relation accuracy) |", "|---|---|---|---|---|---|---|---|---|"]
     for name, v in result["variants"].items():
         m, c = v["mean"], v["ci95"]
         cells = " | ".join(f"{m[k]:.3f} ± {c[k]:.3f}" for k in METRICS)
