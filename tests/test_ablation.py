@@ -125,6 +125,10 @@ def test_mean_ci_and_orderings():
     assert o["full > plain_lora"]["holds"] and not o["full > plain_lora"]["intervals_apart"]
     assert o["full leaks less than plain_lora"]["holds"]
     assert "full > base" not in o
+    tied = orderings({n: {"mean": {"relation_accuracy": 0.475 + d, "leakage": 0.1}, "ci95": {"relation_accuracy": 0.0,
+                                                                                            "leakage": 0.0}}
+                      for n, d in (("full", 1e-8), ("base", 0.0))})
+    assert not tied["full > base"]["holds"] and not tied["full > base"]["intervals_apart"]
 
 
 def test_denoising_scores_compare_like_with_like():
