@@ -291,3 +291,9 @@ def test_ablation_quick_chain_and_judge_check(tmp_path, monkeypatch):
     assert out["recipe"]["base_hash"] and not out["base"]["cached"] and out["recipe"]["pretrain_steps"] == 30
     assert (tmp_path / "q" / "runs" / "relation_on_v" / "seed0" / "relation_only.safetensors").is_file()
     assert list((tmp_path / "cache" / "ablation").glob("base-*/base.json"))
+    # the extra variants run on request only, with their own switches
+    assert main(["ablation", "--out", str(tmp_path / "mw"), "--quick", "--seeds", "1", "--pretrain-steps", "30",
+                 "--variants", "full_mask_weight_1"]) == 0
+    mw = json.loads((tmp_path / "mw" / "ablation.json").read_text())["variants"]
+    assert list(mw) == ["full_mask_weight_1"] and mw["full_mask_weight_1"]["switches"] == {"mask_weight": 1.0}
+    assert mw["full_mask_weight_1"]["paper_relation_accuracy"] is None
