@@ -27,6 +27,7 @@ the caller, and all of the worker's GPU memory is returned when it exits.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import queue
@@ -47,6 +48,8 @@ from .config import TrainConfig
 from .launch import Launch, launcher_failure, module_command, torchrun_command
 from .lock import pid_running
 from .protocol import CANCEL_COMMAND, END_EVENTS, EVENTS, PROTOCOL_VERSION, WORKER_MODULE, Event, read_history
+
+log = logging.getLogger("dreamrelation")
 
 # A failed training process other than rank 0 writes this on stderr (training.worker.RANK_ERROR_PREFIX).
 _RANK_ERROR_PREFIX = "dreamrelation training process rank"
@@ -409,6 +412,11 @@ def run_training_worker(
             how = f"exited with code {rc}"
         raise TrainingError(f"the training worker {how} without a result"
                             + (f"; its last message: {detail}" if detail else ""))
+    if rc != 0 and end.event != Event.ERROR and worker.launch is not None:
+        # the run ended (its event says how) but torchrun reported a failure: keep what it said
+        first = launcher_failure(worker.stderr_tail)
+        log.warning("torchrun exited with code %d after the run's %s event%s", rc, end.event,
+                    f": {first.describe()}" if first is not None else "; " + " | ".join(list(worker.stderr_tail)[-5:]))
     if end.event == Event.ERROR:
         message = end.message or f"training failed (worker exit code {rc})"
         detail = worker.failure_detail()
