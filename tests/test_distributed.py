@@ -9,33 +9,22 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dreamrelation_core.data.cache import Encoders, load_prepared, prepare_dataset
-from dreamrelation_core.data.synthetic import write_synthetic_dataset
-from dreamrelation_core.mochi.tiny import tiny_text_encoder, tiny_tokenizer, tiny_vae
+from dreamrelation_core.data.cache import load_prepared
 from dreamrelation_core.training import distributed
 from dreamrelation_core.training.config import TrainConfig
 from dreamrelation_core.training.trainer import RELATION_FILE, Trainer, list_checkpoints, load_checkpoint
-from fixtures.distributed import lora_state, run_processes, train_job
+from fixtures.distributed import lora_state, prepare_tiny_cache, run_processes, run_settings, train_job
 
 STEPS = 6
 
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ddp")
-    data = write_synthetic_dataset(root / "data", num_videos=3, num_frames=13, size=(32, 32))
-    prepare_dataset(data, root / "cache", Encoders.from_models(tiny_vae(), tiny_text_encoder(), tiny_tokenizer(16)),
-                    13, (32, 32), max_text_len=16)
-    return root / "cache"
+    return prepare_tiny_cache(tmp_path_factory.mktemp("ddp"))
 
 
 def settings(out, **kw) -> dict:
-    # rcl_weight 1: the contrastive term's gradient must be exact too, not drowned by the MSE
-    base = dict(output_dir=str(out), num_steps=STEPS, warmup_steps=2, checkpoint_every=100, rank=4, alpha=4.0,
-                learning_rate=5e-3, device="cpu", save_dtype="fp32", keep_checkpoints=0, batch_size=2,
-                rcl_weight=1.0, positive_bank_size=3, negative_bank_size=8)
-    base.update(kw)
-    return base
+    return run_settings(out, STEPS, **kw)
 
 
 def losses(history) -> torch.Tensor:

@@ -15,7 +15,7 @@ from dreamrelation_core.training.memory.estimate import MochiDims, estimate, fas
 from dreamrelation_core.training.memory.setup import MemoryOptions
 from dreamrelation_core.training.memory.trace import trace_step
 from dreamrelation_core.training.memory.wan_dims import WanDims
-from fixtures.distributed import run_processes
+from fixtures.distributed import prepare_tiny_cache, run_processes, run_settings
 from fixtures.sharding import gradients_job, train_job
 
 CASES = [("mochi", "fp8", True), ("wan", "bf16", False)]
@@ -26,7 +26,10 @@ def test_sharded_base_gives_the_same_gradients_and_holds_one_nth(tmp_path):
     """FSDP2 on a tiny Mochi (fp8 storage, gradient checkpointing) and Wan (bf16): the LoRA
     gradients of the sharded model are the whole model's; each rank stores half the blocks."""
     run_processes(2, gradients_job, str(tmp_path), CASES)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    from dreamrelation_core.training.memory.shard import ShardInfo
+
+    with torch.serialization.safe_globals([ShardInfo]):  # weights-only loading, our one plain dataclass allowed
+        ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     for case, results in zip(CASES, zip(*ranks)):
         for plain, sharded in results:
             assert sharded["loss"] == pytest.approx(plain["loss"], abs=1e-6), case
@@ -48,23 +51,11 @@ def test_sharded_base_gives_the_same_gradients_and_holds_one_nth(tmp_path):
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
-    from dreamrelation_core.data.cache import Encoders, prepare_dataset
-    from dreamrelation_core.data.synthetic import write_synthetic_dataset
-    from dreamrelation_core.mochi.tiny import tiny_text_encoder, tiny_tokenizer, tiny_vae
-
-    root = tmp_path_factory.mktemp("shard")
-    data = write_synthetic_dataset(root / "data", num_videos=3, num_frames=13, size=(32, 32))
-    prepare_dataset(data, root / "cache", Encoders.from_models(tiny_vae(), tiny_text_encoder(), tiny_tokenizer(16)),
-                    13, (32, 32), max_text_len=16)
-    return root / "cache"
+    return prepare_tiny_cache(tmp_path_factory.mktemp("shard"))
 
 
 def settings(out, **kw) -> dict:
-    base = dict(output_dir=str(out), num_steps=STEPS, warmup_steps=2, checkpoint_every=100, rank=4, alpha=4.0,
-                learning_rate=5e-3, device="cpu", save_dtype="fp32", keep_checkpoints=0, batch_size=2,
-                rcl_weight=1.0, positive_bank_size=3, negative_bank_size=8)
-    base.update(kw)
-    return base
+    return run_settings(out, STEPS, **kw)
 
 
 def assert_same(history, lora, ref_history, ref_lora) -> None:
@@ -94,7 +85,7 @@ def test_sharded_training_is_the_same_run_and_resumes_on_one_process(tmp_path, c
             dict(name="whole", config=settings(tmp_path / "whole", shard_base=False), cache=str(cache)),
             dict(name="part", config=settings(tmp_path / "part", shard_base=True), cache=str(cache), max_steps=2)]
     run_processes(2, train_job, str(tmp_path), runs)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     for rank in ranks:
         sharded, whole = rank["sharded"], rank["whole"]
         assert sharded["shard_base"] and not whole["shard_base"] and "sharded over 2 processes" in sharded["summary"]
