@@ -81,6 +81,31 @@ def test_base_rope_starts_spread_and_stays_fixed(tmp_path):
     assert dataclasses.replace(r, rope_max=0.0).base_hash() != r.base_hash()
 
 
+def test_base_starts_sharp_attention_and_spares_norms_from_decay():
+    from dreamrelation_core.ablation.base import QK_NORMS, param_groups, pretrain
+    from dreamrelation_core.ablation.recipe import Recipe
+
+    r = dataclasses.replace(Recipe.quick(), pretrain_steps=1)
+    state = pretrain(r).transformer_state
+    def is_qk(key: str) -> bool:
+        return key.endswith(".weight") and key.split(".")[-2] in QK_NORMS
+
+    qk = [v for k, v in state.items() if is_qk(k)]
+    assert qk and all((v - r.qk_scale).abs().max() < 0.01 for v in qk)  # one AdamW step of lr 1e-3 moved them
+    plain = pretrain(dataclasses.replace(r, qk_scale=1.0)).transformer_state
+    assert all((plain[k] - 1.0).abs().max() < 0.01 for k in state if is_qk(k))
+    w, b = torch.nn.Parameter(torch.ones(3, 3)), torch.nn.Parameter(torch.ones(3))
+    groups = param_groups([w, b], norm_decay=False)
+    assert [(g["params"], g["weight_decay"]) for g in groups] == [([w], 0.01), ([b], 0.0)]
+    assert param_groups([w, b], norm_decay=True) == [{"params": [w, b], "weight_decay": 0.01}]
+    # the earlier bases keep their cache entries: fields at their old values are left out of the hash
+    old = dataclasses.replace(r, qk_scale=1.0, norm_decay=True, pretrain_sigma="uniform")
+    assert len({old.base_hash(), r.base_hash(), dataclasses.replace(r, norm_decay=True).base_hash()}) == 3
+    earlier = Recipe(heads=2, rope_max=1.5, rope_min=0.15, rope_at_more=True, qk_scale=1.0, norm_decay=True,
+                     pretrain_sigma="uniform", pretrain_more=2000, more_sigma="logit_normal")
+    assert earlier.base_hash() == "686819be532ed7b5"  # the previous study's base, still found in the cache
+
+
 def test_judge_rules_on_hand_made_tracks():
     t = 7
     still = np.tile([3.0, 8.0], (t, 1))
@@ -152,6 +177,24 @@ def test_denoising_scores_compare_like_with_like():
     y, ym = torch.randn(1, 4, model.config.text_embed_dim), torch.ones(1, 4, dtype=torch.bool)
     e = denoising.errors(model, z, y, ym)
     assert torch.allclose(e, e[0].expand(3)) and torch.equal(e, denoising.errors(model, z, y, ym))
+
+
+def test_temporal_pooling_reads_the_models_estimate_against_the_noisy_frames():
+    from dreamrelation_core.ablation import denoising
+    from dreamrelation_core.ablation.base import pretrain
+    from dreamrelation_core.ablation.recipe import Recipe
+
+    base = pretrain(dataclasses.replace(Recipe.quick(), pretrain_steps=1))
+    model = base.transformer()
+    with torch.no_grad():  # u = 0: the model's estimate of the clean clip is the noisy clip itself
+        model.proj_out.weight.zero_()
+        model.proj_out.bias.zero_()
+    out = denoising.temporal_pooling(model, base.encode, base.recipe, clips=12)
+    assert set(out) == {"0.8", "0.9"}
+    for v in out.values():
+        assert v["model"] == v["one_frame"]  # no better than one frame: nothing pooled
+    assert out["0.8"]["frames_pooled"] > out["0.8"]["one_frame"] + 0.3  # the frames together find the subject
+    assert out["0.8"]["one_frame"] > out["0.9"]["one_frame"]
 
 
 def test_gain_auc_sees_what_a_lora_adds_to_the_target_motion_only(monkeypatch):

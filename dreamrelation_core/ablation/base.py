@@ -92,6 +92,31 @@ def init_rope(model: torch.nn.Module, r: Recipe) -> None:
         model.pos_frequencies.copy_(freqs)
 
 
+QK_NORMS = ("norm_q", "norm_k", "norm_added_q", "norm_added_k")
+
+
+def scale_qk_norms(model: torch.nn.Module, scale: float) -> None:
+    """Start the query / key RMSNorm weights at `scale` (diffusers: 1).
+
+    With normalised queries and keys an attention logit is at most about weight² x sqrt(head_dim):
+    5.7 at head_dim 32, too flat to single out the few tokens of one place on other frames among
+    the clip's 224 (Mochi's 128-wide heads reach 11). Pooling a subject's faint evidence over the
+    frames is what lets sampling keep it in one place (docs/ablation.md "The base")."""
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name.rsplit(".", 1)[-1] in QK_NORMS and getattr(module, "weight", None) is not None:
+                module.weight.fill_(scale)
+
+
+def param_groups(params: list[torch.nn.Parameter], norm_decay: bool, weight_decay: float = 0.01) -> list[dict]:
+    """AdamW groups: without norm_decay the 1-d parameters (norm weights, biases) get no weight decay,
+    the usual practice; decay pulled the query / key norms, and with them attention's sharpness, down."""
+    if norm_decay:
+        return [{"params": params, "weight_decay": weight_decay}]
+    return [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+
+
 SIGMA_LOGIT_MEAN = 0.5  # logit-normal sigma: median 0.62, where the world's subjects sink into the noise
 
 
@@ -127,11 +152,13 @@ def pretrain(r: Recipe, progress: Callable[[int, int, float], None] | None = Non
         t5.load_state_dict(init.text_encoder.state_dict())
         t5.requires_grad_(True)
         steps, lr, seed = r.pretrain_more, r.pretrain_lr / 2, r.base_seed + 1  # new clips, not a replay
+    else:
+        scale_qk_norms(model, r.qk_scale)
     if r.rope_max and (init is not None or not r.rope_at_more):
         init_rope(model, r)  # over the loaded frequencies when a base pretrained without positions goes on
         model.pos_frequencies.requires_grad_(False)  # fixed: Adam's steps of pretrain_lr are as large as these
     params = [p for p in model.parameters() if p.requires_grad] + list(t5.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    opt = torch.optim.AdamW(param_groups(params, r.norm_decay), lr=lr)
     warm = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
@@ -149,7 +176,7 @@ def pretrain(r: Recipe, progress: Callable[[int, int, float], None] | None = Non
         y = t5(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"]).last_hidden_state * keep[:, None, None]
         ym = ids["attention_mask"].bool() & keep.bool()[:, None]
         eps = torch.randn(z.shape, generator=g)
-        sigma = draw_sigmas(len(clips), g, r.more_sigma if init is not None else "uniform")  # [B]
+        sigma = draw_sigmas(len(clips), g, r.more_sigma if init is not None else r.pretrain_sigma)  # [B]
         x, u = noisy(z, eps, sigma)
         pred = model(hidden_states=x, encoder_hidden_states=y, timestep=diffusers_timestep(sigma),
                      encoder_attention_mask=ym, return_dict=False)[0]

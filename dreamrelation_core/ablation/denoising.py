@@ -110,3 +110,45 @@ def scores(model: torch.nn.Module, encode, r: Recipe, clips: dict,
         change.append(float(((both - both_b) / both_b).mean()))
     return {"relation_auc": float(np.mean(rel)), "relation_gain_auc": float(np.mean(gain)),
             "error_change": float(np.mean(change)), "leakage_auc": float(np.mean(leak))}
+
+
+POOLING_SIGMAS = (0.8, 0.9)  # where sampling decides where the subjects go
+
+
+def _at(scores: torch.Tensor) -> tuple[int, int]:
+    """(row, column) of the largest entry of a [h', w'] map."""
+    k = int(scores.flatten().argmax())
+    return k // scores.shape[-1], k % scores.shape[-1]
+
+
+@torch.no_grad()
+def temporal_pooling(model: torch.nn.Module, encode, r: Recipe, clips: int = 24, seed: int = 5) -> dict[str, dict]:
+    """Does the base gather a subject's evidence over the frames? The still subject of "circles
+    around" clips, noised to sigma: the share of frames on which its colour's strongest 2x2 block in
+    the model's one-step estimate of the clean clip is the true block, against the same read from the
+    noisy clip itself (one frame alone) and from the noisy frames averaged (what pooling them can
+    reach). A base no better than one frame alone draws every frame on its own, and its samples
+    jump from frame to frame (docs/ablation.md "The base")."""
+    from .judge import block_scores
+    from .world import COLOURS, make_clip, random_pair
+
+    spec = spec_of_model(model)
+    rng = np.random.default_rng(seed)
+    g = torch.Generator().manual_seed(seed)
+    world = [make_clip("circle_around", *random_pair(rng), rng, r.shape) for _ in range(clips)]
+    z = torch.stack([c.latents for c in world])  # [N, 12, T, h, w]
+    y, ym = encode([c.caption for c in world])
+    out = {}
+    for sigma in POOLING_SIGMAS:
+        eps = torch.randn(z.shape, generator=g)
+        x = (1 - sigma) * z + sigma * eps
+        z_hat = x + sigma * spec.predict(model, x, y, ym, torch.full((len(z),), sigma)).float()  # x + sigma u
+        hits = np.zeros(3)
+        for i, c in enumerate(world):
+            ch, true = COLOURS.index(c.subject2.colour), tuple(int(v) for v in c.track2[0])
+            est, noisy = block_scores(z_hat[i])[ch], block_scores(x[i])[ch]  # [T, h - 1, w - 1]
+            hits += [np.mean([_at(est[f]) == true for f in range(len(est))]),
+                     np.mean([_at(noisy[f]) == true for f in range(len(noisy))]), _at(noisy.mean(0)) == true]
+        model_share, alone, pooled = (float(v) for v in hits / clips)
+        out[f"{sigma:g}"] = {"model": model_share, "one_frame": alone, "frames_pooled": pooled}
+    return out

@@ -22,18 +22,21 @@ class Recipe:
     layouts: int = 0  # fixed motion layouts per relation (0: every clip's motion drawn afresh)
     # base: diffusers MochiTransformer3DModel + tiny T5, pretrained together on the other relations
     layers: int = 4
-    heads: int = 2
+    heads: int = 4
     head_dim: int = 32
     text_dim: int = 32  # T5 width
     text_len: int = 16
-    rope_max: float = 1.5  # initial RoPE angular speeds, radians per frame / per patch (0: diffusers' zeros)
-    rope_min: float = 0.15
-    rope_at_more: bool = True  # start them only for the pretrain_more stage (the first stage keeps the zeros)
+    rope_max: float = 3.0  # RoPE angular speeds, radians per frame / per patch, fixed (0: diffusers' learned zeros)
+    rope_min: float = 0.5
+    rope_at_more: bool = False  # start them only for the pretrain_more stage (the first stage keeps the zeros)
+    qk_scale: float = 1.5  # initial weight of the query / key RMSNorms (diffusers: 1): how sharp attention can be
+    norm_decay: bool = False  # weight decay on 1-d parameters (norms, biases) too, as the first bases had
+    pretrain_sigma: str = "logit_normal"  # noise levels of the first stage: uniform or logit_normal
     pretrain_steps: int = 6000
     pretrain_batch: int = 8
     pretrain_lr: float = 1e-3
-    pretrain_more: int = 2000  # then this many more steps from that base (own cache entry), lr pretrain_lr / 2
-    more_sigma: str = "logit_normal"  # noise levels of the pretrain_more stage: uniform or logit_normal
+    pretrain_more: int = 0  # then this many more steps from that base (own cache entry), lr pretrain_lr / 2
+    more_sigma: str = "uniform"  # noise levels of the pretrain_more stage: uniform or logit_normal
     base_seed: int = 0
     # exemplars
     exemplars: int = 6
@@ -67,7 +70,7 @@ class Recipe:
         names = ("shape", "target", "target_share", "layers", "heads", "head_dim", "text_dim", "text_len",
                  "pretrain_steps", "pretrain_batch", "pretrain_lr", "base_seed", "pretrain_more",
                  "rope_max", "rope_min", "rope_at_more", "layouts",
-                 "more_sigma")
+                 "more_sigma", "qk_scale", "norm_decay", "pretrain_sigma")
         return {n: getattr(self, n) for n in names}
 
     def base_hash(self) -> str:
@@ -80,8 +83,10 @@ class Recipe:
             del fields["rope_at_more"]
         if not fields["layouts"]:
             del fields["layouts"]
-        if fields["more_sigma"] == "uniform":
-            del fields["more_sigma"]
+        # fields left at the value the earlier bases were made with are left out: their hashes stay valid
+        for name, old in (("more_sigma", "uniform"), ("qk_scale", 1.0), ("norm_decay", True), ("pretrain_sigma", "uniform")):
+            if fields[name] == old:
+                del fields[name]
         text = json.dumps({"version": 2, "amplitude": AMPLITUDE, **fields}, sort_keys=True, default=list)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -141,6 +141,10 @@ def run_study(out_dir: str | Path, r: Recipe, seeds: int, cache_dir: Path | None
     report(f"base ready ({'cached' if base.cached else 'pretrained'}; pretraining took {base.pretrain_seconds:.0f} s)")
     known = base_sanity(base, r)
     report(f"base on the relations it knows (new pairs): {known}")
+    pooling = denoising.temporal_pooling(base.transformer(), base.encode, r)
+    report("base's temporal pooling (still subject found per frame, model / one noisy frame / noisy frames "
+           "averaged): " + ", ".join(f"sigma {s}: {v['model']:.2f} / {v['one_frame']:.2f} / {v['frames_pooled']:.2f}"
+                                   for s, v in pooling.items()))
     ex = exemplars(r.target, r.exemplars, r.shape, r.exemplar_seed, r.layouts)
     y, ym = base.encode([c.caption for c in ex])
     for c, f, m in zip(ex, y, ym):
@@ -175,7 +179,8 @@ def run_study(out_dir: str | Path, r: Recipe, seeds: int, cache_dir: Path | None
     out = {
         "command": command, "recipe": r.to_dict(), "seeds": seeds, "judge_check": check,
         "base": {"hash": r.base_hash(), "cached": base.cached, "pretrain_seconds": base.pretrain_seconds,
-                 "final_loss": base.final_loss, "known_relation_accuracy": known},
+                 "final_loss": base.final_loss, "known_relation_accuracy": known,
+                 "temporal_pooling": pooling},
         "exemplars": [c.caption for c in ex], "prompts": [caption(s1, s2=s2, relation=rel) for s1, s2, rel in prompts],
         "variants": results, "orderings": orderings(results), "seconds": time.perf_counter() - t_start,
     }
