@@ -130,6 +130,13 @@ def test_judge_reads_blocks_not_speckles():
     faint = clip.latents * 0.4  # below half the amplitude: no subject at all
     assert judge.classify(faint, s1, s2) == "none"
     assert judge.classify(clip.latents) == "pass_by"  # no prompt: the two colours seen most, in both orders
+    assert judge.smooth_tracks(clip.latents, s1, s2) == 1.0 and judge.smooth_tracks(faint, s1, s2) == 0.0
+    jumpy = clip.latents.clone()
+    jumpy[:, [2, 5]] = clip.latents[:, [5, 2]]  # two frames swapped: both subjects jump there and back
+    assert judge.smooth_tracks(jumpy, s1, s2) == 0.0
+    frozen = clip.latents.clone()
+    frozen[:, 1:] = clip.latents[:, :1]  # both still: smooth, whatever the relation rules then say
+    assert judge.smooth_tracks(frozen, s1, s2) == 1.0 and judge.classify(frozen, s1, s2) == "none"
 
 
 def test_judge_check_is_trustworthy_and_rejects_negatives():
@@ -325,8 +332,14 @@ def test_ablation_quick_chain_and_judge_check(tmp_path, monkeypatch):
     assert set(out["variants"]) == {"full", "no_hybrid_masks", "no_contrastive", "no_subject_loras", "relation_on_v",
                                     "relation_on_q", "plain_lora", "base"}
     full = out["variants"]["full"]["seeds"][0]
-    assert set(full) >= {"relation_accuracy", "text_alignment", "leakage", "relation_auc", "leakage_auc", "train_seconds"}
-    assert 0 <= full["relation_accuracy"] <= 1 and out["judge_check"]["trustworthy"]
+    assert set(full) >= {"relation_accuracy", "smooth_tracks", "text_alignment", "leakage", "relation_auc", "leakage_auc",
+                         "train_seconds"}
+    assert 0 <= full["relation_accuracy"] <= 1 and 0 <= full["smooth_tracks"] <= 1
+    assert out["judge_check"]["trustworthy"]
+    known = out["base"]["known_relations"]
+    assert set(known) == set(world.RELATIONS) - {"approach_touch"}
+    assert all(0 <= v["relation_accuracy"] <= 1 and 0 <= v["smooth_tracks"] <= 1 for v in known.values())
+    assert set(out["base"]["temporal_pooling"]) == {"0.8", "0.9"}
     assert 0 <= full["relation_auc"] <= 1 and 0 <= full["leakage_auc"] <= 1 and 0 <= full["relation_gain_auc"] <= 1
     base = out["variants"]["base"]["seeds"][0]  # the gain is measured against the base: none for itself
     assert base["relation_gain_auc"] == 0.5 and base["error_change"] == 0.0

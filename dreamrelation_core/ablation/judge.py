@@ -143,6 +143,18 @@ def classify(latents: torch.Tensor, s1: Subject | None = None, s2: Subject | Non
     return known[0] if known else "none"
 
 
+def smooth_tracks(latents: torch.Tensor, s1: Subject, s2: Subject) -> float:
+    """Share of the two prompted subjects whose block track is whole (at most one frame missing)
+    and smooth (no step above MAX_STEP): what a sampled clip must have before any relation rule can
+    fit. It shows a base's progress while relation accuracy is still 0."""
+    scores = block_scores(latents)
+    ok = []
+    for s in (s1, s2):
+        track = _block_track(scores[COLOURS.index(s.colour)])
+        ok.append(track is not None and bool((np.linalg.norm(np.diff(track, axis=0), axis=1) <= MAX_STEP).all()))
+    return float(np.mean(ok))
+
+
 def text_alignment(latents: torch.Tensor, s1: Subject, s2: Subject) -> float:
     """Share of the two prompted subjects that appear as asked: the subject's colour is present on
     all frames but at most one, and the majority kind of its cells is the prompted kind."""

@@ -51,7 +51,7 @@ PAPER_RELATION_ACCURACY = {
     "full": 0.4452, "no_hybrid_masks": 0.3574, "no_contrastive": 0.3416, "no_subject_loras": 0.3769,
     "relation_on_v": 0.3444, "relation_on_q": 0.3921, "plain_lora": 0.3258, "base": 0.2623,
 }
-METRICS = ("relation_accuracy", "text_alignment", "leakage", "relation_auc", "relation_gain_auc", "error_change",
+METRICS = ("relation_accuracy", "smooth_tracks", "text_alignment", "leakage", "relation_auc", "relation_gain_auc", "error_change",
            "leakage_auc")
 # Student's t, two-sided 95 %, by degrees of freedom
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
@@ -88,7 +88,7 @@ def _generate(model: torch.nn.Module, base: Base, prompts: list[tuple[Subject, S
         for seed in seeds:
             z = generate_latents(model, y[i:i + 1], ym[i:i + 1], r.shape, steps=r.sample_steps, cfg=r.cfg, seed=seed)[0]
             out.append({"relation": rel, "judged": judge.classify(z, s1, s2), "text": judge.text_alignment(z, s1, s2),
-                        "leak": judge.leakage(z, s1, s2)})
+                        "leak": judge.leakage(z, s1, s2), "smooth": judge.smooth_tracks(z, s1, s2)})
     return out
 
 
@@ -97,6 +97,7 @@ def _summary(clips: list[dict]) -> dict:
         "relation_accuracy": float(np.mean([c["judged"] == c["relation"] for c in clips])),
         "text_alignment": float(np.mean([c["text"] for c in clips])),
         "leakage": float(np.mean([c["leak"] for c in clips])),
+        "smooth_tracks": float(np.mean([c["smooth"] for c in clips])),
         "judged": dict(Counter(c["judged"] for c in clips)),
     }
 
@@ -120,7 +121,8 @@ def base_sanity(base: Base, r: Recipe) -> dict:
     for rel in RELATIONS:
         if rel == r.target:
             continue
-        acc[rel] = _summary(_generate(model, base, [(s1, s2, rel) for s1, s2 in pairs], [0], r))["relation_accuracy"]
+        summary = _summary(_generate(model, base, [(s1, s2, rel) for s1, s2 in pairs], [0], r))
+        acc[rel] = {"relation_accuracy": summary["relation_accuracy"], "smooth_tracks": summary["smooth_tracks"]}
     return acc
 
 
@@ -140,7 +142,8 @@ def run_study(out_dir: str | Path, r: Recipe, seeds: int, cache_dir: Path | None
     base = get_base(r, cache_dir, lambda s, n, loss: report(f"pretrain {s}/{n} loss {loss:.4f}") if s % 200 == 0 else None)
     report(f"base ready ({'cached' if base.cached else 'pretrained'}; pretraining took {base.pretrain_seconds:.0f} s)")
     known = base_sanity(base, r)
-    report(f"base on the relations it knows (new pairs): {known}")
+    report("base on the relations it knows (new pairs; relation accuracy / smooth tracks): " + ", ".join(
+        f"{rel} {v['relation_accuracy']:.2f} / {v['smooth_tracks']:.2f}" for rel, v in known.items()))
     pooling = denoising.temporal_pooling(base.transformer(), base.encode, r)
     report("base's temporal pooling (still subject found per frame, model / one noisy frame / noisy frames "
            "averaged): " + ", ".join(f"sigma {s}: {v['model']:.2f} / {v['one_frame']:.2f} / {v['frames_pooled']:.2f}"
@@ -179,7 +182,7 @@ def run_study(out_dir: str | Path, r: Recipe, seeds: int, cache_dir: Path | None
     out = {
         "command": command, "recipe": r.to_dict(), "seeds": seeds, "judge_check": check,
         "base": {"hash": r.base_hash(), "cached": base.cached, "pretrain_seconds": base.pretrain_seconds,
-                 "final_loss": base.final_loss, "known_relation_accuracy": known,
+                 "final_loss": base.final_loss, "known_relations": known,
                  "temporal_pooling": pooling},
         "exemplars": [c.caption for c in ex], "prompts": [caption(s1, s2=s2, relation=rel) for s1, s2, rel in prompts],
         "variants": results, "orderings": orderings(results), "seconds": time.perf_counter() - t_start,
@@ -235,8 +238,8 @@ def format_check(check: dict) -> str:
 
 def table(result: dict) -> str:
     """Markdown table: per variant the means ± 95 % intervals beside the paper's relation accuracy."""
-    lines = ["| variant | relation accuracy | text alignment | leakage | relation AUC | gain AUC | error change "
-             "| leakage AUC | paper (relation accuracy) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | relation accuracy | smooth tracks | text alignment | leakage | relation AUC | gain AUC "
+             "| error change | leakage AUC | paper (relation accuracy) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, v in result["variants"].items():
         m, c = v["mean"], v["ci95"]
         cells = " | ".join(f"{m[k]:.3f} ± {c[k]:.3f}" for k in METRICS)
