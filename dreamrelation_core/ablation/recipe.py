@@ -35,8 +35,8 @@ class Recipe:
     pretrain_steps: int = 6000
     pretrain_batch: int = 8
     pretrain_lr: float = 1e-3
-    pretrain_more: int = 0  # then this many more steps from that base (own cache entry), lr pretrain_lr / 2
-    more_sigma: str = "uniform"  # noise levels of the pretrain_more stage: uniform or logit_normal
+    pretrain_more: int = 6000  # then this many more steps from that base (own cache entry), lr pretrain_lr / 2
+    more_sigma: str = "logit_normal"  # noise levels of the pretrain_more stage: uniform or logit_normal
     base_seed: int = 0
     # exemplars
     exemplars: int = 6
