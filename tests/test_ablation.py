@@ -106,6 +106,20 @@ def test_base_starts_sharp_attention_and_spares_norms_from_decay():
     assert earlier.base_hash() == "686819be532ed7b5"  # the previous study's base, still found in the cache
 
 
+def test_pretrain_more_stages_chain_through_the_cache(tmp_path):
+    from dreamrelation_core.ablation.base import get_base, load_base
+    from dreamrelation_core.ablation.recipe import Recipe
+
+    r = dataclasses.replace(Recipe.quick(), pretrain_steps=2, pretrain_more=2, more_sigma="logit_normal", more_stages=2)
+    second = get_base(r, tmp_path)
+    assert len(list(tmp_path.glob("base-*/base.json"))) == 3  # first stage, more stage 1, more stage 2
+    first_more = load_base(dataclasses.replace(r, more_stages=1), tmp_path)
+    assert first_more is not None and first_more.pretrain_seconds < second.pretrain_seconds  # times add up
+    key = "proj_out.weight"
+    assert not torch.equal(first_more.transformer_state[key], second.transformer_state[key])
+    assert get_base(r, tmp_path).cached and r.base_hash() != dataclasses.replace(r, more_stages=1).base_hash()
+
+
 def test_judge_rules_on_hand_made_tracks():
     t = 7
     still = np.tile([3.0, 8.0], (t, 1))

@@ -138,7 +138,8 @@ def _relation_weights(r: Recipe) -> np.ndarray:
 
 def pretrain(r: Recipe, progress: Callable[[int, int, float], None] | None = None, init: Base | None = None) -> Base:
     """Pretrain transformer + T5 from scratch (seeded) on fresh random clips every step; with
-    `init`, continue from that base for r.pretrain_more steps at half the learning rate."""
+    `init`, continue from that base for r.pretrain_more steps at half the learning rate (stage
+    r.more_stages of them: its clips are drawn from seed base_seed + more_stages)."""
     from diffusers import MochiTransformer3DModel
 
     torch.manual_seed(r.base_seed)
@@ -151,7 +152,7 @@ def pretrain(r: Recipe, progress: Callable[[int, int, float], None] | None = Non
         model.load_state_dict(init.transformer_state)
         t5.load_state_dict(init.text_encoder.state_dict())
         t5.requires_grad_(True)
-        steps, lr, seed = r.pretrain_more, r.pretrain_lr / 2, r.base_seed + 1  # new clips, not a replay
+        steps, lr, seed = r.pretrain_more, r.pretrain_lr / 2, r.base_seed + r.more_stages  # new clips, not a replay
     else:
         scale_qk_norms(model, r.qk_scale)
     if r.rope_max and (init is not None or not r.rope_at_more):
@@ -233,8 +234,10 @@ def get_base(r: Recipe, cache_dir: Path | None = None,
     base = load_base(r, cache_dir)
     if base is None:
         first = None
-        if r.pretrain_more:
-            first_recipe = dataclasses.replace(r, pretrain_more=0, more_sigma="uniform")
+        if r.pretrain_more and r.more_stages > 1:  # the stages before this one
+            first = get_base(dataclasses.replace(r, more_stages=r.more_stages - 1), cache_dir, progress)
+        elif r.pretrain_more:
+            first_recipe = dataclasses.replace(r, pretrain_more=0, more_sigma="uniform", more_stages=1)
             if r.rope_at_more:  # the first stage has diffusers' zero (learned) frequencies
                 first_recipe = dataclasses.replace(first_recipe, rope_max=0.0, rope_at_more=False)
             first = get_base(first_recipe, cache_dir, progress)

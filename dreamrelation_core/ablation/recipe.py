@@ -37,6 +37,7 @@ class Recipe:
     pretrain_lr: float = 1e-3
     pretrain_more: int = 6000  # then this many more steps from that base (own cache entry), lr pretrain_lr / 2
     more_sigma: str = "logit_normal"  # noise levels of the pretrain_more stage: uniform or logit_normal
+    more_stages: int = 1  # pretrain_more stages one after the other, each from the one before (own cache entries)
     base_seed: int = 0
     # exemplars
     exemplars: int = 6
@@ -70,7 +71,7 @@ class Recipe:
         names = ("shape", "target", "target_share", "layers", "heads", "head_dim", "text_dim", "text_len",
                  "pretrain_steps", "pretrain_batch", "pretrain_lr", "base_seed", "pretrain_more",
                  "rope_max", "rope_min", "rope_at_more", "layouts",
-                 "more_sigma", "qk_scale", "norm_decay", "pretrain_sigma")
+                 "more_sigma", "qk_scale", "norm_decay", "pretrain_sigma", "more_stages")
         return {n: getattr(self, n) for n in names}
 
     def base_hash(self) -> str:
@@ -84,7 +85,8 @@ class Recipe:
         if not fields["layouts"]:
             del fields["layouts"]
         # fields left at the value the earlier bases were made with are left out: their hashes stay valid
-        for name, old in (("more_sigma", "uniform"), ("qk_scale", 1.0), ("norm_decay", True), ("pretrain_sigma", "uniform")):
+        for name, old in (("more_sigma", "uniform"), ("qk_scale", 1.0), ("norm_decay", True), ("pretrain_sigma", "uniform"),
+                          ("more_stages", 1)):
             if fields[name] == old:
                 del fields[name]
         text = json.dumps({"version": 2, "amplitude": AMPLITUDE, **fields}, sort_keys=True, default=list)
