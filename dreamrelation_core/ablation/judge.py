@@ -69,14 +69,18 @@ def _contact(p1: np.ndarray, p2: np.ndarray) -> np.ndarray:
     return np.abs(p1 - p2).max(1) <= BLOCK
 
 
+def _smooth(track: np.ndarray) -> bool:
+    """No step of a [T, 2] track longer than MAX_STEP cells."""
+    return bool((np.linalg.norm(np.diff(track, axis=0), axis=1) <= MAX_STEP).all())
+
+
 def _monotone(x: np.ndarray, sign: float) -> bool:
     return bool((sign * np.diff(x) >= -TOL).all())
 
 
 def classify_tracks(p1: np.ndarray, p2: np.ndarray, contact: np.ndarray) -> str:
     """The relation of two tracks [T, 2] (row, column) with per-frame contact [T] bool, or "none"."""
-    steps = np.concatenate([np.linalg.norm(np.diff(p, axis=0), axis=1) for p in (p1, p2)])
-    if steps.max() > MAX_STEP:
+    if not (_smooth(p1) and _smooth(p2)):
         return "none"  # not a smooth motion (shuffled frames, flicker)
     d = np.linalg.norm(p1 - p2, axis=1)
     dr, dc = p1[:, 0] - p2[:, 0], p1[:, 1] - p2[:, 1]
@@ -151,7 +155,7 @@ def smooth_tracks(latents: torch.Tensor, s1: Subject, s2: Subject) -> float:
     ok = []
     for s in (s1, s2):
         track = _block_track(scores[COLOURS.index(s.colour)])
-        ok.append(track is not None and bool((np.linalg.norm(np.diff(track, axis=0), axis=1) <= MAX_STEP).all()))
+        ok.append(track is not None and _smooth(track))
     return float(np.mean(ok))
 
 
