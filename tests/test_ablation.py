@@ -102,8 +102,11 @@ def test_base_starts_sharp_attention_and_spares_norms_from_decay():
     old = dataclasses.replace(r, qk_scale=1.0, norm_decay=True, pretrain_sigma="uniform")
     assert len({old.base_hash(), r.base_hash(), dataclasses.replace(r, norm_decay=True).base_hash()}) == 3
     earlier = Recipe(heads=2, rope_max=1.5, rope_min=0.15, rope_at_more=True, qk_scale=1.0, norm_decay=True,
-                     pretrain_sigma="uniform", pretrain_more=2000, more_sigma="logit_normal")
-    assert earlier.base_hash() == "686819be532ed7b5"  # the previous study's base, still found in the cache
+                     pretrain_sigma="uniform", pretrain_more=2000, more_sigma="logit_normal", more_stages=1,
+                     target_share=0.0, target_from_stage=0)
+    assert earlier.base_hash() == "686819be532ed7b5"  # an earlier study's base, still found in the cache
+    previous = Recipe(more_stages=1, target_share=0.0, target_from_stage=0)
+    assert previous.base_hash() == "315677459c86f0c6"  # the previous study's base
 
 
 def test_pretrain_more_stages_chain_through_the_cache(tmp_path):
@@ -120,17 +123,48 @@ def test_pretrain_more_stages_chain_through_the_cache(tmp_path):
     assert get_base(r, tmp_path).cached and r.base_hash() != dataclasses.replace(r, more_stages=1).base_hash()
 
 
-def test_judge_rules_on_hand_made_tracks():
-    t = 7
-    still = np.tile([3.0, 8.0], (t, 1))
-    left_to_right = np.stack([np.full(t, 3.0), np.linspace(2, 14, t)], 1)
-    over = left_to_right.copy()
-    over[:, 0] = 3 - 3 * np.sin(np.pi * np.arange(t) / (t - 1))
-    no_contact = np.zeros(t, bool)
-    assert judge.classify_tracks(over, still, no_contact) == "jump_over"
-    assert judge.classify_tracks(left_to_right, still, no_contact) == "none"  # straight through: no rule fits
-    jerky = over[[0, 4, 2, 6, 1, 5, 3]]
-    assert judge.classify_tracks(jerky, still, no_contact) == "none"
+def test_the_rare_target_enters_at_its_stage(tmp_path):
+    from dreamrelation_core.ablation.base import _relation_weights, get_base, load_base
+    from dreamrelation_core.ablation.recipe import Recipe
+
+    full = Recipe.full()
+    assert full.target_share > 0 and full.target_from_stage == full.more_stages
+    # the stage before the target enters is an ordinary base: no target clips, its own (earlier) hash
+    before = full.before_stage(full.more_stages - 1)
+    assert before.target_share == 0.0 and before.more_stages == full.more_stages - 1
+    assert before.base_hash() == dataclasses.replace(full, more_stages=3, target_share=0.0,
+                                                     target_from_stage=0).base_hash()
+    weights = _relation_weights(full)
+    assert weights[world.RELATIONS.index(full.target)] == full.target_share and weights.sum() == pytest.approx(1.0)
+    r = dataclasses.replace(Recipe.quick(), pretrain_steps=2, pretrain_more=2, more_sigma="logit_normal", more_stages=2,
+                            target_share=0.5, target_from_stage=2)
+    get_base(r, tmp_path)
+    assert load_base(r.before_stage(1), tmp_path) is not None  # stage 1 without the target ...
+    assert r.before_stage(1).target_share == 0.0 and r.before_stage(0).target_share == 0.0
+    assert dataclasses.replace(r, target_from_stage=1).before_stage(1).target_share == 0.5  # ... unless it enters there
+
+
+def test_judge_names_the_nearest_true_clip():
+    rng = np.random.default_rng(4)
+    p1, p2 = (p.astype(float) for p in world.relation_tracks("jump_over", rng, SHAPE))
+    assert judge.classify_tracks(p1, p2, SHAPE) == "jump_over"
+    assert judge.track_distances(p1, p2, SHAPE)["jump_over"] == 0.0  # a true clip is in the bank
+    off = p1.copy()
+    off[3, 0] += 1  # one frame one cell off: within TAU of the true clip
+    d = judge.track_distances(off, p2, SHAPE)
+    assert d["jump_over"] == pytest.approx((1 / 7) ** 0.5) and judge.classify_tracks(off, p2, SHAPE) == "jump_over"
+    through = p1.copy()
+    through[:, 0] = p2[0, 0]  # straight through the partner instead of over it: no relation's clip is near
+    assert judge.track_distances(through, p2, SHAPE)["jump_over"] > judge.TAU
+    assert judge.classify_tracks(through, p2, SHAPE) == "none"
+    jerky = p1[[0, 4, 2, 6, 1, 5, 3]]
+    assert judge.classify_tracks(jerky, p2, SHAPE) == "none"
+    # the judge check's jitter: one cell off on exactly that many frames, kept on the grid
+    middle = np.tile([3, 7], (7, 1))
+    moved = np.abs(judge.jitter(middle, np.random.default_rng(0), SHAPE, frames=2) - middle).sum(1)
+    assert sorted(moved) == [0, 0, 0, 0, 0, 1, 1]
+    corner = np.zeros((7, 2), int)
+    assert judge.jitter(corner, np.random.default_rng(0), SHAPE, frames=7).min() == 0
 
 
 def test_judge_reads_blocks_not_speckles():
@@ -151,12 +185,17 @@ def test_judge_reads_blocks_not_speckles():
     frozen = clip.latents.clone()
     frozen[:, 1:] = clip.latents[:, :1]  # both still: smooth, whatever the relation rules then say
     assert judge.smooth_tracks(frozen, s1, s2) == 1.0 and judge.classify(frozen, s1, s2) == "none"
+    assert judge.relation_distance(clip.latents, s1, s2, "pass_by") == 0.0
+    assert judge.TAU < judge.relation_distance(jumpy, s1, s2, "pass_by") < judge.DISTANCE_CAP
+    assert judge.relation_distance(frozen, s1, s2, "pass_by") == judge.DISTANCE_CAP  # far: capped
+    assert judge.relation_distance(faint, s1, s2, "pass_by") == judge.DISTANCE_CAP  # no subject: the cap
 
 
 def test_judge_check_is_trustworthy_and_rejects_negatives():
     check = judge.judge_check(SHAPE, per_relation=8, seed=2)
     assert check["trustworthy"]
     assert min(check["ground_truth_accuracy"].values()) == 1.0
+    assert min(check["jittered_accuracy"].values()) == 1.0  # two one-cell slips per subject: 0.76 cells at most
     assert check["shuffled_acceptance_mean"] == 0.0 and check["frozen_actor_acceptance_mean"] == 0.0
 
 
@@ -346,9 +385,10 @@ def test_ablation_quick_chain_and_judge_check(tmp_path, monkeypatch):
     assert set(out["variants"]) == {"full", "no_hybrid_masks", "no_contrastive", "no_subject_loras", "relation_on_v",
                                     "relation_on_q", "plain_lora", "base"}
     full = out["variants"]["full"]["seeds"][0]
-    assert set(full) >= {"relation_accuracy", "smooth_tracks", "text_alignment", "leakage", "relation_auc", "leakage_auc",
-                         "train_seconds"}
+    assert set(full) >= {"relation_accuracy", "relation_distance", "smooth_tracks", "text_alignment", "leakage",
+                         "relation_auc", "leakage_auc", "train_seconds"}
     assert 0 <= full["relation_accuracy"] <= 1 and 0 <= full["smooth_tracks"] <= 1
+    assert 0 <= full["relation_distance"] <= judge.DISTANCE_CAP
     assert out["judge_check"]["trustworthy"]
     known = out["base"]["known_relations"]
     assert set(known) == set(world.RELATIONS) - {"approach_touch"}
@@ -357,7 +397,7 @@ def test_ablation_quick_chain_and_judge_check(tmp_path, monkeypatch):
     assert 0 <= full["relation_auc"] <= 1 and 0 <= full["leakage_auc"] <= 1 and 0 <= full["relation_gain_auc"] <= 1
     base = out["variants"]["base"]["seeds"][0]  # the gain is measured against the base: none for itself
     assert base["relation_gain_auc"] == 0.5 and base["error_change"] == 0.0
-    assert "relation AUC: full > no_contrastive" in out["orderings"]
+    assert "relation AUC: full > no_contrastive" in out["orderings"] and "distance: full < base" in out["orderings"]
     assert out["recipe"]["base_hash"] and not out["base"]["cached"] and out["recipe"]["pretrain_steps"] == 30
     assert (tmp_path / "q" / "runs" / "relation_on_v" / "seed0" / "relation_only.safetensors").is_file()
     assert list((tmp_path / "cache" / "ablation").glob("base-*/base.json"))

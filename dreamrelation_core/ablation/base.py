@@ -7,7 +7,6 @@ the method: the LoRAs are trained afterwards through the trainer."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -234,13 +233,8 @@ def get_base(r: Recipe, cache_dir: Path | None = None,
     base = load_base(r, cache_dir)
     if base is None:
         first = None
-        if r.pretrain_more and r.more_stages > 1:  # the stages before this one
-            first = get_base(dataclasses.replace(r, more_stages=r.more_stages - 1), cache_dir, progress)
-        elif r.pretrain_more:
-            first_recipe = dataclasses.replace(r, pretrain_more=0, more_sigma="uniform", more_stages=1)
-            if r.rope_at_more:  # the first stage has diffusers' zero (learned) frequencies
-                first_recipe = dataclasses.replace(first_recipe, rope_max=0.0, rope_at_more=False)
-            first = get_base(first_recipe, cache_dir, progress)
+        if r.pretrain_more:  # the stages before this one
+            first = get_base(r.before_stage(r.more_stages - 1), cache_dir, progress)
         base = pretrain(r, progress, init=first)
         save_base(base, cache_dir)
     return base

@@ -5,22 +5,31 @@ is a subject's if its strongest colour channel and its strongest kind channel bo
 rendering amplitude; its colour and kind are those argmaxes. Block by block (the relation): a
 subject of colour c sits, on each frame, at the 2x2 block where channel c has the largest mean,
 if that mean exceeds half the amplitude; faint speckles elsewhere do not move it. Subjects are told
-apart by colour (the two subjects of a clip have different colours). From the two subjects' block
-tracks, fixed rules name the relation, or "none".
+apart by colour (the two subjects of a clip have different colours). The two subjects' block
+tracks show the relation whose nearest true clip (from a bank of its program's clips) is within
+TAU cells, or "none"; the distance itself grades clips that come near without being right.
 """
 
 from __future__ import annotations
 
-import math
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .world import AMPLITUDE, BLOCK, COLOURS, EXEMPLAR_SUBJECTS, KINDS, RELATIONS, Subject
+from .world import AMPLITUDE, BLOCK, COLOURS, EXEMPLAR_SUBJECTS, KINDS, RELATIONS, Subject, relation_tracks
 
 MAX_STEP = 3.6  # cells per frame: faster than any program moves (smoothness)
-TOL = 0.6  # cells: slack of the monotonicity rules
+# How near (cells, root mean square over frames of both subjects' position error) a clip's tracks must
+# come to a true clip of a relation to show it. Ground truth with each subject one cell off on 2 of its
+# 7 frames is 0.76 cells away; shuffled frames and a frozen actor do not come near (docs/ablation.md
+# "The judge").
+TAU = 1.0
+DISTANCE_CAP = 6.0  # cells: a clip's relation distance is capped here; a missing subject counts as the cap
+BANK_DRAWS = 40000  # draws of each program: enough to hold every clip the discrete programs can give (11 s, once)
+BANK_SEED = 12345
+JITTER_FRAMES = 2  # the check's jittered ground truth: frames on which each subject is one cell off
 
 
 @dataclass
@@ -64,59 +73,43 @@ def _block_track(scores: torch.Tensor) -> np.ndarray | None:
     return out
 
 
-def _contact(p1: np.ndarray, p2: np.ndarray) -> np.ndarray:
-    """[T] bool: the two 2x2 blocks share cells or are 8-neighbours."""
-    return np.abs(p1 - p2).max(1) <= BLOCK
-
-
 def _smooth(track: np.ndarray) -> bool:
     """No step of a [T, 2] track longer than MAX_STEP cells."""
     return bool((np.linalg.norm(np.diff(track, axis=0), axis=1) <= MAX_STEP).all())
 
 
-def _monotone(x: np.ndarray, sign: float) -> bool:
-    return bool((sign * np.diff(x) >= -TOL).all())
+@functools.lru_cache(maxsize=4)
+def relation_bank(shape: tuple[int, int, int]) -> dict[str, np.ndarray]:
+    """Per relation, the distinct integer track pairs [N, T, 4] (subject 1's row, column, then subject
+    2's) its program gives in BANK_DRAWS draws: the world's own definition of the relation."""
+    rng = np.random.default_rng(BANK_SEED)
+    bank = {}
+    for rel in RELATIONS:
+        draws = [np.concatenate(relation_tracks(rel, rng, shape), 1) for _ in range(BANK_DRAWS)]
+        bank[rel] = np.unique(np.stack(draws), axis=0).astype(float)
+    return bank
 
 
-def classify_tracks(p1: np.ndarray, p2: np.ndarray, contact: np.ndarray) -> str:
-    """The relation of two tracks [T, 2] (row, column) with per-frame contact [T] bool, or "none"."""
-    if not (_smooth(p1) and _smooth(p2)):
-        return "none"  # not a smooth motion (shuffled frames, flicker)
-    d = np.linalg.norm(p1 - p2, axis=1)
-    dr, dc = p1[:, 0] - p2[:, 0], p1[:, 1] - p2[:, 1]
-    disp1, disp2 = (float(np.linalg.norm(p[-1] - p[0])) for p in (p1, p2))
-    move1, move2 = p1[-1, 1] - p1[0, 1], p2[-1, 1] - p2[0, 1]
-    flip = dc[0] * dc[-1] < 0 and abs(dc[0]) >= 2 and abs(dc[-1]) >= 2
-    same_order = dc[0] * dc[-1] > 0
-    found = []
-    if (contact[-1] and not contact[0] and d[0] >= 5 and _monotone(d, -1) and disp1 >= 2 and disp2 >= 2
-            and same_order):
-        found.append("approach_touch")
-    if (contact[0] and not contact[-1] and d[-1] >= 5 and _monotone(d, 1) and disp1 >= 2 and disp2 >= 2
-            and same_order):
-        found.append("move_apart")
-    if (flip and not contact.any() and np.abs(dr).min() >= 2.5 and disp1 >= 3 and disp2 >= 3 and move1 * move2 < 0
-            and _monotone(p1[:, 1], np.sign(move1)) and _monotone(p2[:, 1], np.sign(move2))):
-        found.append("pass_by")
-    if (flip and disp2 <= 1.5 and abs(dr[0]) <= 1 and abs(dr[-1]) <= 1 and dr.min() <= -2
-            and _monotone(p1[:, 1], np.sign(move1))):
-        found.append("jump_over")
-    if (disp1 >= 4 and disp2 >= 4 and move1 * move2 > 0 and (dc * np.sign(move1) < 0).all() and not contact.any()
-            and d.max() - d.min() <= 1.5 and _monotone(p1[:, 1], np.sign(move1)) and _monotone(p2[:, 1], np.sign(move2))):
-        found.append("follow")
-    ang = np.unwrap(np.arctan2(dr, dc))
-    dth = np.diff(ang)
-    if (disp2 <= 1.5 and (d >= 2).all() and (d <= 5).all() and abs(ang[-1] - ang[0]) >= math.radians(215)
-            and ((dth > 0).all() or (dth < 0).all()) and (np.abs(dth) <= math.radians(100)).all()):
-        found.append("circle_around")
-    return found[0] if len(found) == 1 else "none"
+def track_distances(p1: np.ndarray, p2: np.ndarray, shape: tuple[int, int, int]) -> dict[str, float]:
+    """Per relation, the distance in cells from two tracks [T, 2] to the nearest true clip of it: the
+    root mean square over frames of the two subjects' joint position error."""
+    x = np.concatenate([p1, p2], 1)  # [T, 4]
+    return {rel: float(np.sqrt(((b - x) ** 2).sum(2).mean(1)).min()) for rel, b in relation_bank(tuple(shape)).items()}
 
 
-def _tracks(scores: torch.Tensor, c1: int, c2: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+def classify_tracks(p1: np.ndarray, p2: np.ndarray, shape: tuple[int, int, int]) -> str:
+    """The relation of two tracks [T, 2] (row, column): the one with the nearest true clip, if that is
+    within TAU cells; else "none"."""
+    d = track_distances(p1, p2, shape)
+    rel = min(d, key=d.get)
+    return rel if d[rel] <= TAU else "none"
+
+
+def _tracks(scores: torch.Tensor, c1: int, c2: int) -> tuple[np.ndarray, np.ndarray] | None:
     p1, p2 = _block_track(scores[c1]), _block_track(scores[c2])
     if p1 is None or p2 is None:
         return None
-    return p1, p2, _contact(p1, p2)
+    return p1, p2
 
 
 def _dominant_colours(scores: torch.Tensor) -> list[int]:
@@ -131,20 +124,31 @@ def classify(latents: torch.Tensor, s1: Subject | None = None, s2: Subject | Non
     is the one of s1's colour; if either colour is missing, the two colours seen most are taken in
     both orders (the relation is judged apart from appearance: see text_alignment)."""
     scores = block_scores(latents)
+    shape = tuple(latents.shape[1:])
     tracks = None
     if s1 is not None and s2 is not None:
         tracks = _tracks(scores, COLOURS.index(s1.colour), COLOURS.index(s2.colour))
     if tracks is not None:
-        return classify_tracks(*tracks)
+        return classify_tracks(*tracks, shape)
     dom = _dominant_colours(scores)
     if len(dom) < 2:
         return "none"
     labels = []
     for c1, c2 in ((dom[0], dom[1]), (dom[1], dom[0])):
         tr = _tracks(scores, c1, c2)
-        labels.append(classify_tracks(*tr) if tr is not None else "none")
+        labels.append(classify_tracks(*tr, shape) if tr is not None else "none")
     known = [x for x in labels if x != "none"]
     return known[0] if known else "none"
+
+
+def relation_distance(latents: torch.Tensor, s1: Subject, s2: Subject, relation: str) -> float:
+    """Cells from the prompted subjects' tracks to the nearest true clip of `relation`, capped at
+    DISTANCE_CAP (also the value when a subject is missing): how near a clip comes, right or not."""
+    scores = block_scores(latents)
+    tracks = _tracks(scores, COLOURS.index(s1.colour), COLOURS.index(s2.colour))
+    if tracks is None:
+        return DISTANCE_CAP
+    return min(DISTANCE_CAP, track_distances(*tracks, tuple(latents.shape[1:]))[relation])
 
 
 def smooth_tracks(latents: torch.Tensor, s1: Subject, s2: Subject) -> float:
@@ -189,14 +193,30 @@ def leakage(latents: torch.Tensor, s1: Subject, s2: Subject) -> float:
 # ---------------------------------------------------------------- validation
 
 
+def jitter(track: np.ndarray, rng: np.random.Generator, shape: tuple[int, int, int],
+           frames: int = JITTER_FRAMES) -> np.ndarray:
+    """A copy of a track [T, 2] with, on `frames` frames drawn at random, its row or column one cell
+    off (kept on the grid): ground truth as a slightly imprecise model would draw it."""
+    t, h, w = shape
+    out = track.copy()
+    for f in rng.choice(t, frames, replace=False):
+        out[f, int(rng.integers(2))] += int(rng.choice([-1, 1]))
+    out[:, 0] = out[:, 0].clip(0, h - BLOCK)
+    out[:, 1] = out[:, 1].clip(0, w - BLOCK)
+    return out
+
+
 def judge_check(shape: tuple[int, int, int], per_relation: int = 30, seed: int = 0) -> dict:
-    """The judge on rendered ground truth of every relation, and on two negatives of the same
-    clips: frames shuffled (a non-identity permutation that changes the clip) and subject 1 (the
-    actor) frozen at its first position. -> accuracies, acceptances and `trustworthy`."""
+    """The judge on rendered ground truth of every relation, on the same clips jittered (`jitter`),
+    and on two negatives of them: frames shuffled (a non-identity permutation that changes the clip)
+    and subject 1 (the actor) frozen at its first position. -> accuracies, acceptances and
+    `trustworthy`."""
     from .world import make_clip, random_pair, render
 
     rng = np.random.default_rng(seed)
+    jitter_rng = np.random.default_rng([seed, 1])  # its own stream: the other clips stay as they were
     hits = {r: 0 for r in RELATIONS}
+    jittered = {r: 0 for r in RELATIONS}
     shuffled = {r: 0 for r in RELATIONS}
     frozen = {r: 0 for r in RELATIONS}
     t = shape[0]
@@ -205,6 +225,8 @@ def judge_check(shape: tuple[int, int, int], per_relation: int = 30, seed: int =
             s1, s2 = random_pair(rng)
             clip = make_clip(rel, s1, s2, rng, shape)
             hits[rel] += classify(clip.latents, s1, s2) == rel
+            z, _, _ = render(s1, s2, jitter(clip.track1, jitter_rng, shape), jitter(clip.track2, jitter_rng, shape), shape)
+            jittered[rel] += classify(z, s1, s2) == rel
             while True:
                 perm = rng.permutation(t)
                 if (perm != np.arange(t)).all() and not torch.equal(clip.latents[:, perm], clip.latents):
@@ -219,11 +241,16 @@ def judge_check(shape: tuple[int, int, int], per_relation: int = 30, seed: int =
         "clips_per_relation": n,
         "ground_truth_accuracy": acc,
         "ground_truth_accuracy_mean": float(np.mean(list(acc.values()))),
+        "jittered_accuracy": {r: jittered[r] / n for r in RELATIONS},
         "shuffled_acceptance": {r: shuffled[r] / n for r in RELATIONS},
         "frozen_actor_acceptance": {r: frozen[r] / n for r in RELATIONS},
     }
+    out["jittered_accuracy_mean"] = float(np.mean(list(out["jittered_accuracy"].values())))
     out["shuffled_acceptance_mean"] = float(np.mean(list(out["shuffled_acceptance"].values())))
     out["frozen_actor_acceptance_mean"] = float(np.mean(list(out["frozen_actor_acceptance"].values())))
-    out["trustworthy"] = bool(min(acc.values()) >= 0.95 and max(out["shuffled_acceptance"].values()) <= 0.1
+    # jittered: a judge that only exact clips pass cannot grade a model's samples (docs/ablation.md
+    # "The judge": the earlier rules passed far fewer)
+    out["trustworthy"] = bool(min(acc.values()) >= 0.95 and min(out["jittered_accuracy"].values()) >= 0.8
+                              and max(out["shuffled_acceptance"].values()) <= 0.1
                               and max(out["frozen_actor_acceptance"].values()) <= 0.1)
     return out

@@ -51,7 +51,7 @@ PAPER_RELATION_ACCURACY = {
     "full": 0.4452, "no_hybrid_masks": 0.3574, "no_contrastive": 0.3416, "no_subject_loras": 0.3769,
     "relation_on_v": 0.3444, "relation_on_q": 0.3921, "plain_lora": 0.3258, "base": 0.2623,
 }
-METRICS = ("relation_accuracy", "smooth_tracks", "text_alignment", "leakage", "relation_auc", "relation_gain_auc", "error_change",
+METRICS = ("relation_accuracy", "relation_distance", "smooth_tracks", "text_alignment", "leakage", "relation_auc", "relation_gain_auc", "error_change",
            "leakage_auc")
 # Student's t, two-sided 95 %, by degrees of freedom
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
@@ -88,13 +88,15 @@ def _generate(model: torch.nn.Module, base: Base, prompts: list[tuple[Subject, S
         for seed in seeds:
             z = generate_latents(model, y[i:i + 1], ym[i:i + 1], r.shape, steps=r.sample_steps, cfg=r.cfg, seed=seed)[0]
             out.append({"relation": rel, "judged": judge.classify(z, s1, s2), "text": judge.text_alignment(z, s1, s2),
-                        "leak": judge.leakage(z, s1, s2), "smooth": judge.smooth_tracks(z, s1, s2)})
+                        "leak": judge.leakage(z, s1, s2), "smooth": judge.smooth_tracks(z, s1, s2),
+                        "distance": judge.relation_distance(z, s1, s2, rel)})
     return out
 
 
 def _summary(clips: list[dict]) -> dict:
     return {
         "relation_accuracy": float(np.mean([c["judged"] == c["relation"] for c in clips])),
+        "relation_distance": float(np.mean([c["distance"] for c in clips])),
         "text_alignment": float(np.mean([c["text"] for c in clips])),
         "leakage": float(np.mean([c["leak"] for c in clips])),
         "smooth_tracks": float(np.mean([c["smooth"] for c in clips])),
@@ -122,7 +124,7 @@ def base_sanity(base: Base, r: Recipe) -> dict:
         if rel == r.target:
             continue
         summary = _summary(_generate(model, base, [(s1, s2, rel) for s1, s2 in pairs], [0], r))
-        acc[rel] = {"relation_accuracy": summary["relation_accuracy"], "smooth_tracks": summary["smooth_tracks"]}
+        acc[rel] = {k: summary[k] for k in ("relation_accuracy", "relation_distance", "smooth_tracks")}
     return acc
 
 
@@ -142,8 +144,9 @@ def run_study(out_dir: str | Path, r: Recipe, seeds: int, cache_dir: Path | None
     base = get_base(r, cache_dir, lambda s, n, loss: report(f"pretrain {s}/{n} loss {loss:.4f}") if s % 200 == 0 else None)
     report(f"base ready ({'cached' if base.cached else 'pretrained'}; pretraining took {base.pretrain_seconds:.0f} s)")
     known = base_sanity(base, r)
-    report("base on the relations it knows (new pairs; relation accuracy / smooth tracks): " + ", ".join(
-        f"{rel} {v['relation_accuracy']:.2f} / {v['smooth_tracks']:.2f}" for rel, v in known.items()))
+    report("base on the relations it knows (new pairs; relation accuracy / distance / smooth tracks): " + ", ".join(
+        f"{rel} {v['relation_accuracy']:.2f} / {v['relation_distance']:.2f} / {v['smooth_tracks']:.2f}"
+        for rel, v in known.items()))
     pooling = denoising.temporal_pooling(base.transformer(), base.encode, r)
     report("base's temporal pooling (still subject found per frame, model / one noisy frame / noisy frames "
            "averaged): " + ", ".join(f"sigma {s}: {v['model']:.2f} / {v['one_frame']:.2f} / {v['frames_pooled']:.2f}"
@@ -170,7 +173,8 @@ def run_study(out_dir: str | Path, r: Recipe, seeds: int, cache_dir: Path | None
             row = {"seed": seed, **_summary(_generate(model, base, prompts, gen_seeds, r)),
                    **denoising.scores(model, base.encode, r, scored, base_errors), **extra}
             per_seed.append(row)
-            report(f"{name} seed {seed}: relation {row['relation_accuracy']:.3f} text {row['text_alignment']:.3f} "
+            report(f"{name} seed {seed}: relation {row['relation_accuracy']:.3f} distance "
+                   f"{row['relation_distance']:.2f} text {row['text_alignment']:.3f} "
                    f"leakage {row['leakage']:.3f} judged {row['judged']}; denoising: relation AUC "
                    f"{row['relation_auc']:.3f} gain AUC {row['relation_gain_auc']:.3f} error change "
                    f"{row['error_change']:+.3f} leakage AUC {row['leakage_auc']:.3f}")
@@ -212,6 +216,13 @@ def orderings(results: dict[str, dict]) -> dict[str, dict]:
         "full > plain_lora": cmp("full", "plain_lora", "relation_accuracy", True),
         "full > base": cmp("full", "base", "relation_accuracy", True),
         "full leaks less than plain_lora": cmp("full", "plain_lora", "leakage", False),
+        # the same on how near the samples come to the relation (cells; lower is nearer)
+        "distance: full < no_contrastive": cmp("full", "no_contrastive", "relation_distance", False),
+        "distance: full < no_hybrid_masks": cmp("full", "no_hybrid_masks", "relation_distance", False),
+        "distance: full (Q/K) < relation_on_v": cmp("full", "relation_on_v", "relation_distance", False),
+        "distance: full (Q/K) < relation_on_q": cmp("full", "relation_on_q", "relation_distance", False),
+        "distance: full < plain_lora": cmp("full", "plain_lora", "relation_distance", False),
+        "distance: full < base": cmp("full", "base", "relation_distance", False),
         # the same orderings on the denoising scores (docs/ablation.md "Denoising scores")
         "relation AUC: full > no_contrastive": cmp("full", "no_contrastive", "relation_auc", True),
         "relation AUC: full > no_hybrid_masks": cmp("full", "no_hybrid_masks", "relation_auc", True),
@@ -232,14 +243,15 @@ def orderings(results: dict[str, dict]) -> dict[str, dict]:
 def format_check(check: dict) -> str:
     acc = ", ".join(f"{k} {v:.2f}" for k, v in check["ground_truth_accuracy"].items())
     return (f"judge check ({check['clips_per_relation']} clips per relation): ground truth {acc}; "
+            f"jittered ground truth {check['jittered_accuracy_mean']:.3f}; "
             f"shuffled frames accepted {check['shuffled_acceptance_mean']:.3f}, frozen actor accepted "
             f"{check['frozen_actor_acceptance_mean']:.3f}: {'trustworthy' if check['trustworthy'] else 'NOT trustworthy'}")
 
 
 def table(result: dict) -> str:
     """Markdown table: per variant the means ± 95 % intervals beside the paper's relation accuracy."""
-    lines = ["| variant | relation accuracy | smooth tracks | text alignment | leakage | relation AUC | gain AUC "
-             "| error change | leakage AUC | paper (relation accuracy) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | relation accuracy | distance (cells) | smooth tracks | text alignment | leakage | relation AUC | gain AUC "
+             "| error change | leakage AUC | paper (relation accuracy) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, v in result["variants"].items():
         m, c = v["mean"], v["ci95"]
         cells = " | ".join(f"{m[k]:.3f} ± {c[k]:.3f}" for k in METRICS)
