@@ -389,6 +389,7 @@ def test_ablation_quick_chain_and_judge_check(tmp_path, monkeypatch):
                          "relation_auc", "leakage_auc", "train_seconds"}
     assert 0 <= full["relation_accuracy"] <= 1 and 0 <= full["smooth_tracks"] <= 1
     assert 0 <= full["relation_distance"] <= judge.DISTANCE_CAP
+    assert len(full["distances"]) == 2 and full["relation_distance"] == pytest.approx(np.mean(full["distances"]), abs=1e-3)
     assert out["judge_check"]["trustworthy"]
     known = out["base"]["known_relations"]
     assert set(known) == set(world.RELATIONS) - {"approach_touch"}

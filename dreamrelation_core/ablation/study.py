@@ -101,6 +101,7 @@ def _summary(clips: list[dict]) -> dict:
         "leakage": float(np.mean([c["leak"] for c in clips])),
         "smooth_tracks": float(np.mean([c["smooth"] for c in clips])),
         "judged": dict(Counter(c["judged"] for c in clips)),
+        "distances": [round(c["distance"], 3) for c in clips],  # per clip: near misses at any threshold
     }
 
 
