@@ -199,6 +199,19 @@ def test_judge_check_is_trustworthy_and_rejects_negatives():
     assert check["shuffled_acceptance_mean"] == 0.0 and check["frozen_actor_acceptance_mean"] == 0.0
 
 
+def test_train_config_takes_the_variants_switches(tmp_path):
+    from dreamrelation_core.ablation.recipe import Recipe
+    from dreamrelation_core.ablation.study import EXTRA_VARIANTS, VARIANTS, train_config
+
+    r = Recipe.full()
+    plain = train_config(r, VARIANTS["plain_lora"], 0, tmp_path)
+    assert plain.relation_placement == "qkv" and not plain.subject_loras and plain.num_steps == r.train_steps
+    longer = train_config(r, EXTRA_VARIANTS["full_steps_x3"], 1, tmp_path)
+    assert longer.num_steps == longer.checkpoint_every == 3 * r.train_steps and longer.seed == 1
+    assert EXTRA_VARIANTS["full_steps_x3"] == {"steps_factor": 3}  # the switches are not consumed
+    assert train_config(r, EXTRA_VARIANTS["full_mask_weight_5"], 0, tmp_path).mask_weight == 5.0
+
+
 def test_mean_ci_and_orderings():
     m, half = mean_ci([0.2, 0.4, 0.6])
     assert m == pytest.approx(0.4) and half == pytest.approx(4.303 * 0.2 / 3 ** 0.5)

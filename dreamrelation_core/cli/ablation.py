@@ -54,7 +54,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
                    "or ~/.cache/dreamrelation/ablation)")
     p.add_argument("--pretrain-steps", type=int, default=0, help="pretraining steps of the base's first stage "
                    "(default: the recipe's; the second stage follows; each count is its own cache entry)")
-    p.add_argument("--variants", nargs="+", choices=list(_variants()), help="run only these variants (default: the paper's, all but full_mask_weight_*)")
+    p.add_argument("--variants", nargs="+", choices=list(_variants()), help="run only these variants (default: the paper's, all but full_mask_weight_* and full_steps_x3)")
     p.set_defaults(func=cmd_ablation)
 
 
