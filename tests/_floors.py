@@ -78,7 +78,8 @@ PARTS: list[Part] = [
          "`lora_report`, `features` (Q/K/V feature maps), `plots`"),
     Part(6, ("generate",), "relation LoRA on the diffusers model for inference, σ schedule, sampler"),
     Part(7, ("ablation",), "the synthetic-world study ([ablation.md](ablation.md)): `world` (subjects, relation "
-         "programs, rendering on the latent grid), `judge` (exact relation, smooth tracks, text alignment, leakage; its own check), "
+         "programs, rendering on the latent grid), `judge` (the relation as the nearest true clip, relation distance, smooth tracks, text "
+         "alignment, leakage; its own check), "
          "`denoising` (relation and leakage scores by denoising error, no sampling; the base's temporal-pooling check), "
          "`recipe`, `base` (pretraining and cache of the small base), `study` (the variants through the trainer, "
          "LoRA files and sampler)"),
