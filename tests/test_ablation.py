@@ -1,4 +1,4 @@
-"""The ablation world: rendering reads back exactly, the judge's rules and its check, the trainer's
+"""The ablation world: rendering reads back exactly, the judge (nearest true clip) and its check, the trainer's
 ablation switches, relation placements (a spec operation) through the LoRA files and the loader, and the `ablation`
 command's quick chain."""
 
@@ -183,7 +183,7 @@ def test_judge_reads_blocks_not_speckles():
     jumpy[:, [2, 5]] = clip.latents[:, [5, 2]]  # two frames swapped: both subjects jump there and back
     assert judge.smooth_tracks(jumpy, s1, s2) == 0.0
     frozen = clip.latents.clone()
-    frozen[:, 1:] = clip.latents[:, :1]  # both still: smooth, whatever the relation rules then say
+    frozen[:, 1:] = clip.latents[:, :1]  # both still: smooth, yet near no relation
     assert judge.smooth_tracks(frozen, s1, s2) == 1.0 and judge.classify(frozen, s1, s2) == "none"
     assert judge.relation_distance(clip.latents, s1, s2, "pass_by") == 0.0
     assert judge.TAU < judge.relation_distance(jumpy, s1, s2, "pass_by") < judge.DISTANCE_CAP

@@ -153,8 +153,8 @@ def relation_distance(latents: torch.Tensor, s1: Subject, s2: Subject, relation:
 
 def smooth_tracks(latents: torch.Tensor, s1: Subject, s2: Subject) -> float:
     """Share of the two prompted subjects whose block track is whole (at most one frame missing)
-    and smooth (no step above MAX_STEP): what a sampled clip must have before any relation rule can
-    fit. It shows a base's progress while relation accuracy is still 0."""
+    and smooth (no step above MAX_STEP): what a sampled clip must have before it can come near a
+    true clip. It shows a base's progress while relation accuracy is still 0."""
     scores = block_scores(latents)
     ok = []
     for s in (s1, s2):

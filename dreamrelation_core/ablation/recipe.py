@@ -17,11 +17,11 @@ from .world import AMPLITUDE
 class Recipe:
     # world
     shape: tuple[int, int, int] = (7, 8, 16)  # latent (T, h, w): 37 frames at 64x128 pixels in Mochi's terms
-    target: str = "approach_touch"  # the relation the LoRAs learn; the base never sees it
+    target: str = "approach_touch"  # the relation the LoRAs learn; the base sees it rarely
     target_share: float = 0.02  # share of pretraining clips of the target relation (rare: the base knows its words)
     target_from_stage: int = 4  # the target's clips enter from this pretrain_more stage on (0: from the start)
     layouts: int = 0  # fixed motion layouts per relation (0: every clip's motion drawn afresh)
-    # base: diffusers MochiTransformer3DModel + tiny T5, pretrained together on the other relations
+    # base: diffusers MochiTransformer3DModel + tiny T5, pretrained together on the world
     layers: int = 4
     heads: int = 4
     head_dim: int = 32
